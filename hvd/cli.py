@@ -1,0 +1,44 @@
+"""Command-line front for every pipeline: flags, `--config FILE`, `key=value` overrides, `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from hvd.config import Config, ConfigError, describe, load_config
+
+
+def parse_args(
+    description: str,
+    sections: tuple[str, ...],
+    argv: Sequence[str] | None = None,
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+    flag_overrides: Callable[[argparse.Namespace], list[str]] | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse a pipeline's command line into the one `Config`; a bad key exits with status 2 before any work.
+
+    `flag_overrides` turns pipeline-specific flags (`--out DIR`) into `key=value` overrides, so the
+    flags and the config can never disagree.
+    """
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog=describe(sections),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file merged over the defaults")
+    if add_flags is not None:
+        add_flags(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.head=meanp")
+    args = parser.parse_args(argv)
+    overrides = (flag_overrides(args) if flag_overrides else []) + list(args.overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return cfg, args
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,211 @@
+"""One structured config for every stage: YAML files in `configs/` plus `key=value` overrides.
+
+The same `Config` object travels from the command line to data preparation, training, evaluation
+and, flattened, into MLflow params, so a run is reproducible from what MLflow recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "hvd-tiny-demo"  # run name in MLflow and Ray Train; reusing it resumes the run
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic benchmark; `None` fields take the preset's value."""
+
+    preset: str = "demo"  # tiny | demo | full
+    out: str = "data/synthetic-demo"
+    seed: int = 0
+    num_train: int | None = None
+    num_val: int | None = None
+    num_test: int | None = None
+    frame_size: int | None = None  # pixels, square frames
+    fps: int = 10
+    duration_s: float | None = None
+    event_fraction: float = 0.5  # share of the clip in which the described event happens
+    entity_scale: float = 0.3  # target object size relative to the frame side
+    num_distractors: int = 2
+    train_captions: int = 5  # captions per train video; val/test videos get one
+    workers: int = 0  # generator processes; 0 = one per CPU
+
+
+@dataclass
+class DataConfig:
+    manifest: str | None = None  # benchmark manifest (JSONL); the synthetic one when None
+    shards: str = "data/shards-demo"  # Parquet shard directory written by prepare
+    overwrite: bool = False  # replace shards prepared with other settings
+    num_frames: int = 12
+    sample_mode: str = "uniform"  # uniform | fps
+    frame_size: int = 64  # short side resize, then centre crop to a square
+    frame_codec: str = "jpeg"  # jpeg | raw
+    jpeg_quality: int = 90
+    max_words: int = 32  # caption tokens, including start and end tokens
+    expand_captions: bool = False  # every caption a sample, instead of one random caption per epoch
+    decode_batch_size: int = 4  # videos per Ray Data map_batches call
+    decode_concurrency: int = 2  # decode tasks running at once
+    decode_cpus: float = 1.0  # CPUs reserved by each decode task
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-16
+    head: str = "hvd"  # hvd | meanp
+    pretrained: str | None = None  # local CLIP checkpoint file; nothing is downloaded
+    frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
+    pfcm_steps: int = 3  # PFCM: rounds of density-peak compression
+    pfcm_ratio: float = 0.5  # PFCM: share of tokens kept per round
+    dpc_k: int = 3  # DPC-KNN neighbours, the token itself included
+    score_budget_mb: int = 512  # memory cap for one chunk of pairwise scoring
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    epochs: int = 5
+    batch_size: int = 32  # global batch, split across workers
+    lr: float = 1e-4  # new modules
+    backbone_lr: float = 1e-7  # pretrained backbone; the tiny preset from scratch uses `lr`
+    weight_decay: float = 0.2
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every_steps: int = 0  # 0 = once per epoch
+    max_failures: int = 0
+    storage_path: str = "runs/ray"
+    fail_at_step: int = -1  # test-only fault injection: a worker exits at this global step
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "exhaustive"  # exhaustive | two_stage
+    topk: int = 50
+    dsl: bool = False
+    compare: bool = False
+    batch_size: int = 64
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
+    experiment: str = "hvd"
+    model_name: str = "hvd"  # registered model name
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "synthetic.preset": ("tiny", "demo", "full"),
+    "data.sample_mode": ("uniform", "fps"),
+    "data.frame_codec": ("jpeg", "raw"),
+    "model.preset": ("tiny", "ViT-B-32", "ViT-B-16"),
+    "model.head": ("hvd", "meanp"),
+    "eval.mode": ("exhaustive", "two_stage"),
+}
+
+
+def _error_key(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    return str(key) if key else "?"
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        key = _error_key(err)
+        raise ConfigError(f"{source}: unknown config key '{key}' (see --help for the valid keys)") from None
+    except ValidationError as err:
+        key = _error_key(err)
+        raise ConfigError(f"{source}: bad value for '{key}': {err.msg.splitlines()[0]}") from None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"bad value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then a YAML file, then `key=value` overrides; every error names its key."""
+    cfg = OmegaConf.structured(Config)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    _check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`section.key -> value`, the form MLflow params take."""
+    return {f"{section}.{key}": value for section, fields in to_dict(cfg).items() for key, value in fields.items()}
+
+
+def describe(sections: tuple[str, ...]) -> str:
+    """The `--help` text for the given sections: every key, its type and its default."""
+    defaults = Config()
+    lines = ["config keys (override with key=value):"]
+    for section in sections:
+        obj = getattr(defaults, section)
+        lines.append(f"  {section}:")
+        for f in dataclasses.fields(obj):
+            type_name = str(f.type).replace("typing.", "")
+            lines.append(f"    {section}.{f.name}: {type_name} = {getattr(obj, f.name)!r}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RunConfig",
+    "SyntheticConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "describe",
+    "flatten",
+    "load_config",
+    "to_yaml",
+]
