@@ -60,6 +60,7 @@ class DataConfig:
     decode_batch_size: int = 4  # videos per Ray Data map_batches call
     decode_concurrency: int = 2  # decode tasks running at once
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
+    shard_videos: int = 256  # videos per decode task, so at most per Parquet shard file
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ModelConfig:
     preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-16
     head: str = "hvd"  # hvd | meanp
     pretrained: str | None = None  # local CLIP checkpoint file; nothing is downloaded
+    quick_gelu: bool = True  # OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not
     frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
     pfcm_steps: int = 3  # PFCM: rounds of density-peak compression
     pfcm_ratio: float = 0.5  # PFCM: share of tokens kept per round

@@ -1,0 +1,188 @@
+"""Decode one video with decord into the sampled, resized, encoded frames of one shard row.
+
+Rotation: decord 0.6 reads the container's display matrix and returns 90/180/270 degree clips upright
+(checked in tests/test_decode.py against PyAV's `VideoFrame.rotation`), so frames are not turned again
+here; it ignores the mirroring part of a display matrix, which phones do not write. Variable frame rate and B-frame reordering: frames are indexed in presentation order and sampled
+by decord's per-frame timestamps.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import decord
+import numpy as np
+from PIL import Image
+
+from hvd.config import DataConfig
+from hvd.data.sampling import SAMPLE_MODES, sample_indices
+
+FRAME_CODECS = ("jpeg", "raw")
+
+
+class VideoDecodeError(ValueError):
+    """A video that cannot give frames; `reason` is a short machine-readable kind for the quarantine."""
+
+    reason = "corrupt"
+
+    def __init__(self, path: str | Path, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path = str(path)
+
+
+class MissingVideoError(VideoDecodeError):
+    reason = "missing"
+
+
+class EmptyVideoError(VideoDecodeError):
+    reason = "empty"
+
+
+class NoVideoStreamError(VideoDecodeError):
+    reason = "no_video_stream"
+
+
+class CorruptVideoError(VideoDecodeError):
+    reason = "corrupt"
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """Everything that decides a shard's frames: stored with the shards and compared on a re-run."""
+
+    num_frames: int = 12
+    sample_mode: str = "uniform"
+    frame_size: int = 64
+    frame_codec: str = "jpeg"
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        checks = {
+            "data.num_frames": self.num_frames >= 1,
+            "data.sample_mode": self.sample_mode in SAMPLE_MODES,
+            "data.frame_size": self.frame_size >= 8,
+            "data.frame_codec": self.frame_codec in FRAME_CODECS,
+            "data.jpeg_quality": 1 <= self.jpeg_quality <= 100,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{key}: value out of range ({self.to_dict()})")
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> FrameSpec:
+        return cls(data.num_frames, data.sample_mode, data.frame_size, data.frame_codec, data.jpeg_quality)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DecodedClip:
+    frames: list[bytes]  # one JPEG file, or H*W*3 raw RGB bytes, per sampled frame
+    frame_indices: list[int]
+    timestamps_s: list[float]
+    source_frames: int
+    source_fps: float
+    duration_s: float
+    short_clip: bool  # fewer distinct frames than `num_frames`: some are repeated
+
+
+def resize_and_crop(frame: np.ndarray, size: int) -> np.ndarray:
+    """Short side to `size` (bicubic, as CLIP's preprocessing), then the centre `size` x `size` square."""
+    height, width = frame.shape[:2]
+    scale = size / min(height, width)
+    new_height, new_width = max(size, int(height * scale)), max(size, int(width * scale))
+    if (new_height, new_width) != (height, width):
+        image = Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BICUBIC)
+        frame = np.asarray(image)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return np.ascontiguousarray(frame[top : top + size, left : left + size])
+
+
+def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int) -> bytes:
+    if codec == "raw":
+        return frame.tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=jpeg_quality)
+    return buffer.getvalue()
+
+
+def _diagnose(path: Path, decord_error: Exception) -> VideoDecodeError:
+    """decord's open errors say little ("Error reading ..."); PyAV names what is wrong with the file."""
+    try:
+        with av.open(str(path)) as container:
+            kinds = [stream.type for stream in container.streams]
+    except av.FFmpegError as err:
+        return CorruptVideoError(path, f"not a readable media file ({err})")
+    if "video" not in kinds:
+        return NoVideoStreamError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
+    return CorruptVideoError(path, f"decord cannot open it ({_last_line(decord_error)})")
+
+
+def _last_line(err: Exception) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _display_width(path: Path, display_height: int) -> int:
+    with av.open(str(path)) as container:
+        codec = container.streams.video[0].codec_context
+        return codec.width if codec.height == display_height else codec.height
+
+
+def _read_frames(reader: decord.VideoReader, indices: np.ndarray, path: Path) -> np.ndarray:
+    """`[K, H, W, 3]` RGB frames at sorted unique `indices`.
+
+    decord 0.6 pads the rows of some frame widths (16, 24, 48, 72 px among others) and then fails to
+    batch them (dmlc/decord#336); single frames still arrive, padded, and are trimmed to the real width.
+    """
+    try:
+        return reader.get_batch(indices.tolist()).asnumpy()
+    except decord.DECORDError as batch_error:
+        frames = []
+        for index in indices.tolist():
+            try:
+                frame = reader[index].asnumpy()
+            except decord.DECORDError as err:
+                raise CorruptVideoError(path, f"frame {index} does not decode ({_last_line(err)})") from None
+            if frame.shape[2] != 3:
+                width = _display_width(path, frame.shape[0])
+                if frame.shape[1] * frame.shape[2] < width * 3:
+                    raise CorruptVideoError(path, f"frame {index}: {_last_line(batch_error)}") from None
+                frame = frame.reshape(frame.shape[0], -1)[:, : width * 3].reshape(frame.shape[0], width, 3)
+            frames.append(frame)
+        return np.stack(frames)
+
+
+def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
+    """Sample, resize and encode `spec.num_frames` frames of one video; every failure is a `VideoDecodeError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingVideoError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise EmptyVideoError(path, "file is empty (0 bytes)")
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+    except (decord.DECORDError, RuntimeError) as err:
+        raise _diagnose(path, err) from None
+    num_source = len(reader)
+    if num_source == 0:
+        raise CorruptVideoError(path, "video stream holds no frames")
+    timestamps = reader.get_frame_timestamp(np.arange(num_source))
+    indices = sample_indices(spec.sample_mode, timestamps[:, 0], spec.num_frames)
+    unique, position = np.unique(indices, return_inverse=True)
+    frames = _read_frames(reader, unique, path)
+    encoded = [encode_frame(resize_and_crop(frame, spec.frame_size), spec.frame_codec, spec.jpeg_quality) for frame in frames]
+    return DecodedClip(
+        frames=[encoded[i] for i in position],
+        frame_indices=indices.tolist(),
+        timestamps_s=timestamps[indices, 0].tolist(),
+        source_frames=num_source,
+        source_fps=float(reader.get_avg_fps()),
+        duration_s=float(timestamps[-1, 1] - timestamps[0, 0]),
+        short_clip=len(unique) < spec.num_frames,
+    )

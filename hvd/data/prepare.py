@@ -1,0 +1,248 @@
+"""Decode and sample every manifest video once, in parallel on Ray Data CPU workers, into Parquet shards.
+
+Layout of the output folder:
+    DIR/{train,val,test}/*.parquet   one row per video (`SHARD_SCHEMA`), the settings in the schema metadata
+    DIR/quarantine.parquet           one row per video that gave no frames, with the reason
+    DIR/_summary.json                counts (input == written + quarantined), settings, manifest fingerprint
+
+`_summary.json` is written last: its presence marks a finished run, and a re-run with the same manifest
+and settings finds it and does nothing. Decoded rows wait in Ray's object store (spilling to disk when
+large) between decoding and the writes, so no video is decoded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from hvd.config import Config
+from hvd.data.decode import FrameSpec, decode_clip
+from hvd.data.manifest import SPLITS, fingerprint, read_manifest, resolve_video_path
+
+SHARD_FORMAT = 1  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
+SUMMARY_FILE = "_summary.json"
+QUARANTINE_FILE = "quarantine.parquet"
+METADATA_KEY = b"hvd"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("split", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("frames", pa.list_(pa.binary())),  # JPEG files, or frame_size*frame_size*3 RGB bytes
+        ("frame_codec", pa.string()),  # jpeg | raw
+        ("frame_size", pa.int32()),  # frames are frame_size x frame_size
+        ("frame_indices", pa.list_(pa.int32())),  # into the source's frames in presentation order
+        ("timestamps_s", pa.list_(pa.float64())),  # presentation time of each kept frame
+        ("num_frames", pa.int32()),
+        ("short_clip", pa.bool_()),  # fewer distinct source frames than num_frames: some repeat
+        ("source_frames", pa.int32()),
+        ("source_fps", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("source_path", pa.string()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("split", pa.string()),
+        ("path", pa.string()),
+        ("reason", pa.string()),  # missing | empty | no_video_stream | corrupt | <exception type>
+        ("error", pa.string()),
+    ]
+)
+# What a decode task returns: a shard row, or a quarantine row with `error` set and empty frames.
+_DECODED_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [QUARANTINE_SCHEMA.field("reason"), QUARANTINE_SCHEMA.field("error")])
+
+
+class PrepareError(RuntimeError):
+    """The output folder cannot take this run (other settings, unfinished run) or rows went missing."""
+
+
+@dataclass
+class PrepareSummary:
+    input: int
+    written: int
+    quarantined: int
+    short_clips: int
+    splits: dict[str, int]
+    out: str
+    skipped: bool = False  # the folder already held these shards; nothing was decoded
+    elapsed_s: float = 0.0
+
+    def __str__(self) -> str:
+        head = f"{self.out}: already prepared with these settings, nothing to do. " if self.skipped else ""
+        return (
+            f"{head}input {self.input} = written {self.written} + quarantined {self.quarantined} "
+            f"({self.short_clips} short clips kept with repeated frames)"
+        )
+
+
+def _identity(spec: FrameSpec, manifest_fingerprint: str) -> dict[str, Any]:
+    """What must match for existing shards to count as this run's output."""
+    return {"shard_format": SHARD_FORMAT, "frame_spec": spec.to_dict(), "manifest_fingerprint": manifest_fingerprint}
+
+
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _outputs(out: Path) -> list[Path]:
+    names = [*SPLITS, QUARANTINE_FILE, SUMMARY_FILE]
+    return [out / name for name in names if (out / name).exists()]
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> PrepareSummary | None:
+    """The summary of an identical finished run, None to go ahead; refuse to mix shards of two settings."""
+    existing = _outputs(out)
+    if not existing:
+        return None
+    if overwrite:
+        _remove(existing)
+        return None
+    summary_path = out / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise PrepareError(f"{out} holds an unfinished prepare run (no {SUMMARY_FILE}); pass --overwrite to redo it")
+    previous = json.loads(summary_path.read_text())
+    before = _flat(previous)
+    changed = [f"{key}: {before.get(key)!r} -> {new!r}" for key, new in _flat(identity).items() if before.get(key) != new]
+    if changed:
+        raise PrepareError(
+            f"{out} holds shards prepared with other settings ({'; '.join(changed)}); "
+            "pass --overwrite to replace them"
+        )
+    counts = {key: previous[key] for key in ("input", "written", "quarantined", "short_clips", "splits")}
+    return PrepareSummary(**counts, out=str(out), skipped=True)
+
+
+def _decoded_row(item: dict[str, Any], spec: FrameSpec) -> dict[str, Any]:
+    row = {
+        "video_id": item["video_id"],
+        "split": item["split"],
+        "captions": item["captions"],
+        "frame_codec": spec.frame_codec,
+        "frame_size": spec.frame_size,
+        "source_path": item["path"],
+    }
+    try:
+        clip = decode_clip(item["path"], spec)
+    except Exception as err:  # any failure of one video quarantines that video, never the job
+        reason = getattr(err, "reason", type(err).__name__)
+        return {**row, "frames": [], "num_frames": 0, "reason": reason, "error": str(err)}
+    return {**row, **asdict(clip), "num_frames": len(clip.frames), "reason": None, "error": None}
+
+
+def decode_batch(batch: pa.Table, spec: FrameSpec) -> pa.Table:
+    """Ray Data UDF: one output row per input row, whether the video decodes or not."""
+    return pa.Table.from_pylist([_decoded_row(item, spec) for item in batch.to_pylist()], schema=_DECODED_SCHEMA)
+
+
+def _shard_rows(batch: pa.Table, split: str) -> pa.Table:
+    keep = pc.and_(pc.is_null(batch["error"]), pc.equal(batch["split"], split))
+    return batch.filter(keep).select(SHARD_SCHEMA.names)
+
+
+def _quarantine_rows(batch: pa.Table) -> pa.Table:
+    failed = batch.filter(pc.is_valid(batch["error"]))
+    return pa.table(
+        [failed["video_id"], failed["split"], failed["source_path"], failed["reason"], failed["error"]],
+        schema=QUARANTINE_SCHEMA,
+    )
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray; an already running Ray is kept."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+
+
+def _written(folder: Path) -> tuple[int, int]:
+    """Rows and short clips as they are on disk, the ground truth for the summary."""
+    if not folder.is_dir():
+        return 0, 0
+    flags = pq.read_table(folder, columns=["short_clip"])["short_clip"]
+    return len(flags), pc.sum(flags).as_py() or 0
+
+
+def prepare(cfg: Config, manifest: Path, out: Path, overwrite: bool = False) -> PrepareSummary:
+    """Decode every video of `manifest` once into shards under `out`; see the module docstring for the layout."""
+    started = time.perf_counter()
+    manifest, out = Path(manifest), Path(out)
+    entries = read_manifest(manifest)
+    spec = FrameSpec.from_config(cfg.data)
+    data = cfg.data
+    for key in ("decode_batch_size", "decode_concurrency", "shard_videos"):
+        if getattr(data, key) < 1:
+            raise ValueError(f"data.{key}: must be at least 1, got {getattr(data, key)}")
+    identity = _identity(spec, fingerprint(manifest))
+    previous = _check_existing(out, identity, overwrite)
+    if previous is not None:
+        return previous
+    out.mkdir(parents=True, exist_ok=True)
+
+    ensure_ray()
+    items = [
+        {"video_id": e.video_id, "split": e.split, "captions": e.captions, "path": str(resolve_video_path(e, manifest))}
+        for e in sorted(entries, key=lambda e: e.video_id)  # each block, so each shard, a contiguous id range
+    ]
+    num_blocks = min(len(items), max(2 * data.decode_concurrency, math.ceil(len(items) / data.shard_videos)))
+    decoded = (
+        ray.data.from_items(items, override_num_blocks=num_blocks)
+        .map_batches(
+            decode_batch,
+            fn_kwargs={"spec": spec},
+            batch_format="pyarrow",
+            batch_size=data.decode_batch_size,
+            compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency),
+            num_cpus=data.decode_cpus,
+        )
+        .materialize()  # decoded once, then split into shards and quarantine without decoding again
+    )
+
+    metadata = {METADATA_KEY: json.dumps(identity).encode()}
+    splits = sorted({item["split"] for item in items}, key=SPLITS.index)
+    for split in splits:
+        shards = decoded.map_batches(_shard_rows, fn_kwargs={"split": split}, batch_format="pyarrow")
+        shards.write_parquet(str(out / split), schema=SHARD_SCHEMA.with_metadata(metadata))
+    quarantine = decoded.map_batches(_quarantine_rows, batch_format="pyarrow").to_arrow_refs()
+    quarantine_table = pa.concat_tables([*ray.get(quarantine), QUARANTINE_SCHEMA.empty_table()])
+    pq.write_table(quarantine_table.sort_by("video_id").replace_schema_metadata(metadata), out / QUARANTINE_FILE)
+
+    stats = {split: _written(out / split) for split in splits}
+    split_counts = {split: rows for split, (rows, _) in stats.items()}
+    written, quarantined = sum(split_counts.values()), quarantine_table.num_rows
+    if written + quarantined != len(items):
+        raise PrepareError(f"{out}: {len(items)} videos in, but {written} written + {quarantined} quarantined")
+    short = sum(count for _, count in stats.values())
+    elapsed = round(time.perf_counter() - started, 3)
+    summary = PrepareSummary(len(items), written, quarantined, short, split_counts, str(out), elapsed_s=elapsed)
+    record = {**asdict(summary), **identity, "manifest": str(manifest.resolve())}
+    del record["skipped"], record["out"]
+    (out / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return summary

@@ -1,0 +1,85 @@
+"""Read prepared shards for training and evaluation: a Ray Dataset at scale, a PyArrow table locally.
+
+Independent of the model: normalisation statistics and the tokenizer come in as arguments (the model
+exposes open_clip's), so the same shards serve any backbone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+
+from hvd.data.manifest import SPLITS
+from hvd.data.prepare import SUMMARY_FILE
+
+
+class ShardError(ValueError):
+    """Shards that are missing or unfinished; the message names the folder."""
+
+
+def shard_summary(shards: str | Path) -> dict[str, Any]:
+    """The `_summary.json` of a finished prepare run: counts, frame settings, manifest fingerprint."""
+    path = Path(shards) / SUMMARY_FILE
+    if not path.is_file():
+        raise ShardError(f"{shards}: no {SUMMARY_FILE}; run pipelines/prepare.py first (or let it finish)")
+    return json.loads(path.read_text())
+
+
+def _split_dir(shards: str | Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise ShardError(f"unknown split {split!r} (choose one of {', '.join(SPLITS)})")
+    counts = shard_summary(shards)["splits"]
+    if not counts.get(split):
+        raise ShardError(f"{shards}: no videos of split {split!r} were written (written: {counts})")
+    return Path(shards) / split
+
+
+def open_shards(shards: str | Path, split: str, ordered: bool = False) -> ray.data.Dataset:
+    """One split as a Ray Dataset, rows in no fixed order unless `ordered` (sorted by video_id).
+
+    The sort is a distributed exchange costing seconds even on a small split; training shuffles anyway,
+    and evaluation can carry `video_id` along or use `read_shards` for a small split.
+    """
+    dataset = ray.data.read_parquet(str(_split_dir(shards, split)))
+    return dataset.sort("video_id") if ordered else dataset
+
+
+def read_shards(shards: str | Path, split: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One split as an in-memory PyArrow table sorted by video_id, for small local use and tests."""
+    table = pq.read_table(_split_dir(shards, split), columns=list(columns) if columns else None)
+    return table.sort_by("video_id")
+
+
+def frames_uint8(row: Mapping[str, Any]) -> np.ndarray:
+    """A row's frames as `[T, H, W, 3]` uint8 RGB."""
+    size, codec = int(row["frame_size"]), row["frame_codec"]
+    if codec == "raw":
+        return np.stack([np.frombuffer(frame, np.uint8).reshape(size, size, 3) for frame in row["frames"]])
+    if codec == "jpeg":
+        return np.stack([np.asarray(Image.open(io.BytesIO(frame)).convert("RGB")) for frame in row["frames"]])
+    raise ShardError(f"video {row['video_id']}: unknown frame codec {codec!r}")
+
+
+def decode_frames(row: Mapping[str, Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """A row's frames as the model's input: float `[T, 3, H, W]`, scaled to [0, 1] then normalised."""
+    frames = torch.from_numpy(frames_uint8(row)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (frames - mean_t) / std_t
+
+
+def tokenize_captions(
+    captions: Sequence[str], tokenizer: Callable[..., torch.Tensor], max_words: int
+) -> torch.Tensor:
+    """`[C, max_words]` token ids; `tokenizer` is called like open_clip's: `tokenizer(texts, context_length=n)`."""
+    return tokenizer(list(captions), context_length=max_words)

@@ -1,0 +1,104 @@
+"""Video-making fixtures: small real H.264 files written with PyAV, sound ones and deliberately broken ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+
+def frame_level(index: int) -> int:
+    """Grey level of frame `index` outside its marker: the frame's number, readable after lossy coding."""
+    return 30 + 3 * index
+
+
+def marked_frames(num_frames: int, height: int, width: int) -> np.ndarray:
+    """`[T, H, W, 3]` frames: grey `frame_level(i)` with a white top-left quarter, so order and orientation show."""
+    assert frame_level(num_frames - 1) < 230, "too many frames to tell apart by grey level"
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for index in range(num_frames):
+        frames[index] = frame_level(index)
+        frames[index, : height // 2, : width // 2] = 255
+    return frames
+
+
+def read_frame_number(frame: np.ndarray) -> int:
+    """Inverse of `frame_level`, read from the bottom-right quarter of an upright frame."""
+    height, width = frame.shape[:2]
+    return round((float(frame[height // 2 :, width // 2 :].mean()) - 30) / 3)
+
+
+def write_clip(
+    path: Path,
+    frames: np.ndarray,
+    fps: int = 10,
+    rotation: int | None = None,
+    pts_ms: Sequence[int] | None = None,
+) -> Path:
+    """H.264 MP4 (B-frames on, so decode order differs from presentation order).
+
+    `rotation`: display-matrix rotation in degrees counter-clockwise, as phones write it; the stored
+    frames are `frames` as given. `pts_ms`: presentation times in milliseconds for a variable frame rate.
+    """
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "10", "threads": "1"}
+        if pts_ms is not None:
+            stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for index, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[index], Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def write_wav(path: Path, seconds: float = 1.0, rate: int = 8000) -> Path:
+    """Audio only: a container that opens fine but holds no video stream."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, int(seconds * rate)), np.int16), format="s16", layout="mono")
+        frame.sample_rate = rate
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def write_broken_videos(folder: Path) -> dict[str, Path]:
+    """One file per way a collection breaks, keyed by the quarantine reason each must get."""
+    folder.mkdir(parents=True, exist_ok=True)
+    whole = write_clip(folder / "whole.mp4", marked_frames(30, 64, 64)).read_bytes()
+    (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    (folder / "random.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "whole.mp4").unlink()
+    return {
+        "truncated": folder / "truncated.mp4",
+        "random": folder / "random.mp4",
+        "empty": folder / "empty.mp4",
+        "audio_only": write_wav(folder / "audio_only.wav"),
+        "missing": folder / "missing.mp4",
+    }
+
+
+@pytest.fixture
+def clip_factory(tmp_path: Path) -> Callable[..., Path]:
+    """`clip_factory(name, num_frames=20, height=64, width=64, **write_clip_kwargs)` -> a marked clip's path."""
+
+    def make(name: str, num_frames: int = 20, height: int = 64, width: int = 64, **kwargs) -> Path:
+        return write_clip(tmp_path / name, marked_frames(num_frames, height, width), **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def broken_videos(tmp_path: Path) -> dict[str, Path]:
+    return write_broken_videos(tmp_path / "broken")

@@ -1,0 +1,126 @@
+"""Decoding one video: the right frames, upright, at the right times, and a typed error for every broken file."""
+
+import io
+
+import av
+import decord
+import numpy as np
+import pytest
+from conftest import marked_frames, read_frame_number, write_clip
+from PIL import Image
+
+from hvd.data.decode import (
+    CorruptVideoError,
+    EmptyVideoError,
+    FrameSpec,
+    MissingVideoError,
+    NoVideoStreamError,
+    decode_clip,
+    resize_and_crop,
+)
+from hvd.data.sampling import uniform_indices
+
+
+def raw_frames(clip, size: int) -> np.ndarray:
+    return np.stack([np.frombuffer(f, np.uint8).reshape(size, size, 3) for f in clip.frames])
+
+
+def decord_frames(path, indices) -> np.ndarray:
+    return decord.VideoReader(str(path), num_threads=1).get_batch(list(indices)).asnumpy()
+
+
+def test_frames_equal_decord_at_the_sampled_indices(clip_factory):
+    path = clip_factory("wide.mp4", num_frames=30, height=64, width=80)
+    clip = decode_clip(path, FrameSpec(num_frames=12, frame_size=64, frame_codec="raw"))
+    assert clip.frame_indices == uniform_indices(30, 12).tolist()
+    expected = decord_frames(path, clip.frame_indices)[:, :, 8:72]  # centre 64 of 80 columns
+    np.testing.assert_array_equal(raw_frames(clip, 64), expected)
+    assert [read_frame_number(f) for f in expected] == clip.frame_indices
+    assert clip.timestamps_s == pytest.approx([i / 10 for i in clip.frame_indices], abs=1e-6)
+    assert (clip.source_frames, clip.source_fps, clip.short_clip) == (30, pytest.approx(10.0), False)
+    assert clip.duration_s == pytest.approx(3.0, abs=1e-6)
+
+
+def test_jpeg_frames_are_the_raw_frames_after_one_jpeg_round_trip(clip_factory):
+    path = clip_factory("clip.mp4", num_frames=20)
+    raw = raw_frames(decode_clip(path, FrameSpec(frame_codec="raw")), 64)
+    jpeg = decode_clip(path, FrameSpec(frame_codec="jpeg", jpeg_quality=90))
+    for data, frame in zip(jpeg.frames, raw, strict=True):
+        assert data[:2] == b"\xff\xd8"
+        round_trip = io.BytesIO()
+        Image.fromarray(frame).save(round_trip, format="JPEG", quality=90)
+        assert data == round_trip.getvalue()
+
+
+def test_resize_takes_the_short_side_then_the_centre():
+    frame = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    out = resize_and_crop(frame, 30)
+    scaled = np.asarray(Image.fromarray(frame).resize((50, 30), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(out, scaled[:, 10:40])
+    np.testing.assert_array_equal(resize_and_crop(frame, 60), frame[:, 20:80])  # no resampling when sizes match
+
+
+def test_short_clip_is_kept_with_repeated_frames(clip_factory):
+    path = clip_factory("short.mp4", num_frames=5)
+    clip = decode_clip(path, FrameSpec(num_frames=12, frame_codec="raw"))
+    assert clip.short_clip and len(clip.frames) == 12
+    assert sorted(set(clip.frame_indices)) == [0, 1, 2, 3, 4]
+    frames = raw_frames(clip, 64)
+    assert [read_frame_number(f) for f in frames] == clip.frame_indices
+
+
+@pytest.mark.parametrize("rotation", [90, 180, -90])
+def test_rotated_phone_clip_comes_out_upright(tmp_path, rotation):
+    upright = marked_frames(10, 64, 96)
+    stored = np.rot90(upright, k=-rotation // 90, axes=(1, 2))  # what a phone held sideways records
+    path = write_clip(tmp_path / "phone.mp4", np.ascontiguousarray(stored), rotation=rotation)
+    with av.open(str(path)) as container:  # the metadata is really there: PyAV reports it
+        assert next(container.decode(video=0)).rotation == (rotation if rotation != 180 else -180)
+    clip = decode_clip(path, FrameSpec(num_frames=4, frame_size=64, frame_codec="raw"))
+    for frame in raw_frames(clip, 64):  # 64x96 upright, centre-cropped to 64x64: the marker is top-left
+        quarters = [frame[:32, :32], frame[:32, 32:], frame[32:, :32], frame[32:, 32:]]
+        brightness = [q.mean() for q in quarters]
+        assert np.argmax(brightness) == 0 and brightness[0] - max(brightness[1:]) > 40
+
+
+def test_variable_frame_rate_with_b_frames_samples_by_presentation_time(tmp_path):
+    gaps = np.random.default_rng(1).choice([20, 33, 100, 250], size=39)
+    pts_ms = np.concatenate([[0], np.cumsum(gaps)]).tolist()
+    path = write_clip(tmp_path / "vfr.mp4", marked_frames(40, 64, 64), pts_ms=pts_ms)
+    clip = decode_clip(path, FrameSpec(num_frames=4, sample_mode="fps", frame_codec="raw"))
+    seconds = np.array(pts_ms) / 1000
+    wanted = np.linspace(0, np.floor(seconds[-1]), 4).astype(int)  # seconds kept after the linspace cut
+    expected = [int(np.searchsorted(seconds, t, side="right") - 1) for t in wanted]
+    assert clip.frame_indices == expected
+    assert clip.timestamps_s == pytest.approx(seconds[expected].tolist(), abs=1e-3)
+    assert [read_frame_number(f) for f in raw_frames(clip, 64)] == expected
+
+
+def test_widths_decord_pads_still_give_exact_frames(clip_factory):
+    path = clip_factory("w48.mp4", num_frames=12, height=48, width=48)  # dmlc/decord#336
+    clip = decode_clip(path, FrameSpec(num_frames=6, frame_size=48, frame_codec="raw"))
+    with av.open(str(path)) as container:
+        every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    np.testing.assert_array_equal(raw_frames(clip, 48), np.stack([every[i] for i in clip.frame_indices]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("truncated", CorruptVideoError),
+        ("random", CorruptVideoError),
+        ("empty", EmptyVideoError),
+        ("audio_only", NoVideoStreamError),
+        ("missing", MissingVideoError),
+    ],
+)
+def test_broken_file_raises_a_typed_error_naming_it(broken_videos, kind, error):
+    path = broken_videos[kind]
+    with pytest.raises(error) as caught:
+        decode_clip(path, FrameSpec())
+    assert str(path) in str(caught.value)
+
+
+def test_bad_frame_spec_names_the_key():
+    with pytest.raises(ValueError, match="data.frame_codec"):
+        FrameSpec(frame_codec="png")

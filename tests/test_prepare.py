@@ -1,0 +1,198 @@
+"""Prepare on real Ray (local, 2 CPUs) and read back: frames, schema, counts, quarantine, re-runs, readers."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import decord
+import numpy as np
+import open_clip
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from conftest import marked_frames, read_frame_number, write_broken_videos, write_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from hvd.config import Config, SyntheticConfig, load_config
+from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
+from hvd.data.prepare import QUARANTINE_FILE, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
+from hvd.data.shards import (
+    decode_frames,
+    frames_uint8,
+    open_shards,
+    read_shards,
+    shard_summary,
+    tokenize_captions,
+)
+from hvd.data.synthetic import generate
+
+_CLI = importlib.util.spec_from_file_location("prepare_cli", Path(__file__).parents[1] / "pipelines" / "prepare.py")
+prepare_cli = importlib.util.module_from_spec(_CLI)
+_CLI.loader.exec_module(prepare_cli)
+
+pytestmark = pytest.mark.slow
+
+SPLITS = ("train", "val", "test")
+
+
+def config(*overrides: str) -> Config:
+    return load_config(None, list(overrides))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    cfg = SyntheticConfig(preset="tiny", out=str(tmp_path_factory.mktemp("synth")), workers=1)
+    return generate(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raw") / "shards"
+    prepare(config("data.frame_codec=raw"), tiny, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("jpeg") / "shards"
+    prepare(config(), tiny, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory) -> Path:
+    """A manifest of two sound clips, a short one, a rotated phone clip and every kind of broken file."""
+    folder = tmp_path_factory.mktemp("messy")
+    upright = marked_frames(20, 64, 96)
+    videos = {
+        "good_a": write_clip(folder / "good_a.mp4", marked_frames(20, 64, 64)),
+        "good_b": write_clip(folder / "good_b.mp4", marked_frames(30, 72, 64)),
+        "short": write_clip(folder / "short.mp4", marked_frames(5, 64, 64)),
+        "rotated": write_clip(folder / "rotated.mp4", np.ascontiguousarray(np.rot90(upright, -1, (1, 2))), rotation=90),
+    }
+    videos.update(write_broken_videos(folder / "broken"))
+    entries = [
+        ManifestEntry(name, str(path.relative_to(folder)), [f"caption of {name}"], "test" if name == "good_b" else "train")
+        for name, path in videos.items()
+    ]
+    return write_manifest(entries, folder / "manifest.jsonl")
+
+
+def test_shards_hold_exactly_the_frames_decord_gives(tiny, raw_shards):
+    manifest = {e.video_id: e for e in read_manifest(tiny)}
+    seen = []
+    for split in SPLITS:
+        table = read_shards(raw_shards, split)
+        assert table.schema.remove_metadata() == SHARD_SCHEMA
+        assert table["video_id"].to_pylist() == sorted(table["video_id"].to_pylist())
+        for row in table.to_pylist():
+            entry = manifest[row["video_id"]]
+            assert (row["split"], row["captions"]) == (split, entry.captions)
+            reader = decord.VideoReader(str(resolve_video_path(entry, tiny)), num_threads=1)
+            expected = reader.get_batch(row["frame_indices"]).asnumpy()  # tiny clips are 64 px: no resize
+            np.testing.assert_array_equal(frames_uint8(row), expected)
+            assert row["num_frames"] == len(row["frames"]) == 12 and not row["short_clip"]
+            assert row["source_frames"] == 20 and row["source_fps"] == pytest.approx(10)
+            assert row["duration_s"] == pytest.approx(2.0, abs=1e-6)
+            seen.append(row["video_id"])
+    assert sorted(seen) == sorted(manifest)
+
+
+def test_summary_and_metadata_record_counts_and_settings(tiny, raw_shards):
+    summary = shard_summary(raw_shards)
+    assert (summary["input"], summary["written"], summary["quarantined"]) == (40, 40, 0)
+    assert summary["splits"] == {"train": 24, "val": 8, "test": 8}
+    assert summary["frame_spec"]["frame_codec"] == "raw" and summary["frame_spec"]["num_frames"] == 12
+    for shard in (raw_shards / "train").glob("*.parquet"):
+        stored = json.loads(pq.read_schema(shard).metadata[b"hvd"])
+        assert stored["frame_spec"] == summary["frame_spec"]
+        assert stored["manifest_fingerprint"] == summary["manifest_fingerprint"]
+    assert pq.read_table(raw_shards / QUARANTINE_FILE).num_rows == 0
+
+
+def test_rerun_does_no_work_and_other_settings_refuse_to_mix(tiny, raw_shards):
+    before = {p: p.stat().st_mtime_ns for p in raw_shards.rglob("*")}
+    again = prepare(config("data.frame_codec=raw"), tiny, raw_shards)
+    assert again.skipped and (again.input, again.written, again.quarantined) == (40, 40, 0)
+    assert "nothing to do" in str(again)
+    assert {p: p.stat().st_mtime_ns for p in raw_shards.rglob("*")} == before
+    with pytest.raises(PrepareError, match="frame_spec.num_frames: 12 -> 8.*--overwrite"):
+        prepare(config("data.frame_codec=raw", "data.num_frames=8"), tiny, raw_shards)
+
+
+def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):
+    summary = prepare(config("data.frame_codec=raw"), messy, tmp_path / "out")
+    assert (summary.input, summary.written, summary.quarantined, summary.short_clips) == (9, 4, 5, 1)
+    quarantine = pq.read_table(tmp_path / "out" / QUARANTINE_FILE).to_pylist()
+    reasons = {row["video_id"]: row["reason"] for row in quarantine}
+    assert reasons == {
+        "truncated": "corrupt",
+        "random": "corrupt",
+        "empty": "empty",
+        "audio_only": "no_video_stream",
+        "missing": "missing",
+    }
+    entries = {e.video_id: e for e in read_manifest(messy)}
+    for row in quarantine:
+        assert row["path"] == str(resolve_video_path(entries[row["video_id"]], messy)) and row["path"] in row["error"]
+    rows = {row["video_id"]: row for row in read_shards(tmp_path / "out", "train").to_pylist()}
+    assert set(rows) == {"good_a", "short", "rotated"}
+    assert rows["short"]["short_clip"] and not rows["good_a"]["short_clip"]
+    short = frames_uint8(rows["short"])
+    assert [read_frame_number(f) for f in short] == rows["short"]["frame_indices"]
+    for frame in frames_uint8(rows["rotated"]):  # upright: the white marker is in the top-left quarter
+        assert frame[:32, :32].mean() > frame[32:, 32:].mean() + 40 and frame[:32, :32].mean() > frame[:32, 32:].mean() + 40
+    recorded = shard_summary(tmp_path / "out")
+    assert recorded["input"] == recorded["written"] + recorded["quarantined"] == 9
+
+
+def test_same_input_same_rows_and_overwrite_replaces(messy, tmp_path):
+    first = prepare(config(), messy, tmp_path / "a")
+    prepare(config(), messy, tmp_path / "b")
+    for split in ("train", "test"):
+        assert read_shards(tmp_path / "a", split).equals(read_shards(tmp_path / "b", split))
+    replaced = prepare(config("data.num_frames=4"), messy, tmp_path / "a", overwrite=True)
+    assert not replaced.skipped and replaced.written == first.written
+    assert {len(r["frames"]) for r in read_shards(tmp_path / "a", "train").to_pylist()} == {4}
+
+
+def test_cli_prints_the_identity_and_fails_only_when_nothing_is_written(messy, tmp_path, capsys):
+    prepare_cli.main(["--manifest", str(messy), "--out", str(tmp_path / "cli"), "data.num_frames=4"])
+    printed = capsys.readouterr().out
+    assert "input 9 = written 4 + quarantined 5" in printed and QUARANTINE_FILE in printed
+    prepare_cli.main(["--manifest", str(messy), "--out", str(tmp_path / "cli"), "data.num_frames=4"])
+    assert "nothing to do" in capsys.readouterr().out
+
+    broken = [e for e in read_manifest(messy) if e.video_id in ("empty", "missing")]
+    only_broken = write_manifest(broken, messy.parent / "only_broken.jsonl")
+    with pytest.raises(SystemExit) as caught:
+        prepare_cli.main(["--manifest", str(only_broken), "--out", str(tmp_path / "none")])
+    assert caught.value.code == 1
+    assert "input 2 = written 0 + quarantined 2" in capsys.readouterr().out
+    assert (tmp_path / "none" / SUMMARY_FILE).is_file()
+
+
+def test_ray_reader_gives_normalised_tensors_and_tokens(raw_shards, jpeg_shards):
+    rows = list(open_shards(jpeg_shards, "test", ordered=True).iter_rows())
+    raw = {r["video_id"]: r for r in read_shards(raw_shards, "test").to_pylist()}
+    assert [r["video_id"] for r in rows] == list(raw)  # sorted, like the local reader
+    for row in rows:
+        frames = decode_frames(row, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+        assert frames.shape == (12, 3, 64, 64) and frames.dtype == torch.float32
+        jpeg_error = np.abs(frames_uint8(row).astype(int) - frames_uint8(raw[row["video_id"]])).mean()
+        assert jpeg_error < 6  # grey levels: JPEG at quality 90 of a textured clip
+    pixels = torch.from_numpy(frames_uint8(raw[rows[0]["video_id"]])).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+    torch.testing.assert_close(decode_frames(raw[rows[0]["video_id"]], OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), (pixels - mean) / std)
+
+    tokens = tokenize_captions(rows[0]["captions"], open_clip.get_tokenizer("ViT-B-32"), max_words=32)
+    assert tokens.shape == (len(rows[0]["captions"]), 32) and tokens.dtype == torch.long
+    assert tokens[0, 0] == 49406 and (tokens[0] == 49407).sum() == 1  # open_clip start and end tokens
