@@ -1,0 +1,159 @@
+"""Cost of the HVD head against the meanP baseline on one model preset, measured in one run.
+
+    python benchmarks/model_cost.py [--preset tiny] [--batch 32] [--frames 12] [--pairs 1000] [--repeats 15]
+
+1. Training step (encode captions and frames, loss, backward, AdamW step) of `hvd` and of `meanp` on the
+   same batch, interleaved so that load from other processes hits both alike: median and minimum wall
+   and CPU seconds each and their ratios hvd / meanp (target: at most 1.5).
+2. Pairwise scoring of `--pairs` captions x `--pairs` videos from encoded features, with each head.
+3. DPC-KNN seconds per 1,000 tokens, laid out as the model uses it (one set of patches per frame of the
+   training batch) and as one set of 1,000 tokens.
+4. For scale: one forward pass of PFCM run per (caption, video) pair of the training batch on the kept
+   frames jointly, the alternative to the once-per-video compression the model does.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hvd.config import ModelConfig, TrainConfig
+from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_model
+from hvd.model.clustering import dpc_knn, keep_count
+from hvd.train.optim import build_optimizer
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: allocator, oneDNN kernels
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def training_steps(
+    models: dict[str, RetrievalModel], batch: int, frames: int, repeats: int
+) -> dict[str, list[float]]:
+    """Wall and CPU (this process, all threads) seconds of every step per head, as `{head}_{clock}`.
+
+    The heads take turns step by step, in alternating order (ABBA). CPU time is the steadier measure
+    on a machine shared with other jobs: their load stretches wall time far more than it does CPU time.
+    """
+    any_model = next(iter(models.values()))
+    size, context = any_model.image_size, any_model.backbone.context_length
+    tokens = torch.randint(1, 49406, (batch, context))
+    tokens[:, 0], tokens[:, 12], tokens[:, 13:] = 49406, 49407, 0  # start, 11 words, end, padding
+    clips = torch.randn(batch, frames, 3, size, size)
+    optimizers = {
+        head: build_optimizer(m, TrainConfig(), ModelConfig(head=head)) for head, m in models.items()
+    }
+
+    def step(head: str) -> None:
+        model, optimizer = models[head], optimizers[head]
+        loss, _ = model.loss(model.encode_text(tokens), model.encode_video(clips))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    times: dict[str, list[float]] = {f"{head}_{clock}": [] for head in models for clock in ("wall", "cpu")}
+    for head in models:
+        step(head)  # warm-up
+    for repeat in range(repeats):
+        for head in list(models)[:: 1 if repeat % 2 == 0 else -1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            step(head)
+            times[f"{head}_wall"].append(time.perf_counter() - wall)
+            times[f"{head}_cpu"].append(time.process_time() - cpu)
+    return times
+
+
+def encoded_features(model: RetrievalModel, count: int, frames: int) -> tuple[TextFeatures, VideoFeatures]:
+    """Unit features of the shapes `model` encodes `count` captions and videos into (scoring cost depends on shape only)."""
+    generator = torch.Generator().manual_seed(0)
+    dim, context = model.backbone.embed_dim, model.backbone.context_length
+    with torch.no_grad():
+        probe = model.encode_video(torch.zeros(1, frames, 3, model.image_size, model.image_size))
+    patches = probe.patches.shape[2]
+
+    def unit(*shape: int) -> torch.Tensor:
+        return F.normalize(torch.randn(*shape, dim, generator=generator), dim=-1)
+
+    lengths = torch.randint(6, 20, (count, 1), generator=generator)
+    text = TextFeatures(unit(count), unit(count, context), torch.arange(context) < lengths)
+    return text, VideoFeatures(unit(count, frames), unit(count, frames, patches))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "ViT-B-32", "ViT-B-16"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument(
+        "--pairs", type=int, default=1000, help="captions and videos in the scoring benchmark"
+    )
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    models = {head: build_model(ModelConfig(preset=args.preset, head=head)) for head in ("hvd", "meanp")}
+    results: dict[str, object] = {
+        "preset": args.preset,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min_before": os.getloadavg()[0],
+    }
+
+    steps = training_steps(models, args.batch, args.frames, args.repeats)
+    for clock in ("wall", "cpu"):
+        for name, summary in (("median", statistics.median), ("min", min)):
+            step = {head: summary(steps[f"{head}_{clock}"]) for head in models}
+            results[f"train_step_{clock}_{name}_s"] = {head: round(s, 4) for head, s in step.items()}
+            results[f"train_step_{clock}_{name}_ratio_hvd_over_meanp"] = round(step["hvd"] / step["meanp"], 3)
+
+    scoring = {}
+    for head, model in models.items():
+        text, video = encoded_features(model, args.pairs, args.frames)
+        scoring[head] = median_seconds(
+            lambda m=model, t=text, v=video: m.score(t, v), max(1, args.repeats // 5)
+        )
+    results[f"score_{args.pairs}x{args.pairs}_s"] = {head: round(s, 4) for head, s in scoring.items()}
+    results["score_ratio_hvd_over_meanp"] = round(scoring["hvd"] / scoring["meanp"], 1)
+
+    hvd, cfg = models["hvd"], ModelConfig()
+    grid, dim = hvd.backbone.clip.visual.grid_size, hvd.backbone.embed_dim
+    per_frame = torch.randn(args.batch * args.frames, grid[0] * grid[1], dim)
+    one_set = torch.randn(1, 1000, dim)
+    dpc = {
+        "per_frame_layout": median_seconds(
+            lambda: dpc_knn(per_frame, cfg.pfcm_ratio, cfg.dpc_k), args.repeats
+        )
+        / (per_frame.numel() / dim / 1000),
+        "one_set_of_1000": median_seconds(lambda: dpc_knn(one_set, cfg.pfcm_ratio, cfg.dpc_k), args.repeats),
+    }
+    results["dpc_knn_s_per_1000_tokens"] = {name: round(s, 5) for name, s in dpc.items()}
+    results["dpc_knn_per_frame_layout"] = list(per_frame.shape)
+
+    # The alternative to compressing once per video: PFCM over the kept frames of every (caption, video)
+    # pair of the training batch, jointly; forward alone, without gradients.
+    joint = torch.randn(args.batch**2, keep_count(args.frames, cfg.frame_keep) * grid[0] * grid[1], dim)
+    with torch.no_grad():
+        results["per_pair_joint_pfcm_forward_s"] = round(median_seconds(lambda: hvd.head.pfcm(joint), 3), 4)
+    results["per_pair_joint_pfcm_layout"] = list(joint.shape)
+    results["load_average_1min_after"] = os.getloadavg()[0]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

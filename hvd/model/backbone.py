@@ -1,0 +1,66 @@
+"""open_clip's CLIP, read out token by token in the joint embedding space.
+
+CLIP itself returns one vector per image and per caption. HVD also needs every word and every
+patch, projected like the pooled vectors so that words and patches are comparable: words go
+through `ln_final` and `text_projection`, patches through `ln_post` and `proj`, as in CLIP4Clip.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip import CLIP
+from torch import Tensor, nn
+
+PAD_TOKEN = 0  # open_clip's tokenizer pads with 0; start and end tokens are real words
+
+
+class ClipBackbone(nn.Module):
+    def __init__(self, clip: CLIP):
+        super().__init__()
+        self.clip = clip
+        self.clip.visual.output_tokens = True
+
+    @property
+    def image_size(self) -> int:
+        return int(self.clip.visual.image_size[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip.context_length)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.visual.output_dim)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Sentence features [B, D] (end-of-text token) and word features [B, L, D] (every token)."""
+        if tokens.ndim != 2 or not 0 < tokens.shape[1] <= self.context_length:
+            raise ValueError(
+                f"text tokens must be [batch, length <= {self.context_length}], got {list(tokens.shape)}"
+            )
+        if not bool((tokens != PAD_TOKEN).any(dim=1).all()):
+            raise ValueError("every caption needs at least one token that is not padding")
+        length = tokens.shape[1]
+        clip = self.clip
+        x = clip.token_embedding(tokens).to(clip.transformer.get_cast_dtype())
+        x = x + clip.positional_embedding[:length].to(x.dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        words = clip.ln_final(x) @ clip.text_projection
+        # The end-of-text token has the largest id; the causal mask makes it a summary of the caption.
+        sentence = words[torch.arange(words.shape[0], device=words.device), tokens.argmax(dim=-1)]
+        return sentence, words
+
+    def encode_images(self, images: Tensor, with_patches: bool) -> tuple[Tensor, Tensor | None]:
+        """Image features [N, D] (class token) and, if asked, patch features [N, P, D]."""
+        size = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(
+                f"frames must be [N, 3, {size}, {size}] for this preset, got {list(images.shape)}"
+            )
+        pooled, tokens = self.clip.visual(images)
+        patches = tokens @ self.clip.visual.proj if with_patches else None
+        return pooled, patches

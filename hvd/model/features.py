@@ -1,0 +1,63 @@
+"""Encoded batches of captions and videos, kept apart so that evaluation can encode once and score later.
+
+Every field is an L2-normalised feature (or a mask) whose first dimension is the batch, so moving,
+slicing, concatenating and gathering across ranks are one tensor operation applied to each field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+FeaturesT = TypeVar("FeaturesT", bound="Features")
+
+
+@dataclasses.dataclass
+class Features:
+    def map(self: FeaturesT, fn: Callable[[Tensor], Tensor]) -> FeaturesT:
+        """The same features with `fn` applied to every field."""
+        return type(self)(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def to(self: FeaturesT, device: torch.device | str) -> FeaturesT:
+        return self.map(lambda t: t.to(device))
+
+    def detach(self: FeaturesT) -> FeaturesT:
+        return self.map(Tensor.detach)
+
+    def __getitem__(self: FeaturesT, index: slice | Tensor) -> FeaturesT:
+        return self.map(lambda t: t[index])
+
+    def __len__(self) -> int:
+        return self._first().shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._first().device
+
+    def _first(self) -> Tensor:
+        return getattr(self, dataclasses.fields(self)[0].name)
+
+    @classmethod
+    def cat(cls: type[FeaturesT], parts: Sequence[FeaturesT]) -> FeaturesT:
+        if not parts:
+            raise ValueError(f"{cls.__name__}.cat needs at least one batch")
+        return cls(
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)}
+        )
+
+
+@dataclasses.dataclass
+class TextFeatures(Features):
+    sentence: Tensor  # [B, D] end-of-text token
+    words: Tensor  # [B, L, D] every token
+    word_mask: Tensor  # [B, L] bool, False on padding
+
+
+@dataclasses.dataclass
+class VideoFeatures(Features):
+    frames: Tensor  # [B, T, D] class token of every frame
+    patches: Tensor  # [B, T, P, D] patch tokens after the head's compression; P = 0 for meanp

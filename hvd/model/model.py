@@ -1,0 +1,120 @@
+"""The retrieval model: a CLIP backbone and a similarity head behind one encode / score / loss interface."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hvd.model.backbone import PAD_TOKEN, ClipBackbone
+from hvd.model.features import TextFeatures, VideoFeatures
+from hvd.model.heads import mean_frame_embedding
+from hvd.model.losses import gather_across_ranks, symmetric_infonce
+
+MAX_LOGIT_SCALE = 100.0
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, backbone: ClipBackbone, head: nn.Module, score_budget_mb: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.score_budget_bytes = score_budget_mb * 2**20
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.logit_scale.device
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """Encoders run in bf16 on CUDA; on CPU in the caller's precision (fp32 unless it opened autocast)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def logit_scale(self) -> Tensor:
+        return self.backbone.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def encode_text(self, tokens: Tensor) -> TextFeatures:
+        """Token ids [B, L] from `build_tokenizer` -> unit sentence and word features."""
+        tokens = tokens.to(self.device)
+        with self._autocast():
+            sentence, words = self.backbone.encode_text(tokens)
+        return TextFeatures(
+            sentence=F.normalize(sentence.float(), dim=-1),
+            words=F.normalize(words.float(), dim=-1),
+            word_mask=tokens != PAD_TOKEN,
+        )
+
+    def encode_video(self, frames: Tensor) -> VideoFeatures:
+        """Normalised frames [B, T, 3, H, W] -> unit frame features and the head's patch features."""
+        if frames.ndim != 5 or not frames.is_floating_point():
+            raise ValueError(
+                "frames must be normalised floats [batch, time, 3, height, width], "
+                f"got {frames.dtype} {list(frames.shape)}"
+            )
+        batch, time = frames.shape[:2]
+        with self._autocast():
+            pooled, patches = self.backbone.encode_images(
+                frames.to(self.device).flatten(0, 1), with_patches=self.head.uses_patches
+            )
+            if patches is None:
+                kept = pooled.new_zeros(batch, time, 0, pooled.shape[-1])
+            else:
+                kept = self.head.compress_patches(patches.unflatten(0, (batch, time)))
+        return VideoFeatures(
+            frames=F.normalize(pooled.float(), dim=-1).unflatten(0, (batch, time)), patches=kept.float()
+        )
+
+    def forward(self, tokens: Tensor, frames: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """A training step's loss from token ids and frames: the call DDP needs to wrap."""
+        return self.loss(self.encode_text(tokens), self.encode_video(frames))
+
+    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """The head's named [Nt, Nv] similarity matrices, with gradients, in one piece.
+
+        In the features' fp32 even on CUDA: close scores must not tie in bf16 when ranking thousands of videos.
+        """
+        return self.head.similarities(text, video)
+
+    @torch.no_grad()
+    def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+        """Retrieval scores [Nt, Nv] on the features' device, computed on the model's device in chunks
+        of at most `score_budget_mb` of intermediates."""
+        text_chunk, video_chunk = self.chunk_sizes(text, video)
+        scores = torch.empty(len(text), len(video), device=text.device)
+        for t in range(0, len(text), text_chunk):
+            texts = text[t : t + text_chunk].to(self.device)
+            for v in range(0, len(video), video_chunk):
+                chunk = self.similarities(texts, video[v : v + video_chunk].to(self.device))
+                scores[t : t + text_chunk, v : v + video_chunk] = sum(chunk.values()).to(scores.device)
+        return scores
+
+    def chunk_sizes(self, text: TextFeatures, video: VideoFeatures) -> tuple[int, int]:
+        """Captions and videos per scoring chunk: as square as the budget and the inputs allow."""
+        pairs = max(1, self.score_budget_bytes // self.head.pair_bytes(text, video))
+        text_chunk = max(1, min(len(text), math.isqrt(pairs)))
+        video_chunk = max(1, min(len(video), pairs // text_chunk))
+        text_chunk = max(1, min(len(text), pairs // video_chunk))  # give back what few videos left over
+        return text_chunk, video_chunk
+
+    @torch.no_grad()
+    def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
+        """Unit sentence [Nt, D] and mean-frame [Nv, D] features, whose dot product is a cheap first stage."""
+        return text.sentence, mean_frame_embedding(video.frames)
+
+    def loss(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, dict[str, float]]:
+        """Sum of symmetric InfoNCE losses, one per similarity, over the batch gathered from all ranks."""
+        similarities = self.similarities(gather_across_ranks(text), gather_across_ranks(video))
+        scale = self.logit_scale()
+        parts = {name: symmetric_infonce(scale * s) for name, s in similarities.items()}
+        total = torch.stack(list(parts.values())).sum()
+        metrics = {f"loss_{name}": float(value.detach()) for name, value in parts.items()}
+        metrics["logit_scale"] = float(scale.detach())
+        return total, metrics

@@ -1,0 +1,203 @@
+"""The tiny HVD and meanP models: features, FFSM, PFCM, pairwise scores, gradients, precision, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hvd.config import ModelConfig
+from hvd.model import TextFeatures, VideoFeatures, build_model, build_tokenizer
+from hvd.model.clustering import keep_count
+from hvd.model.ffsm import select_frames
+from hvd.model.pfcm import PFCM
+
+CAPTIONS = ["a red square slides left", "a blue circle grows", "two green dots swap places", "a dog"]
+FRAMES = 6
+
+
+def tiny_model(head: str = "hvd", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(head=head, **overrides))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return build_tokenizer(ModelConfig(), max_words=32)(CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return torch.randn(len(CAPTIONS), FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_features_have_the_documented_shapes_and_unit_norms(tokens, frames):
+    model = tiny_model()
+    text, video = model.encode_text(tokens), model.encode_video(frames)
+    assert model.image_size == 64
+    assert text.sentence.shape == (4, 128) and text.words.shape == (4, 32, 128)
+    assert torch.equal(text.word_mask, tokens != 0)
+    assert video.frames.shape == (4, FRAMES, 128)
+    assert video.patches.shape == (4, FRAMES, 2, 128)  # 16 patches per frame, halved 3 times
+    for unit in (text.sentence, text.words, video.frames, video.patches):
+        torch.testing.assert_close(unit.norm(dim=-1), torch.ones(unit.shape[:-1]))
+    assert tiny_model("meanp").encode_video(frames).patches.shape == (4, FRAMES, 0, 128)
+
+
+def test_features_slice_move_and_concatenate(tokens):
+    text = tiny_model().encode_text(tokens)
+    rebuilt = TextFeatures.cat([text[:1], text[1:3], text[3:]]).to("cpu")
+    assert len(rebuilt) == 4 and rebuilt.device.type == "cpu"
+    for field in dataclasses.fields(TextFeatures):
+        assert torch.equal(getattr(rebuilt, field.name), getattr(text, field.name))
+    picked = text[torch.tensor([3, 0])]
+    assert torch.equal(picked.words[0], text.words[3])
+
+
+def test_ffsm_keeps_exactly_the_most_similar_frames():
+    generator = torch.Generator().manual_seed(0)
+    sentence = F.normalize(torch.randn(5, 16, generator=generator), dim=-1)
+    frames = F.normalize(torch.randn(3, 12, 16, generator=generator), dim=-1)
+    kept = select_frames(sentence, frames, keep=0.5)
+    assert kept.shape == (5, 3, 12) and kept.sum(dim=-1).eq(6).all()
+    for t in range(5):
+        for v in range(3):
+            similarity = frames[v] @ sentence[t]
+            best = set(similarity.argsort(descending=True)[:6].tolist())
+            assert set(kept[t, v].nonzero().flatten().tolist()) == best
+    assert select_frames(sentence, frames, keep=1.0).all()
+    assert select_frames(sentence, frames, keep=0.01).sum(dim=-1).eq(1).all()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_pfcm_halves_the_tokens_every_round(padded):
+    torch.manual_seed(0)
+    pfcm = PFCM(dim=64, steps=3, ratio=0.5, k=3)
+    x = torch.randn(2, 64, 64)
+    mask = torch.arange(64) < torch.tensor([[64], [40]]) if padded else None
+    counts = []
+    for step in pfcm.rounds:
+        x, mask = step(x, mask)
+        counts.append(x.shape[1])
+        assert torch.isfinite(x).all()
+    assert counts == [32, 16, 8]
+    if padded:
+        assert mask.sum(dim=1).tolist() == [8, 5]  # 40 -> 20 -> 10 -> 5
+
+
+def test_hvd_score_matches_a_per_pair_reference(tokens, frames):
+    """FFSM for the pair, then PFCM on the kept frames' patches only, then the similarity, one pair at a time."""
+    model = tiny_model()
+    head = model.head
+    with torch.no_grad():
+        for layer in (head.word_weight, head.patch_weight):  # learned weights, not the uniform start
+            torch.nn.init.normal_(layer.weight, std=2.0)
+        text, video = model.encode_text(tokens), model.encode_video(frames)
+        scores = model.score(text, video)
+        _, raw_patches = model.backbone.encode_images(frames.flatten(0, 1), with_patches=True)
+        raw_patches = raw_patches.unflatten(0, frames.shape[:2])
+
+        kept_count = keep_count(FRAMES, 0.5)
+        for t in range(len(text)):
+            words = text.words[t][text.word_mask[t]]
+            word_weight = head.word_weight(words).squeeze(-1).softmax(dim=0)
+            for v in range(len(video)):
+                similarity = video.frames[v] @ text.sentence[t]
+                kept = similarity.argsort(descending=True)[:kept_count]
+                sentence_frames = text.sentence[t] @ F.normalize(video.frames[v, kept].mean(dim=0), dim=0)
+                entities = F.normalize(head.pfcm(raw_patches[v, kept])[0], dim=-1).flatten(0, 1)
+                word_patch = words @ entities.T
+                patch_weight = head.patch_weight(entities).squeeze(-1).softmax(dim=0)
+                text_to_video = (word_patch.amax(dim=1) * word_weight).sum()
+                video_to_text = (word_patch.amax(dim=0) * patch_weight).sum()
+                expected = sentence_frames + (text_to_video + video_to_text) / 2
+                torch.testing.assert_close(scores[t, v], expected, rtol=1e-4, atol=1e-5)
+
+
+def random_features(
+    texts: int, videos: int, words: int = 32, frames: int = 6, patches: int = 2, dim: int = 128
+):
+    generator = torch.Generator().manual_seed(1)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, dim, generator=generator), dim=-1)
+
+    lengths = torch.randint(3, words + 1, (texts, 1), generator=generator)
+    text = TextFeatures(unit(texts), unit(texts, words), torch.arange(words) < lengths)
+    return text, VideoFeatures(unit(videos, frames), unit(videos, frames, patches))
+
+
+@pytest.mark.parametrize("head", ["hvd", "meanp"])
+def test_chunked_scores_stay_in_budget_and_equal_one_piece_scores(head):
+    model = tiny_model(head, score_budget_mb=1)
+    text, video = random_features(120, 100)
+    text_chunk, video_chunk = model.chunk_sizes(text, video)
+    assert text_chunk * video_chunk * model.head.pair_bytes(text, video) <= 2**20
+    if head == "hvd":
+        assert text_chunk < 120 and video_chunk < 100  # the budget forces chunks both ways
+    scores = model.score(text, video)
+    with torch.no_grad():
+        whole = sum(model.similarities(text, video).values())
+    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_global_embeddings_reproduce_the_meanp_score(tokens, frames):
+    model = tiny_model("meanp")
+    text, video = model.encode_text(tokens), model.encode_video(frames)
+    t, v = model.global_embeddings(text, video)
+    torch.testing.assert_close(model.score(text, video), t @ v.T)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("head", ["hvd", "meanp"])
+def test_gradients_reach_the_backbone_and_every_new_module(head, tokens, frames):
+    model = tiny_model(head)
+    loss, metrics = model(tokens, frames)  # forward: the loss, as DDP calls it
+    loss.backward()
+    expected = {"hvd": {"loss_sentence_frames", "loss_words_patches"}, "meanp": {"loss_sentence_video"}}[head]
+    assert set(metrics) == expected | {"logit_scale"}
+    assert loss.item() == pytest.approx(sum(metrics[name] for name in expected), rel=1e-6)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_nan_or_inf(dtype, tokens, frames):
+    model = tiny_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        text, video = model.encode_text(tokens), model.encode_video(frames)
+        loss, _ = model.loss(text, video)
+        loss.backward()
+        scores = model.score(text, video)
+    assert torch.isfinite(loss) and torch.isfinite(scores).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_tokenizer_context_is_the_shorter_of_max_words_and_the_preset():
+    assert build_tokenizer(ModelConfig(), 20)(CAPTIONS).shape == (4, 20)
+    assert build_tokenizer(ModelConfig(), 100)(CAPTIONS).shape == (4, 32)
+    assert build_tokenizer(ModelConfig(preset="ViT-B-32"), 100)(CAPTIONS).shape == (4, 77)
+    with pytest.raises(ValueError, match="data.max_words"):
+        build_tokenizer(ModelConfig(), 2)
+
+
+def test_bad_input_is_a_clear_error(tokens, frames):
+    model = tiny_model("meanp")
+    with pytest.raises(ValueError, match=r"frames must be \[N, 3, 64, 64\].*\[24, 3, 32, 32\]"):
+        model.encode_video(frames[:, :, :, :32, :32])
+    with pytest.raises(ValueError, match=r"frames must be normalised floats \[batch, time.*\[6, 3, 64, 64\]"):
+        model.encode_video(frames[0])
+    with pytest.raises(ValueError, match="torch.uint8"):
+        model.encode_video(frames.to(torch.uint8))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.encode_text(torch.cat([tokens[:1], torch.zeros_like(tokens[:1])]))
+    with pytest.raises(ValueError, match="length <= 32"):
+        model.encode_text(torch.ones(2, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="model.frame_keep"):
+        build_model(ModelConfig(frame_keep=0.0))
+    with pytest.raises(ValueError, match="model.preset"):
+        build_model(ModelConfig(preset="ViT-H-14"))
