@@ -61,6 +61,7 @@ class DataConfig:
     decode_concurrency: int = 2  # decode tasks running at once
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
     shard_videos: int = 256  # videos per decode task, so at most per Parquet shard file
+    decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
 
 
 @dataclass
@@ -81,9 +82,9 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
-    epochs: int = 5
+    epochs: int = 8
     batch_size: int = 32  # global batch, split across workers
-    lr: float = 1e-4  # new modules
+    lr: float = 1e-3  # new modules, and the backbone when training from scratch (the tiny demo)
     backbone_lr: float = 1e-7  # pretrained backbone; the tiny preset from scratch uses `lr`
     weight_decay: float = 0.2
     warmup_fraction: float = 0.1
@@ -92,15 +93,23 @@ class TrainConfig:
     max_failures: int = 0
     storage_path: str = "runs/ray"
     fail_at_step: int = -1  # test-only fault injection: a worker exits at this global step
+    placement_strategy: str = "PACK"  # how workers spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
 
 
 @dataclass
 class EvalConfig:
     mode: str = "exhaustive"  # exhaustive | two_stage
-    topk: int = 50
-    dsl: bool = False
-    compare: bool = False
+    topk: int = 50  # two_stage: candidates per query that stage 2 rescores with the full model
+    dsl: bool = False  # also report dual-softmax (dsl_) metrics; needs every pair's score (exhaustive)
+    compare: bool = False  # two_stage: also run exhaustive and report it beside
     batch_size: int = 64
+    split: str = "test"  # which split of the benchmark to evaluate
+    benchmark: str | None = None  # MLflow experiment eval/<benchmark>; default: the manifest's folder name
+    out: str = "runs/eval"  # JSON report and pictures go to <out>/<benchmark>/<model>-v<version>/
+    cache: str = "data/eval-shards"  # where --manifest benchmarks are prepared (reused when unchanged)
+    num_actors: int = 0  # encoding actors; 0 = one per GPU, or one CPU actor without GPUs
+    explain_queries: int = 3  # queries drawn with the frames FFSM kept and the PFCM clusters
 
 
 @dataclass
@@ -128,6 +137,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("tiny", "ViT-B-32", "ViT-B-16"),
     "model.head": ("hvd", "meanp"),
     "eval.mode": ("exhaustive", "two_stage"),
+    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 

@@ -1,6 +1,9 @@
-"""Train HVD on a benchmark: generate (if synthetic) -> prepare -> train -> register.
+"""Train HVD: benchmark -> prepared shards -> Ray Train -> test -> MLflow registry.
 
     python pipelines/train.py [--config configs/NAME.yaml] [key=value ...]
+    ray job submit --working-dir . -- python pipelines/train.py train.num_workers=4 train.use_gpu=true
+
+With no arguments it runs the embedded default end to end on the synthetic demo benchmark.
 """
 
 from __future__ import annotations
@@ -8,14 +11,23 @@ from __future__ import annotations
 import sys
 
 from hvd.cli import parse_args
-from hvd.data.synthetic import generate
+from hvd.tracking import ui_command
+from hvd.train.trainer import fit
+
+SECTIONS = ("run", "synthetic", "data", "model", "train", "eval", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, _ = parse_args(__doc__, ("run", "synthetic", "data", "model", "train", "eval", "tracking"), argv)
-    manifest = cfg.data.manifest or generate(cfg.synthetic)
-    print(f"benchmark ready: {manifest}")
-    print("training is not built yet (issue: training pipeline); stopping after the benchmark.")
+    cfg, _ = parse_args(__doc__, SECTIONS, argv)
+    outcome = fit(cfg)
+    print(f"\nMLflow run      {outcome.run_id}")
+    print(f"registered      {outcome.model_name} version {outcome.version}"
+          f" (aliases: latest{', champion' if outcome.champion else ''})")
+    print(f"{'test':<15} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6}")
+    for direction in ("t2v", "v2t"):
+        row = [outcome.test.get(f"{direction}/{k}", float("nan")) for k in ("R1", "R5", "R10", "MdR")]
+        print(f"{direction:<15} " + " ".join(f"{v:6.1f}" for v in row))
+    print(f"MLflow UI       {ui_command(outcome.tracking_uri)}")
 
 
 if __name__ == "__main__":

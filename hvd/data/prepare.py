@@ -221,6 +221,7 @@ def prepare(cfg: Config, manifest: Path, out: Path, overwrite: bool = False) -> 
             batch_size=data.decode_batch_size,
             compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency),
             num_cpus=data.decode_cpus,
+            resources=data.decode_resources,  # e.g. {"cpu_node": 0.001}: decode only on the CPU node type
         )
         .materialize()  # decoded once, then split into shards and quarantine without decoding again
     )

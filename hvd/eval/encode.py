@@ -1,0 +1,63 @@
+"""Encode a split of prepared shards with a model, and score it: the single-process path.
+
+Training validates with it on rank 0 every epoch; the batch evaluation job uses the same functions
+inside Ray Data actors for large galleries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from hvd.data.shards import decode_frames
+from hvd.eval.metrics import retrieval_metrics
+from hvd.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel, TextFeatures, VideoFeatures
+
+Tokenizer = Callable[[list[str]], Tensor]
+
+
+@dataclass
+class EncodedSplit:
+    text: TextFeatures
+    video: VideoFeatures
+    text_video: Tensor  # [captions]: index of the video each caption describes
+    video_ids: list[str]
+    captions: list[str]
+
+
+def frames_tensor(rows: list[Mapping[str, Any]]) -> Tensor:
+    """Rows of a shard -> the model's input `[B, T, 3, H, W]`, normalised."""
+    return torch.stack([decode_frames(row, IMAGE_MEAN, IMAGE_STD) for row in rows])
+
+
+@torch.no_grad()
+def encode_split(model: RetrievalModel, table: pa.Table, tokenizer: Tokenizer, batch_size: int = 32) -> EncodedSplit:
+    """Every video and every caption of `table` (rows of a shard split), in batches."""
+    was_training = model.training
+    model.eval()
+    rows = table.to_pylist()
+    captions = [caption for row in rows for caption in row["captions"]]
+    text_video = torch.tensor([index for index, row in enumerate(rows) for _ in row["captions"]])
+    videos = [model.encode_video(frames_tensor(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
+    texts = [model.encode_text(tokenizer(captions[i : i + batch_size])) for i in range(0, len(captions), batch_size)]
+    model.train(was_training)
+    return EncodedSplit(
+        text=TextFeatures.cat(texts).to("cpu"),
+        video=VideoFeatures.cat(videos).to("cpu"),
+        text_video=text_video,
+        video_ids=[row["video_id"] for row in rows],
+        captions=captions,
+    )
+
+
+def evaluate_split(
+    model: RetrievalModel, table: pa.Table, tokenizer: Tokenizer, batch_size: int = 32, dsl: bool = False
+) -> dict[str, float]:
+    """Exhaustive retrieval metrics of one split: every caption against every video."""
+    encoded = encode_split(model, table, tokenizer, batch_size)
+    return retrieval_metrics(model.score(encoded.text, encoded.video), encoded.text_video, dsl=dsl)

@@ -1,0 +1,74 @@
+"""Retrieval metrics in the peers' conventions (CLIP4Clip, X-Pool): R@K, median and mean rank.
+
+Ranks are pessimistic: a negative that ties the ground truth ranks above it, so a model that
+scores everything equal gets the worst rank, never the best.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RECALL_AT = (1, 5, 10)
+
+
+def ranks_of_positives(sim: Tensor, positive: Tensor) -> Tensor:
+    """Rank (1 = best) of each query's best-scoring positive among all candidates.
+
+    sim: [queries, candidates]; positive: same-shape bool mask of the ground-truth pairs.
+    """
+    if not bool(positive.any(dim=1).all()):
+        raise ValueError("every query needs at least one ground-truth candidate")
+    best_positive = sim.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+    beats_or_ties = (sim >= best_positive) & ~positive
+    return beats_or_ties.sum(dim=1) + 1
+
+
+def summarise(ranks: Tensor, prefix: str) -> dict[str, float]:
+    ranks = ranks.double()
+    metrics = {f"{prefix}R{k}": float((ranks <= k).double().mean() * 100) for k in RECALL_AT}
+    metrics[f"{prefix}MdR"] = float(ranks.median())  # torch's median: the lower middle for even counts
+    metrics[f"{prefix}MnR"] = float(ranks.mean())
+    return metrics
+
+
+def dual_softmax(sim: Tensor, temperature: float = 100.0) -> Tensor:
+    """Dual-softmax re-normalisation (CLIP4Clip's DSL): each score weighted by a softmax over the queries."""
+    return sim * torch.softmax(sim * temperature, dim=0)
+
+
+def query_ranks(sim: Tensor, text_video: Tensor, v2t_sim: Tensor | None = None) -> dict[str, Tensor]:
+    """Rank of the ground truth per query: "t2v" one per caption, "v2t" one per video.
+
+    `v2t_sim` [videos, texts] ranks the video queries when they were scored apart from `sim` (two-stage
+    retrieval reranks each direction on its own); by default v2t reads `sim.T`.
+    """
+    sim, positive = sim.float().cpu(), _positives(sim, text_video)
+    v2t = sim.T if v2t_sim is None else v2t_sim.float().cpu()
+    return {"t2v": ranks_of_positives(sim, positive), "v2t": ranks_of_positives(v2t, positive.T)}
+
+
+def _positives(sim: Tensor, text_video: Tensor) -> Tensor:
+    text_video = text_video.long().cpu()
+    positive = torch.zeros(sim.shape, dtype=torch.bool)
+    positive[torch.arange(len(text_video)), text_video] = True
+    return positive
+
+
+def retrieval_metrics(
+    sim: Tensor, text_video: Tensor, dsl: bool = False, v2t_sim: Tensor | None = None
+) -> dict[str, float]:
+    """Text-to-video and video-to-text metrics of a [texts, videos] score matrix.
+
+    `text_video[i]` is the video that caption i describes; a video may have several captions. t2v:
+    one query per caption. v2t: one query per video, ranked at its best-ranked caption. With `dsl`,
+    the dual-softmax numbers are added under `dsl_`-prefixed names, never replacing the plain ones.
+    `v2t_sim`: see `query_ranks`.
+    """
+    ranks = query_ranks(sim, text_video, v2t_sim)
+    metrics = summarise(ranks["t2v"], "t2v/") | summarise(ranks["v2t"], "v2t/")
+    if dsl:  # each direction re-normalised over its own queries
+        v2t = sim.T if v2t_sim is None else v2t_sim
+        dsl_ranks = query_ranks(dual_softmax(sim.float().cpu()), text_video, dual_softmax(v2t.float().cpu()))
+        metrics |= summarise(dsl_ranks["t2v"], "t2v/dsl_") | summarise(dsl_ranks["v2t"], "v2t/dsl_")
+    return metrics

@@ -1,0 +1,164 @@
+"""MLflow: where runs live, one run per training run (resumes included), and the model registry.
+
+The driver owns the run's lifecycle (create or resume, params, tags, registration); rank 0 of the
+training workers only appends metrics to it, so a restarted worker group never starts a second run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+
+from hvd.config import Config, flatten, load_config, to_yaml
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+CONFIG_ARTIFACT = "config.yaml"
+CHAMPION_METRIC = "val/t2v/R1"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """`MLFLOW_TRACKING_URI`, else the config, else a SQLite file in the working directory.
+
+    A relative SQLite path is made absolute, because Ray workers do not share the driver's cwd.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    experiment_id: str
+    resumed: bool
+
+
+def start_or_resume_run(cfg: Config, tags: dict[str, str]) -> TrackedRun:
+    """The unfinished run named `cfg.run.name` if there is one (a resume), else a new run with params."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+    unfinished = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.runName = '{cfg.run.name}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if unfinished:
+        run = unfinished[0]
+        client.update_run(run.info.run_id, status="RUNNING")
+        return TrackedRun(run.info.run_id, experiment_id, resumed=True)
+    run = client.create_run(experiment_id, run_name=cfg.run.name, tags={"git_commit": git_commit(), **tags})
+    params = [mlflow.entities.Param(key, str(value)) for key, value in flatten(cfg).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    client.log_text(run.info.run_id, to_yaml(cfg), CONFIG_ARTIFACT)
+    return TrackedRun(run.info.run_id, experiment_id, resumed=False)
+
+
+def finish_run(uri: str, run_id: str, failed: bool = False) -> None:
+    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+class MetricLogger:
+    """Appends metrics to a run from a training worker, never twice for the same key and step.
+
+    After a restart from a checkpoint the loop replays steps that were logged before the crash; the
+    last logged step per key is read once, and those replays are dropped.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self.last_step = {key: self._last_step(key) for key in self.client.get_run(run_id).data.metrics}
+
+    def _last_step(self, key: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.last_step.get(k, -1)}
+        if not fresh:
+            return
+        timestamp = int(mlflow.utils.time.get_current_time_millis())
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in fresh.items()])
+        self.last_step.update(dict.fromkeys(fresh, step))
+
+
+def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, float]) -> tuple[str, str, bool]:
+    """Log `model` to the run, register a new version, and point `champion` at it if it wins.
+
+    `models:/NAME@latest` needs no alias of ours: MLflow reserves `latest` and resolves it to the
+    newest version itself.
+
+    Returns (model name, version, became champion).
+    """
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    name = cfg.tracking.model_name
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / CONFIG_ARTIFACT
+        config_file.write_text(to_yaml(cfg))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model.cpu(),
+                name="model",
+                serialization_format="pickle",
+                extra_files=[str(config_file)],
+                pip_requirements=[],  # the hvd package itself; inference would import the world
+                registered_model_name=name,
+            )
+    version = str(info.registered_model_version)
+    score = metrics.get(CHAMPION_METRIC)
+    tags = {"source_run": run_id, "head": cfg.model.head, "preset": cfg.model.preset}
+    if score is not None:
+        tags[CHAMPION_METRIC] = f"{score:.4f}"
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    champion = _champion_score(client, name)
+    is_champion = champion is None or (score is not None and score > champion)
+    if is_champion:
+        client.set_registered_model_alias(name, "champion", version)
+    return name, version, is_champion
+
+
+def _champion_score(client: MlflowClient, name: str) -> float | None:
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        return None
+    value = version.tags.get(CHAMPION_METRIC)
+    return float(value) if value is not None else float("-inf")
+
+
+def load_model(model_uri: str) -> tuple[Any, Config]:
+    """A registered or logged model (`models:/hvd@champion`, `models:/hvd/3`, `runs:/...`) and its config."""
+    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/extra_files/{CONFIG_ARTIFACT}"))
+    return model.eval(), load_config(local)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from hvd.eval.metrics import dual_softmax, query_ranks, ranks_of_positives, retrieval_metrics
+
+
+def test_single_caption_ranks_by_hand():
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.2],  # gt 0 -> rank 1
+            [0.8, 0.5, 0.7],  # gt 1 -> rank 3
+            [0.1, 0.6, 0.3],  # gt 2 -> rank 2
+        ]
+    )
+    m = retrieval_metrics(sim, torch.tensor([0, 1, 2]))
+    assert m["t2v/R1"] == pytest.approx(100 / 3)
+    assert m["t2v/MdR"] == 2 and m["t2v/MnR"] == pytest.approx(2.0)
+    # v2t: video 0 column [0.9, 0.8, 0.1] gt text 0 -> 1; video 1 [0.1, 0.5, 0.6] gt 1 -> 2; video 2 [0.2, 0.7, 0.3] gt 2 -> 2
+    assert m["v2t/R1"] == pytest.approx(100 / 3) and m["v2t/MnR"] == pytest.approx(5 / 3)
+
+
+def test_multi_caption_v2t_uses_best_caption():
+    # texts 0, 1 describe video 0; text 2 describes video 1
+    sim = torch.tensor([[0.2, 0.9], [0.8, 0.1], [0.3, 0.4]])
+    m = retrieval_metrics(sim, torch.tensor([0, 0, 1]))
+    # t2v ranks: text0 -> 2, text1 -> 1, text2 -> 1
+    assert m["t2v/R1"] == pytest.approx(200 / 3) and m["t2v/MnR"] == pytest.approx(4 / 3)
+    # v2t: video 0 column [0.2, 0.8, 0.3]: best gt 0.8 -> rank 1; video 1 column [0.9, 0.1, 0.4]: gt 0.4 -> rank 2
+    assert m["v2t/R1"] == 50 and m["v2t/MdR"] == 1 and m["v2t/MnR"] == 1.5
+
+
+def test_ties_are_pessimistic():
+    sim = torch.zeros(4, 4)
+    ranks = ranks_of_positives(sim, torch.eye(4, dtype=torch.bool))
+    assert ranks.tolist() == [4, 4, 4, 4]
+    assert retrieval_metrics(sim, torch.arange(4))["t2v/R1"] == 0
+
+
+def test_dsl_is_reported_separately_and_can_change_ranks():
+    # video 0 is a "hub": every text likes it; DSL discounts it
+    sim = torch.tensor([[0.50, 0.10, 0.10], [0.55, 0.52, 0.10], [0.56, 0.10, 0.53]])
+    plain = retrieval_metrics(sim, torch.tensor([0, 1, 2]))
+    both = retrieval_metrics(sim, torch.tensor([0, 1, 2]), dsl=True)
+    assert {k: both[k] for k in plain} == plain
+    assert plain["t2v/R1"] == pytest.approx(100 / 3) and both["t2v/dsl_R1"] == 100
+    expected = sim * torch.softmax(sim * 100, dim=0)
+    torch.testing.assert_close(dual_softmax(sim), expected)
+
+
+def test_query_without_ground_truth_is_an_error():
+    with pytest.raises(ValueError, match="ground-truth"):
+        ranks_of_positives(torch.zeros(2, 2), torch.tensor([[True, False], [False, False]]))
+
+
+def test_v2t_can_come_from_its_own_matrix():
+    # two-stage reranks each direction on its own: v2t reads [videos, texts] scores, not sim.T
+    sim = torch.tensor([[0.9, 0.1], [0.2, 0.8]])  # t2v: both rank 1
+    v2t = torch.tensor([[0.1, 0.9], [0.7, 0.3]])  # v2t: video 0 ranks caption 0 second, video 1 caption 1 second
+    ranks = query_ranks(sim, torch.tensor([0, 1]), v2t)
+    assert ranks["t2v"].tolist() == [1, 1] and ranks["v2t"].tolist() == [2, 2]
+    m = retrieval_metrics(sim, torch.tensor([0, 1]), v2t_sim=v2t)
+    assert m["t2v/R1"] == 100 and m["v2t/R1"] == 0
+    assert retrieval_metrics(sim, torch.tensor([0, 1]), v2t_sim=sim.T) == retrieval_metrics(sim, torch.tensor([0, 1]))
+
+
+def test_dsl_v2t_normalises_over_the_video_queries():
+    # caption 0 is a "hub" that every video likes; v2t DSL discounts it, over the video queries
+    sim = torch.tensor([[0.50, 0.55, 0.56], [0.10, 0.52, 0.10], [0.10, 0.10, 0.53]])
+    m = retrieval_metrics(sim, torch.tensor([0, 1, 2]), dsl=True)
+    assert m["v2t/R1"] == pytest.approx(100 / 3) and m["v2t/dsl_R1"] == 100

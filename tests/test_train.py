@@ -1,0 +1,103 @@
+"""Training end to end on the tiny synthetic benchmark: Ray Train with 2 gloo workers, MLflow on SQLite."""
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from hvd.config import load_config
+from hvd.data.shards import read_shards
+from hvd.eval.encode import encode_split
+from hvd.model import build_tokenizer
+from hvd.tracking import load_model
+from hvd.train.trainer import fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield tmp_path_factory.mktemp("train")
+    ray.shutdown()
+
+
+def tiny(workdir: Path, name: str, *overrides: str):
+    return load_config(
+        None,
+        [
+            "synthetic.preset=tiny",
+            f"synthetic.out={workdir}/synth",
+            f"data.shards={workdir}/shards",
+            "train.epochs=2",
+            "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
+            f"train.storage_path={workdir}/ray",
+            f"tracking.uri=sqlite:///{workdir}/mlflow.db",
+            f"tracking.experiment={name}",
+            f"run.name={name}",
+            *overrides,
+        ],
+    )
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_train_registers_a_model_that_loads_and_scores(workdir):
+    cfg = tiny(workdir, "e2e")
+    outcome = fit(cfg)
+    client = MlflowClient(outcome.tracking_uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.head"] == "hvd" and run.data.params["train.epochs"] == "2"
+    assert run.data.tags["head"] == "hvd" and len(run.data.tags["dataset_fingerprint"]) == 16
+    for key in ("train/loss", "train/lr", "train/samples_per_s", "val/t2v/R1", "val/v2t/MdR", "test/t2v/R1"):
+        assert key in run.data.metrics, key
+    assert [step for step, _ in _history(client, outcome.run_id, "val/t2v/R1")] == [3, 6]
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"config.yaml", "training_curves.png"} <= artifacts
+
+    version = client.get_model_version(outcome.model_name, outcome.version)
+    assert version.tags["source_run"] == outcome.run_id
+    assert str(client.get_model_version_by_alias(outcome.model_name, "champion").version) == outcome.version
+
+    import mlflow
+
+    mlflow.set_tracking_uri(outcome.tracking_uri)
+    model, loaded_cfg = load_model(f"models:/{outcome.model_name}@latest")
+    assert loaded_cfg == cfg
+    test = read_shards(cfg.data.shards, "test")
+    encoded = encode_split(model, test, build_tokenizer(cfg.model, cfg.data.max_words))
+    scores = model.score(encoded.text, encoded.video)
+    assert scores.shape == (test.num_rows, test.num_rows) and torch.isfinite(scores).all()
+
+
+def test_lost_worker_restarts_from_checkpoint_into_the_same_run(workdir):
+    # checkpoints at steps 2 (mid-epoch), 3 (epoch end), 4 (mid-epoch); the last worker dies at step 5
+    cfg = tiny(workdir, "fault", "train.max_failures=1", "train.fail_at_step=5", "train.checkpoint_every_steps=2")
+    outcome = fit(cfg)
+    client = MlflowClient(outcome.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("fault").experiment_id])
+    assert [r.info.run_id for r in runs] == [outcome.run_id]
+    assert _history(client, outcome.run_id, "train/resumed_from_step") == [(4, 4.0)]
+    loss_steps = [step for step, _ in _history(client, outcome.run_id, "train/loss")]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 6  # the uninterrupted run's last step
+
+
+def test_rerun_of_a_failed_run_resumes_it(workdir):
+    cfg = tiny(workdir, "resume", "train.fail_at_step=4")  # no retries: the first attempt fails in epoch 2
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's exit in its own error type
+        fit(cfg)
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (failed,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert failed.info.status == "FAILED"
+    assert [step for step, _ in _history(client, failed.info.run_id, "val/t2v/R1")] == [3]
+
+    outcome = fit(cfg)  # same command again: the fault fired once already
+    assert outcome.run_id == failed.info.run_id
+    assert _history(client, outcome.run_id, "train/resumed_from_step") == [(3, 3.0)]
+    assert [step for step, _ in _history(client, outcome.run_id, "val/t2v/R1")] == [3, 6]
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
