@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster and an MLflow tracking server on this machine: the cluster path, tried and tested
+# without a cloud.
+#
+#   eval "$(cluster/local.sh up)"   start whatever is not running; print the variables to export
+#   cluster/local.sh status         which of our processes run, and the cluster's nodes
+#   cluster/local.sh env            print the variables to export again
+#   cluster/local.sh down           stop exactly the processes `up` started (never `ray stop`)
+#
+# Nodes: the head advertises {"cpu_node": 1}, the second node {"train_node": 1}; each has HVD_NODE_CPUS
+# CPUs (default 2), HVD_OBJECT_STORE_MB of object store (default 256), its own ports and temp dir.
+# The dashboard and MLflow listen on 127.0.0.1 only. Ray's own gRPC ports listen on every interface
+# whatever --node-ip-address says (Ray maps 127.0.0.1 to the routable address), so Ray token
+# authentication stays on, with a token private to this cluster.
+# HVD_CLUSTER_DIR (default /tmp/hvd-cluster-$UID; keep it short, Ray's socket paths live under it) holds
+# pids, ports, logs and the token. HVD_MLFLOW_DIR (default runs/mlflow-server) keeps MLflow's SQLite store
+# and artifacts across down and up.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${HVD_CLUSTER_DIR:-/tmp/hvd-cluster-$(id -u)}"
+MLFLOW_DIR="${HVD_MLFLOW_DIR:-$ROOT/runs/mlflow-server}"
+NODE_CPUS="${HVD_NODE_CPUS:-2}"
+OBJECT_STORE_BYTES=$((${HVD_OBJECT_STORE_MB:-256} * 1024 * 1024))
+BIN="${HVD_VENV:-$ROOT/.venv}/bin"
+START_TIMEOUT_S="${HVD_START_TIMEOUT_S:-300}"
+
+log() { echo "[local.sh] $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+[[ -x "$BIN/ray" && -x "$BIN/mlflow" ]] || die "no ray or mlflow in $BIN: run 'make demo' first, or set HVD_VENV"
+
+# The environment of every Ray process and client of this cluster: our venv first, our token.
+CLUSTER_ENV=(env -u RAY_ADDRESS -u RAY_AUTH_TOKEN "PATH=$BIN:$PATH" RAY_AUTH_MODE=token
+    "RAY_AUTH_TOKEN_PATH=$STATE/auth_token")
+
+alive() { [[ -f "$STATE/$1.pid" ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+
+free_ports() { # free_ports N [--block K]: N free TCP ports, then the first and last of K consecutive free ones
+    "$BIN/python" - "$@" <<'EOF'
+import random, socket, sys
+
+def free(port):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+count, block = int(sys.argv[1]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+held = [socket.socket() for _ in range(count)]  # held together, so the ports differ
+for sock in held:
+    sock.bind(("", 0))
+ports = [sock.getsockname()[1] for sock in held]
+for sock in held:
+    sock.close()
+while block:
+    start = random.randrange(20000, 60000 - block)
+    if all(free(p) and p not in ports for p in range(start, start + block)):
+        ports += [start, start + block - 1]
+        break
+print(*ports)
+EOF
+}
+
+wait_for() { # wait_for WHAT NAME COMMAND...: poll COMMAND until it succeeds, while process NAME lives
+    local what="$1" name="$2" deadline=$((SECONDS + START_TIMEOUT_S))
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        alive "$name" || die "$what exited; see $STATE/$name.log"
+        ((SECONDS < deadline)) || die "$what not ready after ${START_TIMEOUT_S}s; see $STATE/$name.log"
+        sleep 2
+    done
+}
+
+# Each daemon runs in a session of its own (setsid), so that `down` stops its whole process group.
+spawn() { # spawn NAME COMMAND...
+    local name="$1"
+    shift
+    setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+    echo $! >"$STATE/$name.pid"
+}
+
+start_mlflow() {
+    local port
+    if [[ -f "$STATE/mlflow.port" ]]; then port=$(cat "$STATE/mlflow.port"); else port=$(free_ports 1); fi
+    mkdir -p "$MLFLOW_DIR/artifacts"
+    spawn mlflow "$BIN/mlflow" server --host 127.0.0.1 --port "$port" --workers 1 \
+        --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" --artifacts-destination "$MLFLOW_DIR/artifacts"
+    echo "$port" >"$STATE/mlflow.port"
+    wait_for "MLflow server" mlflow curl -sf "http://127.0.0.1:$port/health"
+    log "MLflow server on http://127.0.0.1:$port (store $MLFLOW_DIR)"
+}
+
+# Every port a node opens is chosen here (node manager, object manager, dashboard agent HTTP and gRPC,
+# runtime env agent, metrics, a block of worker ports), so two nodes, and other Ray clusters on this
+# machine, never collide on Ray's fixed defaults. The node name carries its node manager port: unique
+# per start, so a restarted node is told apart from its dead predecessor.
+node_args() { # node_args NAME
+    local p
+    read -r -a p <<<"$(free_ports 6 --block 100)"
+    echo "--node-name=$1-${p[0]} --node-manager-port=${p[0]} --object-manager-port=${p[1]}" \
+        "--dashboard-agent-listen-port=${p[2]} --dashboard-agent-grpc-port=${p[3]}" \
+        "--runtime-env-agent-port=${p[4]} --metrics-export-port=${p[5]}" \
+        "--min-worker-port=${p[6]} --max-worker-port=${p[7]}" \
+        "--num-cpus=$NODE_CPUS --object-store-memory=$OBJECT_STORE_BYTES --disable-usage-stats"
+}
+
+# RAY_ADDRESS in each node's environment points Ray's own helpers that look the cluster up (Ray Train's
+# placement group cleaner, the state API) at this cluster rather than at another one on the machine.
+# MLFLOW_TRACKING_URI there reaches every job's driver.
+start_node() { # start_node NAME RAY_START_FLAGS...: start it and wait until the cluster lists it ALIVE
+    local name="$1" args
+    shift
+    args=$(node_args "$name")
+    # shellcheck disable=SC2086  # $args is a list of flags
+    spawn "$name" "${CLUSTER_ENV[@]}" "RAY_ADDRESS=127.0.0.1:$GCS_PORT" \
+        "MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")" \
+        "$BIN/ray" start --block --temp-dir="$STATE/$name" "$@" $args
+    wait_for "Ray $name node" "$name" node_alive "${args%% *}"
+}
+
+node_alive() { # node_alive --node-name=NAME: the head's state API lists that node ALIVE
+    "${CLUSTER_ENV[@]}" "$BIN/python" - "$DASHBOARD_PORT" "${1#--node-name=}" <<'EOF'
+import sys
+from ray.util.state import list_nodes
+port, name = sys.argv[1:]
+nodes = list_nodes(address=f"http://127.0.0.1:{port}", filters=[("node_name", "=", name), ("state", "=", "ALIVE")],
+                   raise_on_missing_output=False)
+sys.exit(0 if nodes else 1)
+EOF
+}
+
+start_head() {
+    local client_port
+    read -r GCS_PORT DASHBOARD_PORT client_port <<<"$(free_ports 3)"
+    printf '%s\n' "GCS_PORT=$GCS_PORT" "DASHBOARD_PORT=$DASHBOARD_PORT" >"$STATE/head.ports"
+    start_node head --head --port="$GCS_PORT" --include-dashboard=true --dashboard-host=127.0.0.1 \
+        --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$client_port" --resources='{"cpu_node": 1}'
+    log "Ray head at 127.0.0.1:$GCS_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+start_worker() {
+    start_node worker --address="127.0.0.1:$GCS_PORT" --resources='{"train_node": 1}'
+    log "Ray worker node joined"
+}
+
+exports() {
+    # shellcheck disable=SC1091
+    . "$STATE/head.ports"
+    echo "export RAY_ADDRESS=127.0.0.1:$GCS_PORT"
+    echo "export RAY_AUTH_MODE=token"
+    echo "export RAY_AUTH_TOKEN_PATH=$STATE/auth_token"
+    echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")"
+}
+
+stop() { # stop NAME: its process group, politely, then firmly after 30 s
+    local name="$1" pid waited=0
+    [[ -f "$STATE/$name.pid" ]] || return 0
+    pid=$(cat "$STATE/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true # `ray start --block` stops the node's processes itself
+        while kill -0 "$pid" 2>/dev/null && ((waited < 30)); do
+            sleep 1
+            waited=$((waited + 1))
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        log "stopped $name (process group $pid)"
+    fi
+    rm -f "$STATE/$name.pid"
+}
+
+up() {
+    mkdir -p -m 700 "$STATE"
+    if [[ ! -s "$STATE/auth_token" ]]; then
+        (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$STATE/auth_token")
+    fi
+    alive mlflow || start_mlflow
+    if alive head; then
+        # shellcheck disable=SC1091
+        . "$STATE/head.ports"
+    else
+        stop worker # a worker node does not outlive its head
+        start_head
+    fi
+    alive worker || start_worker
+    exports | tee "$STATE/env.sh"
+}
+
+down() {
+    [[ -d "$STATE" ]] || {
+        log "nothing started under $STATE"
+        return 0
+    }
+    stop worker
+    stop head
+    stop mlflow
+    # Ray daemons that left their session (the reaper, orphaned workers) still name our private dir.
+    local pid
+    for pid in $(pgrep -f -- "$STATE/" || true); do
+        if kill -KILL "$pid" 2>/dev/null; then log "stopped leftover Ray process $pid"; fi
+    done
+    rm -rf "${STATE:?}/head" "${STATE:?}/worker"
+}
+
+status() {
+    local name
+    for name in mlflow head worker; do
+        if alive "$name"; then log "$name: running (pid $(cat "$STATE/$name.pid"))"; else log "$name: stopped"; fi
+    done
+    if alive head; then
+        # shellcheck disable=SC1091
+        . "$STATE/head.ports"
+        "${CLUSTER_ENV[@]}" "$BIN/ray" status --address="127.0.0.1:$GCS_PORT" >&2
+    fi
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+status) status ;;
+env) exports ;;
+*)
+    echo "usage: $0 up|down|status|env" >&2
+    exit 2
+    ;;
+esac

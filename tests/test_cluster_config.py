@@ -1,0 +1,181 @@
+"""The deployment files: valid for Ray's cluster launcher and KubeRay, able to run what configs/cluster.yaml
+asks for, on shared storage, and secure by default."""
+
+import json
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from hvd.cli import parse_args
+from hvd.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "ray_cluster.yaml"
+KUBERAY = ROOT / "cluster" / "kuberay"
+SHARED_FS = "/mnt/hvd"
+OBJECT_STORAGE = ("s3://", "gs://", "abfss://")
+
+
+@dataclass(frozen=True)
+class NodeType:
+    resources: dict[str, float]  # what one node offers to Ray's scheduler, CPU and GPU included
+    max_nodes: int
+
+
+def launcher_layout() -> dict[str, NodeType]:
+    config = yaml.safe_load(LAUNCHER.read_text())
+    return {
+        name: NodeType(
+            {key: float(value) for key, value in spec["resources"].items()},
+            1 if name == config["head_node_type"] else spec["max_workers"],
+        )
+        for name, spec in config["available_node_types"].items()
+    }
+
+
+def kuberay_documents(kind: str) -> list[dict]:
+    return [doc for path in sorted(KUBERAY.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc["kind"] == kind]
+
+
+def _quantity(value: str | int) -> float:
+    value = str(value)
+    return int(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def _group_resources(group: dict) -> dict[str, float]:
+    """What `ray start` gets in a KubeRay pod: CPUs and GPUs from the container's limits unless
+    rayStartParams say otherwise, custom resources from rayStartParams' JSON (a quoted JSON string)."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    params = group.get("rayStartParams", {})
+    resources = {"CPU": _quantity(params.get("num-cpus", limits["cpu"]))}
+    if "nvidia.com/gpu" in limits:
+        resources["GPU"] = _quantity(limits["nvidia.com/gpu"])
+    if "resources" in params:
+        resources |= json.loads(json.loads(params["resources"]))
+    return resources
+
+
+def kuberay_layout() -> dict[str, NodeType]:
+    (cluster,) = kuberay_documents("RayCluster")
+    spec = cluster["spec"]
+    layout = {"head": NodeType(_group_resources(spec["headGroupSpec"]), 1)}
+    for group in spec["workerGroupSpecs"]:
+        layout[group["groupName"]] = NodeType(_group_resources(group), group["maxReplicas"])
+    return layout
+
+
+LAYOUTS = {"ray_cluster.yaml": launcher_layout, "kuberay": kuberay_layout}
+
+
+@pytest.fixture
+def cluster_cfg(monkeypatch) -> Config:
+    monkeypatch.setenv("HVD_BUCKET", "s3://test-bucket/hvd")  # cluster/cluster.env sets it on every node
+    return load_config(ROOT / "configs" / "cluster.yaml")
+
+
+def _fits(offer: dict[str, float], ask: dict[str, float]) -> int:
+    """How many tasks asking `ask` one node offering `offer` runs at once."""
+    return min((math.floor(offer.get(key, 0.0) / amount) for key, amount in ask.items() if amount > 0), default=0)
+
+
+def test_ray_cluster_yaml_is_what_the_launcher_accepts():
+    config = yaml.safe_load(LAUNCHER.read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(prepare_config(config))  # the launcher's own checks on top: node types, bounds
+
+    config["available_node_types"]["gpu"]["min_worker"] = 1  # a typo `ray up` would refuse
+    with pytest.raises(jsonschema.ValidationError, match="min_worker"):
+        jsonschema.validate(config, schema)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_node_types_run_what_configs_cluster_yaml_asks_for(layout, cluster_cfg):
+    nodes = LAYOUTS[layout]()
+    data, train = cluster_cfg.data, cluster_cfg.train
+
+    decode_ask = {"CPU": data.decode_cpus, **data.decode_resources}
+    decoders = {name: node for name, node in nodes.items() if _fits(node.resources, decode_ask)}
+    assert decoders, f"{layout}: no node type takes a decode task {decode_ask}"
+    assert sum(node.max_nodes * _fits(node.resources, decode_ask) for node in decoders.values()) >= data.decode_concurrency
+
+    worker_ask = {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {}), **train.worker_resources}
+    trainers = {name: node for name, node in nodes.items() if _fits(node.resources, worker_ask)}
+    assert trainers, f"{layout}: no node type takes a training worker {worker_ask}"
+    per_node = 1 if train.placement_strategy == "STRICT_SPREAD" else None
+    capacity = sum(node.max_nodes * (per_node or _fits(node.resources, worker_ask)) for node in trainers.values())
+    assert capacity >= train.num_workers
+
+    assert not decoders.keys() & trainers.keys(), "custom resources keep decoding off the GPU nodes"
+    assert nodes["head"].resources["CPU"] == 0, "the head runs no tasks"
+
+
+def test_cluster_state_lives_where_every_node_sees_it(cluster_cfg):
+    assert cluster_cfg.train.storage_path == "s3://test-bucket/hvd/checkpoints"
+    assert cluster_cfg.train.storage_path.startswith(OBJECT_STORAGE)
+    for path in (cluster_cfg.synthetic.out, cluster_cfg.data.shards):
+        assert path.startswith(SHARED_FS + "/"), path
+
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    assert f"-v {SHARED_FS}:{SHARED_FS}" in launcher["docker"]["run_options"]
+    assert any(SHARED_FS in command for command in launcher["initialization_commands"])
+    (cluster,) = kuberay_documents("RayCluster")
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        mounts = group["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert SHARED_FS in {mount["mountPath"] for mount in mounts}
+
+
+def test_kuberay_manifests_are_one_layout_running_this_project(monkeypatch):
+    monkeypatch.setenv("HVD_BUCKET", "s3://test-bucket/hvd")
+    (cluster,) = kuberay_documents("RayCluster")
+    (job,) = kuberay_documents("RayJob")
+    assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]
+    assert cluster["spec"]["rayVersion"] == ray.__version__
+
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:2] == ["python", "pipelines/train.py"]
+    args = [str(ROOT / arg) if arg.endswith(".yaml") else arg for arg in command[2:]]  # relative to the project
+    cfg, _ = parse_args("train", ("run", "data", "train"), args)
+    assert cfg.train.use_gpu and cfg.data.decode_resources
+
+    ray_image = rf"rayproject/ray:{re.escape(ray.__version__)}-py311-(cpu|gpu)"  # the Ray this project pins
+    launcher_images = re.findall(r"image: (\S+)", LAUNCHER.read_text())
+    dockerfile_base = re.search(r"^FROM (\S+)", (ROOT / "cluster" / "Dockerfile").read_text(), re.M).group(1)
+    for image in [*launcher_images, dockerfile_base]:
+        assert re.fullmatch(ray_image, image), image
+
+
+def test_nothing_listens_beyond_the_cluster_and_token_auth_stays_on():
+    files = [LAUNCHER, *sorted(KUBERAY.glob("*.yaml")), ROOT / "cluster" / "local.sh", ROOT / "cluster" / "Dockerfile"]
+    for path in files:
+        text = path.read_text()
+        assert "0.0.0.0" not in text and "RAY_AUTH_MODE=disabled" not in text, path
+
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in starts)
+    assert any("--dashboard-host=127.0.0.1" in command for command in launcher["head_start_ray_commands"])
+    (mlflow,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
+    assert "--host $HEAD_IP" in mlflow and "HEAD_IP=$(hostname -I" in mlflow  # the private address
+
+    for cluster in [*kuberay_documents("RayCluster"), *(job["spec"]["rayClusterSpec"] for job in kuberay_documents("RayJob"))]:
+        spec = cluster.get("spec", cluster)
+        assert spec["authOptions"]["mode"] == "token"
+        assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert all(service["spec"]["type"] == "ClusterIP" for service in kuberay_documents("Service"))
+    guarded = {policy["spec"]["podSelector"]["matchLabels"].popitem() for policy in kuberay_documents("NetworkPolicy")}
+    assert guarded == {("app", "hvd-mlflow"), ("ray.io/is-ray-node", "yes")}
+
+    local = (ROOT / "cluster" / "local.sh").read_text()
+    assert "--dashboard-host=127.0.0.1" in local and "server --host 127.0.0.1" in local
+    assert "RAY_AUTH_MODE=token" in local and "ray stop" not in local.replace("never `ray stop`", "")

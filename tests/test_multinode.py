@@ -1,0 +1,202 @@
+"""Two Ray nodes and an MLflow server on this machine (`cluster/local.sh`), driven as a user would: `ray job submit`.
+
+Proves what one node cannot: decode tasks spread over nodes or pin to the node type named by
+`data.decode_resources`; training places one worker per node (STRICT_SPREAD) and logs to MLflow over
+HTTP; losing a node mid-training costs a restart from the last checkpoint, in the same MLflow run.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hvd.config import SyntheticConfig
+from hvd.data.synthetic import generate
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Ray clients run in subprocesses with the cluster's environment, so this test process never holds a Ray token.
+JOB_STATUS = """
+import sys
+from ray.job_submission import JobSubmissionClient
+print(JobSubmissionClient().get_job_status(sys.argv[1]).value)
+"""
+STATE_QUERY = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+from ray.util.state import list_actors, list_nodes, list_tasks
+jobs = {sid: JobSubmissionClient().get_job_info(sid).job_id for sid in sys.argv[1:]}
+nodes = list_nodes(limit=100, raise_on_missing_output=False)
+tasks = list_tasks(filters=[("name", "=", "MapBatches(decode_batch)")], limit=10000, detail=True, raise_on_missing_output=False)
+actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True,
+                     raise_on_missing_output=False)
+print(json.dumps({
+    "nodes": [(n.node_name, n.node_id, n.state) for n in nodes],
+    "decode": [(t.job_id, t.node_id) for t in tasks if t.state == "FINISHED"],
+    "train_workers": [(a.job_id, a.node_id) for a in actors],
+    "jobs": jobs,
+}))
+"""
+
+
+class LocalCluster:
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.state = workdir / "c"
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "HVD_VENV": str(BIN.parent),
+            "HVD_CLUSTER_DIR": str(self.state),
+            "HVD_MLFLOW_DIR": str(workdir / "mlflow"),
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_AUTH_TOKEN", None)
+
+    def script(self, command: str) -> str:
+        result = subprocess.run(
+            [str(ROOT / "cluster" / "local.sh"), command], env=self.env, capture_output=True, text=True, timeout=900
+        )
+        assert result.returncode == 0, f"local.sh {command}:\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    def up(self) -> None:
+        for line in self.script("up").splitlines():  # export NAME=VALUE
+            name, value = line.removeprefix("export ").split("=", 1)
+            self.env[name] = value
+
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, submission_id: str, *entrypoint: str) -> None:
+        result = self.ray("job", "submit", "--no-wait", f"--submission-id={submission_id}", f"--working-dir={ROOT}",
+                          "--", *entrypoint)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    def job_status(self, submission_id: str) -> str:
+        return self.python(JOB_STATUS, submission_id)
+
+    def wait_job(self, submission_id: str, timeout: float = 1200) -> tuple[str, str]:
+        """(final status, the driver's logs)."""
+        deadline = time.time() + timeout
+        while (status := self.job_status(submission_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            assert time.time() < deadline, f"job {submission_id} still {status} after {timeout} s"
+            time.sleep(5)
+        return status, self.ray("job", "logs", submission_id, timeout=300).stdout
+
+    def python(self, code: str, *args: str) -> str:
+        """The last line `code` prints, run against the cluster in a Python of its own."""
+        result = subprocess.run([str(BIN / "python"), "-c", code, *args], env=self.env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.strip().splitlines()[-1]
+
+    def query(self, *submission_ids: str) -> dict:
+        return json.loads(self.python(STATE_QUERY, *submission_ids))
+
+    def pid(self, name: str) -> int:
+        return int((self.state / f"{name}.pid").read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    workdir = Path(tempfile.mkdtemp(prefix="hvdmn", dir="/tmp"))  # short: Ray's socket paths live under it
+    local = LocalCluster(workdir)
+    try:
+        local.up()
+        yield local
+    finally:
+        local.script("down")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def manifest(cluster) -> Path:
+    return generate(SyntheticConfig(preset="tiny", out=str(cluster.workdir / "synth"), workers=1), progress=False)
+
+
+def _node_ids(state: dict, prefix: str) -> list[str]:
+    return [node_id for name, node_id, _ in state["nodes"] if name.startswith(prefix)]
+
+
+def test_decode_resources_pin_decoding_to_the_node_that_offers_them(cluster, manifest):
+    out = cluster.workdir / "pinned"
+    cluster.submit("pinned", "python", "pipelines/prepare.py", f"--manifest={manifest}", f"--out={out}",
+                   "data.decode_resources.cpu_node=0.001")
+    status, logs = cluster.wait_job("pinned")
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "input 40 = written 40 + quarantined 0" in logs
+
+    state = cluster.query("pinned")
+    (head,) = _node_ids(state, "head-")
+    nodes = {node for job, node in state["decode"] if job == state["jobs"]["pinned"]}
+    assert nodes == {head}  # only the head advertises cpu_node
+
+
+def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
+    storage = cluster.workdir / "storage"
+    cluster.submit(
+        "train", "python", "pipelines/train.py",
+        f"data.manifest={manifest}", f"data.shards={cluster.workdir / 'shards'}",
+        "train.epochs=3", "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
+        "train.placement_strategy=STRICT_SPREAD", "train.max_failures=2", "train.checkpoint_every_steps=2",
+        f"train.storage_path={storage}", "run.name=multinode",
+    )
+    before = cluster.query()
+    (worker,) = _node_ids(before, "worker-")
+
+    # Wait for Ray Train to register a checkpoint, then take the worker node's raylet away.
+    deadline, killed_after_step = time.time() + 900, None
+    while killed_after_step is None:
+        for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+            except json.JSONDecodeError:  # being written
+                continue
+            if latest:
+                killed_after_step = latest["metrics"]["step"]
+        assert cluster.job_status("train") in ("PENDING", "RUNNING"), cluster.wait_job("train")[1][-3000:]
+        assert time.time() < deadline, "no checkpoint was registered"
+        time.sleep(1)
+    node_process = psutil.Process(cluster.pid("worker"))
+    (raylet,) = [child for child in node_process.children() if child.name() == "raylet"]
+    raylet.send_signal(signal.SIGKILL)
+    node_process.wait(timeout=120)  # `ray start --block` notices and stops the node's other processes
+    assert cluster.job_status("train") in ("PENDING", "RUNNING")  # the run goes on, waiting for a node
+    cluster.up()  # brings back the worker node, now with another node id
+
+    status, logs = cluster.wait_job("train")
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert "registered      hvd version 1" in logs
+
+    # MLflow over HTTP: one run, resumed from the checkpoint that existed when the node died.
+    uri = cluster.env["MLFLOW_TRACKING_URI"]
+    assert f"at {uri}" in logs and uri.startswith("http://127.0.0.1:")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("hvd").experiment_id])
+    assert run.info.status == "FINISHED"
+    resumed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")]
+    assert len(resumed) == 1 and resumed[0][0] >= killed_after_step > 0
+    loss_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 9  # no step logged twice, none missing at the end
+    assert client.get_model_version("hvd", "1").tags["source_run"] == run.info.run_id
+    assert list((cluster.workdir / "mlflow" / "artifacts").rglob("config.yaml"))  # artifacts went through the server
+
+    after = cluster.query("train")
+    (head,) = _node_ids(after, "head-")
+    (restarted,) = [node for node in _node_ids(after, "worker-") if node != worker]
+    job = after["jobs"]["train"]
+    assert {node for j, node in after["decode"] if j == job} == {head, worker}  # decoding used both nodes
+    placed = {node for j, node in after["train_workers"] if j == job}
+    assert placed == {head, worker, restarted}  # one worker per node, before and after the loss
