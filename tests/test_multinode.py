@@ -150,6 +150,7 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
         "train", "python", "pipelines/train.py",
         f"data.manifest={manifest}", f"data.shards={cluster.workdir / 'shards'}",
         "train.epochs=3", "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
+        "data.decode_concurrency=4", "data.decode_batch_size=1",  # 4 one-CPU tasks at once: more than a node holds
         "train.placement_strategy=STRICT_SPREAD", "train.max_failures=2", "train.checkpoint_every_steps=2",
         f"train.storage_path={storage}", "run.name=multinode",
     )
