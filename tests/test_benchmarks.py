@@ -465,34 +465,13 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     spec.loader.exec_module(cli)
     main = cli.main
     videos = _videos(tmp_path, "msrvtt")
+    base = ["msrvtt", "--annotations", str(tmp_path), "--videos", str(videos), "--out"]
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "msrvtt",
-                "--annotations",
-                str(tmp_path),
-                "--videos",
-                str(videos),
-                "--out",
-                str(tmp_path / "m.jsonl"),
-            ]
-        )
+        main([*base, str(tmp_path / "m.jsonl")])
     assert exit_info.value.code == 1
     assert "error: annotation file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "msrvtt",
-                "--annotations",
-                str(tmp_path),
-                "--videos",
-                str(videos),
-                "--out",
-                "m.jsonl",
-                "--option",
-                "7k",
-            ]
-        )
+        main([*base, "m.jsonl", "--option", "7k"])
     assert exit_info.value.code == 2
     assert "option '7k' is not of the form key=value" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
