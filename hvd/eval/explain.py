@@ -1,0 +1,76 @@
+"""What the HVD score looked at for a few (caption, video) pairs: FFSM's kept frames and PFCM's entities.
+
+These feed the pictures in the evaluation report; the model computes them (`HVDHead.explain`), this
+module only gathers the inputs (the video's frames from the shards) and the outputs for plotting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from hvd.data.shards import decode_frames, frames_uint8
+from hvd.eval.encode import Tokenizer
+from hvd.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel
+
+
+@dataclass
+class PairExplanation:
+    caption: str
+    video_id: str
+    rank: int  # of the ground-truth video for this caption, as the report ranked it
+    frames: np.ndarray  # [T, H, W, 3] uint8, as the model saw them
+    frame_scores: np.ndarray  # [T] cosine of the caption and each frame: what FFSM ranks by
+    kept: np.ndarray  # [T] bool, the frames FFSM kept for this pair
+    entities: np.ndarray  # [T, grid, grid] the PFCM entity each patch was merged into
+
+
+def can_explain(model: RetrievalModel) -> bool:
+    return hasattr(model.head, "explain")
+
+
+def pick_queries(num_captions: int, count: int) -> list[int]:
+    """`count` captions spread evenly over the split, so the pictures are not all of one kind of clip."""
+    return sorted({round(i) for i in np.linspace(0, num_captions - 1, min(count, num_captions))})
+
+
+def _video_rows(shards: str | Path, split: str, video_ids: list[str]) -> dict[str, dict]:
+    table = pq.read_table(Path(shards) / split, filters=[("video_id", "in", video_ids)])
+    return {row["video_id"]: row for row in table.to_pylist()}
+
+
+@torch.no_grad()
+def explain_pairs(
+    model: RetrievalModel,
+    tokenizer: Tokenizer,
+    shards: str | Path,
+    split: str,
+    pairs: list[tuple[str, str, int]],
+) -> list[PairExplanation]:
+    """`pairs`: (caption, video_id, rank) triples; the model must have an explaining head (`can_explain`)."""
+    rows = _video_rows(shards, split, sorted({video_id for _, video_id, _ in pairs}))
+    explained = []
+    for caption, video_id, rank in pairs:
+        row = rows[video_id]
+        sentence = model.encode_text(tokenizer([caption])).sentence[0]
+        images = decode_frames(row, IMAGE_MEAN, IMAGE_STD).to(model.device)
+        pooled, patches = model.backbone.encode_images(images, with_patches=True)
+        parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float())
+        grid = int(np.sqrt(patches.shape[1]))
+        explained.append(
+            PairExplanation(
+                caption=caption,
+                video_id=video_id,
+                rank=rank,
+                frames=frames_uint8(row),
+                frame_scores=parts["frame_scores"].cpu().numpy(),
+                kept=parts["kept"].cpu().numpy(),
+                entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy(),
+            )
+        )
+    return explained

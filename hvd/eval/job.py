@@ -1,0 +1,268 @@
+"""The batch evaluation job: model URI + benchmark -> encoded split -> scores -> metrics, pictures, MLflow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pyarrow.parquet as pq
+import torch
+
+from hvd.config import Config
+from hvd.data.decode import FrameSpec
+from hvd.data.manifest import fingerprint
+from hvd.data.prepare import QUARANTINE_FILE, ensure_ray, prepare
+from hvd.data.shards import shard_summary
+from hvd.eval import plots
+from hvd.eval.batch_encode import encode_with_actors
+from hvd.eval.encode import EncodedSplit
+from hvd.eval.explain import can_explain, explain_pairs, pick_queries
+from hvd.eval.metrics import query_ranks, retrieval_metrics
+from hvd.eval.report import experiment_name, log_eval_run, metric_table, write_report
+from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
+from hvd.eval.source import ModelSource, load_model_source
+from hvd.model import RetrievalModel, build_tokenizer
+from hvd.tracking import tracking_uri
+
+# How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
+MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jpeg_quality", "max_words")
+
+
+@dataclass
+class EvalOutcome:
+    run_id: str
+    tracking_uri: str
+    benchmark: str
+    source: ModelSource
+    metrics: dict[str, float]
+    excluded: list[dict[str, str]]  # videos of the split that could not be decoded, with the reason
+    out: Path
+    artifacts: list[Path]
+
+
+def job_config(cli: Config, trained: Config) -> Config:
+    """The trained model's `model` section and frame sampling; everything else from the command line."""
+    data = replace(cli.data, **{key: getattr(trained.data, key) for key in MODEL_DATA_KEYS})
+    return replace(cli, model=trained.model, data=data)
+
+
+def check_eval_config(cfg: Config) -> None:
+    if cfg.eval.topk < 1:
+        raise ValueError(f"bad value for 'eval.topk': {cfg.eval.topk} (candidates per query, at least 1)")
+    if cfg.eval.batch_size < 1:
+        raise ValueError(f"bad value for 'eval.batch_size': {cfg.eval.batch_size} (at least 1)")
+    if cfg.eval.dsl and cfg.eval.mode == "two_stage" and not cfg.eval.compare:
+        raise ValueError(
+            "eval.dsl=true needs every pair's score (a softmax over all queries), which eval.mode=two_stage "
+            "never computes: use eval.mode=exhaustive, or add eval.compare=true for DSL on the exhaustive run"
+        )
+
+
+def benchmark_name(cfg: Config, manifest: Path | None, shards: Path | None) -> str:
+    """`eval.benchmark`, else the manifest's folder name (for --shards: the manifest they were made from)."""
+    if cfg.eval.benchmark:
+        return cfg.eval.benchmark
+    if manifest is None:
+        recorded = shard_summary(shards).get("manifest")
+        if not recorded:
+            return shards.resolve().name
+        manifest = Path(recorded)
+    return manifest.resolve().parent.name
+
+
+def prepared_shards(cfg: Config, manifest: Path, benchmark: str) -> Path:
+    """Decode the benchmark once per (manifest contents, frame settings) into the `eval.cache` folder."""
+    identity = json.dumps([fingerprint(manifest), FrameSpec.from_config(cfg.data).to_dict()], sort_keys=True)
+    out = Path(cfg.eval.cache) / f"{benchmark}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    print(prepare(cfg, manifest, out), flush=True)
+    return out
+
+
+def check_frames(shards: Path, model: RetrievalModel) -> None:
+    size = shard_summary(shards)["frame_spec"]["frame_size"]
+    if size != model.image_size:
+        raise ValueError(
+            f"--shards {shards}: frames are {size} px but the model takes {model.image_size} px; "
+            f"prepare them with data.frame_size={model.image_size} or pass --manifest to have them prepared"
+        )
+
+
+def excluded_videos(shards: Path, split: str) -> list[dict[str, str]]:
+    path = shards / QUARANTINE_FILE
+    if not path.is_file():
+        return []
+    rows = pq.read_table(path, columns=["video_id", "split", "reason", "error"]).to_pylist()
+    return [{k: row[k] for k in ("video_id", "reason", "error")} for row in rows if row["split"] == split]
+
+
+def score(model: RetrievalModel, encoded: EncodedSplit, cfg: Config) -> dict[str, Retrieval]:
+    """The configured mode first; with `eval.compare` and two_stage, the exhaustive scores beside it."""
+    results = {}
+    if cfg.eval.mode == "two_stage":
+        results["two_stage"] = two_stage(model, encoded.text, encoded.video, cfg.eval.topk)
+    if cfg.eval.mode == "exhaustive" or cfg.eval.compare:
+        results["exhaustive"] = exhaustive(
+            model, encoded.text.to(model.device), encoded.video.to(model.device)
+        )
+    return results
+
+
+def collect_metrics(results: dict[str, Retrieval], encoded: EncodedSplit, cfg: Config) -> dict[str, float]:
+    """The configured mode's metrics under plain names; a compared run's under `exhaustive/`."""
+    metrics: dict[str, float] = {}
+    for mode, result in results.items():
+        prefix = "" if mode == cfg.eval.mode else f"{mode}/"
+        dsl = cfg.eval.dsl and mode == "exhaustive"
+        found = retrieval_metrics(result.t2v, encoded.text_video, dsl=dsl, v2t_sim=result.v2t)
+        metrics |= {f"{prefix}{key}": value for key, value in found.items()}
+        metrics |= {f"time/{key}": value for key, value in result.timings_s.items()}
+    if "two_stage" in results and "exhaustive" in results:
+        metrics["speedup_vs_exhaustive"] = metrics["time/exhaustive_s"] / (
+            metrics["time/stage1_s"] + metrics["time/stage2_s"]
+        )
+    return metrics
+
+
+def draw(
+    model: RetrievalModel,
+    cfg: Config,
+    shards: Path,
+    encoded: EncodedSplit,
+    results: dict[str, Retrieval],
+    out: Path,
+) -> list[Path]:
+    ranks = {mode: query_ranks(r.t2v, encoded.text_video, r.v2t) for mode, r in results.items()}
+    sizes = {"t2v": len(encoded.video_ids), "v2t": len(encoded.captions)}
+    paths = [plots.recall_curves(ranks, sizes, out / "recall_at_k.png")]
+    main = results[cfg.eval.mode]
+    title = (
+        "exhaustive scores"
+        if main.rescored is None
+        else f"two-stage: scores of each caption's top-{cfg.eval.topk}"
+    )
+    paths.append(
+        plots.similarity_slice(
+            main.t2v.cpu(),
+            encoded.text_video,
+            title,
+            out / "similarity_slice.png",
+            shown=None if main.rescored is None else main.rescored.cpu(),
+        )
+    )
+    if can_explain(model) and cfg.eval.explain_queries > 0:
+        queries = pick_queries(len(encoded.captions), cfg.eval.explain_queries)
+        pairs = [
+            (
+                encoded.captions[q],
+                encoded.video_ids[int(encoded.text_video[q])],
+                int(ranks[cfg.eval.mode]["t2v"][q]),
+            )
+            for q in queries
+        ]
+        tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
+        for number, pair in enumerate(explain_pairs(model, tokenizer, shards, cfg.eval.split, pairs)):
+            paths.append(plots.frame_selection(pair, out / f"frames_query{queries[number]}.png"))
+    return paths
+
+
+def evaluate(
+    cfg: Config, model_uri: str, manifest: Path | None = None, shards: Path | None = None
+) -> EvalOutcome:
+    """Evaluate the model behind `model_uri` on a manifest (prepared and cached) or on prepared shards."""
+    if (manifest is None) == (shards is None):
+        raise ValueError("give exactly one of --manifest FILE or --shards DIR")
+    check_eval_config(cfg)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    model, trained, source = load_model_source(model_uri)
+    cfg = job_config(cfg, trained)
+    print(
+        f"model {source.uri}: {source.name} version {source.version}, {cfg.model.preset}/{cfg.model.head}",
+        flush=True,
+    )
+
+    ensure_ray()
+    benchmark = benchmark_name(cfg, manifest, shards)
+    shards = prepared_shards(cfg, manifest, benchmark) if manifest is not None else shards
+    check_frames(shards, model)
+    excluded = excluded_videos(shards, cfg.eval.split)
+
+    started = time.perf_counter()
+    encoded = encode_with_actors(model, cfg, str(shards), cfg.eval.split, cfg.eval.num_actors)
+    encode_s = time.perf_counter() - started
+    if torch.cuda.is_available():
+        model.cuda()
+    results = score(model, encoded, cfg)
+    metrics = collect_metrics(results, encoded, cfg)
+    metrics |= {
+        "time/encode_s": encode_s,
+        "videos": len(encoded.video_ids),
+        "captions": len(encoded.captions),
+        "excluded_videos": len(excluded),
+    }
+
+    out = Path(cfg.eval.out) / benchmark / f"{source.label}-{cfg.eval.mode}"
+    artifacts = draw(model, cfg, shards, encoded, results, out)
+    summary = shard_summary(shards)
+    report: dict[str, Any] = {
+        "benchmark": benchmark,
+        "split": cfg.eval.split,
+        "shards": str(shards),
+        "dataset_fingerprint": summary.get("manifest_fingerprint", ""),
+        "model": {
+            "uri": source.uri,
+            "name": source.name,
+            "version": source.version,
+            "source_run": source.source_run,
+        },
+        "mode": cfg.eval.mode,
+        "topk": cfg.eval.topk if cfg.eval.mode == "two_stage" else None,
+        "ties": "pessimistic: a candidate scoring equal to the ground truth ranks above it",
+        "metrics": metrics,
+        "excluded": excluded,
+    }
+    artifacts.insert(0, write_report(report, out))
+    tags = {
+        "benchmark": benchmark,
+        "split": cfg.eval.split,
+        "mode": cfg.eval.mode,
+        "model_uri": source.uri,
+        "model_name": source.name,
+        "model_version": source.version,
+        "source_run": source.source_run,
+        "dataset_fingerprint": report["dataset_fingerprint"],
+    }
+    run_id = log_eval_run(uri, cfg, f"{source.label}-{cfg.eval.mode}", tags, metrics, artifacts)
+    return EvalOutcome(run_id, uri, benchmark, source, metrics, excluded, out, artifacts)
+
+
+def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
+    """The printed report: what was evaluated, the timings, the metric table, where everything went."""
+    m = outcome.metrics
+    mode = cfg.eval.mode + (f" (top-{cfg.eval.topk})" if cfg.eval.mode == "two_stage" else "")
+    timings = ", ".join(
+        f"{key.removeprefix('time/')} {value:.3f}" for key, value in m.items() if key.startswith("time/")
+    )
+    if "speedup_vs_exhaustive" in m:
+        timings += f"; two-stage speed-up {m['speedup_vs_exhaustive']:.1f}x"
+    lines = [
+        f"benchmark  {outcome.benchmark}, split {cfg.eval.split}: {int(m['videos'])} videos, "
+        f"{int(m['captions'])} captions, {len(outcome.excluded)} videos excluded (undecodable)",
+        *(f"  excluded {e['video_id']}: {e['reason']}" for e in outcome.excluded),
+        f"model      {outcome.source.name} version {outcome.source.version}"
+        + (f" (training run {outcome.source.source_run})" if outcome.source.source_run else ""),
+        f"mode       {mode}; ties ranked pessimistically",
+        f"timings    {timings}",
+        "",
+        metric_table(m, ("", "exhaustive/") if cfg.eval.compare else ("",)),
+        "",
+        f"MLflow     run {outcome.run_id} in experiment {experiment_name(outcome.benchmark)}"
+        f" at {outcome.tracking_uri}",
+        f"report     {outcome.out}",
+    ]
+    return "\n".join(lines)

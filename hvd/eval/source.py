@@ -1,0 +1,87 @@
+"""Where the model under evaluation comes from: the MLflow registry, a run, or a checkpoint on disk.
+
+Whatever the source, the result is the same three things: the model, the config it was trained with
+(its `model` and `data` sections say how to build it and how its frames were sampled), and the
+identity (name, version, source run) that the evaluation run is tagged with.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.store.artifact.utils.models import get_model_name_and_version
+from mlflow.tracking import MlflowClient
+
+from hvd.config import Config, load_config
+from hvd.model import RetrievalModel, build_model
+from hvd.tracking import load_model
+from hvd.train.checkpoint import STATE_FILE, load_state
+
+URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
+
+
+class ModelSourceError(ValueError):
+    """A model URI that names nothing loadable; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    uri: str
+    name: str  # registered model name; the folder name for a checkpoint
+    version: str  # registry version; "run" for runs:/ URIs, "checkpoint" for a directory
+    source_run: str  # the training run's MLflow id, "" when unknown (a bare checkpoint)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-v{self.version}" if self.version.isdigit() else f"{self.name}-{self.version}"
+
+
+def load_model_source(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
+    """Load the model behind `uri` (see `URI_FORMS`) on the CPU, in eval mode."""
+    if uri.startswith(("models:/", "runs:/")):
+        return _load_logged(uri)
+    if Path(uri).is_dir():
+        return _load_checkpoint(Path(uri))
+    raise ModelSourceError(f"--model {uri!r}: not a model URI nor a directory (use one of: {URI_FORMS})")
+
+
+def _load_logged(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
+    try:
+        model, cfg = load_model(uri)
+        if uri.startswith("models:/"):
+            name, version = get_model_name_and_version(MlflowClient(), uri)
+            source_run = MlflowClient().get_model_version(name, version).run_id or ""
+        else:
+            source_run = uri.removeprefix("runs:/").split("/", 1)[0]
+            name, version = cfg.tracking.model_name, "run"
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelSourceError(
+            f"--model {uri!r}: cannot load it from {mlflow.get_tracking_uri()}: {err.message.splitlines()[0]}"
+        ) from None
+    return model, cfg, ModelSource(uri, name, str(version), source_run)
+
+
+def _load_checkpoint(directory: Path) -> tuple[RetrievalModel, Config, ModelSource]:
+    """A Ray Train checkpoint folder (`state.pt` with the model weights and the config YAML)."""
+    if not (directory / STATE_FILE).is_file():
+        raise ModelSourceError(
+            f"--model {directory}: no {STATE_FILE} in this folder (a Ray Train checkpoint has one)"
+        )
+    state = load_state(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(state["config_yaml"])
+        cfg = load_config(config_file)
+    return rebuild(cfg, state["model"]), cfg, ModelSource(str(directory), directory.name, "checkpoint", "")
+
+
+def rebuild(cfg: Config, state: dict[str, Any]) -> RetrievalModel:
+    """The model from its config and state dict, in eval mode. `model.pretrained` is skipped: the state
+    dict holds every weight, and the CLIP file the training machine read need not exist here."""
+    model = build_model(replace(cfg.model, pretrained=None))
+    model.load_state_dict(state)
+    return model.eval()

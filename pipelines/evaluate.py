@@ -1,0 +1,68 @@
+r"""Evaluate a trained model on any benchmark: text-to-video and video-to-text R@1/5/10, MdR, MnR.
+
+    python pipelines/evaluate.py --model models:/hvd@champion --manifest data/msrvtt/manifest.jsonl
+    python pipelines/evaluate.py --model models:/hvd/3 --shards data/shards-demo eval.mode=two_stage \
+        eval.compare=true
+
+--model: models:/NAME@ALIAS (@champion, @latest), models:/NAME/VERSION, runs:/RUN_ID/model, or a Ray
+Train checkpoint directory (one holding state.pt). MLflow URIs resolve against tracking.uri.
+--manifest: a benchmark manifest (JSONL); its videos are decoded with the model's own frame settings
+into eval.cache, once (re-runs reuse the shards). Videos that cannot be decoded are excluded and listed.
+--shards: shards already prepared by pipelines/prepare.py, used as they are.
+The frame sampling (data.num_frames, sample_mode, frame_size, frame_codec, jpeg_quality) and
+data.max_words always come from the model's training config; data.decode_* set the decoding parallelism.
+
+Encoding runs on a Ray Data actor pool (one model per actor; GPU actors when the cluster has GPUs).
+Scoring: eval.mode=exhaustive runs every (caption, video) pair through the full HVD score, chunked to
+model.score_budget_mb; eval.mode=two_stage ranks all videos by global embeddings (one matrix product)
+and rescores each query's eval.topk best with the full score; the top-k always rank above the rest,
+which keep their stage-1 order. eval.compare=true runs exhaustive too and reports it under exhaustive/.
+Metrics: t2v has one query per caption; v2t one per video, ranked at its best-ranked caption; ties rank
+pessimistically (an equal score counts as better than the ground truth). eval.dsl=true adds dual-softmax
+numbers under dsl_ names (exhaustive scores only).
+
+Output: a printed table; <eval.out>/<benchmark>/<model>-v<version>-<mode>/report.json with recall@K
+curves, a similarity heat map and, for eval.explain_queries captions, the frames FFSM kept (with their
+scores) and the PFCM clusters over them; and an MLflow run in experiment eval/<benchmark> (benchmark:
+eval.benchmark, else the manifest's folder name) tagged with model_name, model_version and source_run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hvd.cli import fail, parse_args
+from hvd.data.prepare import PrepareError
+from hvd.eval.job import evaluate, summary_text
+from hvd.eval.source import ModelSourceError
+
+SECTIONS = ("eval", "data", "tracking")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="URI",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--manifest", type=Path, metavar="FILE", help="benchmark manifest (JSONL), prepared and cached"
+    )
+    source.add_argument("--shards", type=Path, metavar="DIR", help="shards prepared by pipelines/prepare.py")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags)
+    try:
+        outcome = evaluate(cfg, args.model, manifest=args.manifest, shards=args.shards)
+    except (ModelSourceError, PrepareError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    print(summary_text(outcome, cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

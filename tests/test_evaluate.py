@@ -1,0 +1,319 @@
+"""The batch evaluation job: model sources, pictures, and end to end with Ray Data actors and MLflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+from conftest import write_broken_videos
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from hvd.config import ModelConfig, load_config, to_yaml
+from hvd.data.manifest import ManifestEntry, read_manifest, write_manifest
+from hvd.data.shards import read_shards
+from hvd.data.synthetic import generate
+from hvd.eval import plots
+from hvd.eval.batch_encode import encode_with_actors
+from hvd.eval.encode import encode_split
+from hvd.eval.explain import PairExplanation
+from hvd.eval.job import check_eval_config, job_config, prepared_shards
+from hvd.eval.source import ModelSourceError, load_model_source
+from hvd.model import build_model, build_tokenizer
+from hvd.model.clustering import dpc_knn
+from hvd.model.ffsm import select_frames
+from hvd.model.pfcm import PFCM
+from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri
+from hvd.train.checkpoint import save_state
+
+_CLI = importlib.util.spec_from_file_location(
+    "evaluate_cli", Path(__file__).parents[1] / "pipelines" / "evaluate.py"
+)
+evaluate_pipeline = importlib.util.module_from_spec(_CLI)
+_CLI.loader.exec_module(evaluate_pipeline)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig()).eval()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    assert path.is_file() and path.stat().st_size > 0, path
+    with Image.open(path) as image:
+        return image.size
+
+
+# --- the model's explanation of a pair --------------------------------------------------------------
+
+
+def test_pfcm_entity_assignment_follows_the_clusters_through_every_round():
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 16, 32)
+    one_round = PFCM(32, steps=1, ratio=0.5, k=3)
+    assert torch.equal(one_round.entity_assignment(tokens), dpc_knn(tokens, 0.5, 3).assignment)
+    three_rounds = PFCM(32, steps=3, ratio=0.5, k=3)
+    entities = three_rounds.entity_assignment(tokens)
+    assert entities.shape == (3, 16) and int(entities.min()) >= 0
+    assert int(entities.max()) < three_rounds(tokens)[0].shape[1] == 2  # 16 -> 8 -> 4 -> 2 entities
+    assert torch.equal(
+        PFCM(32, steps=0, ratio=0.5, k=3).entity_assignment(tokens), torch.arange(16).expand(3, 16)
+    )
+
+
+def test_head_explains_which_frames_ffsm_kept(tiny_model):
+    frames = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pooled, patches = tiny_model.backbone.encode_images(frames, with_patches=True)
+    unit_frames = F.normalize(pooled, dim=-1)
+    sentence = tiny_model.encode_text(build_tokenizer(ModelConfig(), 32)(["a red circle rises"])).sentence[0]
+    parts = tiny_model.head.explain(sentence, unit_frames, patches)
+    assert parts["kept"].sum() == 6  # frame_keep 0.5 of 12
+    assert torch.equal(parts["kept"], select_frames(sentence[None], unit_frames[None], 0.5)[0, 0])
+    kept_scores, dropped_scores = parts["frame_scores"][parts["kept"]], parts["frame_scores"][~parts["kept"]]
+    assert kept_scores.min() >= dropped_scores.max()
+    assert parts["entities"].shape == (12, 16) and int(parts["entities"].max()) < 2
+
+
+# --- pictures ---------------------------------------------------------------------------------------
+
+
+def test_pictures_are_written(tmp_path):
+    ranks = {"two_stage": {"t2v": torch.tensor([1, 3, 2, 9]), "v2t": torch.tensor([1, 1, 4, 2])}}
+    assert png_size(plots.recall_curves(ranks, {"t2v": 10, "v2t": 12}, tmp_path / "r.png")) == (1000, 400)
+    scores = torch.randn(40, 36)
+    shown = scores > 0
+    path = plots.similarity_slice(scores, torch.arange(40) % 36, "scores", tmp_path / "s.png", shown=shown)
+    assert png_size(path) == (600, 500)
+    rng = np.random.default_rng(0)
+    pair = PairExplanation(
+        caption="a red circle rises",
+        video_id="v0",
+        rank=3,
+        frames=rng.integers(0, 255, (12, 64, 64, 3), dtype=np.uint8),
+        frame_scores=rng.normal(size=12).astype(np.float32),
+        kept=np.arange(12) % 2 == 0,
+        entities=rng.integers(0, 7, (12, 4, 4)),
+    )
+    width, height = png_size(plots.frame_selection(pair, tmp_path / "f.png"))
+    assert (width, height) == (round(1.4 * 12 * 100), 360)
+
+
+# --- model sources and config -----------------------------------------------------------------------
+
+
+def test_bad_model_uris_are_errors_naming_them(tmp_path):
+    with pytest.raises(ModelSourceError, match="nowhere/at/all"):
+        load_model_source("nowhere/at/all")
+    with pytest.raises(ModelSourceError, match="state.pt"):
+        load_model_source(str(tmp_path))
+
+
+def test_checkpoint_directory_loads_with_its_config(tmp_path, tiny_model):
+    cfg = load_config(None, ["data.num_frames=8", "model.frame_keep=0.25"])
+    model = build_model(cfg.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_state(
+        tmp_path, model, optimizer, scheduler, step=3, epoch=1, best_score=0.0, config_yaml=to_yaml(cfg)
+    )
+    loaded, loaded_cfg, source = load_model_source(str(tmp_path))
+    assert loaded_cfg == cfg and not loaded.training
+    assert (source.name, source.version, source.source_run) == (tmp_path.name, "checkpoint", "")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_job_takes_frame_sampling_from_the_model_and_the_rest_from_the_command_line():
+    trained = load_config(None, ["data.num_frames=8", "data.max_words=20", "model.head=meanp"])
+    cli = load_config(None, ["data.num_frames=30", "data.decode_concurrency=1", "eval.topk=5"])
+    cfg = job_config(cli, trained)
+    assert (cfg.data.num_frames, cfg.data.max_words, cfg.model.head) == (8, 20, "meanp")
+    assert (cfg.data.decode_concurrency, cfg.eval.topk) == (1, 5)
+
+
+def test_dsl_with_two_stage_alone_is_refused():
+    with pytest.raises(ValueError, match="eval.dsl"):
+        check_eval_config(load_config(None, ["eval.mode=two_stage", "eval.dsl=true"]))
+    check_eval_config(load_config(None, ["eval.mode=two_stage", "eval.dsl=true", "eval.compare=true"]))
+
+
+def test_help_documents_the_flags_and_keys(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_pipeline.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for needle in (
+        "--model",
+        "--manifest",
+        "--shards",
+        "models:/NAME@ALIAS",
+        "eval.topk",
+        "eval.mode",
+        "eval.benchmark",
+        "eval.num_actors",
+        "pessimistic",
+        "two_stage",
+    ):
+        assert needle in text, needle
+
+
+# --- end to end: Ray Data actors, MLflow registry and eval runs -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny synthetic benchmark and a tiny (untrained) HVD model registered as `hvd` version 1."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = load_config(
+        None,
+        [
+            "synthetic.preset=tiny",
+            f"synthetic.out={root}/bench",
+            f"tracking.uri=sqlite:///{root}/mlflow.db",
+            "run.name=tiny-train",
+            f"eval.out={root}/eval",
+            f"eval.cache={root}/cache",
+        ],
+    )
+    manifest = generate(cfg.synthetic, progress=False)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    run = start_or_resume_run(cfg, {})
+    name, version, _ = register_model(cfg, run.run_id, model, {"val/t2v/R1": 12.5})
+    finish_run(tracking_uri(cfg), run.run_id)
+    yield {
+        "cfg": cfg,
+        "root": root,
+        "manifest": manifest,
+        "run_id": run.run_id,
+        "name": name,
+        "version": version,
+    }
+    ray.shutdown()
+
+
+def run_pipeline(registered, capsys, *args: str) -> str:
+    cfg = registered["cfg"]
+    evaluate_pipeline.main(
+        [
+            *args,
+            f"tracking.uri={cfg.tracking.uri}",
+            f"eval.out={cfg.eval.out}",
+            f"eval.cache={cfg.eval.cache}",
+        ]
+    )
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_registered_model_by_alias_end_to_end(registered, capsys):
+    out = run_pipeline(
+        registered,
+        capsys,
+        "--model",
+        "models:/hvd@champion",
+        "--manifest",
+        str(registered["manifest"]),
+        "eval.mode=two_stage",
+        "eval.topk=8",
+        "eval.compare=true",
+        "eval.dsl=true",
+    )
+    assert "exhaustive/t2v" in out and "speed-up" in out
+    client = MlflowClient(tracking_uri(registered["cfg"]))
+    experiment = client.get_experiment_by_name("eval/bench")  # the manifest's folder name
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id in out
+    tags = run.data.tags
+    assert (tags["model_name"], tags["model_version"], tags["source_run"]) == (
+        "hvd",
+        "1",
+        registered["run_id"],
+    )
+    assert tags["mode"] == "two_stage" and tags["split"] == "test"
+    metrics = run.data.metrics
+    assert metrics["videos"] == 8 and metrics["captions"] == 8 and metrics["excluded_videos"] == 0
+    for key in (
+        "time/stage1_s",
+        "time/stage2_s",
+        "time/exhaustive_s",
+        "time/encode_s",
+        "exhaustive/t2v/dsl_R1",
+    ):
+        assert key in metrics, key
+    # top-8 of an 8-video gallery rescored everything: two-stage ranks exactly as exhaustive does
+    for key in ("t2v/R1", "t2v/R5", "t2v/MdR", "t2v/MnR", "v2t/R1", "v2t/MnR"):
+        assert metrics[key] == metrics[f"exhaustive/{key}"], key
+    assert "t2v/dsl_R1" not in metrics  # DSL only where every pair was scored
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.json", "recall_at_k.png", "similarity_slice.png"} <= artifacts
+    frame_pictures = sorted(a for a in artifacts if a.startswith("frames_query"))
+    assert len(frame_pictures) == 3
+    out_dir = Path(registered["cfg"].eval.out) / "bench" / "hvd-v1-two_stage"
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["metrics"] == pytest.approx(metrics) and report["excluded"] == []
+    assert png_size(out_dir / "recall_at_k.png") == (1000, 400)
+    assert png_size(out_dir / frame_pictures[0])[1] == 360
+
+    # the prepared benchmark is cached: asking again decodes nothing
+    cached = prepared_shards(
+        job_config(registered["cfg"], registered["cfg"]), registered["manifest"], "bench"
+    )
+    assert cached.parent == Path(registered["cfg"].eval.cache) and (cached / "_summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_actor_pool_encodes_like_the_single_process_path(registered):
+    cfg = registered["cfg"]
+    model, trained, source = load_model_source(f"models:/hvd/{registered['version']}")
+    assert source.source_run == registered["run_id"]
+    shards = prepared_shards(job_config(cfg, trained), registered["manifest"], "bench")
+    batched = encode_with_actors(model, job_config(cfg, trained), str(shards), "test")
+    reference = encode_split(
+        model, read_shards(shards, "test"), build_tokenizer(trained.model, trained.data.max_words)
+    )
+    assert batched.video_ids == reference.video_ids and batched.captions == reference.captions
+    assert torch.equal(batched.text_video, reference.text_video)
+    for ours, theirs in [
+        (batched.video.frames, reference.video.frames),
+        (batched.video.patches, reference.video.patches),
+        (batched.text.sentence, reference.text.sentence),
+        (batched.text.words, reference.text.words),
+    ]:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert torch.equal(batched.text.word_mask, reference.text.word_mask)
+
+
+@pytest.mark.slow
+def test_broken_videos_are_excluded_and_reported(registered, capsys, tmp_path):
+    bench = tmp_path / "partly_broken"
+    entries = [e for e in read_manifest(registered["manifest"]) if e.split == "test"][:4]
+    videos = bench / "videos"
+    videos.mkdir(parents=True)
+    for entry in entries:
+        shutil.copy(registered["manifest"].parent / entry.path, videos / Path(entry.path).name)
+        entry.path = f"videos/{Path(entry.path).name}"
+    broken = write_broken_videos(bench / "broken")
+    for reason in ("truncated", "missing"):
+        entries.append(
+            ManifestEntry(f"bad_{reason}", str(broken[reason].relative_to(bench)), ["a broken clip"], "test")
+        )
+    manifest = write_manifest(entries, bench / "manifest.jsonl")
+
+    out = run_pipeline(registered, capsys, "--model", "models:/hvd@latest", "--manifest", str(manifest))
+    assert "2 videos excluded" in out and "bad_missing: missing" in out
+    report = json.loads(
+        (Path(registered["cfg"].eval.out) / "partly_broken" / "hvd-v1-exhaustive" / "report.json").read_text()
+    )
+    assert sorted(e["video_id"] for e in report["excluded"]) == ["bad_missing", "bad_truncated"]
+    assert report["metrics"]["videos"] == 4 and report["metrics"]["excluded_videos"] == 2

@@ -1,0 +1,90 @@
+"""Two-stage retrieval: stage-1 candidates, stage-2 rescoring, and the merge, against exhaustive scoring."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hvd.config import ModelConfig
+from hvd.eval.metrics import query_ranks, retrieval_metrics
+from hvd.eval.retrieval import exhaustive, merge_reranked, top_candidates, two_stage
+from hvd.model import build_model, build_tokenizer
+
+COLOURS, SHAPES, MOTIONS = ("red", "blue", "green"), ("circle", "square"), ("rises", "falls")
+CAPTIONS = [f"a {c} {s} {m}" for c in COLOURS for s in SHAPES for m in MOTIONS]  # 12 captions
+
+
+@functools.cache
+def encoded(head: str):
+    """A tiny model and 12 captions x 10 videos (random frames); captions 10, 11 describe videos 0, 1."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(head=head)
+    model = build_model(cfg).eval()
+    tokens = build_tokenizer(cfg, max_words=16)(CAPTIONS)
+    with torch.no_grad():
+        text = model.encode_text(tokens)
+        video = model.encode_video(torch.randn(10, 6, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    return model, text, video, torch.tensor([*range(10), 0, 1])
+
+
+@pytest.mark.parametrize("head", ["hvd", "meanp"])
+def test_topk_of_the_whole_gallery_equals_exhaustive(head):
+    model, text, video, text_video = encoded(head)
+    full = exhaustive(model, text, video)
+    threads = torch.get_num_threads()
+    both = two_stage(model, text, video, topk=max(len(text), len(video)))
+    assert torch.get_num_threads() == threads  # stage 2 runs on one CPU thread, then gives the rest back
+    # The same pairs through the same scoring code, in other batches: equal up to float summation order,
+    # and ranked identically.
+    torch.testing.assert_close(both.t2v, full.t2v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(both.v2t, full.v2t, rtol=0, atol=1e-6)
+    assert torch.equal(both.t2v.argsort(dim=1), full.t2v.argsort(dim=1))
+    assert torch.equal(both.v2t.argsort(dim=1), full.v2t.argsort(dim=1))
+    assert torch.equal(both.rescored, torch.ones(len(text), len(video), dtype=torch.bool))
+    assert retrieval_metrics(both.t2v, text_video, v2t_sim=both.v2t) == retrieval_metrics(
+        full.t2v, text_video
+    )
+    assert set(both.timings_s) == {"stage1_s", "stage2_s"} and set(full.timings_s) == {"exhaustive_s"}
+
+
+def test_merge_puts_candidates_first_by_fine_score_then_the_rest_by_coarse_score():
+    coarse = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.2], [0.0, 0.8, 0.7, 0.6, 0.9]])
+    candidates = torch.tensor([[0, 2], [4, 1]])
+    fine = torch.tensor([[-5.0, -4.0], [3.0, 7.0]])  # fine scores on another scale, below the coarse ones
+    merged = merge_reranked(coarse, candidates, fine)
+    assert merged.argsort(dim=1, descending=True).tolist() == [[2, 0, 3, 4, 1], [1, 4, 2, 3, 0]]
+    assert merged[0, 2] == -4.0 and merged[1, 1] == 7.0  # candidates keep their fine scores
+
+
+def test_ground_truth_outside_the_top_k_keeps_its_stage1_rank():
+    model, text, video, text_video = encoded("hvd")
+    topk = 3
+    result = two_stage(model, text, video, topk)
+    sentence, pooled = model.global_embeddings(text, video)
+    coarse = sentence @ pooled.T
+    stage1 = query_ranks(coarse, text_video)["t2v"]
+    final = query_ranks(result.t2v, text_video, result.v2t)["t2v"]
+    inside = stage1 <= topk
+    assert bool(inside.any()) and bool((~inside).any())  # the example exercises both cases
+    assert torch.equal(final[~inside], stage1[~inside])
+    assert bool((final[inside] <= topk).all())
+    assert torch.equal(
+        result.rescored, torch.zeros_like(result.rescored).scatter_(1, top_candidates(coarse, topk), True)
+    )
+
+
+def test_meanp_two_stage_matches_exhaustive_at_any_k():
+    # meanP's full score is the stage-1 score itself, so reranking can change nothing
+    model, text, video, text_video = encoded("meanp")
+    expected = retrieval_metrics(exhaustive(model, text, video).t2v, text_video)
+    for topk in (1, 4):
+        result = two_stage(model, text, video, topk)
+        assert retrieval_metrics(result.t2v, text_video, v2t_sim=result.v2t) == expected
+
+
+def test_topk_below_one_is_an_error_naming_the_key():
+    model, text, video, _ = encoded("meanp")
+    with pytest.raises(ValueError, match="eval.topk"):
+        two_stage(model, text, video, topk=0)
