@@ -26,7 +26,7 @@ class _ModelActor:
     """Holds one model, built once from the config and the weights the driver put in the object store."""
 
     def __init__(self, cfg: Config, weights: list[ray.ObjectRef]):
-        # `weights` is a one-element list so Ray hands over the reference, not a copy per actor argument.
+        # A reference inside a list is passed as it is: the weights are put once and each actor fetches them.
         self.cfg = cfg
         self.model: RetrievalModel = rebuild(cfg, ray.get(weights[0]))
         if torch.cuda.is_available():
