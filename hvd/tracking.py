@@ -6,9 +6,11 @@ training workers only appends metrics to it, so a restarted worker group never s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,24 @@ def tracking_uri(cfg: Config) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def active_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for a block, then put the process's setting back.
+
+    `mlflow.set_tracking_uri` also writes `MLFLOW_TRACKING_URI`, which `tracking_uri` reads first: left
+    in place, the first run's store would silently win over every later config in the same process.
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(previous)
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
@@ -59,8 +79,7 @@ class TrackedRun:
 
 def start_or_resume_run(cfg: Config, tags: dict[str, str]) -> TrackedRun:
     """The unfinished run named `cfg.run.name` if there is one (a resume), else a new run with params."""
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
     unfinished = client.search_runs(
@@ -119,13 +138,12 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
     Returns (model name, version, became champion).
     """
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = cfg.tracking.model_name
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / CONFIG_ARTIFACT
         config_file.write_text(to_yaml(cfg))
-        with mlflow.start_run(run_id=run_id):
+        with active_tracking_uri(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pytorch.log_model(
                 model.cpu(),
                 name="model",
@@ -157,8 +175,10 @@ def _champion_score(client: MlflowClient, name: str) -> float | None:
     return float(value) if value is not None else float("-inf")
 
 
-def load_model(model_uri: str) -> tuple[Any, Config]:
-    """A registered or logged model (`models:/hvd@champion`, `models:/hvd/3`, `runs:/...`) and its config."""
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/extra_files/{CONFIG_ARTIFACT}"))
+def load_model(model_uri: str, uri: str | None = None) -> tuple[Any, Config]:
+    """A registered or logged model (`models:/hvd@champion`, `models:/hvd/3`, `runs:/...`) and its config,
+    from the tracking store `uri` (default: MLflow's current one)."""
+    with active_tracking_uri(uri) if uri else contextlib.nullcontext():
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/extra_files/{CONFIG_ARTIFACT}"))
     return model.eval(), load_config(local)

@@ -1,7 +1,8 @@
-"""Video-making fixtures: small real H.264 files written with PyAV, sound ones and deliberately broken ones."""
+"""Shared fixtures: an MLflow-URI guard for every test, and small real H.264 files written with PyAV, sound and broken."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -9,6 +10,16 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """Each test starts without MLFLOW_TRACKING_URI and leaves none: `mlflow.set_tracking_uri` writes it."""
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def frame_level(index: int) -> int:

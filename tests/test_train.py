@@ -64,10 +64,7 @@ def test_train_registers_a_model_that_loads_and_scores(workdir):
     assert version.tags["source_run"] == outcome.run_id
     assert str(client.get_model_version_by_alias(outcome.model_name, "champion").version) == outcome.version
 
-    import mlflow
-
-    mlflow.set_tracking_uri(outcome.tracking_uri)
-    model, loaded_cfg = load_model(f"models:/{outcome.model_name}@latest")
+    model, loaded_cfg = load_model(f"models:/{outcome.model_name}@latest", outcome.tracking_uri)
     assert loaded_cfg == cfg
     test = read_shards(cfg.data.shards, "test")
     encoded = encode_split(model, test, build_tokenizer(cfg.model, cfg.data.max_words))

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import pyarrow.parquet as pq
 import torch
 
@@ -27,7 +26,7 @@ from hvd.eval.report import experiment_name, log_eval_run, metric_table, write_r
 from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, build_tokenizer
-from hvd.tracking import tracking_uri
+from hvd.tracking import active_tracking_uri, tracking_uri
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
 MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jpeg_quality", "max_words")
@@ -178,8 +177,8 @@ def evaluate(
         raise ValueError("give exactly one of --manifest FILE or --shards DIR")
     check_eval_config(cfg)
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    model, trained, source = load_model_source(model_uri)
+    with active_tracking_uri(uri):
+        model, trained, source = load_model_source(model_uri)
     cfg = job_config(cfg, trained)
     print(
         f"model {source.uri}: {source.name} version {source.version}, {cfg.model.preset}/{cfg.model.head}",

@@ -51,7 +51,6 @@ def log_eval_run(
     artifacts: Iterable[Path],
 ) -> str:
     """A finished MLflow run in experiment `eval/<benchmark>` with the config as params; its id."""
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     name = experiment_name(tags["benchmark"])
     experiment = client.get_experiment_by_name(name)
