@@ -3,6 +3,12 @@
 Every rank gathers the features of all ranks, with gradients, and computes the loss of the whole
 global batch; the gather's backward sums the ranks' gradients into each rank's own features. Under
 DDP (which averages gradients over ranks) the update is then that of one process on the global batch.
+
+The gather uses blocking collectives (`dist.all_gather`, `dist.all_reduce`) whose buffers Python holds
+for the whole call. torch's asynchronous functional collectives did the same job and corrupted the heap
+of a gloo training worker now and then: glibc's "malloc_consolidate(): unaligned fastbin chunk", then
+SIGSEGV in `__libc_malloc`, inside `wait_tensor` on a gathered feature (docs/benchmarks.md, "Training
+engine").
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed._functional_collectives import all_gather_single
 
 from hvd.model.features import FeaturesT
 
@@ -22,10 +27,31 @@ def symmetric_infonce(logits: Tensor) -> Tensor:
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+class _AllGather(torch.autograd.Function):
+    """Every rank's tensor concatenated along dim 0; backward: this rank's slice of the summed gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        if tensor.numel() == 0:  # gloo cannot move zero bytes; every rank holds the same empty shape
+            return torch.cat([tensor] * world)
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        if grad.numel():
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def _gather(tensor: Tensor) -> Tensor:
     if tensor.dtype == torch.bool:  # not every backend moves bools
         return _gather(tensor.to(torch.uint8)).bool()
-    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
+    return _AllGather.apply(tensor)
 
 
 def gather_across_ranks(features: FeaturesT) -> FeaturesT:
