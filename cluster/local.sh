@@ -14,7 +14,8 @@
 # authentication stays on, with a token private to this cluster.
 # HVD_CLUSTER_DIR (default /tmp/hvd-cluster-$UID; keep it short, Ray's socket paths live under it) holds
 # pids, ports, logs and the token. HVD_MLFLOW_DIR (default runs/mlflow-server) keeps MLflow's SQLite store
-# and artifacts across down and up.
+# and artifacts across down and up. HVD_ROOT (default this checkout), fixed when the head starts, is every
+# node's project root: relative data, shard and checkpoint paths of every job resolve against it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -112,7 +113,8 @@ node_args() { # node_args NAME
 
 # RAY_ADDRESS in each node's environment points Ray's own helpers that look the cluster up (Ray Train's
 # placement group cleaner, the state API) at this cluster rather than at another one on the machine.
-# MLFLOW_TRACKING_URI there reaches every job's driver.
+# MLFLOW_TRACKING_URI and HVD_ROOT there reach every job's driver: jobs run in a copy of the working
+# directory, so relative paths resolve against HVD_ROOT, one folder for both nodes.
 start_node() { # start_node NAME RAY_START_FLAGS...: start it and wait until the cluster lists it ALIVE
     local name="$1" args
     shift
@@ -120,6 +122,7 @@ start_node() { # start_node NAME RAY_START_FLAGS...: start it and wait until the
     # shellcheck disable=SC2086  # $args is a list of flags
     spawn "$name" "${CLUSTER_ENV[@]}" "RAY_ADDRESS=127.0.0.1:$GCS_PORT" \
         "MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")" \
+        "HVD_ROOT=$(cat "$STATE/hvd_root")" \
         "$BIN/ray" start --block --temp-dir="$STATE/$name" "$@" $args
     wait_for "Ray $name node" "$name" node_alive "${args%% *}"
 }
@@ -139,6 +142,8 @@ start_head() {
     local client_port
     read -r GCS_PORT DASHBOARD_PORT client_port <<<"$(free_ports 3)"
     printf '%s\n' "GCS_PORT=$GCS_PORT" "DASHBOARD_PORT=$DASHBOARD_PORT" >"$STATE/head.ports"
+    mkdir -p "${HVD_ROOT:-$ROOT}"
+    (cd "${HVD_ROOT:-$ROOT}" && pwd) >"$STATE/hvd_root" # absolute, and the same for a worker that restarts
     start_node head --head --port="$GCS_PORT" --include-dashboard=true --dashboard-host=127.0.0.1 \
         --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$client_port" --resources='{"cpu_node": 1}'
     log "Ray head at 127.0.0.1:$GCS_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT"
@@ -156,6 +161,7 @@ exports() {
     echo "export RAY_AUTH_MODE=token"
     echo "export RAY_AUTH_TOKEN_PATH=$STATE/auth_token"
     echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")"
+    printf 'export HVD_ROOT=%q\n' "$(cat "$STATE/hvd_root")"
 }
 
 stop() { # stop NAME: its process group, politely, then firmly after 30 s

@@ -1,7 +1,8 @@
 """One structured config for every stage: YAML files in `configs/` plus `key=value` overrides.
 
 The same `Config` object travels from the command line to data preparation, training, evaluation
-and, flattened, into MLflow params, so a run is reproducible from what MLflow recorded.
+and, flattened, into MLflow params, so a run is reproducible from what MLflow recorded. Its relative
+paths are made absolute under the project root (`HVD_ROOT`, see `hvd.paths`) as it is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from hvd.paths import resolve_path, resolve_tracking_uri
 
 
 class ConfigError(ValueError):
@@ -62,6 +65,7 @@ class DataConfig:
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
     shard_videos: int = 256  # videos per decode task, so at most per Parquet shard file
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
+    train_decode_cpus: float = 0.5  # CPUs per Ray Data task that decodes and tokenises training batches
 
 
 @dataclass
@@ -89,8 +93,8 @@ class TrainConfig:
     weight_decay: float = 0.2
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
-    checkpoint_every_steps: int = 0  # 0 = once per epoch
-    max_failures: int = 0
+    checkpoint_every_steps: int = 20  # also checkpoint every N steps (0 = only at epoch ends): what a restart redoes
+    max_failures: int = 2  # worker group restarts from the last checkpoint before the run fails
     storage_path: str = "runs/ray"
     fail_at_step: int = -1  # test-only fault injection: a worker exits at this global step
     placement_strategy: str = "PACK"  # how workers spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
@@ -114,7 +118,7 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db
+    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db under the project root
     experiment: str = "hvd"
     model_name: str = "hvd"  # registered model name
 
@@ -140,6 +144,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
+# Keys naming a file or folder: a relative value is joined onto the project root (hvd.paths) when loaded.
+PATH_KEYS = (
+    "synthetic.out", "data.manifest", "data.shards", "model.pretrained", "train.storage_path", "eval.out",
+    "eval.cache",
+)
+
 
 def _error_key(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None) or getattr(err, "key", None)
@@ -164,8 +174,17 @@ def _check_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"bad value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
 
 
+def _resolve_paths(cfg: DictConfig) -> None:
+    """Relative paths absolute under the project root, once, so every node and MLflow see the same path."""
+    resolvers = {**dict.fromkeys(PATH_KEYS, resolve_path), "tracking.uri": resolve_tracking_uri}
+    for key, resolve in resolvers.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (resolved := resolve(value)) != value:
+            OmegaConf.update(cfg, key, resolved)
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then a YAML file, then `key=value` overrides; every error names its key."""
+    """Defaults, then a YAML file, then `key=value` overrides, paths made absolute; every error names its key."""
     cfg = OmegaConf.structured(Config)
     if config_file is not None:
         path = Path(config_file)
@@ -177,6 +196,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     _check_choices(cfg)
+    _resolve_paths(cfg)
     return OmegaConf.to_object(cfg)
 
 
@@ -196,7 +216,7 @@ def flatten(cfg: Config) -> dict[str, Any]:
 def describe(sections: tuple[str, ...]) -> str:
     """The `--help` text for the given sections: every key, its type and its default."""
     defaults = Config()
-    lines = ["config keys (override with key=value):"]
+    lines = ["config keys (override with key=value; relative paths are under HVD_ROOT, else the cwd):"]
     for section in sections:
         obj = getattr(defaults, section)
         lines.append(f"  {section}:")
@@ -207,6 +227,7 @@ def describe(sections: tuple[str, ...]) -> str:
 
 
 __all__ = [
+    "PATH_KEYS",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -20,6 +20,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten, load_config, to_yaml
+from hvd.paths import resolve_tracking_uri
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CONFIG_ARTIFACT = "config.yaml"
@@ -27,15 +28,12 @@ CHAMPION_METRIC = "val/t2v/R1"
 
 
 def tracking_uri(cfg: Config) -> str:
-    """`MLFLOW_TRACKING_URI`, else the config, else a SQLite file in the working directory.
+    """`MLFLOW_TRACKING_URI`, else the config, else a SQLite file under the project root (`HVD_ROOT`).
 
-    A relative SQLite path is made absolute, because Ray workers do not share the driver's cwd.
+    A relative SQLite path is made absolute under that root, because Ray workers do not share the
+    driver's cwd.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or DEFAULT_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
+    return resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or DEFAULT_URI)
 
 
 @contextlib.contextmanager

@@ -9,17 +9,21 @@ With no arguments it runs the embedded default end to end on the synthetic demo 
 from __future__ import annotations
 
 import sys
+import time
 
-from hvd.cli import parse_args
+from hvd.cli import fail, parse_args
 from hvd.tracking import ui_command
-from hvd.train.trainer import fit
+from hvd.train.trainer import TrainingFailed, fit
 
 SECTIONS = ("run", "synthetic", "data", "model", "train", "eval", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
-    outcome = fit(cfg)
+    try:
+        outcome = fit(cfg)
+    except TrainingFailed as err:
+        fail(str(err))
     print(f"\nMLflow run      {outcome.run_id}")
     print(f"registered      {outcome.model_name} version {outcome.version}"
           f" (aliases: latest{', champion' if outcome.champion else ''})")
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     for direction in ("t2v", "v2t"):
         row = [outcome.test.get(f"{direction}/{k}", float("nan")) for k in ("R1", "R5", "R10", "MdR")]
         print(f"{direction:<15} " + " ".join(f"{v:6.1f}" for v in row))
+    restarts = ", ".join(f"step {r.step} at {time.strftime('%H:%M:%S', time.localtime(r.time_s))}" for r in outcome.restarts)
+    print(f"resumed         {len(outcome.restarts)} time(s) from a checkpoint{': ' + restarts if restarts else ''}")
     print(f"MLflow UI       {ui_command(outcome.tracking_uri)}")
 
 

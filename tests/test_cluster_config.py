@@ -134,6 +134,26 @@ def test_cluster_state_lives_where_every_node_sees_it(cluster_cfg):
         assert SHARED_FS in {mount["mountPath"] for mount in mounts}
 
 
+def test_every_node_type_resolves_relative_paths_on_shared_storage():
+    """HVD_ROOT on every node: a job's relative paths then name one shared folder, not each node's own copy."""
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(f"HVD_ROOT={SHARED_FS} " in command for command in starts)
+    for name, spec in launcher["available_node_types"].items():  # no node type starts Ray its own way
+        assert not {"head_start_ray_commands", "worker_start_ray_commands"} & spec.keys(), name
+
+    for cluster in [*kuberay_documents("RayCluster"), *(job["spec"]["rayClusterSpec"] for job in kuberay_documents("RayJob"))]:
+        spec = cluster.get("spec", cluster)
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            (container,) = group["template"]["spec"]["containers"]
+            env = {var["name"]: var.get("value") for var in container["env"]}
+            assert env.get("HVD_ROOT") == SHARED_FS, group.get("groupName", "head")
+
+    local = (ROOT / "cluster" / "local.sh").read_text()
+    assert '"HVD_ROOT=$(cat "$STATE/hvd_root")"' in local  # start_node: the head and the second node
+    assert "export HVD_ROOT=" in local
+
+
 def test_kuberay_manifests_are_one_layout_running_this_project(monkeypatch):
     monkeypatch.setenv("HVD_BUCKET", "s3://test-bucket/hvd")
     (cluster,) = kuberay_documents("RayCluster")

@@ -154,7 +154,8 @@ def test_global_embeddings_reproduce_the_meanp_score(tokens, frames):
 @pytest.mark.parametrize("head", ["hvd", "meanp"])
 def test_gradients_reach_the_backbone_and_every_new_module(head, tokens, frames):
     model = tiny_model(head)
-    loss, metrics = model(tokens, frames)  # forward: the loss, as DDP calls it
+    pixels = torch.randint(0, 256, (len(CAPTIONS), FRAMES, 64, 64, 3), dtype=torch.uint8)
+    loss, metrics = model(tokens, pixels)  # forward: the loss from uint8 frames, as DDP calls it
     loss.backward()
     expected = {"hvd": {"loss_sentence_frames", "loss_words_patches"}, "meanp": {"loss_sentence_video"}}[head]
     assert set(metrics) == expected | {"logit_scale"}

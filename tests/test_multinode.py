@@ -2,11 +2,13 @@
 
 Proves what one node cannot: decode tasks spread over nodes or pin to the node type named by
 `data.decode_resources`; training places one worker per node (STRICT_SPREAD) and logs to MLflow over
-HTTP; losing a node mid-training costs a restart from the last checkpoint, in the same MLflow run.
+HTTP; losing a node mid-training costs a restart from the last checkpoint, in the same MLflow run; the
+README's command, with no overrides, puts every relative path under the nodes' shared HVD_ROOT.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +62,7 @@ class LocalCluster:
             "HVD_VENV": str(BIN.parent),
             "HVD_CLUSTER_DIR": str(self.state),
             "HVD_MLFLOW_DIR": str(workdir / "mlflow"),
+            "HVD_ROOT": str(workdir / "root"),  # local.sh hands it to both nodes: relative paths land here
         }
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("RAY_AUTH_TOKEN", None)
@@ -179,19 +182,22 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
 
     status, logs = cluster.wait_job("train")
     assert status == "SUCCEEDED", logs[-5000:]
-    assert "registered      hvd version 1" in logs
+    registered = re.search(r"registered      hvd version (\d+)", logs)
+    assert registered, logs[-3000:]
+    version = registered.group(1)
 
     # MLflow over HTTP: one run, resumed from the checkpoint that existed when the node died.
     uri = cluster.env["MLFLOW_TRACKING_URI"]
     assert f"at {uri}" in logs and uri.startswith("http://127.0.0.1:")
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("hvd").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("hvd").experiment_id],
+                                filter_string="tags.mlflow.runName = 'multinode'")
     assert run.info.status == "FINISHED"
     resumed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")]
     assert len(resumed) == 1 and resumed[0][0] >= killed_after_step > 0
     loss_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 9  # no step logged twice, none missing at the end
-    assert client.get_model_version("hvd", "1").tags["source_run"] == run.info.run_id
+    assert client.get_model_version("hvd", version).tags["source_run"] == run.info.run_id
     assert list((cluster.workdir / "mlflow" / "artifacts").rglob("config.yaml"))  # artifacts went through the server
 
     after = cluster.query("train")
@@ -201,3 +207,31 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
     assert {node for j, node in after["decode"] if j == job} == {head, worker}  # decoding used both nodes
     placed = {node for j, node in after["train_workers"] if j == job}
     assert placed == {head, worker, restarted}  # one worker per node, before and after the loss
+
+
+def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
+    """`ray job submit --working-dir . -- python pipelines/train.py`, nothing added: the demo's relative paths
+    name one folder under the nodes' HVD_ROOT, not each node's copy of the working directory."""
+    root = Path(cluster.env["HVD_ROOT"])
+    assert not root.is_relative_to(ROOT)
+    client = MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
+    before = {v.version for v in client.search_model_versions("name = 'hvd'")}
+
+    cluster.submit("headline", "python", "pipelines/train.py")
+    status, logs = cluster.wait_job("headline", timeout=1700)  # the demo: ~1000 videos, 8 epochs
+    assert status == "SUCCEEDED", logs[-5000:]
+
+    synthetic, shards, storage = root / "data" / "synthetic-demo", root / "data" / "shards-demo", root / "runs" / "ray"
+    assert (synthetic / "manifest.jsonl").is_file()
+    summary = json.loads((shards / "_summary.json").read_text())
+    assert summary["written"] > 0 and summary["input"] == summary["written"] + summary["quarantined"]
+    assert list(storage.glob("hvd-tiny-demo-*/checkpoint_*"))
+
+    (version,) = [v for v in client.search_model_versions("name = 'hvd'") if v.version not in before]
+    assert f"registered      hvd version {version.version}" in logs
+    run = client.get_run(version.tags["source_run"])
+    assert run.info.run_name == "hvd-tiny-demo" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["synthetic.out"], params["data.shards"], params["train.storage_path"]) == tuple(
+        map(str, (synthetic, shards, storage))
+    )

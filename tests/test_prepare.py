@@ -6,7 +6,6 @@ from pathlib import Path
 
 import decord
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -17,15 +16,10 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from hvd.config import Config, SyntheticConfig, load_config
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
-from hvd.data.shards import (
-    decode_frames,
-    frames_uint8,
-    open_shards,
-    read_shards,
-    shard_summary,
-    tokenize_captions,
-)
+from hvd.data.shards import frames_uint8, read_shards, shard_summary
 from hvd.data.synthetic import generate
+from hvd.model import build_model, build_tokenizer
+from hvd.train.inputs import caption_choice, epoch_batches, training_dataset
 
 _CLI = importlib.util.spec_from_file_location("prepare_cli", Path(__file__).parents[1] / "pipelines" / "prepare.py")
 prepare_cli = importlib.util.module_from_spec(_CLI)
@@ -180,19 +174,40 @@ def test_cli_prints_the_identity_and_fails_only_when_nothing_is_written(messy, t
     assert (tmp_path / "none" / SUMMARY_FILE).is_file()
 
 
-def test_ray_reader_gives_normalised_tensors_and_tokens(raw_shards, jpeg_shards):
-    rows = list(open_shards(jpeg_shards, "test", ordered=True).iter_rows())
-    raw = {r["video_id"]: r for r in read_shards(raw_shards, "test").to_pylist()}
-    assert [r["video_id"] for r in rows] == list(raw)  # sorted, like the local reader
-    for row in rows:
-        frames = decode_frames(row, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
-        assert frames.shape == (12, 3, 64, 64) and frames.dtype == torch.float32
-        jpeg_error = np.abs(frames_uint8(row).astype(int) - frames_uint8(raw[row["video_id"]])).mean()
-        assert jpeg_error < 6  # grey levels: JPEG at quality 90 of a textured clip
-    pixels = torch.from_numpy(frames_uint8(raw[rows[0]["video_id"]])).permute(0, 3, 1, 2).float() / 255
-    mean, std = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
-    torch.testing.assert_close(decode_frames(raw[rows[0]["video_id"]], OPENAI_DATASET_MEAN, OPENAI_DATASET_STD), (pixels - mean) / std)
+def test_training_inputs_decode_in_ray_data_and_normalise_on_the_model(raw_shards, jpeg_shards):
+    cfg = config(f"data.shards={jpeg_shards}", "train.batch_size=8")
+    raw = {r["video_id"]: r for r in read_shards(raw_shards, "train").to_pylist()}
+    jpeg = {r["video_id"]: r for r in read_shards(jpeg_shards, "train").to_pylist()}
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
 
-    tokens = tokenize_captions(rows[0]["captions"], open_clip.get_tokenizer("ViT-B-32"), max_words=32)
-    assert tokens.shape == (len(rows[0]["captions"]), 32) and tokens.dtype == torch.long
-    assert tokens[0, 0] == 49406 and (tokens[0] == 49407).sum() == 1  # open_clip start and end tokens
+    seen = {}
+    for epoch in (0, 1):
+        iterator = training_dataset(cfg, jpeg_shards).iterator()
+        for batch in epoch_batches(iterator, batch_size=8, seed=0, epoch=epoch, pin_memory=False):
+            assert batch["frames"].dtype == torch.uint8 and batch["frames"].shape == (8, 12, 64, 64, 3)
+            assert batch["tokens"].dtype == torch.long and batch["tokens"].shape == (8, 32)
+            for frames, tokens in zip(batch["frames"], batch["tokens"], strict=True):
+                # which video: the decoded frames of exactly one row match, bit for bit
+                (video_id,) = [v for v, row in jpeg.items() if np.array_equal(frames.numpy(), frames_uint8(row))]
+                assert np.abs(frames.numpy().astype(int) - frames_uint8(raw[video_id])).mean() < 6  # JPEG q90
+                captions = jpeg[video_id]["captions"]
+                expected = captions[caption_choice(0, epoch, video_id, len(captions))]
+                torch.testing.assert_close(tokens, tokenizer([expected])[0])
+                seen.setdefault(video_id, set()).add(expected)
+    assert seen.keys() == raw.keys()  # 24 train videos, 3 batches of 8, nothing dropped
+    assert any(len(drawn) == 2 for drawn in seen.values())  # a fresh caption draw in the next epoch
+
+    model = build_model(cfg.model)
+    frames = torch.from_numpy(np.stack([frames_uint8(raw[v]) for v in sorted(raw)[:2]]))
+    pixels = frames.permute(0, 1, 4, 2, 3).float() / 255
+    mean, std = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
+    torch.testing.assert_close(model.normalize_frames(frames), (pixels - mean) / std)
+    with pytest.raises(ValueError, match="uint8"):
+        model.normalize_frames(pixels)
+
+
+def test_expand_captions_trains_on_every_caption(jpeg_shards):
+    cfg = config("data.expand_captions=true")
+    rows = list(training_dataset(cfg, jpeg_shards).iter_rows())
+    captions = read_shards(jpeg_shards, "train")["captions"].to_pylist()
+    assert len(rows) == sum(len(c) for c in captions) and all(len(row["tokens"]) == 1 for row in rows)

@@ -54,7 +54,8 @@ def test_train_registers_a_model_that_loads_and_scores(workdir):
     assert run.info.status == "FINISHED"
     assert run.data.params["model.head"] == "hvd" and run.data.params["train.epochs"] == "2"
     assert run.data.tags["head"] == "hvd" and len(run.data.tags["dataset_fingerprint"]) == 16
-    for key in ("train/loss", "train/lr", "train/samples_per_s", "val/t2v/R1", "val/v2t/MdR", "test/t2v/R1"):
+    for key in ("train/loss", "train/lr", "train/samples_per_s", "train/data_wait_s", "val/t2v/R1", "val/v2t/MdR",
+                "test/t2v/R1"):
         assert key in run.data.metrics, key
     assert [step for step, _ in _history(client, outcome.run_id, "val/t2v/R1")] == [3, 6]
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
@@ -82,12 +83,13 @@ def test_lost_worker_restarts_from_checkpoint_into_the_same_run(workdir):
     # from the newest checkpoint Ray Train had registered when the worker died: step 4, or step 3
     # when the step-4 report was still in flight
     assert _history(client, outcome.run_id, "train/resumed_from_step") in ([(4, 4.0)], [(3, 3.0)])
+    assert [r.step for r in outcome.restarts] in ([4], [3])  # what the final summary reports
     loss_steps = [step for step, _ in _history(client, outcome.run_id, "train/loss")]
     assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 6  # the uninterrupted run's last step
 
 
 def test_rerun_of_a_failed_run_resumes_it(workdir):
-    cfg = tiny(workdir, "resume", "train.fail_at_step=4")  # no retries: the first attempt fails in epoch 2
+    cfg = tiny(workdir, "resume", "train.fail_at_step=4", "train.max_failures=0")  # the first attempt fails in epoch 2
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's exit in its own error type
         fit(cfg)
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")

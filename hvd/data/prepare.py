@@ -29,9 +29,11 @@ import ray
 from hvd.config import Config
 from hvd.data.decode import FrameSpec, decode_clip
 from hvd.data.manifest import SPLITS, fingerprint, read_manifest, resolve_video_path
+from hvd.data.shards import SUMMARY_FILE
+from hvd.paths import require_shared_paths
+from hvd.worker_setup import RUNTIME_ENV
 
 SHARD_FORMAT = 1  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
-SUMMARY_FILE = "_summary.json"
 QUARANTINE_FILE = "quarantine.parquet"
 METADATA_KEY = b"hvd"
 
@@ -173,13 +175,18 @@ def _quarantine_rows(batch: pa.Table) -> pa.Table:
 
 
 def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray; an already running Ray is kept."""
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray; an already running Ray is kept.
+
+    Every worker process runs `hvd.worker_setup.setup_worker` first; Ray Data's progress bars stay off
+    (hundreds of redrawn lines a run): each pipeline prints its own summary.
+    """
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=RUNTIME_ENV)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=RUNTIME_ENV)
 
 
 def _written(folder: Path) -> tuple[int, int]:
@@ -207,6 +214,7 @@ def prepare(cfg: Config, manifest: Path, out: Path, overwrite: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
 
     ensure_ray()
+    require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
     items = [
         {"video_id": e.video_id, "split": e.split, "captions": e.captions, "path": str(resolve_video_path(e, manifest))}
         for e in sorted(entries, key=lambda e: e.video_id)  # each block, so each shard, a contiguous id range

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from PIL import Image
 
 from hvd.data.manifest import SPLITS
-from hvd.data.prepare import SUMMARY_FILE
+
+SUMMARY_FILE = "_summary.json"  # written last by prepare: its presence marks a finished folder
 
 
 class ShardError(ValueError):
@@ -44,14 +44,9 @@ def _split_dir(shards: str | Path, split: str) -> Path:
     return Path(shards) / split
 
 
-def open_shards(shards: str | Path, split: str, ordered: bool = False) -> ray.data.Dataset:
-    """One split as a Ray Dataset, rows in no fixed order unless `ordered` (sorted by video_id).
-
-    The sort is a distributed exchange costing seconds even on a small split; training shuffles anyway,
-    and evaluation can carry `video_id` along or use `read_shards` for a small split.
-    """
-    dataset = ray.data.read_parquet(str(_split_dir(shards, split)))
-    return dataset.sort("video_id") if ordered else dataset
+def open_shards(shards: str | Path, split: str) -> ray.data.Dataset:
+    """One split as a Ray Dataset, rows in no fixed order (carry `video_id` along where order matters)."""
+    return ray.data.read_parquet(str(_split_dir(shards, split)))
 
 
 def read_shards(shards: str | Path, split: str, columns: Sequence[str] | None = None) -> pa.Table:
@@ -68,18 +63,3 @@ def frames_uint8(row: Mapping[str, Any]) -> np.ndarray:
     if codec == "jpeg":
         return np.stack([np.asarray(Image.open(io.BytesIO(frame)).convert("RGB")) for frame in row["frames"]])
     raise ShardError(f"video {row['video_id']}: unknown frame codec {codec!r}")
-
-
-def decode_frames(row: Mapping[str, Any], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """A row's frames as the model's input: float `[T, 3, H, W]`, scaled to [0, 1] then normalised."""
-    frames = torch.from_numpy(frames_uint8(row)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (frames - mean_t) / std_t
-
-
-def tokenize_captions(
-    captions: Sequence[str], tokenizer: Callable[..., torch.Tensor], max_words: int
-) -> torch.Tensor:
-    """`[C, max_words]` token ids; `tokenizer` is called like open_clip's: `tokenizer(texts, context_length=n)`."""
-    return tokenizer(list(captions), context_length=max_words)

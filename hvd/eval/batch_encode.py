@@ -17,7 +17,7 @@ import torch
 
 from hvd.config import Config
 from hvd.data.shards import open_shards, read_shards
-from hvd.eval.encode import EncodedSplit, frames_tensor
+from hvd.eval.encode import EncodedSplit, encode_rows
 from hvd.eval.source import rebuild
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
 
@@ -36,7 +36,7 @@ class _ModelActor:
 class VideoEncoder(_ModelActor):
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        features = self.model.encode_video(frames_tensor(batch.to_pylist())).to("cpu")
+        features = encode_rows(self.model, batch.to_pylist()).to("cpu")
         return {
             "video_id": np.asarray(batch["video_id"].to_pylist(), dtype=object),
             "frames": features.frames.numpy(),

@@ -10,13 +10,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
-from hvd.data.shards import decode_frames
+from hvd.data.shards import frames_uint8
 from hvd.eval.metrics import retrieval_metrics
-from hvd.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel, TextFeatures, VideoFeatures
+from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
 
 Tokenizer = Callable[[list[str]], Tensor]
 
@@ -30,9 +31,9 @@ class EncodedSplit:
     captions: list[str]
 
 
-def frames_tensor(rows: list[Mapping[str, Any]]) -> Tensor:
-    """Rows of a shard -> the model's input `[B, T, 3, H, W]`, normalised."""
-    return torch.stack([decode_frames(row, IMAGE_MEAN, IMAGE_STD) for row in rows])
+def encode_rows(model: RetrievalModel, rows: list[Mapping[str, Any]]) -> VideoFeatures:
+    """Shard rows -> video features: frames go to the model's device as uint8 and are normalised there."""
+    return model.encode_video(model.normalize_frames(torch.from_numpy(np.stack([frames_uint8(row) for row in rows]))))
 
 
 @torch.no_grad()
@@ -43,7 +44,7 @@ def encode_split(model: RetrievalModel, table: pa.Table, tokenizer: Tokenizer, b
     rows = table.to_pylist()
     captions = [caption for row in rows for caption in row["captions"]]
     text_video = torch.tensor([index for index, row in enumerate(rows) for _ in row["captions"]])
-    videos = [model.encode_video(frames_tensor(rows[i : i + batch_size])) for i in range(0, len(rows), batch_size)]
+    videos = [encode_rows(model, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     texts = [model.encode_text(tokenizer(captions[i : i + batch_size])) for i in range(0, len(captions), batch_size)]
     model.train(was_training)
     return EncodedSplit(

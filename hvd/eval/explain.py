@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from hvd.data.shards import decode_frames, frames_uint8
+from hvd.data.shards import frames_uint8
 from hvd.eval.encode import Tokenizer
-from hvd.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel
+from hvd.model import RetrievalModel
 
 
 @dataclass
@@ -58,7 +58,7 @@ def explain_pairs(
     for caption, video_id, rank in pairs:
         row = rows[video_id]
         sentence = model.encode_text(tokenizer([caption])).sentence[0]
-        images = decode_frames(row, IMAGE_MEAN, IMAGE_STD).to(model.device)
+        images = model.normalize_frames(torch.from_numpy(frames_uint8(row))[None])[0]
         pooled, patches = model.backbone.encode_images(images, with_patches=True)
         parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float())
         grid = int(np.sqrt(patches.shape[1]))

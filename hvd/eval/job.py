@@ -26,6 +26,7 @@ from hvd.eval.report import experiment_name, log_eval_run, metric_table, write_r
 from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, build_tokenizer
+from hvd.paths import require_shared_paths, resolve_path
 from hvd.tracking import active_tracking_uri, tracking_uri
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
@@ -175,6 +176,7 @@ def evaluate(
     """Evaluate the model behind `model_uri` on a manifest (prepared and cached) or on prepared shards."""
     if (manifest is None) == (shards is None):
         raise ValueError("give exactly one of --manifest FILE or --shards DIR")
+    manifest, shards = (Path(resolve_path(str(p))) if p is not None else None for p in (manifest, shards))
     check_eval_config(cfg)
     uri = tracking_uri(cfg)
     with active_tracking_uri(uri):
@@ -186,6 +188,10 @@ def evaluate(
     )
 
     ensure_ray()
+    require_shared_paths({
+        "--manifest": manifest, "--shards": shards, "eval.cache": cfg.eval.cache if manifest else None,
+        "eval.out": cfg.eval.out, "tracking.uri": uri,
+    })
     benchmark = benchmark_name(cfg, manifest, shards)
     shards = prepared_shards(cfg, manifest, benchmark) if manifest is not None else shards
     check_frames(shards, model)

@@ -1,8 +1,8 @@
 """The HVD text-video retrieval model: CLIP tokens, FFSM frame selection, PFCM patch compression."""
 
-from hvd.model.factory import IMAGE_MEAN, IMAGE_STD, build_model, build_tokenizer
+from hvd.model.factory import build_model, build_tokenizer
 from hvd.model.features import TextFeatures, VideoFeatures
-from hvd.model.model import RetrievalModel
+from hvd.model.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel
 from hvd.model.pretrained import load_pretrained, save_weights
 
 __all__ = [

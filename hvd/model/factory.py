@@ -14,9 +14,6 @@ from hvd.model.model import RetrievalModel
 from hvd.model.presets import preset_config
 from hvd.model.pretrained import load_pretrained
 
-IMAGE_MEAN: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN
-IMAGE_STD: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
-
 
 def _check(cfg: ModelConfig) -> None:
     checks = {

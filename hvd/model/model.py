@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +16,8 @@ from hvd.model.heads import mean_frame_embedding
 from hvd.model.losses import gather_across_ranks, symmetric_infonce
 
 MAX_LOGIT_SCALE = 100.0
+IMAGE_MEAN: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN  # CLIP's pixel statistics
+IMAGE_STD: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
 
 
 class RetrievalModel(nn.Module):
@@ -23,6 +26,9 @@ class RetrievalModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.score_budget_bytes = score_budget_mb * 2**20
+        # Buffers, not parameters: they follow the model to its device and stay out of the state dict.
+        self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(3, 1, 1), persistent=False)
 
     @property
     def image_size(self) -> int:
@@ -72,9 +78,23 @@ class RetrievalModel(nn.Module):
             frames=F.normalize(pooled.float(), dim=-1).unflatten(0, (batch, time)), patches=kept.float()
         )
 
+    def normalize_frames(self, frames: Tensor) -> Tensor:
+        """uint8 frames [B, T, H, W, 3], as shards store them -> the model's input [B, T, 3, H, W], on its device.
+
+        Only uint8 crosses to the device (a quarter of float32's bytes); scaling and CLIP's mean and std
+        run there.
+        """
+        if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be uint8 [batch, time, height, width, 3], got {frames.dtype} {list(frames.shape)}")
+        pixels = frames.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)
+        return (pixels - self.image_mean) / self.image_std
+
     def forward(self, tokens: Tensor, frames: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """A training step's loss from token ids and frames: the call DDP needs to wrap."""
-        return self.loss(self.encode_text(tokens), self.encode_video(frames))
+        """One training step's loss from token ids [B, L] and uint8 frames [B, T, H, W, 3].
+
+        The call DistributedDataParallel wraps: its gradient all-reduce overlaps this step's backward.
+        """
+        return self.loss(self.encode_text(tokens), self.encode_video(self.normalize_frames(frames)))
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         """The head's named [Nt, Nv] similarity matrices, with gradients, in one piece.

@@ -1,50 +1,78 @@
 """The training loop every Ray Train worker runs, readable top to bottom.
 
 Each worker encodes its share of the global batch; the loss gathers features from all ranks (with
-gradients), so every rank computes the same global-batch loss, and averaged gradients equal the
-single-process gradient of that loss. Rank 0 validates, logs to MLflow and writes checkpoints.
+gradients), so every rank computes the same global-batch loss, and DistributedDataParallel's averaged
+gradients equal the single-process gradient of that loss (tests/test_model_distributed.py). Frames
+arrive decoded (`hvd.train.inputs`); rank 0 validates, logs to MLflow and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from omegaconf import OmegaConf
+from torch import Tensor, nn
 
 from hvd.config import Config
 from hvd.data.shards import read_shards
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.tracking import MetricLogger
-from hvd.train.batches import training_batch
 from hvd.train.checkpoint import load_state, save_state
+from hvd.train.inputs import epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
 
 SCORE_KEY = "val_score"  # what the best checkpoint is chosen by: val t2v R@1, -1 for mid-epoch saves
+RESUMED_METRIC = "train/resumed_from_step"  # logged by rank 0 each time the worker group resumes
 LOG_EVERY_STEPS = 10
+T = TypeVar("T")
 
 
-def average_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """All-reduce every gradient in one flat buffer and divide by the number of workers."""
-    if world_size == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    tokens: Tensor,
+    frames: Tensor,
+    grad_clip: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """One optimisation step; `model` is the DDP-wrapped model when there are several workers."""
+    loss, parts = model(tokens, frames)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # DDP all-reduces gradient buckets while the rest of backward runs
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), parts
+
+
+def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
+    """Each item with the seconds the loop waited for it: near zero while prefetching keeps up."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        yield time.perf_counter() - started, item
+
+
+def use_fast_cuda_math() -> None:
+    """TF32 tensor cores for the fp32 matmuls left outside bf16 autocast (the loss, the optimizer)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def inject_fault(cfg: Config, step: int, rank: int, world_size: int, marker: Path) -> None:
@@ -67,14 +95,17 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(loop_config["config_yaml"])))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     steps_per_epoch, total_steps = loop_config["steps_per_epoch"], loop_config["steps_per_epoch"] * cfg.train.epochs
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        use_fast_cuda_math()
 
-    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model).to(device)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model).to(device)  # on the device before the optimizer, so its state lands there too
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
     optimizer = build_optimizer(model, cfg.train, cfg.model)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
@@ -89,11 +120,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         step, epoch, best_score = state["step"], state["epoch"], state["best_score"]
+    ddp_model = ray.train.torch.prepare_model(model)  # DistributedDataParallel when world > 1
 
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if logger is not None and checkpoint is not None:
         print(f"resumed from checkpoint: epoch {epoch}, step {step}/{total_steps}", flush=True)
-        logger.client.log_metric(loop_config["run_id"], "train/resumed_from_step", step, step=step)
+        logger.client.log_metric(loop_config["run_id"], RESUMED_METRIC, step, step=step)
     monitor = None
     if rank == 0:
         monitor = SystemMetricsMonitor(loop_config["run_id"], tracking_uri=loop_config["tracking_uri"], resume_logging=step > 0)
@@ -112,41 +144,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     while epoch < cfg.train.epochs:
         model.train()
         done_in_epoch = step - epoch * steps_per_epoch  # batches already trained before a restart
-        started, samples = time.perf_counter(), 0
-        batches = shard.iter_batches(
-            batch_size=per_worker_batch,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=4 * per_worker_batch,
-            local_shuffle_seed=cfg.run.seed + epoch,
-        )
-        for index, batch in enumerate(batches):
+        started, samples, waited = time.perf_counter(), 0, 0.0
+        batches = epoch_batches(shard, per_worker_batch, cfg.run.seed, epoch, pin_memory=device.type == "cuda")
+        for index, (wait_s, batch) in enumerate(timed(batches)):
             if index >= steps_per_epoch:
                 break
+            waited += wait_s
             if index < done_in_epoch:
                 continue
             inject_fault(cfg, step, rank, world, fault_marker)
-            generator = torch.Generator().manual_seed(hash((cfg.run.seed, epoch, index, rank)) % 2**63)
-            tokens, frames = training_batch(batch, tokenizer, generator)
-            loss, parts = model.loss(model.encode_text(tokens), model.encode_video(frames.to(device)))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(model, world)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss, parts = train_step(ddp_model, optimizer, scheduler, batch["tokens"], batch["frames"], cfg.train.grad_clip)
             step += 1
             samples += per_worker_batch * world
 
             if logger is not None and (step % LOG_EVERY_STEPS == 0 or step in (1, total_steps)):
-                rate = samples / (time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                rate = samples / elapsed
                 eta_s = (total_steps - step) * cfg.train.batch_size / max(rate, 1e-9)
                 logger.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                            "train/samples_per_s": rate, **{f"train/{k}": v for k, v in parts.items()}}, step)
+                            "train/samples_per_s": rate, "train/data_wait_s": waited / (index + 1),
+                            **{f"train/{k}": v for k, v in parts.items()}}, step)
                 print(f"epoch {epoch + 1}/{cfg.train.epochs} step {step}/{total_steps} loss {loss.item():.4f} "
-                      f"{rate:.1f} samples/s ETA {eta_s / 60:.1f} min", flush=True)
+                      f"{rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, ETA {eta_s / 60:.1f} min",
+                      flush=True)
             every = cfg.train.checkpoint_every_steps
             if every and step % every == 0 and index + 1 < steps_per_epoch:
                 report({"epoch": epoch, "step": step, SCORE_KEY: -1.0}, state_for(epoch))

@@ -21,7 +21,6 @@ EPS = 1e-6
 
 def build_optimizer(model: nn.Module, train_cfg: TrainConfig, model_cfg: ModelConfig) -> torch.optim.AdamW:
     """AdamW over named groups: backbone / head, each with and without weight decay."""
-    model = getattr(model, "module", model)  # DDP wraps the model
     backbone_lr = train_cfg.lr if model_cfg.pretrained is None else train_cfg.backbone_lr
     groups = []
     for part, lr in (("backbone", backbone_lr), ("head", train_cfg.lr)):

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hvd.config import Config, to_yaml
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import ensure_ray, prepare
-from hvd.data.shards import open_shards, read_shards, shard_summary
+from hvd.data.shards import read_shards, shard_summary
 from hvd.data.synthetic import generate
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
+from hvd.paths import require_shared_paths
 from hvd.tracking import MetricLogger, finish_run, register_model, start_or_resume_run, tracking_uri
 from hvd.train.checkpoint import load_state
-from hvd.train.loop import SCORE_KEY, train_loop_per_worker
+from hvd.train.inputs import training_dataset
+from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, train_loop_per_worker
 from hvd.train.plots import log_training_curves
+
+
+@dataclass(frozen=True, order=True)
+class Restart:
+    step: int  # the checkpoint's step the worker group resumed from
+    time_s: float  # when, seconds since the epoch
 
 
 @dataclass
@@ -30,12 +41,32 @@ class TrainOutcome:
     champion: bool
     val: dict[str, float]
     test: dict[str, float]
+    restarts: list[Restart]
+
+
+class TrainingFailed(RuntimeError):
+    """Training stopped after its restarts ran out; the message names the cause on each failed worker."""
+
+
+def failure_summary(err: TrainingFailedError) -> str:
+    """One line per failed worker: its exception type and the last line of its message, not three tracebacks."""
+    failures = getattr(err, "worker_failures", None) or {"controller": getattr(err, "controller_failure", err)}
+    lines = []
+    for rank, failure in sorted(failures.items(), key=lambda item: str(item[0])):
+        message = str(failure).strip().splitlines()
+        lines.append(f"worker {rank}: {type(failure).__name__}: {message[-1] if message else ''}")
+    return "; ".join(lines)
 
 
 def prepare_data(cfg: Config) -> tuple[Path, Path]:
     """(manifest, shards): the synthetic benchmark when no manifest is given; both steps are cached."""
-    manifest = Path(cfg.data.manifest) if cfg.data.manifest else generate(cfg.synthetic)
     ensure_ray()
+    require_shared_paths({
+        "data.manifest": cfg.data.manifest, "synthetic.out": None if cfg.data.manifest else cfg.synthetic.out,
+        "data.shards": cfg.data.shards, "model.pretrained": cfg.model.pretrained,
+        "train.storage_path": cfg.train.storage_path, "tracking.uri": tracking_uri(cfg),
+    })
+    manifest = Path(cfg.data.manifest) if cfg.data.manifest else generate(cfg.synthetic)
     print(prepare(cfg, manifest, Path(cfg.data.shards), overwrite=cfg.data.overwrite), flush=True)
     return manifest, Path(cfg.data.shards)
 
@@ -47,11 +78,6 @@ def steps_per_epoch(cfg: Config, train_samples: int) -> int:
     if steps == 0:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the {train_samples} training samples")
     return steps
-
-
-def storage_location(storage_path: str) -> str:
-    """Object storage URIs (`s3://`, `gs://`) as given; local paths absolute, since workers have another cwd."""
-    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
 
 
 def _check(cfg: Config) -> None:
@@ -66,10 +92,8 @@ def fit(cfg: Config) -> TrainOutcome:
     manifest, shards = prepare_data(cfg)
     splits = shard_summary(shards)["splits"]
     val_split = "val" if splits.get("val") else "test"
-    train_data = open_shards(shards, "train", ordered=False)
     train_samples = splits["train"]
     if cfg.data.expand_captions:
-        train_data = train_data.flat_map(lambda row: [{**row, "captions": [c]} for c in row["captions"]])
         train_samples = int(read_shards(shards, "train", ["captions"])["captions"].combine_chunks().value_lengths().sum())
     steps = steps_per_epoch(cfg, train_samples)
 
@@ -78,9 +102,11 @@ def fit(cfg: Config) -> TrainOutcome:
     tracked = start_or_resume_run(cfg, tags)
     uri = tracking_uri(cfg)
     print(f"MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) at {uri}", flush=True)
-    storage = storage_location(cfg.train.storage_path)
+    storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
     ray_run_name = f"{cfg.run.name}-{tracked.run_id[:8]}"  # one Ray run per MLflow run: resume finds both
 
+    # Ray Train also copies each print of a worker to its logger, so every line would reach the terminal twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -109,12 +135,19 @@ def fit(cfg: Config) -> TrainOutcome:
                 num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
             ),
         ),
-        datasets={"train": train_data},
+        datasets={"train": training_dataset(cfg, shards)},
     )
+    fit_started_ms = int(time.time() * 1000)
     try:
         result = trainer.fit()
-    except Exception:
+    except TrainingFailedError as err:
         finish_run(uri, tracked.run_id, failed=True)  # FAILED, not FINISHED: the same command resumes it
+        raise TrainingFailed(
+            f"training failed ({failure_summary(err)}); MLflow run {tracked.run_id} is marked FAILED, "
+            "and the same command resumes it from its last checkpoint"
+        ) from err
+    except BaseException:
+        finish_run(uri, tracked.run_id, failed=True)
         raise
 
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1].get(SCORE_KEY, -1.0))
@@ -130,5 +163,11 @@ def fit(cfg: Config) -> TrainOutcome:
     log_training_curves(uri, tracked.run_id)
     name, version, champion = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
     finish_run(uri, tracked.run_id)
-    return TrainOutcome(tracked.run_id, uri, name, version, champion, val, test)
+    return TrainOutcome(tracked.run_id, uri, name, version, champion, val, test, restarts(uri, tracked.run_id, fit_started_ms))
+
+
+def restarts(uri: str, run_id: str, since_ms: int) -> list[Restart]:
+    """The worker group's restarts during this fit, from the step rank 0 logs each time it resumes."""
+    history = MlflowClient(uri).get_metric_history(run_id, RESUMED_METRIC)
+    return sorted(Restart(int(m.value), m.timestamp / 1000) for m in history if m.timestamp >= since_ms)
 

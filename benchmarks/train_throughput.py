@@ -1,0 +1,129 @@
+"""Does the input pipeline keep the training step fed? Steps/s with the real pipeline against pre-made tensors.
+
+    python benchmarks/train_throughput.py [--config configs/demo.yaml] [--preset tiny] [--device cpu|cuda]
+                                          [--steps 25] [--warmup 5] [--peak-tflops N] [key=value ...]
+
+One process, one run, the same model and batch shape for both:
+1. pipeline: the training input path of `hvd.train.inputs` (Ray Data decodes and tokenises the demo
+   benchmark's train shards on CPU tasks, `iter_torch_batches` collates and prefetches), then
+   `hvd.train.loop.train_step` on the device;
+2. tensors: the same steps on batches made once, already on the device, measured before and after 1.
+Reports steps/s and samples/s of each, the ratio tensors / pipeline (target <= 1.10), the share of pipeline
+time spent waiting for data, and model FLOPs per step with the FLOP utilisation against `--peak-tflops`
+(FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on one forward + backward: matmuls and
+convolutions, 2 per multiply-add; attention as its matmuls; element-wise work not counted).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import ray
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hvd.config import load_config
+from hvd.data.prepare import ensure_ray
+from hvd.model import build_model
+from hvd.train.inputs import epoch_batches, training_dataset
+from hvd.train.loop import timed, train_step, use_fast_cuda_math
+from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.trainer import prepare_data
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
+
+
+def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, float]:
+    """(steps/s, share of the time spent waiting for the next batch) over `steps` after `warmup`."""
+    waited, started = 0.0, None
+    for index, (wait_s, batch) in enumerate(timed(batches)):
+        if index == warmup:
+            sync()
+            started, waited = time.perf_counter(), 0.0
+        waited += wait_s
+        step(batch)
+        if index + 1 == warmup + steps:
+            sync()
+            elapsed = time.perf_counter() - started
+            return steps / elapsed, waited / elapsed
+    raise RuntimeError(f"the train split gave fewer than {warmup + steps} batches; lower --steps")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_flops(model, batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(batch["tokens"], batch["frames"])
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"model.preset={args.preset}", *args.overrides])
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        use_fast_cuda_math()
+
+    ensure_ray()
+    _, shards = prepare_data(cfg)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.train, cfg.model)
+    scheduler = build_scheduler(optimizer, cfg.train, 10 * (args.warmup + args.steps))
+    batch_size = cfg.train.batch_size
+
+    def step(batch):
+        train_step(model, optimizer, scheduler, batch["tokens"].to(device), batch["frames"].to(device), cfg.train.grad_clip)
+
+    def pipeline_batches():
+        iterator = training_dataset(cfg, shards).iterator()
+        return epoch_batches(iterator, batch_size, cfg.run.seed, 0, pin_memory=device.type == "cuda")
+
+    first = next(pipeline_batches())
+    premade = {key: value.to(device) for key, value in first.items()}
+    flops = step_flops(model, premade)
+    # tensors, pipeline, tensors again: load from other processes drifts, the baseline brackets the pipeline
+    before, _ = steps_per_second(step, iter(lambda: premade, None), args.steps, args.warmup)
+    pipeline_rate, wait_share = steps_per_second(step, pipeline_batches(), args.steps, args.warmup)
+    after, _ = steps_per_second(step, iter(lambda: premade, None), args.steps, args.warmup)
+    tensor_rate = (before + after) / 2
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    result = {
+        "device": name,
+        "preset": cfg.model.preset,
+        "head": cfg.model.head,
+        "batch_size": batch_size,
+        "frames": list(first["frames"].shape[1:]),
+        "cpus": ray.cluster_resources().get("CPU"),
+        "pipeline_steps_per_s": round(pipeline_rate, 3),
+        "tensors_steps_per_s": round(tensor_rate, 3),
+        "ratio_tensors_over_pipeline": round(tensor_rate / pipeline_rate, 3),
+        "pipeline_data_wait_share": round(wait_share, 3),
+        "samples_per_s": round(pipeline_rate * batch_size, 1),
+        "gflops_per_step": round(flops / 1e9, 2),
+        "achieved_tflops": round(flops * tensor_rate / 1e12, 3),
+        "mfu": round(flops * tensor_rate / (peak * 1e12), 4) if peak else "unknown peak",
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
