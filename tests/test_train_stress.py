@@ -24,4 +24,5 @@ def test_stress_harness_runs_the_training_command_and_reads_its_summary(tmp_path
     assert summary["succeeded"] == 1 and summary["native_crashes"] == 0
     assert summary["each"][0]["worker_restarts"] == 0  # read from the command's own closing summary
     assert log.count("epoch 1/1 step 3/3 ") == 1  # each worker line reaches the terminal once
-    assert "Failed to query Ray Train Controller" not in log and "Total Progress" not in log  # no bar redraws
+    assert log.count("Failed to query Ray Train Controller") <= 1  # the first, then one per 10 minutes at most
+    assert "Total Progress" not in log  # no progress-bar redraws
