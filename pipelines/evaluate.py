@@ -17,8 +17,9 @@ Scoring: eval.mode=exhaustive runs every (caption, video) pair through the full 
 model.score_budget_mb; eval.mode=two_stage ranks all videos by global embeddings (one matrix product)
 and rescores each query's eval.topk best with the full score; the top-k always rank above the rest,
 which keep their stage-1 order. eval.compare=true runs exhaustive too and reports it under exhaustive/.
-Metrics: t2v has one query per caption; v2t one per video, ranked at its best-ranked caption; ties rank
-pessimistically (an equal score counts as better than the ground truth). eval.dsl=true adds dual-softmax
+Metrics, as CLIP4Clip and X-Pool compute them: t2v has one query per caption; v2t one per video, ranking
+caption groups scored by their best caption; MdR is np.median; ties rank pessimistically (an equal score
+counts as better than the ground truth). eval.dsl=true adds dual-softmax
 numbers under dsl_ names (exhaustive scores only).
 
 Output: a printed table; <eval.out>/<benchmark>/<model>-v<version>-<mode>/report.json with recall@K

@@ -25,6 +25,7 @@ from hvd.eval.batch_encode import encode_with_actors
 from hvd.eval.encode import encode_split
 from hvd.eval.explain import PairExplanation
 from hvd.eval.job import check_eval_config, job_config, prepared_shards
+from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.source import ModelSourceError, load_model_source
 from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
@@ -262,6 +263,7 @@ def test_registered_model_by_alias_end_to_end(registered, capsys):
     out_dir = Path(registered["cfg"].eval.out) / "bench" / "hvd-v1-two_stage"
     report = json.loads((out_dir / "report.json").read_text())
     assert report["metrics"] == pytest.approx(metrics) and report["excluded"] == []
+    assert report["metric_conventions"] == run.data.tags["metric_conventions"] == METRIC_CONVENTIONS
     assert png_size(out_dir / "recall_at_k.png") == (1000, 400)
     assert png_size(out_dir / frame_pictures[0])[1] == 360
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -19,14 +20,53 @@ def test_single_caption_ranks_by_hand():
     assert m["v2t/R1"] == pytest.approx(100 / 3) and m["v2t/MnR"] == pytest.approx(5 / 3)
 
 
-def test_multi_caption_v2t_uses_best_caption():
-    # texts 0, 1 describe video 0; text 2 describes video 1
-    sim = torch.tensor([[0.2, 0.9], [0.8, 0.1], [0.3, 0.4]])
-    m = retrieval_metrics(sim, torch.tensor([0, 0, 1]))
-    # t2v ranks: text0 -> 2, text1 -> 1, text2 -> 1
-    assert m["t2v/R1"] == pytest.approx(200 / 3) and m["t2v/MnR"] == pytest.approx(4 / 3)
-    # v2t: video 0 column [0.2, 0.8, 0.3]: best gt 0.8 -> rank 1; video 1 column [0.9, 0.1, 0.4]: gt 0.4 -> rank 2
-    assert m["v2t/R1"] == 50 and m["v2t/MdR"] == 1 and m["v2t/MnR"] == 1.5
+def test_multi_caption_v2t_ranks_caption_groups_as_clip4clip():
+    # captions 0, 1 describe video 0; caption 2 video 1; captions 3, 4 video 2
+    sim = torch.tensor(
+        [[0.5, 0.1, 0.2], [0.2, 0.3, 0.1], [0.1, 0.6, 0.3], [0.9, 0.2, 0.7], [0.8, 0.4, 0.1]]
+    )
+    m = retrieval_metrics(sim, torch.tensor([0, 0, 1, 2, 2]))
+    # t2v, one query per caption: 2, 1, 1, 2, 3
+    assert m["t2v/R1"] == 40 and m["t2v/MdR"] == 2 and m["t2v/MnR"] == pytest.approx(9 / 5)
+    # v2t, groups score their best caption. Video 0: groups 0.5, 0.1, 0.9 -> rank 2 (among single captions
+    # it would be 3: 0.9 and 0.8 both beat 0.5). Video 1: 0.3, 0.6, 0.4 -> 1. Video 2: 0.2, 0.3, 0.7 -> 1.
+    assert m["v2t/R1"] == pytest.approx(200 / 3) and m["v2t/MdR"] == 1 and m["v2t/MnR"] == pytest.approx(4 / 3)
+
+
+def test_median_rank_is_numpy_median_of_an_even_count():
+    sim = torch.tensor([[0.9, 0.1, 0.2, 0.3], [0.9, 0.8, 0.2, 0.3], [0.9, 0.8, 0.7, 0.3], [0.9, 0.8, 0.7, 0.6]])
+    m = retrieval_metrics(sim, torch.arange(4))  # t2v ranks 1, 2, 3, 4
+    assert m["t2v/MdR"] == 2.5 and m["t2v/MnR"] == 2.5
+
+
+def _clip4clip_metrics(sim: np.ndarray, text_video: np.ndarray) -> dict[str, float]:
+    """CLIP4Clip's metrics written out in numpy: sort-based ranks, np.median, v2t over max-pooled groups."""
+
+    def summary(scores: np.ndarray, truth: np.ndarray, prefix: str) -> dict[str, float]:
+        order = np.argsort(-scores, axis=1)
+        ranks = np.array([np.where(row == t)[0][0] for row, t in zip(order, truth, strict=True)]) + 1
+        out = {f"{prefix}R{k}": float(np.mean(ranks <= k) * 100) for k in (1, 5, 10)}
+        return out | {f"{prefix}MdR": float(np.median(ranks)), f"{prefix}MnR": float(np.mean(ranks))}
+
+    videos = sim.shape[1]
+    grouped = np.full((videos, videos), -np.inf)
+    for caption, video in enumerate(text_video):
+        grouped[video] = np.maximum(grouped[video], sim[caption])
+    return summary(sim, text_video, "t2v/") | summary(grouped.T, np.arange(videos), "v2t/")
+
+
+def test_matches_clip4clip_on_random_multi_caption_matrices():
+    generator = np.random.default_rng(0)
+    for videos in (40, 200):
+        text_video = np.concatenate([np.full(generator.integers(1, 6), v) for v in range(videos)])
+        sim = generator.standard_normal((len(text_video), videos)).astype(np.float32)  # no ties
+        ours = retrieval_metrics(torch.from_numpy(sim), torch.from_numpy(text_video))
+        assert ours == pytest.approx(_clip4clip_metrics(sim, text_video), abs=1e-9)
+
+
+def test_a_video_without_captions_is_an_error():
+    with pytest.raises(ValueError, match="at least one caption"):
+        retrieval_metrics(torch.zeros(2, 3), torch.tensor([0, 1]))
 
 
 def test_ties_are_pessimistic():

@@ -21,6 +21,7 @@ from hvd.eval import plots
 from hvd.eval.batch_encode import encode_with_actors
 from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
+from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.report import experiment_name, log_eval_run, metric_table, write_report
 from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
@@ -227,7 +228,7 @@ def evaluate(
         },
         "mode": cfg.eval.mode,
         "topk": cfg.eval.topk if cfg.eval.mode == "two_stage" else None,
-        "ties": "pessimistic: a candidate scoring equal to the ground truth ranks above it",
+        "metric_conventions": METRIC_CONVENTIONS,
         "metrics": metrics,
         "excluded": excluded,
     }
@@ -241,6 +242,7 @@ def evaluate(
         "model_version": source.version,
         "source_run": source.source_run,
         "dataset_fingerprint": report["dataset_fingerprint"],
+        "metric_conventions": METRIC_CONVENTIONS,
     }
     run_id = log_eval_run(uri, cfg, f"{source.label}-{cfg.eval.mode}", tags, metrics, artifacts)
     return EvalOutcome(run_id, uri, benchmark, source, metrics, excluded, out, artifacts)

@@ -1,7 +1,12 @@
-"""Retrieval metrics in the peers' conventions (CLIP4Clip, X-Pool): R@K, median and mean rank.
+"""Retrieval metrics in CLIP4Clip's and X-Pool's conventions, so numbers compare with published tables.
 
-Ranks are pessimistic: a negative that ties the ground truth ranks above it, so a model that
-scores everything equal gets the worst rank, never the best.
+- t2v: one query per caption, ranking every video.
+- v2t: one query per video, ranking caption *groups* (each video's captions), a group scoring the max
+  over its captions (CLIP4Clip's `tensor_video_to_text_sim`); with one caption per video this is sim.T.
+- R@K in percent; MdR is `np.median` of the 1-based ranks (the mean of the two middle ranks for an even
+  query count); MnR their mean.
+- Ties are pessimistic: a negative that ties the ground truth ranks above it, so a model that scores
+  everything equal gets the worst rank, never the best (CLIP4Clip's sort-based ranks are optimistic there).
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ import torch
 from torch import Tensor
 
 RECALL_AT = (1, 5, 10)
+CONVENTIONS = (
+    "CLIP4Clip/X-Pool: t2v one query per caption; v2t one query per video over caption groups scored by "
+    "their best caption; MdR np.median and MnR mean of 1-based ranks; ties pessimistic"
+)
 
 
 def ranks_of_positives(sim: Tensor, positive: Tensor) -> Tensor:
@@ -27,7 +36,7 @@ def ranks_of_positives(sim: Tensor, positive: Tensor) -> Tensor:
 def summarise(ranks: Tensor, prefix: str) -> dict[str, float]:
     ranks = ranks.double()
     metrics = {f"{prefix}R{k}": float((ranks <= k).double().mean() * 100) for k in RECALL_AT}
-    metrics[f"{prefix}MdR"] = float(ranks.median())  # torch's median: the lower middle for even counts
+    metrics[f"{prefix}MdR"] = float(ranks.quantile(0.5))  # np.median: the two middle ranks' mean when even
     metrics[f"{prefix}MnR"] = float(ranks.mean())
     return metrics
 
@@ -38,21 +47,24 @@ def dual_softmax(sim: Tensor, temperature: float = 100.0) -> Tensor:
 
 
 def query_ranks(sim: Tensor, text_video: Tensor, v2t_sim: Tensor | None = None) -> dict[str, Tensor]:
-    """Rank of the ground truth per query: "t2v" one per caption, "v2t" one per video.
+    """Rank of the ground truth per query: "t2v" one per caption, "v2t" one per video (over caption groups).
 
     `v2t_sim` [videos, texts] ranks the video queries when they were scored apart from `sim` (two-stage
     retrieval reranks each direction on its own); by default v2t reads `sim.T`.
     """
-    sim, positive = sim.float().cpu(), _positives(sim, text_video)
+    sim, text_video = sim.float().cpu(), text_video.long().cpu()
     v2t = sim.T if v2t_sim is None else v2t_sim.float().cpu()
-    return {"t2v": ranks_of_positives(sim, positive), "v2t": ranks_of_positives(v2t, positive.T)}
-
-
-def _positives(sim: Tensor, text_video: Tensor) -> Tensor:
-    text_video = text_video.long().cpu()
     positive = torch.zeros(sim.shape, dtype=torch.bool)
     positive[torch.arange(len(text_video)), text_video] = True
-    return positive
+    videos = sim.shape[1]
+    if bool((torch.bincount(text_video, minlength=videos) == 0).any()):
+        raise ValueError("every video needs at least one caption: its ground truth as a v2t query")
+    index = text_video.expand(videos, -1)  # [videos, texts]: the group of every caption
+    groups = torch.full((videos, videos), float("-inf")).scatter_reduce_(1, index, v2t, "amax")
+    return {
+        "t2v": ranks_of_positives(sim, positive),
+        "v2t": ranks_of_positives(groups, torch.eye(videos, dtype=torch.bool)),
+    }
 
 
 def retrieval_metrics(
@@ -60,8 +72,8 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """Text-to-video and video-to-text metrics of a [texts, videos] score matrix.
 
-    `text_video[i]` is the video that caption i describes; a video may have several captions. t2v:
-    one query per caption. v2t: one query per video, ranked at its best-ranked caption. With `dsl`,
+    `text_video[i]` is the video that caption i describes; a video may have several captions (see the
+    module docstring for how each direction ranks them). With `dsl`,
     the dual-softmax numbers are added under `dsl_`-prefixed names, never replacing the plain ones.
     `v2t_sim`: see `query_ranks`.
     """
