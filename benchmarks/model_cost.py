@@ -7,7 +7,8 @@
    and CPU seconds each and their ratios hvd / meanp (target: at most 1.5).
 2. Pairwise scoring of `--pairs` captions x `--pairs` videos from encoded features, with each head.
 3. DPC-KNN seconds per 1,000 tokens, laid out as the model uses it (one set of patches per frame of the
-   training batch) and as one set of 1,000 tokens.
+   training batch) and as one set of 1,000 tokens; and its time against a reference written the way
+   HBI's `cluster_dpc_knn` computes it, with whether both give the same clusters (target: ratio <= 1.0).
 4. For scale: one forward pass of PFCM run per (caption, video) pair of the training batch on the kept
    frames jointly, the alternative to the once-per-video compression the model does.
 Prints one JSON object.
@@ -39,6 +40,34 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def reference_dpc_knn(x: torch.Tensor, clusters: int, k: int) -> torch.Tensor:
+    """DPC-KNN written the way HBI's and HVP-Net's `cluster_dpc_knn` compute it (no padding, no tie rule,
+    no noise), the speed to match: the centre token that every token joins [B, N]."""
+    batch, n, channels = x.shape
+    dist = torch.cdist(x, x) / channels**0.5
+    density = (-(dist.topk(k, dim=-1, largest=False).values ** 2).mean(dim=-1)).exp()
+    denser = density[:, None, :] > density[:, :, None]
+    largest = dist.flatten(1).amax(dim=-1)[:, None, None]
+    delta = torch.where(denser, dist, largest).amin(dim=-1)
+    centres = (delta * density).topk(clusters, dim=-1).indices
+    assignment = dist.gather(1, centres[:, :, None].expand(batch, clusters, n)).argmin(dim=1)
+    assignment = assignment.scatter(1, centres, torch.arange(clusters).expand(batch, clusters))
+    return centres.gather(1, assignment)
+
+
+def dpc_against_reference(shape: tuple[int, int, int], ratio: float, k: int, repeats: int) -> dict[str, object]:
+    """Seconds of `dpc_knn` and of the reference on the same random tokens, their ratio, and whether every
+    token joins the same centre (cluster numbers may differ where two centres' scores tie in float32)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    clusters = keep_count(shape[1], ratio)
+    ours = median_seconds(lambda: dpc_knn(x, ratio, k), repeats)
+    reference = median_seconds(lambda: reference_dpc_knn(x, clusters, k), repeats)
+    ours_clusters = dpc_knn(x, ratio, k)
+    same = torch.equal(ours_clusters.centres.gather(1, ours_clusters.assignment), reference_dpc_knn(x, clusters, k))
+    return {"ours_s": round(ours, 5), "reference_s": round(reference, 5), "ratio": round(ours / reference, 3),
+            "identical_assignments": same}
 
 
 def training_steps(
@@ -144,6 +173,12 @@ def main() -> None:
     }
     results["dpc_knn_s_per_1000_tokens"] = {name: round(s, 5) for name, s in dpc.items()}
     results["dpc_knn_per_frame_layout"] = list(per_frame.shape)
+    # HVP-Net's video-level layout (32 videos x 294 tokens x 64 channels) and the model's own at ViT-B scale
+    # (384 frames x 49 patches x 512 channels), against the HBI-style reference in the same run.
+    results["dpc_knn_vs_reference"] = {
+        "x".join(map(str, shape)): dpc_against_reference(shape, cfg.pfcm_ratio, cfg.dpc_k, args.repeats)
+        for shape in ((32, 294, 64), (384, 49, 512))
+    }
 
     # The alternative to compressing once per video: PFCM over the kept frames of every (caption, video)
     # pair of the training batch, jointly; forward alone, without gradients.

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+DUPLICATE_TOLERANCE = 1e-5  # float32 cancellation in |x|^2 + |y|^2 - 2xy is a few 1e-7 of |x|^2 + |y|^2
+
 
 @dataclass
 class Clusters:
@@ -34,18 +36,38 @@ def tie_break_priority(n: int, seed: int = 0, device: torch.device | str = "cpu"
     return torch.randperm(n, generator=generator).to(device)
 
 
-def _outranks(value: Tensor, valid: Tensor, priority: Tensor) -> Tensor:
-    """[B, N, N]: entry (b, i, j) says valid token j ranks above token i by `value`, ties by priority."""
-    above = value[:, None, :] > value[:, :, None]
-    tied = (value[:, None, :] == value[:, :, None]) & (priority[None, None, :] > priority[None, :, None])
-    return (above | tied) & valid[:, None, :]
+def pairwise_distances(x: Tensor) -> Tensor:
+    """[B, N, N] Euclidean distances over sqrt(C) from one Gram matrix (`|x|^2 + |y|^2 - 2xy`), as HBI and
+    HVP-Net compute them, instead of C-wide element-wise differences.
+
+    Exactly symmetric (the Gram matrix is symmetrised) and exactly zero on the diagonal and between equal
+    tokens: a squared distance within float error of zero (DUPLICATE_TOLERANCE of the two squared norms)
+    is zero, so duplicated tokens tie and the tie-break priority decides, as with exact distances.
+    """
+    x = x / math.sqrt(x.shape[-1])
+    gram = x @ x.transpose(1, 2)
+    gram = (gram + gram.transpose(1, 2)) / 2
+    norms = gram.diagonal(dim1=1, dim2=2)
+    scale = norms[:, :, None] + norms[:, None, :]
+    squared = scale - 2 * gram
+    return squared.masked_fill_(squared <= DUPLICATE_TOLERANCE * scale, 0.0).sqrt_()
 
 
-def _knn_density(dist: Tensor, valid: Tensor, k: int) -> Tensor:
+def _rank(value: Tensor, priority: Tensor) -> Tensor:
+    """[B, N] place of every token when sorted by `value`, highest first, ties by priority (0 = first).
+
+    Padding holds -inf and sorts last. A sort (N log N) instead of N x N pairwise comparisons.
+    """
+    by_priority = priority.argsort(descending=True)
+    order = by_priority[value[:, by_priority].argsort(dim=1, descending=True, stable=True)]
+    places = torch.arange(value.shape[1], device=value.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def _knn_density(dist: Tensor, valid: Tensor, k: int, padded: bool) -> Tensor:
     """exp(-mean squared distance to the k nearest valid tokens, the token itself included)."""
-    nearest = dist.masked_fill(~valid[:, None, :], math.inf).topk(
-        min(k, dist.shape[-1]), dim=-1, largest=False
-    )
+    candidates = dist.masked_fill(~valid[:, None, :], math.inf) if padded else dist
+    nearest = candidates.topk(min(k, dist.shape[-1]), dim=-1, largest=False)
     k_valid = valid.sum(dim=1).clamp(max=k)  # fewer than k tokens: all of them
     used = torch.arange(nearest.values.shape[-1], device=dist.device) < k_valid[:, None, None]
     squared = torch.where(used, nearest.values.square(), 0.0).sum(dim=-1)
@@ -74,17 +96,19 @@ def dpc_knn(x: Tensor, ratio: float, k: int, mask: Tensor | None = None, seed: i
     counts = keep_count(valid.sum(dim=1), ratio)
     priority = tie_break_priority(n, seed, x.device)
 
-    # Element-wise distances: exactly symmetric with exact zeros for duplicates, whatever the batch shape.
-    dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(channels)
-    pair_valid = valid[:, :, None] & valid[:, None, :]
-    density = _knn_density(dist, valid, k)
-    denser = _outranks(density, valid, priority)
-    largest = dist.masked_fill(~pair_valid, 0.0).amax(dim=(1, 2))
-    delta = dist.masked_fill(~denser, math.inf).amin(dim=-1)
+    dist = pairwise_distances(x)
+    padded = mask is not None  # without padding, the N x N masking below is skipped
+    density = _knn_density(dist, valid, k, padded).masked_fill(~valid, -math.inf)
+    density_rank = _rank(density, priority)
+    denser = density_rank[:, None, :] < density_rank[:, :, None]  # (b, i, j): token j is denser than i
+    if padded:
+        dist = dist.masked_fill(~(valid[:, :, None] & valid[:, None, :]), 0.0)
+    largest = dist.amax(dim=(1, 2))
+    delta = torch.where(denser & valid[:, None, :], dist, math.inf).amin(dim=-1)
     delta = torch.where(torch.isinf(delta), largest[:, None], delta)
 
     score = (density * delta).masked_fill(~valid, -math.inf)
-    rank = _outranks(score, valid, priority).sum(dim=-1)  # 0 = best centre candidate
+    rank = _rank(score, priority)  # 0 = best centre candidate
     is_centre = valid & (rank < counts[:, None])
 
     clusters = int(counts.max())
