@@ -47,14 +47,15 @@ def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int) -> dict
 
 
 def training_dataset(cfg: Config, shards: str | Path) -> ray.data.Dataset:
-    """The train split, decoded and tokenised by Ray Data tasks of `data.train_decode_cpus` CPUs each."""
+    """The train split, decoded and tokenised by Ray Data tasks of `data.train_decode_cpus` CPUs each, one
+    global batch of rows per task."""
     data = open_shards(shards, "train")
     if cfg.data.expand_captions:  # every caption its own sample
         data = data.flat_map(lambda row: [{**row, "captions": [c]} for c in row["captions"]])
     return data.map_batches(
         decode_rows,
         batch_format="pyarrow",
-        batch_size=cfg.data.decode_batch_size * 8,
+        batch_size=cfg.train.batch_size,
         num_cpus=cfg.data.train_decode_cpus,
         fn_kwargs={"model_cfg": cfg.model, "max_words": cfg.data.max_words},
     )
