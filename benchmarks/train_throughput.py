@@ -26,7 +26,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hvd.config import load_config
-from hvd.data.prepare import ensure_ray
 from hvd.model import build_model
 from hvd.train.inputs import epoch_batches, training_dataset
 from hvd.train.loop import timed, train_step, use_fast_cuda_math
@@ -80,8 +79,7 @@ def main() -> None:
     if device.type == "cuda":
         use_fast_cuda_math()
 
-    ensure_ray()
-    _, shards = prepare_data(cfg)
+    _, shards = prepare_data(cfg)  # joins or starts Ray, then generates and prepares what is missing
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train, cfg.model)
