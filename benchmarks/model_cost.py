@@ -1,11 +1,13 @@
-"""Cost of the HVD head against the meanP baseline on one model preset, measured in one run.
+"""Cost of the HVD head (PFCM per frame, and per video as HVP-Net) against the meanP baseline on one
+model preset, measured in one run.
 
     python benchmarks/model_cost.py [--preset tiny] [--batch 32] [--frames 12] [--pairs 1000] [--repeats 15]
 
-1. Training step (encode captions and frames, loss, backward, AdamW step) of `hvd` and of `meanp` on the
-   same batch, interleaved so that load from other processes hits both alike: median and minimum wall
-   and CPU seconds each and their ratios hvd / meanp (target: at most 1.5).
-2. Pairwise scoring of `--pairs` captions x `--pairs` videos from encoded features, with each head.
+1. Training step (encode captions and frames, loss, backward, AdamW step) of `hvd` (`model.pfcm_scope=frame`),
+   `hvd_video` (`model.pfcm_scope=video`) and `meanp` on the same batch, interleaved so that load from
+   other processes hits all alike: median and minimum wall and CPU seconds each and their ratios over
+   meanp (target for hvd: at most 1.5).
+2. Pairwise scoring of `--pairs` captions x `--pairs` videos from encoded features, with each variant.
 3. DPC-KNN seconds per 1,000 tokens, laid out as the model uses it (one set of patches per frame of the
    training batch) and as one set of 1,000 tokens; and its time against a reference written the way
    HBI's `cluster_dpc_knn` computes it, with whether both give the same clusters (target: ratio <= 1.0).
@@ -71,7 +73,7 @@ def dpc_against_reference(shape: tuple[int, int, int], ratio: float, k: int, rep
 
 
 def training_steps(
-    models: dict[str, RetrievalModel], batch: int, frames: int, repeats: int
+    models: dict[str, RetrievalModel], configs: dict[str, ModelConfig], batch: int, frames: int, repeats: int
 ) -> dict[str, list[float]]:
     """Wall and CPU (this process, all threads) seconds of every step per head, as `{head}_{clock}`.
 
@@ -83,9 +85,7 @@ def training_steps(
     tokens = torch.randint(1, 49406, (batch, context))
     tokens[:, 0], tokens[:, 12], tokens[:, 13:] = 49406, 49407, 0  # start, 11 words, end, padding
     clips = torch.randn(batch, frames, 3, size, size)
-    optimizers = {
-        head: build_optimizer(m, TrainConfig(), ModelConfig(head=head)) for head, m in models.items()
-    }
+    optimizers = {head: build_optimizer(m, TrainConfig(), configs[head]) for head, m in models.items()}
 
     def step(head: str) -> None:
         model, optimizer = models[head], optimizers[head]
@@ -112,15 +112,16 @@ def encoded_features(model: RetrievalModel, count: int, frames: int) -> tuple[Te
     generator = torch.Generator().manual_seed(0)
     dim, context = model.backbone.embed_dim, model.backbone.context_length
     with torch.no_grad():
-        probe = model.encode_video(torch.zeros(1, frames, 3, model.image_size, model.image_size))
-    patches = probe.patches.shape[2]
+        probe = model.encode_video(torch.randn(1, frames, 3, model.image_size, model.image_size, generator=generator))
+    entities = probe.patches.shape[1]
 
     def unit(*shape: int) -> torch.Tensor:
         return F.normalize(torch.randn(*shape, dim, generator=generator), dim=-1)
 
     lengths = torch.randint(6, 20, (count, 1), generator=generator)
     text = TextFeatures(unit(count), unit(count, context), torch.arange(context) < lengths)
-    return text, VideoFeatures(unit(count, frames), unit(count, frames, patches))
+    frame_mask = torch.ones(count, frames, dtype=torch.bool)
+    return text, VideoFeatures(unit(count, frames), frame_mask, unit(count, entities), probe.patch_frames.expand(count, -1, -1))
 
 
 def main() -> None:
@@ -137,19 +138,26 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    models = {head: build_model(ModelConfig(preset=args.preset, head=head)) for head in ("hvd", "meanp")}
+    configs = {
+        "hvd": ModelConfig(preset=args.preset, head="hvd", pfcm_scope="frame"),
+        "hvd_video": ModelConfig(preset=args.preset, head="hvd", pfcm_scope="video"),
+        "meanp": ModelConfig(preset=args.preset, head="meanp"),
+    }
+    models = {name: build_model(cfg) for name, cfg in configs.items()}
     results: dict[str, object] = {
         "preset": args.preset,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min_before": os.getloadavg()[0],
     }
 
-    steps = training_steps(models, args.batch, args.frames, args.repeats)
+    steps = training_steps(models, configs, args.batch, args.frames, args.repeats)
     for clock in ("wall", "cpu"):
         for name, summary in (("median", statistics.median), ("min", min)):
             step = {head: summary(steps[f"{head}_{clock}"]) for head in models}
             results[f"train_step_{clock}_{name}_s"] = {head: round(s, 4) for head, s in step.items()}
-            results[f"train_step_{clock}_{name}_ratio_hvd_over_meanp"] = round(step["hvd"] / step["meanp"], 3)
+            results[f"train_step_{clock}_{name}_ratio_over_meanp"] = {
+                head: round(step[head] / step["meanp"], 3) for head in ("hvd", "hvd_video")
+            }
 
     scoring = {}
     for head, model in models.items():
@@ -158,7 +166,7 @@ def main() -> None:
             lambda m=model, t=text, v=video: m.score(t, v), max(1, args.repeats // 5)
         )
     results[f"score_{args.pairs}x{args.pairs}_s"] = {head: round(s, 4) for head, s in scoring.items()}
-    results["score_ratio_hvd_over_meanp"] = round(scoring["hvd"] / scoring["meanp"], 1)
+    results["score_ratio_over_meanp"] = {head: round(scoring[head] / scoring["meanp"], 1) for head in ("hvd", "hvd_video")}
 
     hvd, cfg = models["hvd"], ModelConfig()
     grid, dim = hvd.backbone.clip.visual.grid_size, hvd.backbone.embed_dim

@@ -67,7 +67,7 @@ def real_features(
 
 def gallery(real: VideoFeatures, size: int, seed: int = 0, chunk: int = 10_000) -> VideoFeatures:
     """The real videos first (indices 0 .. n-1, the ground truths), then spliced videos up to `size`:
-    the first s frames (and their patches) of one real video followed by the last T - s of another."""
+    the first s frames (and the entities they start in) of one real video followed by the last T - s of another."""
     if size <= len(real):
         return real[:size]
     generator = torch.Generator().manual_seed(seed)
@@ -76,12 +76,16 @@ def gallery(real: VideoFeatures, size: int, seed: int = 0, chunk: int = 10_000) 
     second = (first + torch.randint(1, len(real), (count,), generator=generator)) % len(real)  # another video
     cut = torch.randint(1, frames, (count,), generator=generator)
     parts = []
+    first_frame = real.patch_frames.to(torch.uint8).argmax(dim=-1)  # [n, E] where each entity starts
     for a, b, s in zip(first.split(chunk), second.split(chunk), cut.split(chunk), strict=True):
         from_first = torch.arange(frames) < s[:, None]  # [n, T]
+        entity_from_first = first_frame[a] < s[:, None]  # [n, E]
         parts.append(
             VideoFeatures(
                 frames=torch.where(from_first[..., None], real.frames[a], real.frames[b]),
-                patches=torch.where(from_first[..., None, None], real.patches[a], real.patches[b]),
+                frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
+                patches=torch.where(entity_from_first[..., None], real.patches[a], real.patches[b]),
+                patch_frames=torch.where(entity_from_first[..., None], real.patch_frames[a], real.patch_frames[b]),
             )
         )
     return VideoFeatures.cat([real, *parts])

@@ -87,7 +87,7 @@ def main() -> None:
     batch_size = cfg.train.batch_size
 
     def step(batch):
-        train_step(model, optimizer, scheduler, batch["tokens"].to(device), batch["frames"].to(device), cfg.train.grad_clip)
+        train_step(model, optimizer, scheduler, {k: v.to(device) for k, v in batch.items()}, cfg.train.grad_clip)
 
     def pipeline_batches():
         iterator = training_dataset(cfg, shards).iterator()

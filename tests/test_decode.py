@@ -37,7 +37,7 @@ def test_frames_equal_decord_at_the_sampled_indices(clip_factory):
     np.testing.assert_array_equal(raw_frames(clip, 64), expected)
     assert [read_frame_number(f) for f in expected] == clip.frame_indices
     assert clip.timestamps_s == pytest.approx([i / 10 for i in clip.frame_indices], abs=1e-6)
-    assert (clip.source_frames, clip.source_fps, clip.short_clip) == (30, pytest.approx(10.0), False)
+    assert (clip.source_frames, clip.source_fps, clip.valid_frames) == (30, pytest.approx(10.0), 12)
     assert clip.duration_s == pytest.approx(3.0, abs=1e-6)
 
 
@@ -60,13 +60,15 @@ def test_resize_takes_the_short_side_then_the_centre():
     np.testing.assert_array_equal(resize_and_crop(frame, 60), frame[:, 20:80])  # no resampling when sizes match
 
 
-def test_short_clip_is_kept_with_repeated_frames(clip_factory):
-    path = clip_factory("short.mp4", num_frames=5)
-    clip = decode_clip(path, FrameSpec(num_frames=12, frame_codec="raw"))
-    assert clip.short_clip and len(clip.frames) == 12
-    assert sorted(set(clip.frame_indices)) == [0, 1, 2, 3, 4]
+@pytest.mark.parametrize("mode", ["uniform", "fps"])
+def test_short_clip_is_padded_with_blank_frames_after_its_own(clip_factory, mode):
+    path = clip_factory("short.mp4", num_frames=5)  # 0.5 s at 10 fps: one second on screen for fps
+    clip = decode_clip(path, FrameSpec(num_frames=12, frame_codec="raw", sample_mode=mode))
+    expected = [0, 1, 2, 3, 4] if mode == "uniform" else [0]
+    assert (clip.valid_frames, clip.frame_indices, len(clip.frames)) == (len(expected), expected, 12)
     frames = raw_frames(clip, 64)
-    assert [read_frame_number(f) for f in frames] == clip.frame_indices
+    assert [read_frame_number(f) for f in frames[: clip.valid_frames]] == expected
+    assert not frames[clip.valid_frames :].any()  # blank padding, masked downstream
 
 
 @pytest.mark.parametrize("rotation", [90, 180, -90])

@@ -39,11 +39,24 @@ def test_features_have_the_documented_shapes_and_unit_norms(tokens, frames):
     assert model.image_size == 64
     assert text.sentence.shape == (4, 128) and text.words.shape == (4, 32, 128)
     assert torch.equal(text.word_mask, tokens != 0)
-    assert video.frames.shape == (4, FRAMES, 128)
-    assert video.patches.shape == (4, FRAMES, 2, 128)  # 16 patches per frame, halved 3 times
+    assert video.frames.shape == (4, FRAMES, 128) and video.frame_mask.all()
+    assert video.patches.shape == (4, FRAMES * 2, 128)  # 16 patches per frame, halved 3 times
+    one_frame_each = torch.eye(FRAMES, dtype=torch.bool).repeat_interleave(2, dim=0)
+    assert torch.equal(video.patch_frames, one_frame_each.expand(4, -1, -1))
     for unit in (text.sentence, text.words, video.frames, video.patches):
         torch.testing.assert_close(unit.norm(dim=-1), torch.ones(unit.shape[:-1]))
-    assert tiny_model("meanp").encode_video(frames).patches.shape == (4, FRAMES, 0, 128)
+    meanp = tiny_model("meanp").encode_video(frames)
+    assert meanp.patches.shape == (4, 0, 128) and meanp.patch_frames.shape == (4, 0, FRAMES)
+
+
+def test_video_scope_entities_span_frames_and_skip_padding(frames):
+    mask = torch.arange(FRAMES) < torch.tensor([[6], [6], [3], [1]])
+    video = tiny_model(pfcm_scope="video").encode_video(frames, mask)
+    assert video.patches.shape == (4, 12, 128)  # 96 patches -> 48 -> 24 -> 12
+    valid_entities = video.patch_frames.any(dim=-1).sum(dim=1)
+    assert valid_entities.tolist() == [12, 12, 6, 2]  # 48 -> 6 and 16 -> 2 valid patches
+    assert not video.patch_frames[~mask[:, None, :].expand_as(video.patch_frames)].any()  # no padding frame
+    assert video.patch_frames.sum(dim=-1).amax() > 1  # some entity spans frames
 
 
 def test_features_slice_move_and_concatenate(tokens):
@@ -60,15 +73,17 @@ def test_ffsm_keeps_exactly_the_most_similar_frames():
     generator = torch.Generator().manual_seed(0)
     sentence = F.normalize(torch.randn(5, 16, generator=generator), dim=-1)
     frames = F.normalize(torch.randn(3, 12, 16, generator=generator), dim=-1)
-    kept = select_frames(sentence, frames, keep=0.5)
-    assert kept.shape == (5, 3, 12) and kept.sum(dim=-1).eq(6).all()
+    valid = torch.tensor([12, 7, 1])
+    mask = torch.arange(12) < valid[:, None]
+    kept = select_frames(sentence, frames, keep=0.5, frame_mask=mask)
+    assert kept.shape == (5, 3, 12) and kept.sum(dim=-1).eq(torch.tensor([6, 4, 1])).all()
     for t in range(5):
         for v in range(3):
-            similarity = frames[v] @ sentence[t]
-            best = set(similarity.argsort(descending=True)[:6].tolist())
-            assert set(kept[t, v].nonzero().flatten().tolist()) == best
-    assert select_frames(sentence, frames, keep=1.0).all()
-    assert select_frames(sentence, frames, keep=0.01).sum(dim=-1).eq(1).all()
+            similarity = frames[v, : valid[v]] @ sentence[t]
+            best = set(similarity.argsort(descending=True)[: (int(valid[v]) + 1) // 2].tolist())
+            assert set(kept[t, v].nonzero().flatten().tolist()) == best  # never a padding frame
+    assert torch.equal(select_frames(sentence, frames, keep=1.0, frame_mask=mask), mask.expand(5, -1, -1))
+    assert select_frames(sentence, frames, keep=0.01, frame_mask=mask).sum(dim=-1).eq(1).all()
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -79,7 +94,7 @@ def test_pfcm_halves_the_tokens_every_round(padded):
     mask = torch.arange(64) < torch.tensor([[64], [40]]) if padded else None
     counts = []
     for step in pfcm.rounds:
-        x, mask = step(x, mask)
+        x, mask, _ = step(x, mask)
         counts.append(x.shape[1])
         assert torch.isfinite(x).all()
     assert counts == [32, 16, 8]
@@ -87,33 +102,43 @@ def test_pfcm_halves_the_tokens_every_round(padded):
         assert mask.sum(dim=1).tolist() == [8, 5]  # 40 -> 20 -> 10 -> 5
 
 
-def test_hvd_score_matches_a_per_pair_reference(tokens, frames):
-    """FFSM for the pair, then PFCM on the kept frames' patches only, then the similarity, one pair at a time."""
-    model = tiny_model()
+@pytest.mark.parametrize("scope", ["frame", "video"])
+def test_hvd_score_matches_a_per_pair_reference(scope, tokens, frames):
+    """One pair at a time: FFSM over the video's real frames, PFCM on the real frames' patches only (each
+    kept frame alone, or the whole video at video scope), the entities drawn from kept frames, the score."""
+    model = tiny_model(pfcm_scope=scope)
     head = model.head
+    valid = [6, 4, 6, 1]
+    mask = torch.arange(FRAMES) < torch.tensor(valid)[:, None]
     with torch.no_grad():
         for layer in (head.word_weight, head.patch_weight):  # learned weights, not the uniform start
             torch.nn.init.normal_(layer.weight, std=2.0)
-        text, video = model.encode_text(tokens), model.encode_video(frames)
+        text, video = model.encode_text(tokens), model.encode_video(frames, mask)
         scores = model.score(text, video)
         _, raw_patches = model.backbone.encode_images(frames.flatten(0, 1), with_patches=True)
         raw_patches = raw_patches.unflatten(0, frames.shape[:2])
 
-        kept_count = keep_count(FRAMES, 0.5)
         for t in range(len(text)):
             words = text.words[t][text.word_mask[t]]
             word_weight = head.word_weight(words).squeeze(-1).softmax(dim=0)
             for v in range(len(video)):
-                similarity = video.frames[v] @ text.sentence[t]
-                kept = similarity.argsort(descending=True)[:kept_count]
+                similarity = video.frames[v, : valid[v]] @ text.sentence[t]
+                kept = similarity.argsort(descending=True)[: keep_count(valid[v], 0.5)]
                 sentence_frames = text.sentence[t] @ F.normalize(video.frames[v, kept].mean(dim=0), dim=0)
-                entities = F.normalize(head.pfcm(raw_patches[v, kept])[0], dim=-1).flatten(0, 1)
+                if scope == "frame":
+                    entities = head.pfcm(raw_patches[v, kept])[0].flatten(0, 1)
+                else:
+                    real = raw_patches[v, : valid[v]]
+                    merged, _, assignment = head.pfcm(real.flatten(0, 1)[None])
+                    from_kept = assignment.view(real.shape[:2])[kept].unique()
+                    entities = merged[0, from_kept]
+                entities = F.normalize(entities, dim=-1)
                 word_patch = words @ entities.T
                 patch_weight = head.patch_weight(entities).squeeze(-1).softmax(dim=0)
                 text_to_video = (word_patch.amax(dim=1) * word_weight).sum()
                 video_to_text = (word_patch.amax(dim=0) * patch_weight).sum()
                 expected = sentence_frames + (text_to_video + video_to_text) / 2
-                torch.testing.assert_close(scores[t, v], expected, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(scores[t, v], expected, rtol=1e-4, atol=2e-5)
 
 
 def random_features(
@@ -126,7 +151,9 @@ def random_features(
 
     lengths = torch.randint(3, words + 1, (texts, 1), generator=generator)
     text = TextFeatures(unit(texts), unit(texts, words), torch.arange(words) < lengths)
-    return text, VideoFeatures(unit(videos, frames), unit(videos, frames, patches))
+    frame_mask = torch.arange(frames) < torch.randint(1, frames + 1, (videos, 1), generator=generator)
+    patch_frames = torch.eye(frames, dtype=torch.bool).repeat_interleave(patches, dim=0) & frame_mask[:, None]
+    return text, VideoFeatures(unit(videos, frames), frame_mask, unit(videos, frames * patches), patch_frames)
 
 
 @pytest.mark.parametrize("head", ["hvd", "meanp"])
@@ -143,19 +170,23 @@ def test_chunked_scores_stay_in_budget_and_equal_one_piece_scores(head):
     torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-6)
 
 
-def test_global_embeddings_reproduce_the_meanp_score(tokens, frames):
+def test_global_embeddings_reproduce_the_meanp_score_and_ignore_padding(tokens, frames):
     model = tiny_model("meanp")
-    text, video = model.encode_text(tokens), model.encode_video(frames)
+    mask = torch.arange(FRAMES) < torch.tensor([[6], [2], [6], [1]])
+    text, video = model.encode_text(tokens), model.encode_video(frames, mask)
     t, v = model.global_embeddings(text, video)
     torch.testing.assert_close(model.score(text, video), t @ v.T)
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(4))
+    only_real = model.encode_video(frames[1:2, :2])  # the padded video's real frames alone
+    torch.testing.assert_close(v[1], model.global_embeddings(text, only_real)[1][0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp"])
-def test_gradients_reach_the_backbone_and_every_new_module(head, tokens, frames):
-    model = tiny_model(head)
+@pytest.mark.parametrize(("head", "scope"), [("hvd", "frame"), ("hvd", "video"), ("meanp", "frame")])
+def test_gradients_reach_the_backbone_and_every_new_module(head, scope, tokens, frames):
+    model = tiny_model(head, pfcm_scope=scope)
     pixels = torch.randint(0, 256, (len(CAPTIONS), FRAMES, 64, 64, 3), dtype=torch.uint8)
-    loss, metrics = model(tokens, pixels)  # forward: the loss from uint8 frames, as DDP calls it
+    mask = torch.arange(FRAMES) < torch.tensor([[6], [3], [6], [5]])
+    loss, metrics = model(tokens, pixels, mask)  # forward: the loss from uint8 frames, as DDP calls it
     loss.backward()
     expected = {"hvd": {"loss_sentence_frames", "loss_words_patches"}, "meanp": {"loss_sentence_video"}}[head]
     assert set(metrics) == expected | {"logit_scale"}
@@ -194,6 +225,10 @@ def test_bad_input_is_a_clear_error(tokens, frames):
         model.encode_video(frames[0])
     with pytest.raises(ValueError, match="torch.uint8"):
         model.encode_video(frames.to(torch.uint8))
+    with pytest.raises(ValueError, match="frame_mask must be bool \\[4, 6\\] with a valid frame per video"):
+        model.encode_video(frames, torch.arange(FRAMES) < torch.tensor([[6], [0], [6], [6]]))
+    with pytest.raises(ValueError, match="model.pfcm_scope.*'clip'.*frame, video"):
+        tiny_model(pfcm_scope="clip")
     with pytest.raises(ValueError, match="at least one token"):
         model.encode_text(torch.cat([tokens[:1], torch.zeros_like(tokens[:1])]))
     with pytest.raises(ValueError, match="length <= 32"):

@@ -38,8 +38,9 @@ def run_steps(head: str, rank: int = 0, world: int = 1) -> tuple[list[float], di
     wrapped = DistributedDataParallel(model) if world > 1 else model  # what ray.train.torch.prepare_model does
     tokens, frames = global_batch()
     local = slice(rank * len(CAPTIONS) // world, (rank + 1) * len(CAPTIONS) // world)
-    losses = [train_step(wrapped, optimizer, scheduler, tokens[local], frames[local], grad_clip=1.0)[0].item()
-              for _ in range(STEPS)]
+    mask = torch.arange(4) < torch.tensor([[4], [2], [4], [3]])  # two clips with padding frames
+    batch = {"tokens": tokens[local], "frames": frames[local], "frame_mask": mask[local]}
+    losses = [train_step(wrapped, optimizer, scheduler, batch, grad_clip=1.0)[0].item() for _ in range(STEPS)]
     return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 

@@ -16,7 +16,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from hvd.config import Config, SyntheticConfig, load_config
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
-from hvd.data.shards import frames_uint8, read_shards, shard_summary
+from hvd.data.shards import frame_mask, frames_uint8, read_shards, shard_summary
 from hvd.data.synthetic import generate
 from hvd.model import build_model, build_tokenizer
 from hvd.train.inputs import caption_choice, epoch_batches, training_dataset
@@ -93,7 +93,7 @@ def test_shards_hold_exactly_the_frames_decord_gives(tiny, raw_shards):
             reader = decord.VideoReader(str(resolve_video_path(entry, tiny)), num_threads=1)
             expected = reader.get_batch(row["frame_indices"]).asnumpy()  # tiny clips are 64 px: no resize
             np.testing.assert_array_equal(frames_uint8(row), expected)
-            assert row["num_frames"] == len(row["frames"]) == 12 and not row["short_clip"]
+            assert row["num_frames"] == row["valid_frames"] == len(row["frames"]) == 12
             assert row["source_frames"] == 20 and row["source_fps"] == pytest.approx(10)
             assert row["duration_s"] == pytest.approx(2.0, abs=1e-6)
             seen.append(row["video_id"])
@@ -139,9 +139,12 @@ def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):
         assert row["path"] == str(resolve_video_path(entries[row["video_id"]], messy)) and row["path"] in row["error"]
     rows = {row["video_id"]: row for row in read_shards(tmp_path / "out", "train").to_pylist()}
     assert set(rows) == {"good_a", "short", "rotated"}
-    assert rows["short"]["short_clip"] and not rows["good_a"]["short_clip"]
+    assert rows["short"]["valid_frames"] < 12 == rows["good_a"]["valid_frames"]
     short = frames_uint8(rows["short"])
-    assert [read_frame_number(f) for f in short] == rows["short"]["frame_indices"]
+    valid = rows["short"]["valid_frames"]
+    assert [read_frame_number(f) for f in short[:valid]] == rows["short"]["frame_indices"]
+    assert not short[valid:].any()
+    assert frame_mask([rows["short"], rows["good_a"]]).sum(axis=1).tolist() == [valid, 12]
     for frame in frames_uint8(rows["rotated"]):  # upright: the white marker is in the top-left quarter
         assert frame[:32, :32].mean() > frame[32:, 32:].mean() + 40 and frame[:32, :32].mean() > frame[:32, 32:].mean() + 40
     recorded = shard_summary(tmp_path / "out")

@@ -82,13 +82,13 @@ class FrameSpec:
 
 @dataclass
 class DecodedClip:
-    frames: list[bytes]  # one JPEG file, or H*W*3 raw RGB bytes, per sampled frame
-    frame_indices: list[int]
-    timestamps_s: list[float]
+    frames: list[bytes]  # `num_frames` JPEG files, or H*W*3 raw RGB bytes; blank after `valid_frames`
+    valid_frames: int  # the clip's own frames, first; fewer than `num_frames` on a short clip
+    frame_indices: list[int]  # of the valid frames, into the source's frames in presentation order
+    timestamps_s: list[float]  # of the valid frames
     source_frames: int
     source_fps: float
     duration_s: float
-    short_clip: bool  # fewer distinct frames than `num_frames`: some are repeated
 
 
 def resize_and_crop(frame: np.ndarray, size: int) -> np.ndarray:
@@ -174,15 +174,15 @@ def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
         raise CorruptVideoError(path, "video stream holds no frames")
     timestamps = reader.get_frame_timestamp(np.arange(num_source))
     indices = sample_indices(spec.sample_mode, timestamps[:, 0], spec.num_frames)
-    unique, position = np.unique(indices, return_inverse=True)
-    frames = _read_frames(reader, unique, path)
-    encoded = [encode_frame(resize_and_crop(frame, spec.frame_size), spec.frame_codec, spec.jpeg_quality) for frame in frames]
+    frames = [resize_and_crop(frame, spec.frame_size) for frame in _read_frames(reader, indices, path)]
+    blank = np.zeros((spec.frame_size, spec.frame_size, 3), np.uint8)
+    frames += [blank] * (spec.num_frames - len(frames))
     return DecodedClip(
-        frames=[encoded[i] for i in position],
+        frames=[encode_frame(frame, spec.frame_codec, spec.jpeg_quality) for frame in frames],
+        valid_frames=len(indices),
         frame_indices=indices.tolist(),
         timestamps_s=timestamps[indices, 0].tolist(),
         source_frames=num_source,
         source_fps=float(reader.get_avg_fps()),
         duration_s=float(timestamps[-1, 1] - timestamps[0, 0]),
-        short_clip=len(unique) < spec.num_frames,
     )

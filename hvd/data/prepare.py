@@ -33,7 +33,7 @@ from hvd.data.shards import SUMMARY_FILE
 from hvd.paths import require_shared_paths
 from hvd.worker_setup import RUNTIME_ENV
 
-SHARD_FORMAT = 1  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
+SHARD_FORMAT = 2  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
 METADATA_KEY = b"hvd"
 
@@ -45,10 +45,10 @@ SHARD_SCHEMA = pa.schema(
         ("frames", pa.list_(pa.binary())),  # JPEG files, or frame_size*frame_size*3 RGB bytes
         ("frame_codec", pa.string()),  # jpeg | raw
         ("frame_size", pa.int32()),  # frames are frame_size x frame_size
-        ("frame_indices", pa.list_(pa.int32())),  # into the source's frames in presentation order
-        ("timestamps_s", pa.list_(pa.float64())),  # presentation time of each kept frame
-        ("num_frames", pa.int32()),
-        ("short_clip", pa.bool_()),  # fewer distinct source frames than num_frames: some repeat
+        ("num_frames", pa.int32()),  # frames stored, padding included
+        ("valid_frames", pa.int32()),  # the first valid_frames are the clip's; the rest are blank padding
+        ("frame_indices", pa.list_(pa.int32())),  # of the valid frames, into the source's frames in order
+        ("timestamps_s", pa.list_(pa.float64())),  # presentation time of each valid frame
         ("source_frames", pa.int32()),
         ("source_fps", pa.float64()),
         ("duration_s", pa.float64()),
@@ -87,7 +87,7 @@ class PrepareSummary:
         head = f"{self.out}: already prepared with these settings, nothing to do. " if self.skipped else ""
         return (
             f"{head}input {self.input} = written {self.written} + quarantined {self.quarantined} "
-            f"({self.short_clips} short clips kept with repeated frames)"
+            f"({self.short_clips} short clips padded with masked blank frames)"
         )
 
 
@@ -152,7 +152,7 @@ def _decoded_row(item: dict[str, Any], spec: FrameSpec) -> dict[str, Any]:
         clip = decode_clip(item["path"], spec)
     except Exception as err:  # any failure of one video quarantines that video, never the job
         reason = getattr(err, "reason", type(err).__name__)
-        return {**row, "frames": [], "num_frames": 0, "reason": reason, "error": str(err)}
+        return {**row, "frames": [], "num_frames": 0, "valid_frames": 0, "reason": reason, "error": str(err)}
     return {**row, **asdict(clip), "num_frames": len(clip.frames), "reason": None, "error": None}
 
 
@@ -190,11 +190,12 @@ def ensure_ray() -> None:
 
 
 def _written(folder: Path) -> tuple[int, int]:
-    """Rows and short clips as they are on disk, the ground truth for the summary."""
+    """Rows and short (padded) clips as they are on disk, the ground truth for the summary."""
     if not folder.is_dir():
         return 0, 0
-    flags = pq.read_table(folder, columns=["short_clip"])["short_clip"]
-    return len(flags), pc.sum(flags).as_py() or 0
+    table = pq.read_table(folder, columns=["num_frames", "valid_frames"])
+    short = pc.less(table["valid_frames"], table["num_frames"])
+    return table.num_rows, pc.sum(short).as_py() or 0
 
 
 def prepare(cfg: Config, manifest: Path, out: Path, overwrite: bool = False) -> PrepareSummary:

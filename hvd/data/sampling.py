@@ -1,7 +1,9 @@
 """Which source frames a clip keeps: the two schemes text-video retrieval papers train with.
 
-Both always return exactly `num_frames` indices in presentation order, so every shard row has the same
-shape; a clip with fewer distinct frames repeats some of them (the row is flagged `short_clip`).
+Both return at most `num_frames` distinct indices in presentation order. A clip with fewer distinct
+frames gets fewer indices and its shard row is padded with blank frames that a mask marks (`valid_frames`),
+as CLIP4Clip zero-pads and masks: repeating frames, as X-Pool does, would let FFSM keep two copies of one
+frame and weight it twice in every mean.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ SAMPLE_MODES = ("uniform", "fps")
 
 
 def uniform_indices(num_source: int, num_frames: int) -> np.ndarray:
-    """The middle frame of each of `num_frames` equal segments (X-Pool's `uniform`).
-
-    With fewer source frames than segments, neighbouring segments share a frame instead of pointing
-    before the clip, as X-Pool's integer arithmetic would.
-    """
+    """The middle frame of each of `num_frames` equal segments (X-Pool's `uniform`); every frame of a
+    clip with fewer frames than segments."""
     if num_source < 1 or num_frames < 1:
         raise ValueError(f"need at least one source frame and one sample, got {num_source} and {num_frames}")
+    if num_source <= num_frames:
+        return np.arange(num_source)
     edges = np.linspace(0, num_source, num_frames + 1).astype(np.int64)
     starts = edges[:-1]
     ends = np.maximum(starts, edges[1:] - 1)
@@ -26,7 +27,8 @@ def uniform_indices(num_source: int, num_frames: int) -> np.ndarray:
 
 
 def fps_indices(timestamps_s: np.ndarray, num_frames: int, rate: float = 1.0) -> np.ndarray:
-    """The frame on screen at every `1/rate` seconds (CLIP4Clip's 1 fps), thinned by linspace to `num_frames`.
+    """The frame on screen at every `1/rate` seconds (CLIP4Clip's 1 fps), thinned by linspace to `num_frames`;
+    a clip shorter than `num_frames / rate` seconds gets fewer indices.
 
     Times come from the frames' own presentation timestamps, so variable frame rate clips are sampled
     at the right moments; CLIP4Clip's `second * fps` index assumes a constant rate.
@@ -37,8 +39,8 @@ def fps_indices(timestamps_s: np.ndarray, num_frames: int, rate: float = 1.0) ->
     times = np.arange(timestamps_s[0], timestamps_s[-1] + 1e-9, 1.0 / rate)
     on_screen = np.searchsorted(timestamps_s, times + 1e-9, side="right") - 1
     if on_screen.size > num_frames:
-        return on_screen[np.linspace(0, on_screen.size - 1, num_frames).astype(np.int64)]
-    return on_screen[uniform_indices(on_screen.size, num_frames)]
+        on_screen = on_screen[np.linspace(0, on_screen.size - 1, num_frames).astype(np.int64)]
+    return np.unique(on_screen)  # a frame on screen for several seconds is taken once
 
 
 def sample_indices(mode: str, timestamps_s: np.ndarray, num_frames: int) -> np.ndarray:

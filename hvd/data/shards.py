@@ -55,6 +55,11 @@ def read_shards(shards: str | Path, split: str, columns: Sequence[str] | None = 
     return table.sort_by("video_id")
 
 
+def frame_mask(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """[B, T] bool: which stored frames of each row are the clip's own (False on blank padding)."""
+    return np.stack([np.arange(row["num_frames"]) < row["valid_frames"] for row in rows])
+
+
 def frames_uint8(row: Mapping[str, Any]) -> np.ndarray:
     """A row's frames as `[T, H, W, 3]` uint8 RGB."""
     size, codec = int(row["frame_size"]), row["frame_codec"]

@@ -8,6 +8,7 @@ same `EncodedSplit` that the single-process `encode_split` gives.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from hvd.data.shards import open_shards, read_shards
 from hvd.eval.encode import EncodedSplit, encode_rows
 from hvd.eval.source import rebuild
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
+
+VIDEO_FIELDS = tuple(field.name for field in dataclasses.fields(VideoFeatures))
 
 
 class _ModelActor:
@@ -37,11 +40,8 @@ class VideoEncoder(_ModelActor):
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         features = encode_rows(self.model, batch.to_pylist()).to("cpu")
-        return {
-            "video_id": np.asarray(batch["video_id"].to_pylist(), dtype=object),
-            "frames": features.frames.numpy(),
-            "patches": features.patches.flatten(2).numpy(),  # [B, T, P * D]: meanP's P = 0 is an empty axis
-        }
+        columns = {name: getattr(features, name).numpy() for name in VIDEO_FIELDS}
+        return {"video_id": np.asarray(batch["video_id"].to_pylist(), dtype=object), **columns}
 
 
 class TextEncoder(_ModelActor):
@@ -102,16 +102,13 @@ def encode_with_actors(
         batch_format="numpy",
         **resources,
     )
-    video_cols = _collect(videos, ("video_id", "frames", "patches"))
+    video_cols = _collect(videos, ("video_id", *VIDEO_FIELDS))
     text_cols = _collect(texts, ("index", "sentence", "words", "word_mask"))
 
     position = {video_id: i for i, video_id in enumerate(video_cols["video_id"])}
     video_order = torch.tensor([position[video_id] for video_id in video_ids])
     text_order = torch.from_numpy(np.argsort(text_cols["index"], kind="stable"))
-    frames = torch.from_numpy(video_cols["frames"])
-    video = VideoFeatures(
-        frames=frames, patches=torch.from_numpy(video_cols["patches"]).unflatten(2, (-1, frames.shape[-1]))
-    )
+    video = VideoFeatures(**{name: torch.from_numpy(video_cols[name]) for name in VIDEO_FIELDS})
     text = TextFeatures(
         sentence=torch.from_numpy(text_cols["sentence"]),
         words=torch.from_numpy(text_cols["words"]),

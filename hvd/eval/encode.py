@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from hvd.data.shards import frames_uint8
+from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.metrics import retrieval_metrics
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
 
@@ -33,7 +33,8 @@ class EncodedSplit:
 
 def encode_rows(model: RetrievalModel, rows: list[Mapping[str, Any]]) -> VideoFeatures:
     """Shard rows -> video features: frames go to the model's device as uint8 and are normalised there."""
-    return model.encode_video(model.normalize_frames(torch.from_numpy(np.stack([frames_uint8(row) for row in rows]))))
+    frames = torch.from_numpy(np.stack([frames_uint8(row) for row in rows]))
+    return model.encode_video(model.normalize_frames(frames), torch.from_numpy(frame_mask(rows)))
 
 
 @torch.no_grad()

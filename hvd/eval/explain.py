@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from hvd.data.shards import frames_uint8
+from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.encode import Tokenizer
 from hvd.model import RetrievalModel
 
@@ -27,7 +27,7 @@ class PairExplanation:
     frames: np.ndarray  # [T, H, W, 3] uint8, as the model saw them
     frame_scores: np.ndarray  # [T] cosine of the caption and each frame: what FFSM ranks by
     kept: np.ndarray  # [T] bool, the frames FFSM kept for this pair
-    entities: np.ndarray  # [T, grid, grid] the PFCM entity each patch was merged into
+    entities: np.ndarray  # [T, grid, grid] the PFCM entity each patch was merged into, -1 on padding frames
 
 
 def can_explain(model: RetrievalModel) -> bool:
@@ -60,7 +60,8 @@ def explain_pairs(
         sentence = model.encode_text(tokenizer([caption])).sentence[0]
         images = model.normalize_frames(torch.from_numpy(frames_uint8(row))[None])[0]
         pooled, patches = model.backbone.encode_images(images, with_patches=True)
-        parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float())
+        mask = torch.from_numpy(frame_mask([row])[0]).to(model.device)
+        parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float(), mask)
         grid = int(np.sqrt(patches.shape[1]))
         explained.append(
             PairExplanation(

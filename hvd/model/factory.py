@@ -27,6 +27,11 @@ def _check(cfg: ModelConfig) -> None:
         if not ok:
             value = getattr(cfg, key.split(".")[1])
             raise ValueError(f"bad value for '{key}': {value!r} (shares lie in (0, 1], counts are positive)")
+    if cfg.pfcm_scope not in PFCM_SCOPES:
+        raise ValueError(f"bad value for 'model.pfcm_scope': {cfg.pfcm_scope!r} (choose one of {', '.join(PFCM_SCOPES)})")
+
+
+PFCM_SCOPES = ("frame", "video")
 
 
 def _build_head(cfg: ModelConfig, dim: int) -> nn.Module:

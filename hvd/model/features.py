@@ -60,4 +60,6 @@ class TextFeatures(Features):
 @dataclasses.dataclass
 class VideoFeatures(Features):
     frames: Tensor  # [B, T, D] class token of every frame
-    patches: Tensor  # [B, T, P, D] patch tokens after the head's compression; P = 0 for meanp
+    frame_mask: Tensor  # [B, T] bool, False on padding frames (clips shorter than T frames)
+    patches: Tensor  # [B, E, D] entities: patch tokens after the head's compression; E = 0 for meanp
+    patch_frames: Tensor  # [B, E, T] bool: the frames each entity's patches come from (none: empty slot)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from hvd.model.backbone import PAD_TOKEN, ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
-from hvd.model.heads import mean_frame_embedding
+from hvd.model.heads import mean_frame_embedding, no_patches
 from hvd.model.losses import gather_across_ranks, symmetric_infonce
 
 MAX_LOGIT_SCALE = 100.0
@@ -58,25 +58,30 @@ class RetrievalModel(nn.Module):
             word_mask=tokens != PAD_TOKEN,
         )
 
-    def encode_video(self, frames: Tensor) -> VideoFeatures:
-        """Normalised frames [B, T, 3, H, W] -> unit frame features and the head's patch features."""
+    def encode_video(self, frames: Tensor, frame_mask: Tensor | None = None) -> VideoFeatures:
+        """Normalised frames [B, T, 3, H, W] and their mask [B, T] (False on padding; None: no padding)
+        -> unit frame features and the head's entities."""
         if frames.ndim != 5 or not frames.is_floating_point():
             raise ValueError(
                 "frames must be normalised floats [batch, time, 3, height, width], "
                 f"got {frames.dtype} {list(frames.shape)}"
             )
         batch, time = frames.shape[:2]
+        if frame_mask is None:
+            frame_mask = torch.ones(batch, time, dtype=torch.bool, device=self.device)
+        elif frame_mask.shape != (batch, time) or not bool(frame_mask.any(dim=1).all()):
+            raise ValueError(f"frame_mask must be bool [{batch}, {time}] with a valid frame per video, got {list(frame_mask.shape)}")
+        frame_mask = frame_mask.to(self.device, torch.bool)
         with self._autocast():
             pooled, patches = self.backbone.encode_images(
                 frames.to(self.device).flatten(0, 1), with_patches=self.head.uses_patches
             )
+            pooled = F.normalize(pooled.float(), dim=-1).unflatten(0, (batch, time))
             if patches is None:
-                kept = pooled.new_zeros(batch, time, 0, pooled.shape[-1])
+                entities, patch_frames = no_patches(pooled)
             else:
-                kept = self.head.compress_patches(patches.unflatten(0, (batch, time)))
-        return VideoFeatures(
-            frames=F.normalize(pooled.float(), dim=-1).unflatten(0, (batch, time)), patches=kept.float()
-        )
+                entities, patch_frames = self.head.compress_patches(patches.unflatten(0, (batch, time)), frame_mask)
+        return VideoFeatures(frames=pooled, frame_mask=frame_mask, patches=entities.float(), patch_frames=patch_frames)
 
     def normalize_frames(self, frames: Tensor) -> Tensor:
         """uint8 frames [B, T, H, W, 3], as shards store them -> the model's input [B, T, 3, H, W], on its device.
@@ -89,12 +94,13 @@ class RetrievalModel(nn.Module):
         pixels = frames.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)
         return (pixels - self.image_mean) / self.image_std
 
-    def forward(self, tokens: Tensor, frames: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """One training step's loss from token ids [B, L] and uint8 frames [B, T, H, W, 3].
+    def forward(self, tokens: Tensor, frames: Tensor, frame_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """One training step's loss from token ids [B, L], uint8 frames [B, T, H, W, 3] and their mask [B, T].
 
         The call DistributedDataParallel wraps: its gradient all-reduce overlaps this step's backward.
         """
-        return self.loss(self.encode_text(tokens), self.encode_video(self.normalize_frames(frames)))
+        video = self.encode_video(self.normalize_frames(frames), frame_mask)
+        return self.loss(self.encode_text(tokens), video)
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         """The head's named [Nt, Nv] similarity matrices, with gradients, in one piece.
@@ -127,7 +133,7 @@ class RetrievalModel(nn.Module):
     @torch.no_grad()
     def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
         """Unit sentence [Nt, D] and mean-frame [Nv, D] features, whose dot product is a cheap first stage."""
-        return text.sentence, mean_frame_embedding(video.frames)
+        return text.sentence, mean_frame_embedding(video.frames, video.frame_mask)
 
     def loss(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, dict[str, float]]:
         """Sum of symmetric InfoNCE losses, one per similarity, over the batch gathered from all ranks."""

@@ -1,8 +1,12 @@
 """PFCM, the micro-perception step of HVD: patch tokens compressed into a few salient entities.
 
-Each round clusters the tokens with DPC-KNN, merges every cluster by a learned weighted mean, then
-lets the merged tokens (queries) attend to the tokens they came from (keys and values), with each
-key's learned score as attention bias, and adds the result back to the merged tokens.
+Each round is HBI's and HVP-Net's clustering block: a token convolution (kernel 3 along the token
+sequence) and a LayerNorm, then a learned score per token; DPC-KNN clusters the tokens, every cluster
+is merged by the exp(score)-weighted mean, and the merged tokens (queries) attend to the tokens they
+came from (keys and values), with each key's score as attention bias, the result added back.
+
+One departure, for warm starts: the convolution starts as the identity (its centre tap), so at step 0
+the entities are clusters of the pretrained CLIP patch features rather than of a random mixture of them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hvd.model.clustering import dpc_knn, merge_clusters
+from hvd.model.clustering import Clusters, dpc_knn, merge_clusters
 
 
 class CompressionRound(nn.Module):
@@ -22,6 +26,9 @@ class CompressionRound(nn.Module):
         if dim % heads:
             raise ValueError(f"PFCM width {dim} is not divisible by {heads} attention heads")
         self.heads, self.ratio, self.k = heads, ratio, k
+        self.token_conv = nn.Conv1d(dim, dim, kernel_size=3, padding=1, bias=False)
+        nn.init.dirac_(self.token_conv.weight)
+        self.norm_tokens = nn.LayerNorm(dim)
         self.score = nn.Linear(dim, 1, bias=False)  # a bias would shift every score alike: no effect
         self.norm_query = nn.LayerNorm(dim)
         self.norm_context = nn.LayerNorm(dim)
@@ -32,8 +39,12 @@ class CompressionRound(nn.Module):
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """[B, N, C] tokens (mask: [B, N], False on padding) -> [B, ceil(N * ratio), C] tokens and mask."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Clusters]:
+        """[B, N, C] tokens (mask: [B, N], False on padding) -> [B, ceil(N * ratio), C] tokens, their mask,
+        and the clustering that made them."""
+        if mask is not None:  # padding reaches no real token through the convolution
+            x = x.masked_fill(~mask[..., None], 0.0)
+        x = self.norm_tokens(self.token_conv(x.transpose(1, 2)).transpose(1, 2))
         scores = self.score(x).squeeze(-1).float()
         clusters = dpc_knn(x.detach(), self.ratio, self.k, mask)
         merged = merge_clusters(x, clusters, scores).to(x.dtype)
@@ -45,7 +56,7 @@ class CompressionRound(nn.Module):
             query, key, value, attn_mask=bias[:, None, None, :].to(query.dtype)
         )
         out = merged + self.out(attended.transpose(1, 2).flatten(2))
-        return out, None if mask is None else clusters.mask
+        return out, None if mask is None else clusters.mask, clusters
 
 
 class PFCM(nn.Module):
@@ -54,20 +65,15 @@ class PFCM(nn.Module):
         heads = max(1, dim // 64)
         self.rounds = nn.ModuleList(CompressionRound(dim, heads, ratio, k) for _ in range(steps))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """[B, N, C] tokens (mask [B, N]) -> [B, M, C] entities, their mask, and [B, N] the entity each
+        input token ended up merged into (-1 on padding), for entity-frame bookkeeping and pictures."""
+        batch, n = x.shape[:2]
+        assignment = torch.arange(n, device=x.device).expand(batch, n)
+        if mask is not None:
+            assignment = assignment.masked_fill(~mask, -1)
         for step in self.rounds:
-            x, mask = step(x, mask)
-        return x, mask
-
-    @torch.no_grad()
-    def entity_assignment(self, x: Tensor) -> Tensor:
-        """[B, N, C] tokens -> [B, N]: the output token (entity) each input token ends up merged into.
-
-        For pictures of the clusters (evaluation reports): each round's DPC-KNN clustering is the one
-        `forward` computes, since the clustering is deterministic for a given input.
-        """
-        assignment = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        for step in self.rounds:
-            assignment = dpc_knn(x.detach(), step.ratio, step.k).assignment.gather(1, assignment)
-            x, _ = step(x)
-        return assignment
+            x, mask, clusters = step(x, mask)
+            merged_into = clusters.assignment.gather(1, assignment.clamp(min=0))
+            assignment = merged_into.masked_fill(assignment < 0, -1)
+        return x, mask, assignment

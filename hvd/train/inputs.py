@@ -21,7 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
 from hvd.config import Config, ModelConfig
-from hvd.data.shards import frames_uint8, open_shards
+from hvd.data.shards import frame_mask, frames_uint8, open_shards
 from hvd.model import build_tokenizer
 
 TOKEN_DTYPE = np.int32
@@ -34,14 +34,17 @@ def _tokenizer(preset: str, quick_gelu: bool, max_words: int) -> Callable[[list[
 
 
 def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int) -> dict[str, np.ndarray]:
-    """Shard rows -> `video_id`, `frames` uint8 [B, T, H, W, 3] and `tokens` [B][captions, L] (ragged)."""
+    """Shard rows -> `video_id`, `frames` uint8 [B, T, H, W, 3], `frame_mask` [B, T] and `tokens`
+    [B][captions, L] (ragged)."""
     tokenizer = _tokenizer(model_cfg.preset, model_cfg.quick_gelu, max_words)
-    rows = batch.select(["video_id", "captions", "frames", "frame_codec", "frame_size"]).to_pylist()
+    columns = ["video_id", "captions", "frames", "frame_codec", "frame_size", "num_frames", "valid_frames"]
+    rows = batch.select(columns).to_pylist()
     tokens = np.empty(len(rows), dtype=object)
     tokens[:] = [tokenizer(row["captions"]).numpy().astype(TOKEN_DTYPE) for row in rows]
     return {
         "video_id": np.array([row["video_id"] for row in rows], dtype=object),
         "frames": np.stack([frames_uint8(row) for row in rows]),
+        "frame_mask": frame_mask(rows),
         "tokens": tokens,
     }
 
@@ -68,7 +71,8 @@ def caption_choice(seed: int, epoch: int, video_id: str, count: int) -> int:
 
 
 class TrainingCollate(NumpyBatchCollateFn):
-    """Numpy batch -> `{"tokens": [B, L] int64, "frames": [B, T, H, W, 3] uint8}`; runs in the prefetch thread."""
+    """Numpy batch -> `{"tokens": [B, L] int64, "frames": [B, T, H, W, 3] uint8, "frame_mask": [B, T] bool}`;
+    runs in the prefetch thread."""
 
     def __init__(self, seed: int, epoch: int):
         self.seed, self.epoch = seed, epoch
@@ -81,6 +85,7 @@ class TrainingCollate(NumpyBatchCollateFn):
         return {
             "tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
             "frames": torch.from_numpy(np.ascontiguousarray(batch["frames"])),
+            "frame_mask": torch.from_numpy(batch["frame_mask"]),
         }
 
 

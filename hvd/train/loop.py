@@ -42,12 +42,12 @@ def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    tokens: Tensor,
-    frames: Tensor,
+    batch: dict[str, Tensor],
     grad_clip: float,
 ) -> tuple[Tensor, dict[str, float]]:
-    """One optimisation step; `model` is the DDP-wrapped model when there are several workers."""
-    loss, parts = model(tokens, frames)
+    """One optimisation step on a `TrainingCollate` batch; `model` is the DDP-wrapped model when there are
+    several workers."""
+    loss, parts = model(batch["tokens"], batch["frames"], batch["frame_mask"])
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
@@ -153,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if index < done_in_epoch:
                 continue
             inject_fault(cfg, step, rank, world, fault_marker)
-            loss, parts = train_step(ddp_model, optimizer, scheduler, batch["tokens"], batch["frames"], cfg.train.grad_clip)
+            loss, parts = train_step(ddp_model, optimizer, scheduler, batch, cfg.train.grad_clip)
             step += 1
             samples += per_worker_batch * world
 
