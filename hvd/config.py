@@ -76,7 +76,7 @@ class ModelConfig:
     quick_gelu: bool = True  # OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not
     frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
     pfcm_steps: int = 3  # PFCM: rounds of density-peak compression
-    pfcm_scope: str = "frame"  # PFCM clusters each frame's patches (frame) or all the video's together (video)
+    pfcm_scope: str = "video"  # PFCM clusters all the video's patches together (video, as HVP-Net) or each frame's (frame)
     pfcm_ratio: float = 0.5  # PFCM: share of tokens kept per round
     dpc_k: int = 3  # DPC-KNN neighbours, the token itself included
     score_budget_mb: int = 512  # memory cap for one chunk of pairwise scoring

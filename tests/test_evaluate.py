@@ -85,8 +85,9 @@ def test_head_explains_which_frames_ffsm_kept(tiny_model):
     kept_scores, dropped_scores = real[parts["kept"][:10]], real[~parts["kept"][:10]]
     assert kept_scores.min() >= dropped_scores.max()
     entities = parts["entities"]
-    assert entities.shape == (12, 16) and int(entities.max()) < 2 and (entities[10:] == -1).all()
-    assert (entities[:10] >= 0).all()
+    # video scope (the default): 160 real patches -> 80 -> 40 -> 20 entities numbered across the video
+    assert entities.shape == (12, 16) and int(entities.max()) < 20 and (entities[10:] == -1).all()
+    assert (entities[:10] >= 0).all() and len(entities[:10].unique()) == 20
 
 
 # --- pictures ---------------------------------------------------------------------------------------

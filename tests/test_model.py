@@ -34,7 +34,7 @@ def frames():
 
 
 def test_features_have_the_documented_shapes_and_unit_norms(tokens, frames):
-    model = tiny_model()
+    model = tiny_model(pfcm_scope="frame")
     text, video = model.encode_text(tokens), model.encode_video(frames)
     assert model.image_size == 64
     assert text.sentence.shape == (4, 128) and text.words.shape == (4, 32, 128)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import decord
@@ -15,7 +16,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from hvd.config import Config, SyntheticConfig, load_config
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
-from hvd.data.prepare import QUARANTINE_FILE, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
+from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
 from hvd.data.shards import frame_mask, frames_uint8, read_shards, shard_summary
 from hvd.data.synthetic import generate
 from hvd.model import build_model, build_tokenizer
@@ -120,6 +121,16 @@ def test_rerun_does_no_work_and_other_settings_refuse_to_mix(tiny, raw_shards):
     assert {p: p.stat().st_mtime_ns for p in raw_shards.rglob("*")} == before
     with pytest.raises(PrepareError, match="frame_spec.num_frames: 12 -> 8.*--overwrite"):
         prepare(config("data.frame_codec=raw", "data.num_frames=8"), tiny, raw_shards)
+
+
+def test_shards_of_an_older_format_are_re_prepared_not_refused(tiny, raw_shards, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(raw_shards, old)
+    summary = json.loads((old / SUMMARY_FILE).read_text())
+    (old / SUMMARY_FILE).write_text(json.dumps({**summary, "shard_format": 1}))
+    redone = prepare(config("data.frame_codec=raw"), tiny, old)
+    assert not redone.skipped and redone.written == 40
+    assert json.loads((old / SUMMARY_FILE).read_text())["shard_format"] == SHARD_FORMAT
 
 
 def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):

@@ -130,10 +130,15 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> Pre
     previous = json.loads(summary_path.read_text())
     before = _flat(previous)
     changed = [f"{key}: {before.get(key)!r} -> {new!r}" for key, new in _flat(identity).items() if before.get(key) != new]
+    if changed and all(c.startswith("shard_format:") for c in changed) and before.get("shard_format", 0) < SHARD_FORMAT:
+        # Same videos and settings in an older layout: derived data, so it is redone rather than refused.
+        print(f"{out}: shards of format {before.get('shard_format')} are re-prepared as format {SHARD_FORMAT}", flush=True)
+        _remove(existing)
+        return None
     if changed:
         raise PrepareError(
             f"{out} holds shards prepared with other settings ({'; '.join(changed)}); "
-            "pass --overwrite to replace them"
+            "pass --overwrite (data.overwrite=true for train.py) to replace them"
         )
     counts = {key: previous[key] for key in ("input", "written", "quarantined", "short_clips", "splits")}
     return PrepareSummary(**counts, out=str(out), skipped=True)
