@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from hvd.cli import fail
-from hvd.data.benchmarks import IMPORTERS, BenchmarkError, describe_importers, import_benchmark
+from hvd.data.importers import IMPORTERS, BenchmarkError, describe_importers, import_benchmark
 
 
 def parse_option(text: str) -> tuple[str, str]:

@@ -17,12 +17,13 @@ from conftest import write_broken_videos
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from hvd.checkpoint import save_state
 from hvd.config import ModelConfig, load_config, to_yaml
 from hvd.data.manifest import ManifestEntry, read_manifest, write_manifest
 from hvd.data.shards import read_shards
 from hvd.data.synthetic import generate
 from hvd.eval import plots
-from hvd.eval.batch_encode import encode_with_actors
+from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import encode_split
 from hvd.eval.explain import PairExplanation
 from hvd.eval.job import check_eval_config, job_config, prepared_shards
@@ -33,7 +34,6 @@ from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
 from hvd.model.pfcm import PFCM
 from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri
-from hvd.train.checkpoint import save_state
 
 _CLI = importlib.util.spec_from_file_location(
     "evaluate_cli", Path(__file__).parents[1] / "pipelines" / "evaluate.py"

@@ -27,7 +27,7 @@ def test_training_and_encoding_processes_load_no_video_decoder():
     process binds its zlib calls to them (LD_DEBUG=bindings shows Pillow's libpng and freetype, torchvision's
     libpng and libz doing so), and decord before CUDA crashes torch. Only prepare's decode tasks may load it."""
     code = (
-        "import sys, hvd.train.loop, hvd.train.inputs, hvd.eval.batch_encode\n"
+        "import sys, hvd.train.loop, hvd.train.inputs, hvd.eval.actors\n"
         "import hvd.data.shards, hvd.model\n"
         "print(sorted(m for m in ('decord', 'av') if m in sys.modules))"
     )

@@ -18,7 +18,7 @@ from hvd.data.manifest import fingerprint
 from hvd.data.prepare import QUARANTINE_FILE, ensure_ray, prepare
 from hvd.data.shards import shard_summary
 from hvd.eval import plots
-from hvd.eval.batch_encode import encode_with_actors
+from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS

@@ -16,10 +16,10 @@ import mlflow
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 
+from hvd.checkpoint import STATE_FILE, load_state
 from hvd.config import Config, load_config
 from hvd.model import RetrievalModel, build_model
 from hvd.tracking import load_model
-from hvd.train.checkpoint import STATE_FILE, load_state
 
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
 

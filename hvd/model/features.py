@@ -25,9 +25,6 @@ class Features:
     def to(self: FeaturesT, device: torch.device | str) -> FeaturesT:
         return self.map(lambda t: t.to(device))
 
-    def detach(self: FeaturesT) -> FeaturesT:
-        return self.map(Tensor.detach)
-
     def __getitem__(self: FeaturesT, index: slice | Tensor) -> FeaturesT:
         return self.map(lambda t: t[index])
 

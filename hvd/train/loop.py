@@ -23,12 +23,12 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from hvd.checkpoint import load_state, save_state
 from hvd.config import Config
 from hvd.data.shards import read_shards
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.tracking import MetricLogger
-from hvd.train.checkpoint import load_state, save_state
 from hvd.train.inputs import epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
 

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from hvd.checkpoint import load_state
 from hvd.config import Config, to_yaml
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import ensure_ray, prepare
@@ -20,7 +21,6 @@ from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.paths import require_shared_paths
 from hvd.tracking import MetricLogger, finish_run, register_model, start_or_resume_run, tracking_uri
-from hvd.train.checkpoint import load_state
 from hvd.train.inputs import training_dataset
 from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, train_loop_per_worker
 from hvd.train.plots import log_training_curves

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hvd.data.benchmarks import IMPORTERS, BenchmarkError, Imported, VideoFinder, import_benchmark
+from hvd.data.importers import IMPORTERS, BenchmarkError, Imported, VideoFinder, import_benchmark
 from hvd.data.manifest import read_manifest, resolve_video_path
 
 REPO = Path(__file__).resolve().parents[1]
