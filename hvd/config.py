@@ -8,6 +8,7 @@ paths are made absolute under the project root (`HVD_ROOT`, see `hvd.paths`) as 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,109 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+# What each value may be, declared once: load_config checks a whole Config, and the library checks the
+# pieces it is handed directly (`check_values`), both from these tables.
 CHOICES: dict[str, tuple[str, ...]] = {
     "synthetic.preset": ("tiny", "demo", "full"),
     "data.sample_mode": ("uniform", "fps"),
     "data.frame_codec": ("jpeg", "raw"),
     "model.preset": ("tiny", "ViT-B-32", "ViT-B-16"),
     "model.head": ("hvd", "meanp"),
+    "model.pfcm_scope": ("frame", "video"),
     "eval.mode": ("exhaustive", "two_stage"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
+
+
+def _rule(test: Callable[[Any], bool], text: str, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    """A range check; `optional`: None (take the preset's value) passes too."""
+    return (lambda v: v is None or test(v), f"{text}, or unset") if optional else (test, text)
+
+
+_COUNT = _rule(lambda v: v >= 1, "at least 1")
+_NONNEGATIVE = _rule(lambda v: v >= 0, "at least 0")
+_POSITIVE = _rule(lambda v: v > 0, "above 0")
+_SHARE = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "synthetic.num_train": _rule(lambda v: v >= 0, "at least 0", optional=True),
+    "synthetic.num_val": _rule(lambda v: v >= 0, "at least 0", optional=True),
+    "synthetic.num_test": _rule(lambda v: v >= 0, "at least 0", optional=True),
+    "synthetic.frame_size": _rule(lambda v: v >= 16 and v % 2 == 0, "even and at least 16", optional=True),
+    "synthetic.fps": _COUNT,
+    "synthetic.duration_s": _rule(lambda v: v > 0, "above 0", optional=True),
+    "synthetic.event_fraction": _SHARE,
+    "synthetic.entity_scale": _rule(lambda v: 0 < v <= 0.6, "in (0, 0.6]"),
+    "synthetic.num_distractors": _rule(lambda v: 0 <= v <= 7, "0 to 7 (8 colours, one is the target's)"),
+    "synthetic.train_captions": _COUNT,
+    "synthetic.workers": _NONNEGATIVE,
+    "data.num_frames": _COUNT,
+    "data.frame_size": _rule(lambda v: v >= 8, "at least 8"),
+    "data.jpeg_quality": _rule(lambda v: 1 <= v <= 100, "1 to 100"),
+    "data.max_words": _rule(lambda v: v >= 3, "at least 3 (start and end tokens take 2)"),
+    "data.decode_batch_size": _COUNT,
+    "data.decode_concurrency": _COUNT,
+    "data.decode_cpus": _POSITIVE,
+    "data.shard_videos": _COUNT,
+    "data.train_decode_cpus": _POSITIVE,
+    "model.frame_keep": _SHARE,
+    "model.pfcm_steps": _NONNEGATIVE,
+    "model.pfcm_ratio": _SHARE,
+    "model.dpc_k": _COUNT,
+    "model.score_budget_mb": _COUNT,
+    "train.num_workers": _COUNT,
+    "train.cpus_per_worker": _POSITIVE,
+    "train.epochs": _COUNT,
+    "train.batch_size": _COUNT,
+    "train.lr": _POSITIVE,
+    "train.backbone_lr": _NONNEGATIVE,
+    "train.weight_decay": _NONNEGATIVE,
+    "train.warmup_fraction": _rule(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.grad_clip": _POSITIVE,
+    "train.checkpoint_every_steps": _NONNEGATIVE,
+    "train.max_failures": _NONNEGATIVE,
+    "eval.topk": _COUNT,
+    "eval.batch_size": _COUNT,
+    "eval.num_actors": _NONNEGATIVE,
+    "eval.explain_queries": _NONNEGATIVE,
+}
+# Rules that tie two keys together: (key named in the error, test on the whole Config, what is wrong).
+JOINT_RULES: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+    (
+        "train.batch_size",
+        lambda c: c.train.batch_size % c.train.num_workers == 0,
+        "must divide evenly over train.num_workers",
+    ),
+    (
+        "eval.dsl",
+        lambda c: not (c.eval.dsl and c.eval.mode == "two_stage" and not c.eval.compare),
+        "needs every pair's score (a softmax over all queries), which eval.mode=two_stage never computes: "
+        "use eval.mode=exhaustive, or add eval.compare=true for DSL on the exhaustive run",
+    ),
+)
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Check `section.key -> value` pairs against CHOICES and RANGES; keys without a rule pass."""
+    for key, value in values.items():
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"bad value for '{key}': {value!r} (choose one of {', '.join(CHOICES[key])})")
+        if key in RANGES and not RANGES[key][0](value):
+            raise ConfigError(f"bad value for '{key}': {value!r} (must be {RANGES[key][1]})")
+
+
+def check_section(section: str, values: Any) -> None:
+    """Check one section's dataclass (e.g. `check_section("model", ModelConfig(...))`)."""
+    check_values({f"{section}.{f.name}": getattr(values, f.name) for f in dataclasses.fields(values)})
+
+
+def check(cfg: Config) -> None:
+    """Every rule on a whole config: what load_config runs before any pipeline does work."""
+    check_values(flatten(cfg))
+    for key, test, text in JOINT_RULES:
+        if not test(cfg):
+            section, name = key.split(".")
+            raise ConfigError(f"bad value for '{key}': {getattr(getattr(cfg, section), name)!r} ({text})")
+
 
 # Keys naming a file or folder: a relative value is joined onto the project root (hvd.paths) when loaded.
 PATH_KEYS = (
@@ -168,13 +263,6 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for '{key}': {err.msg.splitlines()[0]}") from None
 
 
-def _check_choices(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"bad value for '{key}': {value!r} (choose one of {', '.join(allowed)})")
-
-
 def _resolve_paths(cfg: DictConfig) -> None:
     """Relative paths absolute under the project root, once, so every node and MLflow see the same path."""
     resolvers = {**dict.fromkeys(PATH_KEYS, resolve_path), "tracking.uri": resolve_tracking_uri}
@@ -196,9 +284,10 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    _check_choices(cfg)
     _resolve_paths(cfg)
-    return OmegaConf.to_object(cfg)
+    config = OmegaConf.to_object(cfg)
+    check(config)
+    return config
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -228,6 +317,7 @@ def describe(sections: tuple[str, ...]) -> str:
 
 
 __all__ = [
+    "CHOICES",
     "PATH_KEYS",
     "Config",
     "ConfigError",
@@ -238,6 +328,9 @@ __all__ = [
     "SyntheticConfig",
     "TrackingConfig",
     "TrainConfig",
+    "check",
+    "check_section",
+    "check_values",
     "describe",
     "flatten",
     "load_config",

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from hvd.config import ConfigError, flatten, load_config, to_yaml
+from hvd.config import CHOICES, RANGES, ConfigError, flatten, load_config, to_yaml
+from hvd.data import synthetic
+from hvd.model import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +38,41 @@ def test_yaml_file_then_overrides(tmp_path):
 def test_bad_overrides_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.frame_keep=1.5"],
+        ["model.pfcm_ratio=0"],
+        ["model.pfcm_scope=clip"],
+        ["train.warmup_fraction=1.0"],
+        ["train.batch_size=33"],  # over 2 workers
+        ["data.num_frames=0"],
+        ["data.max_words=2"],
+        ["data.jpeg_quality=101"],
+        ["synthetic.entity_scale=0.9"],
+        ["synthetic.frame_size=17"],
+        ["eval.topk=0"],
+        ["eval.mode=two_stage", "eval.dsl=true"],
+    ],
+)
+def test_out_of_range_values_fail_at_load_naming_the_key(overrides):
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"bad value for '{key}'"):
+        load_config(None, overrides)
+
+
+def test_every_rule_lets_the_defaults_and_shipped_configs_through():
+    assert set(RANGES) <= set(flatten(load_config())), "a rule names a key the config does not have"
+    load_config(None, ["eval.mode=two_stage", "eval.dsl=true", "eval.compare=true"])
+
+
+def test_the_implementations_offer_exactly_the_declared_choices():
+    assert set(synthetic.PRESETS) == set(CHOICES["synthetic.preset"])
+    assert set(presets.PRESETS) == set(CHOICES["model.preset"])
+    assert RANGES["synthetic.num_distractors"][0](len(synthetic.COLOURS) - 1)
+    assert not RANGES["synthetic.num_distractors"][0](len(synthetic.COLOURS))
 
 
 def test_bad_yaml_key_names_file_and_key(tmp_path):
@@ -71,6 +108,14 @@ def test_cli_help_lists_config_fields():
     result = _run("pipelines/synthetic.py", "--help")
     assert result.returncode == 0
     assert "synthetic.event_fraction" in result.stdout and "synthetic.entity_scale" in result.stdout
+
+
+def test_train_rejects_a_bad_value_before_ray_or_mlflow_start(tmp_path):
+    db = tmp_path / "mlflow.db"
+    result = _run("pipelines/train.py", "model.frame_keep=2", f"tracking.uri=sqlite:///{db}")
+    assert result.returncode == 2
+    assert "bad value for 'model.frame_keep': 2.0 (must be in (0, 1])" in result.stderr
+    assert not db.exists() and "ray" not in result.stderr.lower()
 
 
 def test_cli_unknown_key_fails_before_work(tmp_path):

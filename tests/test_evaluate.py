@@ -26,7 +26,7 @@ from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import encode_split
 from hvd.eval.explain import PairExplanation
-from hvd.eval.job import check_eval_config, job_config, prepared_shards
+from hvd.eval.job import job_config, prepared_shards
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.source import ModelSourceError, load_model_source
 from hvd.model import build_model, build_tokenizer
@@ -145,12 +145,6 @@ def test_job_takes_frame_sampling_from_the_model_and_the_rest_from_the_command_l
     cfg = job_config(cli, trained)
     assert (cfg.data.num_frames, cfg.data.max_words, cfg.model.head) == (8, 20, "meanp")
     assert (cfg.data.decode_concurrency, cfg.eval.topk) == (1, 5)
-
-
-def test_dsl_with_two_stage_alone_is_refused():
-    with pytest.raises(ValueError, match="eval.dsl"):
-        check_eval_config(load_config(None, ["eval.mode=two_stage", "eval.dsl=true"]))
-    check_eval_config(load_config(None, ["eval.mode=two_stage", "eval.dsl=true", "eval.compare=true"]))
 
 
 def test_help_documents_the_flags_and_keys(capsys):

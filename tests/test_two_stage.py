@@ -82,9 +82,3 @@ def test_meanp_two_stage_matches_exhaustive_at_any_k():
     for topk in (1, 4):
         result = two_stage(model, text, video, topk)
         assert retrieval_metrics(result.t2v, text_video, v2t_sim=result.v2t) == expected
-
-
-def test_topk_below_one_is_an_error_naming_the_key():
-    model, text, video, _ = encoded("meanp")
-    with pytest.raises(ValueError, match="eval.topk"):
-        two_stage(model, text, video, topk=0)

@@ -18,10 +18,8 @@ import decord
 import numpy as np
 from PIL import Image
 
-from hvd.config import DataConfig
-from hvd.data.sampling import SAMPLE_MODES, sample_indices
-
-FRAME_CODECS = ("jpeg", "raw")
+from hvd.config import DataConfig, check_values
+from hvd.data.sampling import sample_indices
 
 
 class VideoDecodeError(ValueError):
@@ -61,16 +59,7 @@ class FrameSpec:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        checks = {
-            "data.num_frames": self.num_frames >= 1,
-            "data.sample_mode": self.sample_mode in SAMPLE_MODES,
-            "data.frame_size": self.frame_size >= 8,
-            "data.frame_codec": self.frame_codec in FRAME_CODECS,
-            "data.jpeg_quality": 1 <= self.jpeg_quality <= 100,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{key}: value out of range ({self.to_dict()})")
+        check_values({f"data.{key}": value for key, value in self.to_dict().items()})
 
     @classmethod
     def from_config(cls, data: DataConfig) -> FrameSpec:

@@ -210,9 +210,6 @@ def prepare(cfg: Config, manifest: Path, out: Path, overwrite: bool = False) -> 
     entries = read_manifest(manifest)
     spec = FrameSpec.from_config(cfg.data)
     data = cfg.data
-    for key in ("decode_batch_size", "decode_concurrency", "shard_videos"):
-        if getattr(data, key) < 1:
-            raise ValueError(f"data.{key}: must be at least 1, got {getattr(data, key)}")
     identity = _identity(spec, fingerprint(manifest))
     previous = _check_existing(out, identity, overwrite)
     if previous is not None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLE_MODES = ("uniform", "fps")
+from hvd.config import CHOICES
+
+SAMPLE_MODES = CHOICES["data.sample_mode"]
 
 
 def uniform_indices(num_source: int, num_frames: int) -> np.ndarray:

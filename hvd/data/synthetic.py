@@ -19,7 +19,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from hvd.config import SyntheticConfig
+from hvd.config import ConfigError, SyntheticConfig, check_section
 from hvd.data.manifest import ManifestEntry, write_manifest
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -84,8 +84,7 @@ class ClipSpec:
 
 
 def resolve(cfg: SyntheticConfig) -> Settings:
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"synthetic.preset: unknown preset {cfg.preset!r} (choose one of {', '.join(PRESETS)})")
+    check_section("synthetic", cfg)
     preset = PRESETS[cfg.preset]
     pick = lambda name: getattr(cfg, name) if getattr(cfg, name) is not None else preset[name]  # noqa: E731
     settings = Settings(
@@ -101,17 +100,11 @@ def resolve(cfg: SyntheticConfig) -> Settings:
         num_distractors=cfg.num_distractors,
         train_captions=cfg.train_captions,
     )
-    checks = {
-        "synthetic.event_fraction": 0 < settings.event_fraction <= 1,
-        "synthetic.entity_scale": 0 < settings.entity_scale <= 0.6,
-        "synthetic.frame_size": settings.frame_size >= 16 and settings.frame_size % 2 == 0,
-        "synthetic.num_distractors": 0 <= settings.num_distractors < len(COLOURS),
-        "synthetic.train_captions": settings.train_captions >= 1,
-        "synthetic.duration_s": settings.num_frames >= 4,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise ValueError(f"{key}: value out of range")
+    if settings.num_frames < 4:
+        raise ConfigError(
+            f"bad value for 'synthetic.duration_s': {settings.duration_s} (at synthetic.fps={settings.fps} a clip "
+            f"would have {settings.num_frames} frames; at least 4 are needed)"
+        )
     return settings
 
 

@@ -52,18 +52,6 @@ def job_config(cli: Config, trained: Config) -> Config:
     return replace(cli, model=trained.model, data=data)
 
 
-def check_eval_config(cfg: Config) -> None:
-    if cfg.eval.topk < 1:
-        raise ValueError(f"bad value for 'eval.topk': {cfg.eval.topk} (candidates per query, at least 1)")
-    if cfg.eval.batch_size < 1:
-        raise ValueError(f"bad value for 'eval.batch_size': {cfg.eval.batch_size} (at least 1)")
-    if cfg.eval.dsl and cfg.eval.mode == "two_stage" and not cfg.eval.compare:
-        raise ValueError(
-            "eval.dsl=true needs every pair's score (a softmax over all queries), which eval.mode=two_stage "
-            "never computes: use eval.mode=exhaustive, or add eval.compare=true for DSL on the exhaustive run"
-        )
-
-
 def benchmark_name(cfg: Config, manifest: Path | None, shards: Path | None) -> str:
     """`eval.benchmark`, else the manifest's folder name (for --shards: the manifest they were made from)."""
     if cfg.eval.benchmark:
@@ -178,7 +166,6 @@ def evaluate(
     if (manifest is None) == (shards is None):
         raise ValueError("give exactly one of --manifest FILE or --shards DIR")
     manifest, shards = (Path(resolve_path(str(p))) if p is not None else None for p in (manifest, shards))
-    check_eval_config(cfg)
     uri = tracking_uri(cfg)
     with active_tracking_uri(uri):
         model, trained, source = load_model_source(model_uri)

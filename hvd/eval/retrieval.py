@@ -67,8 +67,6 @@ def merge_reranked(coarse: Tensor, candidates: Tensor, fine: Tensor) -> Tensor:
 
 def top_candidates(coarse: Tensor, topk: int) -> Tensor:
     """[Q, min(topk, C)] indices of each query's best stage-1 candidates."""
-    if topk < 1:
-        raise ValueError(f"bad value for 'eval.topk': {topk} (candidates per query, at least 1)")
     return coarse.topk(min(topk, coarse.shape[1]), dim=1).indices
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import open_clip
 
+from hvd.config import CHOICES
+
 TINY: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 16, "head_width": 64},
@@ -19,7 +21,7 @@ TINY: dict[str, Any] = {
 }
 
 OPEN_CLIP_PRESETS = ("ViT-B-32", "ViT-B-16")
-PRESETS = ("tiny", *OPEN_CLIP_PRESETS)
+PRESETS = CHOICES["model.preset"]
 
 
 def preset_config(name: str, quick_gelu: bool) -> dict[str, Any]:

@@ -38,10 +38,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, to
     """Linear warmup over `warmup_fraction` of the steps, then a cosine decay to zero at `total_steps`."""
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one step, got total_steps={total_steps}")
-    if not 0 <= train_cfg.warmup_fraction < 1:
-        raise ValueError(
-            f"bad value for 'train.warmup_fraction': {train_cfg.warmup_fraction} (must lie in [0, 1))"
-        )
     warmup = round(train_cfg.warmup_fraction * total_steps)
 
     def factor(step: int) -> float:

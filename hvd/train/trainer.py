@@ -80,15 +80,7 @@ def steps_per_epoch(cfg: Config, train_samples: int) -> int:
     return steps
 
 
-def _check(cfg: Config) -> None:
-    if cfg.train.batch_size % cfg.train.num_workers:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} must divide evenly over train.num_workers={cfg.train.num_workers}"
-        )
-
-
 def fit(cfg: Config) -> TrainOutcome:
-    _check(cfg)
     manifest, shards = prepare_data(cfg)
     splits = shard_summary(shards)["splits"]
     val_split = "val" if splits.get("val") else "test"
