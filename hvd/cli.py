@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from hvd.config import Config, ConfigError, describe, load_config
+from hvd.worker_setup import VERBOSE_ENV
 
 
 def parse_args(
@@ -27,10 +29,15 @@ def parse_args(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file merged over the defaults")
+    parser.add_argument(
+        "--verbose", action="store_true", help="Ray's and MLflow's own logs, and Ray Data's progress bars on a terminal"
+    )
     if add_flags is not None:
         add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.head=meanp")
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by every process of the job: hvd.worker_setup
     overrides = (flag_overrides(args) if flag_overrides else []) + list(args.overrides)
     try:
         cfg = load_config(args.config, overrides)

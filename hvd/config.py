@@ -290,6 +290,14 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
     return config
 
 
+def config_from_yaml(text: str) -> Config:
+    """The inverse of `to_yaml`, checked like any loaded config."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "config YAML")
+    config = OmegaConf.to_object(cfg)
+    check(config)
+    return config
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -331,6 +339,7 @@ __all__ = [
     "check",
     "check_section",
     "check_values",
+    "config_from_yaml",
     "describe",
     "flatten",
     "load_config",

@@ -7,6 +7,7 @@ training workers only appends metrics to it, so a restarted worker group never s
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import tempfile
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten, load_config, to_yaml
 from hvd.paths import resolve_tracking_uri
+from hvd.worker_setup import verbose
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CONFIG_ARTIFACT = "config.yaml"
@@ -141,7 +143,9 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / CONFIG_ARTIFACT
         config_file.write_text(to_yaml(cfg))
-        with active_tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        # MLflow prints "Successfully registered ..." and "Created version ..." itself; the summary says so.
+        quiet = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
+        with active_tracking_uri(uri), mlflow.start_run(run_id=run_id), quiet:
             info = mlflow.pytorch.log_model(
                 model.cpu(),
                 name="model",

@@ -5,14 +5,58 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
+import sys
 import time
+import warnings
 
 import ray
 
 # Ray Train's placement-group cleaner asks the state API every second whether the controller lives;
 # with no dashboard (a local Ray) every ask fails and warns, hundreds of lines a run.
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-RUNTIME_ENV = {"worker_process_setup_hook": "hvd.worker_setup.setup_worker"}
+TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"  # logs "Reporting training result ..." per report
+VERBOSE_ENV = "HVD_VERBOSE"  # "1": Ray's and MLflow's own info logs and Ray Data's progress bars back on
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def runtime_env() -> dict[str, object]:
+    """The job's Ray runtime env: every worker runs `setup_worker` first and inherits the verbosity."""
+    return {"worker_process_setup_hook": "hvd.worker_setup.setup_worker", "env_vars": {VERBOSE_ENV: "1" if verbose() else "0"}}
+
+
+class DropMessages(logging.Filter):
+    """Drops records whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_logs() -> None:
+    """Ray Data's and MLflow's info lines off the console, unless verbose; their log files keep everything.
+
+    Call it after MLflow is imported (its import sets its own level); Ray Data configures its loggers once,
+    on import, so its console handler is adjusted after importing it here.
+    """
+    if verbose():
+        return
+    import ray.data  # noqa: F401
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(DropMessages("Progress bars disabled"))  # off by choice, said once here: README
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    train_context = sys.modules.get(TRAIN_CONTEXT_MODULE)
+    if train_context is not None:  # in a Ray Train worker: its per-report info lines, on a logger named by file
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*exclude_resources.* is deprecated")  # Ray's own internals
 
 
 class OncePer(logging.Filter):
@@ -37,6 +81,7 @@ class OncePer(logging.Filter):
 
 def setup_worker() -> None:
     faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack, not one
+    quiet_logs()
     # Ray's in-cluster helpers that look the cluster up (the placement-group cleaner's state queries) find
     # several when other Ray instances run on the machine, and die with a traceback: name ours.
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

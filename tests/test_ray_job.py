@@ -79,6 +79,10 @@ def test_train_runs_as_a_ray_job(ray_head):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "registered      hvd version 1" in result.stdout  # the driver's summary, streamed back
+    quiet = [line for line in result.stdout.splitlines() if line.strip()]
+    noise = ("Reporting training result", "INFO streaming_executor", "Checkpoint successfully created", "mlflow.system")
+    assert not [line for line in quiet if any(n in line for n in noise)], "Ray's and MLflow's info logs reached the terminal"
+    assert len(quiet) < 60, f"{len(quiet)} lines for a one-epoch run:\n" + "\n".join(quiet)
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("hvd").experiment_id])
     assert run.info.status == "FINISHED" and "test/t2v/R1" in run.data.metrics

@@ -13,9 +13,11 @@ large) between decoding and the writes, so no video is decoded twice.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from hvd.data.decode import FrameSpec, decode_clip
 from hvd.data.manifest import SPLITS, fingerprint, read_manifest, resolve_video_path
 from hvd.data.shards import SUMMARY_FILE
 from hvd.paths import require_shared_paths
-from hvd.worker_setup import RUNTIME_ENV
+from hvd.worker_setup import quiet_logs, runtime_env, verbose
 
 SHARD_FORMAT = 2  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
@@ -182,16 +184,19 @@ def _quarantine_rows(batch: pa.Table) -> pa.Table:
 def ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray; an already running Ray is kept.
 
-    Every worker process runs `hvd.worker_setup.setup_worker` first; Ray Data's progress bars stay off
-    (hundreds of redrawn lines a run): each pipeline prints its own summary.
+    Every worker process runs `hvd.worker_setup.setup_worker` first. Ray's info logs and Ray Data's
+    progress bars (hundreds of redrawn lines a run) stay off unless `--verbose` on a terminal: each
+    pipeline prints its own summary.
     """
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
+    quiet_logs()
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose() else logging.WARNING
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=RUNTIME_ENV)
+        ray.init(runtime_env=runtime_env(), logging_level=level)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=RUNTIME_ENV)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env(), logging_level=level)
 
 
 def _written(folder: Path) -> tuple[int, int]:

@@ -8,11 +8,13 @@ arrive decoded (`hvd.train.inputs`); rank 0 validates, logs to MLflow and writes
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,17 +22,17 @@ import ray.train
 import ray.train.torch
 import torch
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from hvd.checkpoint import load_state, save_state
-from hvd.config import Config
+from hvd.config import Config, config_from_yaml, to_yaml
 from hvd.data.shards import read_shards
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.tracking import MetricLogger
 from hvd.train.inputs import epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.worker_setup import quiet_logs
 
 SCORE_KEY = "val_score"  # what the best checkpoint is chosen by: val t2v R@1, -1 for mid-epoch saves
 RESUMED_METRIC = "train/resumed_from_step"  # logged by rank 0 each time the worker group resumes
@@ -94,92 +96,148 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(loop_config["config_yaml"])))
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker needs, decided once by the driver (`hvd.train.trainer.fit`)."""
+
+    cfg: Config
+    run_id: str
+    tracking_uri: str
+    shards: str
+    val_split: str
+    steps_per_epoch: int
+    fault_marker: str
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.epochs
+
+    def to_loop_config(self) -> dict[str, Any]:
+        """Plain values for Ray Train's `train_loop_config`, which Ray records as JSON."""
+        return {**dataclasses.asdict(self), "cfg": to_yaml(self.cfg)}
+
+    @classmethod
+    def from_loop_config(cls, values: dict[str, Any]) -> WorkerPlan:
+        return cls(**{**values, "cfg": config_from_yaml(values["cfg"])})
+
+
+@dataclass
+class Worker:
+    """One worker's model, optimizer and place in the run; rank 0 also logs, validates and checkpoints."""
+
+    plan: WorkerPlan
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    epoch: int = 0  # the epoch in progress
+    best_score: float = -1.0
+    logger: MetricLogger | None = None
+
+    def state(self) -> dict[str, Any] | None:
+        """What rank 0 checkpoints; None on other ranks."""
+        if self.rank != 0:
+            return None
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
+                    epoch=self.epoch, best_score=self.best_score, config_yaml=to_yaml(self.plan.cfg))
+
+
+def start_worker(plan: WorkerPlan) -> Worker:
+    """A fresh worker, or one restored from the run's last checkpoint (a restarted group, a re-run)."""
+    cfg = plan.cfg
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    steps_per_epoch, total_steps = loop_config["steps_per_epoch"], loop_config["steps_per_epoch"] * cfg.train.epochs
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         use_fast_cuda_math()
-
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)  # on the device before the optimizer, so its state lands there too
-    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
     optimizer = build_optimizer(model, cfg.train, cfg.model)
-    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
-    step, epoch, best_score = 0, 0, -1.0
-
+    worker = Worker(plan, context.get_world_rank(), context.get_world_size(), device, model, optimizer,
+                    build_scheduler(optimizer, cfg.train, plan.total_steps))
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker group, or a re-run of an unfinished run
+    if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(directory)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        worker.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        step, epoch, best_score = state["step"], state["epoch"], state["best_score"]
-    ddp_model = ray.train.torch.prepare_model(model)  # DistributedDataParallel when world > 1
+        worker.step, worker.epoch, worker.best_score = state["step"], state["epoch"], state["best_score"]
+    if worker.rank == 0:
+        worker.logger = MetricLogger(plan.tracking_uri, plan.run_id)
+        if checkpoint is not None:
+            print(f"resumed from checkpoint: epoch {worker.epoch}, step {worker.step}/{plan.total_steps}", flush=True)
+            worker.logger.client.log_metric(plan.run_id, RESUMED_METRIC, worker.step, step=worker.step)
+    return worker
 
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
-    if logger is not None and checkpoint is not None:
-        print(f"resumed from checkpoint: epoch {epoch}, step {step}/{total_steps}", flush=True)
-        logger.client.log_metric(loop_config["run_id"], RESUMED_METRIC, step, step=step)
+
+def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterator) -> None:
+    """The rest of the epoch in progress: batches trained before a restart are skipped, not retrained."""
+    plan, cfg = worker.plan, worker.plan.cfg
+    per_worker_batch = cfg.train.batch_size // worker.world
+    done_in_epoch = worker.step - worker.epoch * plan.steps_per_epoch
+    started, samples, waited = time.perf_counter(), 0, 0.0
+    worker.model.train()
+    batches = epoch_batches(shard, per_worker_batch, cfg.run.seed, worker.epoch, worker.device.type == "cuda")
+    for index, (wait_s, batch) in enumerate(timed(batches)):
+        if index >= plan.steps_per_epoch:
+            break
+        waited += wait_s
+        if index < done_in_epoch:
+            continue
+        inject_fault(cfg, worker.step, worker.rank, worker.world, Path(plan.fault_marker))
+        loss, parts = train_step(ddp_model, worker.optimizer, worker.scheduler, batch, cfg.train.grad_clip)
+        worker.step += 1
+        samples += cfg.train.batch_size
+
+        if worker.logger is not None and (worker.step % LOG_EVERY_STEPS == 0 or worker.step in (1, plan.total_steps)):
+            elapsed = time.perf_counter() - started
+            rate = samples / elapsed
+            eta_s = (plan.total_steps - worker.step) * cfg.train.batch_size / max(rate, 1e-9)
+            worker.logger.log({"train/loss": loss.item(), "train/lr": worker.scheduler.get_last_lr()[0],
+                               "train/samples_per_s": rate, "train/data_wait_s": waited / (index + 1),
+                               **{f"train/{k}": v for k, v in parts.items()}}, worker.step)
+            print(f"epoch {worker.epoch + 1}/{cfg.train.epochs} step {worker.step}/{plan.total_steps} "
+                  f"loss {loss.item():.4f} {rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, "
+                  f"ETA {eta_s / 60:.1f} min", flush=True)
+        every = cfg.train.checkpoint_every_steps
+        if every and worker.step % every == 0 and index + 1 < plan.steps_per_epoch:
+            report({"epoch": worker.epoch, "step": worker.step, SCORE_KEY: -1.0}, worker.state())
+
+
+def end_epoch(worker: Worker, val_table: Any, tokenizer: Any) -> None:
+    """Rank 0 validates and logs; every rank reports, rank 0 with a checkpoint that holds the epoch done."""
+    worker.epoch += 1
+    metrics: dict[str, Any] = {"epoch": worker.epoch, "step": worker.step}
+    if worker.logger is not None:
+        val = evaluate_split(worker.model, val_table, tokenizer, worker.plan.cfg.eval.batch_size)
+        worker.best_score = max(worker.best_score, val["t2v/R1"])
+        worker.logger.log({f"val/{k}": v for k, v in val.items()} | {"epoch": worker.epoch}, worker.step)
+        print(f"epoch {worker.epoch} val " + " ".join(f"{k} {v:.1f}" for k, v in val.items()), flush=True)
+        metrics |= {SCORE_KEY: val["t2v/R1"], **{f"val/{k}": v for k, v in val.items()}}
+    report(metrics, worker.state())
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: restore, then train and close epochs until the last."""
+    faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
+    quiet_logs()  # again: importing MLflow in this process reset its level
+    plan = WorkerPlan.from_loop_config(loop_config)
+    worker = start_worker(plan)
+    ddp_model = ray.train.torch.prepare_model(worker.model)  # DistributedDataParallel when world > 1
     monitor = None
-    if rank == 0:
-        monitor = SystemMetricsMonitor(loop_config["run_id"], tracking_uri=loop_config["tracking_uri"], resume_logging=step > 0)
+    val_table = tokenizer = None
+    if worker.rank == 0:
+        monitor = SystemMetricsMonitor(plan.run_id, tracking_uri=plan.tracking_uri, resume_logging=worker.step > 0)
         monitor.start()
-    val_table = read_shards(loop_config["shards"], loop_config["val_split"]) if rank == 0 else None
-    per_worker_batch = cfg.train.batch_size // world
-    fault_marker = Path(loop_config["fault_marker"])
-
-    def state_for(at_epoch: int) -> dict[str, Any] | None:
-        if rank != 0:
-            return None
-        return dict(model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=at_epoch,
-                    best_score=best_score, config_yaml=loop_config["config_yaml"])
-
+        val_table = read_shards(plan.shards, plan.val_split)
+        tokenizer = build_tokenizer(plan.cfg.model, plan.cfg.data.max_words)
     shard = ray.train.get_dataset_shard("train")
-    while epoch < cfg.train.epochs:
-        model.train()
-        done_in_epoch = step - epoch * steps_per_epoch  # batches already trained before a restart
-        started, samples, waited = time.perf_counter(), 0, 0.0
-        batches = epoch_batches(shard, per_worker_batch, cfg.run.seed, epoch, pin_memory=device.type == "cuda")
-        for index, (wait_s, batch) in enumerate(timed(batches)):
-            if index >= steps_per_epoch:
-                break
-            waited += wait_s
-            if index < done_in_epoch:
-                continue
-            inject_fault(cfg, step, rank, world, fault_marker)
-            loss, parts = train_step(ddp_model, optimizer, scheduler, batch, cfg.train.grad_clip)
-            step += 1
-            samples += per_worker_batch * world
-
-            if logger is not None and (step % LOG_EVERY_STEPS == 0 or step in (1, total_steps)):
-                elapsed = time.perf_counter() - started
-                rate = samples / elapsed
-                eta_s = (total_steps - step) * cfg.train.batch_size / max(rate, 1e-9)
-                logger.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
-                            "train/samples_per_s": rate, "train/data_wait_s": waited / (index + 1),
-                            **{f"train/{k}": v for k, v in parts.items()}}, step)
-                print(f"epoch {epoch + 1}/{cfg.train.epochs} step {step}/{total_steps} loss {loss.item():.4f} "
-                      f"{rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, ETA {eta_s / 60:.1f} min",
-                      flush=True)
-            every = cfg.train.checkpoint_every_steps
-            if every and step % every == 0 and index + 1 < steps_per_epoch:
-                report({"epoch": epoch, "step": step, SCORE_KEY: -1.0}, state_for(epoch))
-
-        epoch += 1
-        metrics: dict[str, Any] = {"epoch": epoch, "step": step}
-        if rank == 0:
-            val = evaluate_split(model, val_table, tokenizer, cfg.eval.batch_size)
-            best_score = max(best_score, val["t2v/R1"])
-            logger.log({f"val/{k}": v for k, v in val.items()} | {"epoch": epoch}, step)
-            print(f"epoch {epoch} val " + " ".join(f"{k} {v:.1f}" for k, v in val.items()), flush=True)
-            metrics |= {SCORE_KEY: val["t2v/R1"], **{f"val/{k}": v for k, v in val.items()}}
-        report(metrics, state_for(epoch))
-
+    while worker.epoch < plan.cfg.train.epochs:
+        train_epoch(worker, ddp_model, shard)
+        end_epoch(worker, val_table, tokenizer)
     if monitor is not None:
         monitor.finish()

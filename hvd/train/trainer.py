@@ -7,12 +7,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hvd.checkpoint import load_state
-from hvd.config import Config, to_yaml
+from hvd.config import Config
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import ensure_ray, prepare
 from hvd.data.shards import read_shards, shard_summary
@@ -22,8 +30,9 @@ from hvd.model import build_model, build_tokenizer
 from hvd.paths import require_shared_paths
 from hvd.tracking import MetricLogger, finish_run, register_model, start_or_resume_run, tracking_uri
 from hvd.train.inputs import training_dataset
-from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, train_loop_per_worker
+from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per_worker
 from hvd.train.plots import log_training_curves
+from hvd.worker_setup import verbose
 
 
 @dataclass(frozen=True, order=True)
@@ -56,6 +65,14 @@ def failure_summary(err: TrainingFailedError) -> str:
         message = str(failure).strip().splitlines()
         lines.append(f"worker {rank}: {type(failure).__name__}: {message[-1] if message else ''}")
     return "; ".join(lines)
+
+
+def ray_log_dir() -> str:
+    """Where this Ray session keeps every process's log: the place to read a failed worker's traceback."""
+    try:
+        return f"{ray._private.worker._global_node.get_session_dir_path()}/logs"
+    except AttributeError:  # not connected, or a client connection
+        return "the Ray session's logs folder (ray logs --help)"
 
 
 def prepare_data(cfg: Config) -> tuple[Path, Path]:
@@ -101,15 +118,15 @@ def fit(cfg: Config) -> TrainOutcome:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config_yaml": to_yaml(cfg),
-            "run_id": tracked.run_id,
-            "tracking_uri": uri,
-            "shards": str(shards.resolve()),
-            "val_split": val_split,
-            "steps_per_epoch": steps,
-            "fault_marker": f"{storage}/{ray_run_name}/.fault_injected",
-        },
+        train_loop_config=WorkerPlan(
+            cfg=cfg,
+            run_id=tracked.run_id,
+            tracking_uri=uri,
+            shards=str(shards.resolve()),
+            val_split=val_split,
+            steps_per_epoch=steps,
+            fault_marker=f"{storage}/{ray_run_name}/.fault_injected",
+        ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -123,6 +140,7 @@ def fit(cfg: Config) -> TrainOutcome:
             name=ray_run_name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
             ),
@@ -135,8 +153,9 @@ def fit(cfg: Config) -> TrainOutcome:
     except TrainingFailedError as err:
         finish_run(uri, tracked.run_id, failed=True)  # FAILED, not FINISHED: the same command resumes it
         raise TrainingFailed(
-            f"training failed ({failure_summary(err)}); MLflow run {tracked.run_id} is marked FAILED, "
-            "and the same command resumes it from its last checkpoint"
+            f"training failed: {failure_summary(err)}.\n"
+            f"MLflow run {tracked.run_id} is marked FAILED; every worker's full log is under {ray_log_dir()}.\n"
+            f"The same command (run.name={cfg.run.name}) resumes it from its last checkpoint."
         ) from err
     except BaseException:
         finish_run(uri, tracked.run_id, failed=True)
