@@ -7,9 +7,13 @@ training workers only appends metrics to it, so a restarted worker group never s
 from __future__ import annotations
 
 import contextlib
+import getpass
 import io
+import json
 import os
+import shlex
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,8 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus, SourceType
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 
 from hvd.config import Config, flatten, load_config, to_yaml
 from hvd.paths import resolve_tracking_uri
@@ -56,10 +68,43 @@ def active_tracking_uri(uri: str) -> Iterator[None]:
             mlflow.set_tracking_uri(previous)
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `ui_command` serves a local store
+
+
 def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or on `ui_command`'s local UI."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def source_tags(description: str) -> dict[str, str]:
+    """MLflow's standard tags: the command, who ran it, at which commit, and a description (the UI's notes)."""
+    return {
+        MLFLOW_SOURCE_NAME: sys.argv[0] or "python",
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+        MLFLOW_USER: getpass.getuser(),
+        MLFLOW_GIT_COMMIT: git_commit(),
+        MLFLOW_RUN_NOTE: f"{description}\n\nCommand: {shlex.join(['python', *sys.argv])}",
+        "git_commit": git_commit(),
+    }
+
+
+def benchmark_input(name: str, fingerprint: str, manifest: str, splits: dict[str, int], context: str) -> DatasetInput:
+    """The benchmark as an MLflow dataset input: its manifest, fingerprint and split sizes."""
+    dataset = Dataset(
+        name=name,
+        digest=fingerprint[:36],
+        source_type="local",
+        source=json.dumps({"uri": manifest}),
+        profile=json.dumps({"videos_per_split": splits}),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def git_commit() -> str:
@@ -77,8 +122,9 @@ class TrackedRun:
     resumed: bool
 
 
-def start_or_resume_run(cfg: Config, tags: dict[str, str]) -> TrackedRun:
-    """The unfinished run named `cfg.run.name` if there is one (a resume), else a new run with params."""
+def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput | None = None) -> TrackedRun:
+    """The unfinished run named `cfg.run.name` if there is one (a resume), else a new run with params,
+    `tags` and the benchmark as its dataset input."""
     client = MlflowClient(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
@@ -92,7 +138,9 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str]) -> TrackedRun:
         run = unfinished[0]
         client.update_run(run.info.run_id, status="RUNNING")
         return TrackedRun(run.info.run_id, experiment_id, resumed=True)
-    run = client.create_run(experiment_id, run_name=cfg.run.name, tags={"git_commit": git_commit(), **tags})
+    run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
+    if dataset is not None:
+        client.log_inputs(run.info.run_id, datasets=[dataset])
     params = [mlflow.entities.Param(key, str(value)) for key, value in flatten(cfg).items()]
     for start in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[start : start + 100])
@@ -129,13 +177,21 @@ class MetricLogger:
         self.last_step.update(dict.fromkeys(fresh, step))
 
 
-def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, float]) -> tuple[str, str, bool]:
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    model_id: str  # MLflow's logged model: metrics logged with it show on the model's page
+    champion: bool  # the `champion` alias moved to this version
+
+
+def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, float]) -> RegisteredModel:
     """Log `model` to the run, register a new version, and point `champion` at it if it wins.
 
     `models:/NAME@latest` needs no alias of ours: MLflow reserves `latest` and resolves it to the
     newest version itself.
 
-    Returns (model name, version, became champion).
+    `metrics` (the chosen checkpoint's validation numbers) go on the version as tags.
     """
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
@@ -157,15 +213,22 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
     version = str(info.registered_model_version)
     score = metrics.get(CHAMPION_METRIC)
     tags = {"source_run": run_id, "head": cfg.model.head, "preset": cfg.model.preset}
-    if score is not None:
-        tags[CHAMPION_METRIC] = f"{score:.4f}"
+    tags |= {key: f"{value:.4f}" for key, value in metrics.items()}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     champion = _champion_score(client, name)
     is_champion = champion is None or (score is not None and score > champion)
     if is_champion:
         client.set_registered_model_alias(name, "champion", version)
-    return name, version, is_champion
+    return RegisteredModel(name, version, info.model_id, is_champion)
+
+
+def log_model_metrics(uri: str, run_id: str, model_id: str, metrics: dict[str, float], step: int) -> None:
+    """Metrics of the run that also belong to its logged model (shown on the model's page), logged once."""
+    timestamp = int(mlflow.utils.time.get_current_time_millis())
+    values = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
+    for start in range(0, len(values), 100):
+        MlflowClient(uri).log_batch(run_id, metrics=values[start : start + 100])
 
 
 def _champion_score(client: MlflowClient, name: str) -> float | None:

@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         outcome = fit(cfg)
     except TrainingFailed as err:
         fail(str(err))
+    model = outcome.model
     print(f"\nMLflow run      {outcome.run_id}")
-    print(f"registered      {outcome.model_name} version {outcome.version}"
-          f" (aliases: latest{', champion' if outcome.champion else ''})")
+    print(f"registered      {model.name} version {model.version}"
+          + (f" (now the champion: models:/{model.name}@champion)" if model.champion else ""))
     print(f"{'test':<15} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6}")
     for direction in ("t2v", "v2t"):
         row = [outcome.test.get(f"{direction}/{k}", float("nan")) for k in ("R1", "R5", "R10", "MdR")]
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     restarts = ", ".join(f"step {r.step} at {time.strftime('%H:%M:%S', time.localtime(r.time_s))}" for r in outcome.restarts)
     print(f"resumed         {len(outcome.restarts)} time(s) from a checkpoint{': ' + restarts if restarts else ''}")
     print(f"MLflow UI       {ui_command(outcome.tracking_uri)}")
+    print(f"run page        {outcome.run_url}")
 
 
 if __name__ == "__main__":

@@ -61,11 +61,25 @@ def test_train_registers_a_model_that_loads_and_scores(workdir):
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "training_curves.png"} <= artifacts
 
-    version = client.get_model_version(outcome.model_name, outcome.version)
-    assert version.tags["source_run"] == outcome.run_id
-    assert str(client.get_model_version_by_alias(outcome.model_name, "champion").version) == outcome.version
+    # the MLflow record links everything: who ran what, on which data, and the model's own metrics
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] and tags["mlflow.user"] and tags["mlflow.source.git.commit"]
+    assert "hvd head on tiny CLIP, trained on synth (24 videos)" in tags["mlflow.note.content"]
+    assert tags["restarts"] == "0"
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synth" and dataset.dataset.digest == tags["dataset_fingerprint"]
+    assert outcome.run_url.endswith(f"/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}")
 
-    model, loaded_cfg = load_model(f"models:/{outcome.model_name}@latest", outcome.tracking_uri)
+    registered = outcome.model
+    version = client.get_model_version(registered.name, registered.version)
+    assert version.tags["source_run"] == outcome.run_id and float(version.tags["val/t2v/R1"]) >= 0
+    assert version.model_id == registered.model_id
+    logged = client.get_logged_model(registered.model_id)
+    model_metrics = {m.key: m.value for m in logged.metrics}
+    assert model_metrics["test/t2v/R1"] == run.data.metrics["test/t2v/R1"]
+    assert str(client.get_model_version_by_alias(registered.name, "champion").version) == registered.version
+
+    model, loaded_cfg = load_model(f"models:/{registered.name}@latest", outcome.tracking_uri)
     assert loaded_cfg == cfg
     test = read_shards(cfg.data.shards, "test")
     encoded = encode_split(model, test, build_tokenizer(cfg.model, cfg.data.max_words))

@@ -93,9 +93,10 @@ class PrepareSummary:
         )
 
 
-def _identity(spec: FrameSpec, manifest_fingerprint: str) -> dict[str, Any]:
+def _identity(spec: FrameSpec, manifest_fingerprint: str, splits: tuple[str, ...] | None) -> dict[str, Any]:
     """What must match for existing shards to count as this run's output."""
-    return {"shard_format": SHARD_FORMAT, "frame_spec": spec.to_dict(), "manifest_fingerprint": manifest_fingerprint}
+    identity = {"shard_format": SHARD_FORMAT, "frame_spec": spec.to_dict(), "manifest_fingerprint": manifest_fingerprint}
+    return identity if splits is None else {**identity, "only_splits": sorted(splits, key=SPLITS.index)}
 
 
 def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -208,14 +209,19 @@ def _written(folder: Path) -> tuple[int, int]:
     return table.num_rows, pc.sum(short).as_py() or 0
 
 
-def prepare(cfg: Config, manifest: Path, out: Path, overwrite: bool = False) -> PrepareSummary:
-    """Decode every video of `manifest` once into shards under `out`; see the module docstring for the layout."""
+def prepare(
+    cfg: Config, manifest: Path, out: Path, overwrite: bool = False, splits: tuple[str, ...] | None = None
+) -> PrepareSummary:
+    """Decode every video of `manifest` (of `splits` only, when given) once into shards under `out`; see the
+    module docstring for the layout."""
     started = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
-    entries = read_manifest(manifest)
+    entries = [e for e in read_manifest(manifest) if splits is None or e.split in splits]
+    if not entries:
+        raise PrepareError(f"{manifest}: no videos of split(s) {', '.join(splits or SPLITS)}")
     spec = FrameSpec.from_config(cfg.data)
     data = cfg.data
-    identity = _identity(spec, fingerprint(manifest))
+    identity = _identity(spec, fingerprint(manifest), splits)
     previous = _check_existing(out, identity, overwrite)
     if previous is not None:
         return previous

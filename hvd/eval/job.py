@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+from mlflow.tracking import MlflowClient
 
 from hvd.config import Config
 from hvd.data.decode import FrameSpec
@@ -23,12 +24,20 @@ from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.metrics import query_ranks, retrieval_metrics
-from hvd.eval.report import experiment_name, log_eval_run, metric_table, write_report
+from hvd.eval.report import (
+    EvalRun,
+    experiment_name,
+    finish_eval_run,
+    metric_table,
+    mlflow_metric_names,
+    start_eval_run,
+    write_report,
+)
 from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, build_tokenizer
 from hvd.paths import require_shared_paths, resolve_path
-from hvd.tracking import active_tracking_uri, tracking_uri
+from hvd.tracking import active_tracking_uri, benchmark_input, run_url, source_tags, tracking_uri
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
 MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jpeg_quality", "max_words")
@@ -38,6 +47,7 @@ MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jp
 class EvalOutcome:
     run_id: str
     tracking_uri: str
+    run_url: str
     benchmark: str
     source: ModelSource
     metrics: dict[str, float]
@@ -64,11 +74,18 @@ def benchmark_name(cfg: Config, manifest: Path | None, shards: Path | None) -> s
     return manifest.resolve().parent.name
 
 
+def cached_shards(cfg: Config, manifest: Path, benchmark: str) -> Path:
+    """Where the `eval.cache` keeps the split a (manifest contents, frame settings) pair decodes to."""
+    identity = json.dumps(
+        [fingerprint(manifest), FrameSpec.from_config(cfg.data).to_dict(), cfg.eval.split], sort_keys=True
+    )
+    return Path(cfg.eval.cache) / f"{benchmark}-{cfg.eval.split}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
 def prepared_shards(cfg: Config, manifest: Path, benchmark: str) -> Path:
-    """Decode the benchmark once per (manifest contents, frame settings) into the `eval.cache` folder."""
-    identity = json.dumps([fingerprint(manifest), FrameSpec.from_config(cfg.data).to_dict()], sort_keys=True)
-    out = Path(cfg.eval.cache) / f"{benchmark}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
-    print(prepare(cfg, manifest, out), flush=True)
+    """Decode the split under evaluation (only it) once per manifest contents and frame settings."""
+    out = cached_shards(cfg, manifest, benchmark)
+    print(prepare(cfg, manifest, out, splits=(cfg.eval.split,)), flush=True)
     return out
 
 
@@ -181,7 +198,40 @@ def evaluate(
         "eval.out": cfg.eval.out, "tracking.uri": uri,
     })
     benchmark = benchmark_name(cfg, manifest, shards)
-    shards = prepared_shards(cfg, manifest, benchmark) if manifest is not None else shards
+    folder = cached_shards(cfg, manifest, benchmark) if manifest is not None else shards
+    cfg = replace(cfg, data=replace(cfg.data, manifest=str(manifest) if manifest else None, shards=str(folder)))
+    run_name = f"{source.label}-{cfg.eval.mode}"
+    digest = fingerprint(manifest) if manifest else shard_summary(shards).get("manifest_fingerprint", "")
+    tags = {
+        "benchmark": benchmark,
+        "split": cfg.eval.split,
+        "mode": cfg.eval.mode,
+        "model_uri": source.uri,
+        "model_name": source.name,
+        "model_version": source.version,
+        "source_run": source.source_run,
+        "dataset_fingerprint": digest,
+        "metric_conventions": METRIC_CONVENTIONS,
+        **source_tags(f"{source.name} version {source.version} ({cfg.model.head} head) on the {cfg.eval.split} "
+                      f"split of {benchmark}, {cfg.eval.mode} scoring."),
+    }
+    dataset = benchmark_input(benchmark, digest, str(manifest or folder), {}, cfg.eval.split)
+    run = start_eval_run(uri, cfg, run_name, tags, {"eval.model": model_uri}, dataset)
+    try:
+        outcome = _run_evaluation(cfg, model, source, benchmark, manifest, folder, run)
+    except BaseException:
+        MlflowClient(uri).set_terminated(run.run_id, status="FAILED")
+        raise
+    return outcome
+
+
+def _run_evaluation(
+    cfg: Config, model: RetrievalModel, source: ModelSource, benchmark: str, manifest: Path | None, shards: Path,
+    run: EvalRun,
+) -> EvalOutcome:
+    uri = tracking_uri(cfg)
+    if manifest is not None:
+        shards = prepared_shards(cfg, manifest, benchmark)
     check_frames(shards, model)
     excluded = excluded_videos(shards, cfg.eval.split)
 
@@ -220,19 +270,9 @@ def evaluate(
         "excluded": excluded,
     }
     artifacts.insert(0, write_report(report, out))
-    tags = {
-        "benchmark": benchmark,
-        "split": cfg.eval.split,
-        "mode": cfg.eval.mode,
-        "model_uri": source.uri,
-        "model_name": source.name,
-        "model_version": source.version,
-        "source_run": source.source_run,
-        "dataset_fingerprint": report["dataset_fingerprint"],
-        "metric_conventions": METRIC_CONVENTIONS,
-    }
-    run_id = log_eval_run(uri, cfg, f"{source.label}-{cfg.eval.mode}", tags, metrics, artifacts)
-    return EvalOutcome(run_id, uri, benchmark, source, metrics, excluded, out, artifacts)
+    finish_eval_run(uri, run.run_id, mlflow_metric_names(metrics, cfg.eval.split), artifacts, source.model_id)
+    return EvalOutcome(run.run_id, uri, run_url(uri, run.experiment_id, run.run_id), benchmark, source, metrics,
+                       excluded, out, artifacts)
 
 
 def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
@@ -256,7 +296,8 @@ def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
         metric_table(m, ("", "exhaustive/") if cfg.eval.compare else ("",)),
         "",
         f"MLflow     run {outcome.run_id} in experiment {experiment_name(outcome.benchmark)}"
-        f" at {outcome.tracking_uri}",
+        f" at {outcome.tracking_uri} (metrics as {cfg.eval.split}/t2v/R1 ...)",
+        f"run page   {outcome.run_url}",
         f"report     {outcome.out}",
     ]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from hvd.eval.explain import PairExplanation  # noqa: E402
@@ -27,24 +27,44 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     return path
 
 
-def recall_curves(ranks: dict[str, dict[str, Tensor]], num_candidates: dict[str, int], path: Path) -> Path:
-    """Recall@K for K = 1 .. all candidates, one line per (mode, direction).
+MODE_STYLES = {"exhaustive": {"linestyle": "-", "linewidth": 2.5}, "two_stage": {"linestyle": "--", "linewidth": 1.5}}
+FRAMES_PER_ROW = 6
+
+
+def integer_ticks(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit`: readable ticks on a log axis of counts."""
+    ticks, scale = [], 1
+    while scale <= limit:
+        ticks += [t for t in (scale, 2 * scale, 5 * scale) if t <= limit]
+        scale *= 10
+    return ticks
+
+
+def recall_figure(ranks: dict[str, dict[str, Tensor]], num_candidates: dict[str, int]) -> plt.Figure:
+    """Recall@K for K = 1 .. all candidates, one line per (mode, direction); modes drawn in different
+    styles, so a two-stage line lying on the exhaustive one stays visible.
 
     ranks: mode -> {"t2v": ranks, "v2t": ranks}; num_candidates: direction -> gallery size.
     """
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     for axis, direction in zip(axes, ("t2v", "v2t"), strict=True):
         k = np.arange(1, num_candidates[direction] + 1)
         for mode, by_direction in ranks.items():
             sorted_ranks = np.sort(by_direction[direction].numpy())
             recall = np.searchsorted(sorted_ranks, k, side="right") / len(sorted_ranks) * 100
-            axis.plot(k, recall, drawstyle="steps-post", label=mode)
+            axis.plot(k, recall, drawstyle="steps-post", label=mode.replace("_", "-"), **MODE_STYLES.get(mode, {}))
         axis.set(title=f"{direction} recall@K", xlabel="K", ylabel="recall %", xscale="log", ylim=(0, 101))
-        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_major_locator(FixedLocator(integer_ticks(num_candidates[direction])))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.0f}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(loc="lower right")
-    figure.tight_layout()
-    return _save(figure, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    return figure
+
+
+def recall_curves(ranks: dict[str, dict[str, Tensor]], num_candidates: dict[str, int], path: Path) -> Path:
+    return _save(recall_figure(ranks, num_candidates), path)
 
 
 def similarity_slice(
@@ -70,41 +90,57 @@ def _entity_colours(count: int) -> ListedColormap:
     return ListedColormap([base(i % base.N) for i in range(count)])
 
 
-def frame_selection(pair: PairExplanation, path: Path) -> Path:
-    """Top row: every frame with its caption similarity, FFSM's kept frames framed in green, the dropped
-    ones dimmed. Bottom row: the kept frames with each patch coloured by its PFCM entity (as HVD Fig. 3)."""
+def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
+    """Every frame with its caption similarity, FFSM's kept frames framed in green and the dropped ones
+    dimmed; under each kept frame, its patches coloured by PFCM entity (as HVD Fig. 3), with the entity
+    count. Frames wrap at FRAMES_PER_ROW, so the figure keeps a readable size at any frame count."""
     frames = len(pair.frames)
-    figure, axes = plt.subplots(2, frames, figsize=(1.4 * frames, 3.6), squeeze=False)
-    entities = _entity_colours(int(pair.entities.max()) + 1)
-    size = pair.frames.shape[1]
-    for index in range(frames):
-        top, bottom = axes[0, index], axes[1, index]
-        kept = bool(pair.kept[index])
-        top.imshow(pair.frames[index], alpha=1.0 if kept else 0.35)
-        top.set_title(f"{pair.frame_scores[index]:.2f}", fontsize=8, color=KEPT_COLOUR if kept else "grey")
-        if kept:
-            top.add_patch(
-                Rectangle((0, 0), size - 1, size - 1, fill=False, edgecolor=KEPT_COLOUR, linewidth=3)
-            )
-            bottom.imshow(pair.frames[index])
-            bottom.imshow(
-                pair.entities[index],
-                cmap=entities,
-                vmin=-0.5,
-                vmax=entities.N - 0.5,
-                alpha=0.5,
-                extent=(-0.5, size - 0.5, size - 0.5, -0.5),
-                interpolation="nearest",
-            )
-        for axis in (top, bottom):
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if axis is bottom and not kept:
-                axis.axis("off")
-    figure.suptitle(
-        f'"{pair.caption}" -> {pair.video_id} (ground truth, ranked {pair.rank})\n'
-        "top: caption-frame cosine, the frames FFSM kept framed; bottom: PFCM entities over the kept frames",
-        fontsize=9,
+    columns = min(frames, FRAMES_PER_ROW)
+    rows = -(-frames // columns)
+    figure, axes = plt.subplots(
+        2 * rows, columns, figsize=(1.6 * columns, 3.3 * rows + 0.9), squeeze=False, layout="constrained"
     )
-    figure.tight_layout()
-    return _save(figure, path)
+    entity_count = int(pair.entities.max()) + 1
+    colours = _entity_colours(entity_count)
+    size = pair.frames.shape[1]
+    for index in range(2 * rows * columns):
+        axes.flat[index].set_axis_off()
+    for index in range(frames):
+        row, column = divmod(index, columns)
+        top, bottom = axes[2 * row, column], axes[2 * row + 1, column]
+        kept = bool(pair.kept[index])
+        padding = bool((pair.entities[index] < 0).all())
+        top.set_axis_on()
+        top.set_xticks([])
+        top.set_yticks([])
+        top.imshow(pair.frames[index], alpha=1.0 if kept else 0.35)
+        label = "padding" if padding else f"frame {index}: {pair.frame_scores[index]:.2f}"
+        top.set_title(label, fontsize=8, color=KEPT_COLOUR if kept else "grey")
+        if not kept:
+            continue
+        for spine in top.spines.values():
+            spine.set(edgecolor=KEPT_COLOUR, linewidth=3)
+        bottom.imshow(pair.frames[index])
+        bottom.imshow(
+            pair.entities[index],
+            cmap=colours,
+            vmin=-0.5,
+            vmax=colours.N - 0.5,
+            alpha=0.5,
+            extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+            interpolation="nearest",
+        )
+        present = len(np.unique(pair.entities[index][pair.entities[index] >= 0]))
+        bottom.set_title(f"{present} entities", fontsize=8)
+    caption = textwrap.fill(f'"{pair.caption}" -> {pair.video_id} (ground truth, ranked {pair.rank})', 90)
+    legend = textwrap.fill(
+        "frames: caption-frame cosine, FFSM's kept frames framed green; under each kept frame its patches "
+        f"coloured by PFCM entity ({entity_count} colours)",
+        90,
+    )
+    figure.suptitle(f"{caption}\n{legend}", fontsize=9)
+    return figure
+
+
+def frame_selection(pair: PairExplanation, path: Path) -> Path:
+    return _save(frame_selection_figure(pair), path)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import DatasetInput, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten
-from hvd.tracking import git_commit
 
 COLUMNS = ("R1", "R5", "R10", "MdR", "MnR")
 REPORT_FILE = "report.json"
@@ -42,31 +42,44 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     return path
 
 
-def log_eval_run(
-    uri: str,
-    cfg: Config,
-    run_name: str,
-    tags: dict[str, str],
-    metrics: dict[str, float],
-    artifacts: Iterable[Path],
-) -> str:
-    """A finished MLflow run in experiment `eval/<benchmark>` with the config as params; its id."""
+def mlflow_metric_names(metrics: dict[str, float], split: str) -> dict[str, float]:
+    """Retrieval metrics under the split, as training logs its test metrics (`test/t2v/R1`), so a training
+    run and the evaluations of its model line up in MLflow's compare view; counts and timings as they are."""
+    return {(f"{split}/{key}" if ("t2v/" in key or "v2t/" in key) else key): value for key, value in metrics.items()}
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    run_id: str
+    experiment_id: str
+
+
+def start_eval_run(
+    uri: str, cfg: Config, run_name: str, tags: dict[str, str], params: dict[str, str], dataset: DatasetInput
+) -> EvalRun:
+    """The evaluation's MLflow run in experiment `eval/<benchmark>`, opened as the work starts."""
     client = MlflowClient(uri)
     name = experiment_name(tags["benchmark"])
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"git_commit": git_commit(), **tags})
-    run_id = run.info.run_id
-    params = [
-        Param(key, str(value))
-        for key, value in flatten(cfg).items()
-        if key.split(".")[0] in ("eval", "data", "model")
-    ]
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    values = {key: value for key, value in flatten(cfg).items() if key.split(".")[0] in ("eval", "data", "model")}
+    logged = [Param(key, str(value)) for key, value in {**values, **params}.items()]
+    for start in range(0, len(logged), 100):
+        client.log_batch(run.info.run_id, params=logged[start : start + 100])
+    client.log_inputs(run.info.run_id, datasets=[dataset])
+    return EvalRun(run.info.run_id, experiment_id)
+
+
+def finish_eval_run(
+    uri: str, run_id: str, metrics: dict[str, float], artifacts: Iterable[Path], model_id: str | None
+) -> None:
+    """Metrics (on the evaluated model's page too, when it is a logged model), artifacts, FINISHED."""
+    client = MlflowClient(uri)
     timestamp = int(mlflow.utils.time.get_current_time_millis())
-    values = [Metric(key, float(value), timestamp, 0) for key, value in metrics.items()]
-    for start in range(0, max(len(params), len(values)), 100):
-        client.log_batch(run_id, metrics=values[start : start + 100], params=params[start : start + 100])
+    values = [Metric(key, float(value), timestamp, 0, model_id=model_id) for key, value in metrics.items()]
+    for start in range(0, len(values), 100):
+        client.log_batch(run_id, metrics=values[start : start + 100])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
-    return run_id

@@ -34,6 +34,7 @@ class ModelSource:
     name: str  # registered model name; the folder name for a checkpoint
     version: str  # registry version; "run" for runs:/ URIs, "checkpoint" for a directory
     source_run: str  # the training run's MLflow id, "" when unknown (a bare checkpoint)
+    model_id: str | None = None  # MLflow's logged model of a registry version: eval metrics also go on it
 
     @property
     def label(self) -> str:
@@ -52,9 +53,11 @@ def load_model_source(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
 def _load_logged(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
     try:
         model, cfg = load_model(uri)
+        model_id = None
         if uri.startswith("models:/"):
             name, version = get_model_name_and_version(MlflowClient(), uri)
-            source_run = MlflowClient().get_model_version(name, version).run_id or ""
+            registered = MlflowClient().get_model_version(name, version)
+            source_run, model_id = registered.run_id or "", registered.model_id
         else:
             source_run = uri.removeprefix("runs:/").split("/", 1)[0]
             name, version = cfg.tracking.model_name, "run"
@@ -62,7 +65,7 @@ def _load_logged(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
         raise ModelSourceError(
             f"--model {uri!r}: cannot load it from {mlflow.get_tracking_uri()}: {err.message.splitlines()[0]}"
         ) from None
-    return model, cfg, ModelSource(uri, name, str(version), source_run)
+    return model, cfg, ModelSource(uri, name, str(version), source_run, model_id)
 
 
 def _load_checkpoint(directory: Path) -> tuple[RetrievalModel, Config, ModelSource]:

@@ -28,7 +28,17 @@ from hvd.data.synthetic import generate
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.paths import require_shared_paths
-from hvd.tracking import MetricLogger, finish_run, register_model, start_or_resume_run, tracking_uri
+from hvd.tracking import (
+    RegisteredModel,
+    benchmark_input,
+    finish_run,
+    log_model_metrics,
+    register_model,
+    run_url,
+    source_tags,
+    start_or_resume_run,
+    tracking_uri,
+)
 from hvd.train.inputs import training_dataset
 from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per_worker
 from hvd.train.plots import log_training_curves
@@ -45,9 +55,8 @@ class Restart:
 class TrainOutcome:
     run_id: str
     tracking_uri: str
-    model_name: str
-    version: str
-    champion: bool
+    run_url: str
+    model: RegisteredModel
     val: dict[str, float]
     test: dict[str, float]
     restarts: list[Restart]
@@ -106,9 +115,14 @@ def fit(cfg: Config) -> TrainOutcome:
         train_samples = int(read_shards(shards, "train", ["captions"])["captions"].combine_chunks().value_lengths().sum())
     steps = steps_per_epoch(cfg, train_samples)
 
-    tags = {"dataset_fingerprint": fingerprint(manifest), "head": cfg.model.head, "preset": cfg.model.preset,
-            "val_split": val_split}
-    tracked = start_or_resume_run(cfg, tags)
+    benchmark, digest = manifest.resolve().parent.name, fingerprint(manifest)
+    description = (
+        f"{cfg.model.head} head on {cfg.model.preset} CLIP, trained on {benchmark} ({splits.get('train', 0)} videos): "
+        f"{cfg.train.epochs} epochs of batch {cfg.train.batch_size} on {cfg.train.num_workers} workers."
+    )
+    tags = {"dataset_fingerprint": digest, "head": cfg.model.head, "preset": cfg.model.preset,
+            "val_split": val_split, **source_tags(description)}
+    tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, str(manifest), splits, "train"))
     uri = tracking_uri(cfg)
     print(f"MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) at {uri}", flush=True)
     storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
@@ -170,11 +184,14 @@ def fit(cfg: Config) -> TrainOutcome:
 
     val = {k.removeprefix("val/"): v for k, v in best_metrics.items() if k.startswith("val/")}
     test = evaluate_split(model, read_shards(shards, "test"), tokenizer, cfg.eval.batch_size) if splits.get("test") else {}
-    MetricLogger(uri, tracked.run_id).log({f"test/{k}": v for k, v in test.items()}, state["step"])
+    registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
+    log_model_metrics(uri, tracked.run_id, registered.model_id, {f"test/{k}": v for k, v in test.items()}, state["step"])
     log_training_curves(uri, tracked.run_id)
-    name, version, champion = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
+    resumed = restarts(uri, tracked.run_id, fit_started_ms)
+    MlflowClient(uri).set_tag(tracked.run_id, "restarts", str(len(resumed)))
     finish_run(uri, tracked.run_id)
-    return TrainOutcome(tracked.run_id, uri, name, version, champion, val, test, restarts(uri, tracked.run_id, fit_started_ms))
+    return TrainOutcome(tracked.run_id, uri, run_url(uri, tracked.experiment_id, tracked.run_id), registered, val, test,
+                        resumed)
 
 
 def restarts(uri: str, run_id: str, since_ms: int) -> list[Restart]:
