@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,11 @@ def test_cli_unknown_key_fails_before_work(tmp_path):
     assert result.returncode == 2
     assert "synthetic.event_fracton" in result.stderr
     assert not out.exists()
+
+
+def test_worker_plan_travels_as_plain_values():
+    from hvd.train.loop import WorkerPlan
+
+    plan = WorkerPlan(load_config(None, ["train.epochs=3"]), "run", "sqlite:///x.db", "/s", "val", 7, "/m")
+    values = json.loads(json.dumps(plan.to_loop_config()))  # what Ray Train records of it
+    assert WorkerPlan.from_loop_config(values) == plan and plan.total_steps == 21
