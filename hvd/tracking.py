@@ -223,6 +223,15 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
     return RegisteredModel(name, version, info.model_id, is_champion)
 
 
+def version_model_id(version: Any) -> str | None:
+    """The logged model behind a registry version: its `model_id`, which SQLite stores leave empty, else
+    the `models:/m-...` source it was registered from."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def log_model_metrics(uri: str, run_id: str, model_id: str, metrics: dict[str, float], step: int) -> None:
     """Metrics of the run that also belong to its logged model (shown on the model's page), logged once."""
     timestamp = int(mlflow.utils.time.get_current_time_millis())

@@ -33,7 +33,7 @@ from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
 from hvd.model.pfcm import PFCM
-from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri
+from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri, version_model_id
 
 _CLI = importlib.util.spec_from_file_location(
     "evaluate_cli", Path(__file__).parents[1] / "pipelines" / "evaluate.py"
@@ -278,7 +278,7 @@ def test_registered_model_by_alias_end_to_end(registered, capsys):
     metrics = {key.removeprefix("test/"): value for key, value in run.data.metrics.items()}
     assert "test/t2v/R1" in run.data.metrics and "test/exhaustive/t2v/R1" in run.data.metrics
     version = client.get_model_version("hvd", "1")
-    model_metrics = {m.key: m.value for m in client.get_logged_model(version.model_id).metrics}
+    model_metrics = {m.key: m.value for m in client.get_logged_model(version_model_id(version)).metrics}
     assert model_metrics["test/t2v/R1"] == run.data.metrics["test/t2v/R1"]
     assert metrics["videos"] == 8 and metrics["captions"] == 8 and metrics["excluded_videos"] == 0
     for key in (

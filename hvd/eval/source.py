@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from hvd.checkpoint import STATE_FILE, load_state
 from hvd.config import Config, load_config
 from hvd.model import RetrievalModel, build_model
-from hvd.tracking import load_model
+from hvd.tracking import load_model, version_model_id
 
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
 
@@ -57,7 +57,7 @@ def _load_logged(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
         if uri.startswith("models:/"):
             name, version = get_model_name_and_version(MlflowClient(), uri)
             registered = MlflowClient().get_model_version(name, version)
-            source_run, model_id = registered.run_id or "", registered.model_id
+            source_run, model_id = registered.run_id or "", version_model_id(registered)
         else:
             source_run = uri.removeprefix("runs:/").split("/", 1)[0]
             name, version = cfg.tracking.model_name, "run"
