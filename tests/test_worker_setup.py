@@ -33,3 +33,15 @@ def test_training_and_encoding_processes_load_no_video_decoder():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert loaded.stdout.strip() == "[]"
+
+
+def test_failure_summary_names_each_worker_and_calls_a_peer_disconnect_a_symptom():
+    from types import SimpleNamespace
+
+    from hvd.train.trainer import failure_summary
+
+    gloo = RuntimeError("Traceback ...\n[pair.cc:561] Connection closed by peer [127.0.0.1]:12989. This is typically ...")
+    err = SimpleNamespace(worker_failures={1: ValueError("bad frame\nshape mismatch"), 0: gloo})
+    summary = failure_summary(err)
+    assert summary.startswith("worker 0: RuntimeError: its peer's connection closed: a symptom")
+    assert summary.endswith("worker 1: ValueError: shape mismatch")

@@ -72,7 +72,10 @@ def failure_summary(err: TrainingFailedError) -> str:
     lines = []
     for rank, failure in sorted(failures.items(), key=lambda item: str(item[0])):
         message = str(failure).strip().splitlines()
-        lines.append(f"worker {rank}: {type(failure).__name__}: {message[-1] if message else ''}")
+        last = message[-1] if message else ""
+        if "Connection closed by peer" in last or "Connection reset by peer" in last:
+            last = "its peer's connection closed: a symptom, another worker died first (its log says why)"
+        lines.append(f"worker {rank}: {type(failure).__name__}: {last}")
     return "; ".join(lines)
 
 
