@@ -46,6 +46,7 @@ class SyntheticConfig:
     entity_scale: float = 0.3  # target object size relative to the frame side
     num_distractors: int = 2
     train_captions: int = 5  # captions per train video; val/test videos get one
+    temporal: bool = False  # the target moves and captions name the motion (order matters: temporal heads)
     workers: int = 0  # generator processes; 0 = one per CPU
 
 
@@ -168,7 +169,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "synthetic.duration_s": _rule(lambda v: v > 0, "above 0", optional=True),
     "synthetic.event_fraction": _SHARE,
     "synthetic.entity_scale": _rule(lambda v: 0 < v <= 0.6, "in (0, 0.6]"),
-    "synthetic.num_distractors": _rule(lambda v: 0 <= v <= 7, "0 to 7 (8 colours, one is the target's)"),
+    "synthetic.num_distractors": _rule(lambda v: 0 <= v <= 8, "0 to 8 (9 colours, one is the target's)"),
     "synthetic.train_captions": _COUNT,
     "synthetic.workers": _NONNEGATIVE,
     "data.num_frames": _COUNT,

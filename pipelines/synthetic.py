@@ -12,7 +12,7 @@ from collections import Counter
 
 from hvd.cli import parse_args
 from hvd.data.manifest import read_manifest
-from hvd.data.synthetic import generate
+from hvd.data.synthetic import generate, read_ceiling
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(splits.values())} clips ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))}) "
         f"in {time.perf_counter() - started:.1f} s -> {manifest}"
     )
+    ceiling = read_ceiling(manifest)
+    print("oracle ceiling, t2v R@1 of a model that sees exactly the named attributes: "
+          + ", ".join(f"{split} {value:.1f}" for split, value in ceiling.items()))
 
 
 if __name__ == "__main__":

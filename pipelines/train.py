@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nMLflow run      {outcome.run_id}")
     print(f"registered      {model.name} version {model.version}"
           + (f" (now the champion: models:/{model.name}@champion)" if model.champion else ""))
+    if outcome.ceiling is not None:
+        print(f"oracle ceiling  test t2v R@1 {outcome.ceiling:.1f} (an ideal model that sees the named attributes)")
     print(f"{'test':<15} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6}")
     for direction in ("t2v", "v2t"):
         row = [outcome.test.get(f"{direction}/{k}", float("nan")) for k in ("R1", "R5", "R10", "MdR")]

@@ -1,5 +1,6 @@
 """The synthetic benchmark: real decodable files, deterministic, and knobs that do what they claim."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -9,7 +10,19 @@ import pytest
 
 from hvd.config import SyntheticConfig
 from hvd.data.manifest import read_manifest, resolve_video_path
-from hvd.data.synthetic import COLOURS, MOTION_PHRASES, SHAPES, generate, resolve
+from hvd.data.synthetic import (
+    COLOURS,
+    FILLS,
+    MOTION_PHRASES,
+    ORACLE_FILE,
+    REGIONS,
+    SHAPES,
+    SIZES,
+    generate,
+    oracle_ceiling,
+    plan_clips,
+    resolve,
+)
 
 
 def _generate(tmp_path: Path, name: str, **overrides) -> Path:
@@ -44,27 +57,58 @@ def test_every_file_decodes_to_the_promised_frames(tiny):
         assert reader.get_avg_fps() == pytest.approx(settings.fps)
 
 
-def test_captions_agree_with_attributes(tiny):
+def _says(text: str, phrase: str) -> bool:
+    return f" {phrase} " in f" {text.replace(',', ' ')} "
+
+
+def test_captions_name_every_attribute_and_no_other(tiny):
     for entry in read_manifest(tiny):
         attrs = entry.extra["attributes"]
+        assert set(attrs) == {"colour", "shape", "size", "fill", "region"}  # order-free: no motion
         assert len(entry.captions) == (5 if entry.split == "train" else 1)
         assert len(set(entry.captions)) == len(entry.captions)
         for caption in entry.captions:
             text = caption.lower()
-            assert attrs["colour"] in text and attrs["shape"] in text
-            assert any(text.endswith(phrase) for phrase in MOTION_PHRASES[attrs["motion"]])
-            other_colours = [c for c in COLOURS if c != attrs["colour"]]
-            assert not any(f" {c} " in f" {text} " for c in other_colours)
-            assert not any(f" {s} " in f" {text} " for s in SHAPES if s != attrs["shape"])
+            assert _says(text, attrs["colour"]) and _says(text, attrs["shape"])
+            assert any(_says(text, word) for word in SIZES[attrs["size"]][1])
+            assert any(_says(text, word) for word in FILLS[attrs["fill"]])
+            assert any(_says(text, phrase) for phrase in REGIONS[attrs["region"]][1])
+            assert not any(_says(text, c) for c in COLOURS if c != attrs["colour"])
+            assert not any(_says(text, s) for s in SHAPES if s != attrs["shape"])
+            assert not any(_says(text, p) for phrases in MOTION_PHRASES.values() for p in phrases)
 
 
-def test_confusable_negatives_exist(tiny):
-    test = [e.extra["attributes"] for e in read_manifest(tiny) if e.split == "test"]
-    same_object = any(
-        a["colour"] == b["colour"] and a["shape"] == b["shape"] and a["motion"] != b["motion"] for a in test for b in test
-    )
-    same_motion = any(a["motion"] == b["motion"] and a["colour"] != b["colour"] for a in test for b in test)
-    assert same_object and same_motion
+def test_pairs_differ_in_exactly_one_named_attribute():
+    specs = plan_clips(resolve(SyntheticConfig(preset="demo")))
+    differences = [
+        sum(a != b for a, b in zip(first.attributes().values(), second.attributes().values(), strict=True))
+        for first, second in zip(specs[0::2], specs[1::2], strict=True)
+        if first.split == second.split
+    ]
+    assert differences and set(differences) == {1}
+
+
+def test_oracle_ceiling_counts_attribute_collisions(tiny):
+    settings = resolve(SyntheticConfig(preset="tiny"))
+    specs = plan_clips(settings)
+    assert json.loads((tiny.parent / ORACLE_FILE).read_text())["t2v_R1_ceiling"] == oracle_ceiling(specs, settings)
+    twins = [specs[0], specs[0].__class__(**{**specs[0].__dict__, "index": 1, "video_id": "twin"})]
+    test_twins = [s.__class__(**{**s.__dict__, "split": "test"}) for s in twins]
+    assert oracle_ceiling(test_twins, settings) == {"test": 50.0}  # two videos one caption fits: a coin flip
+    demo = resolve(SyntheticConfig(preset="demo"))
+    assert oracle_ceiling(plan_clips(demo), demo)["test"] > 90  # few exact duplicates among 200 test videos
+
+
+def test_temporal_benchmark_names_the_motion():
+    settings = resolve(SyntheticConfig(preset="tiny", temporal=True))
+    specs = plan_clips(settings)
+    assert all(spec.motion in MOTION_PHRASES for spec in specs)
+    rng = np.random.default_rng(0)
+    from hvd.data.synthetic import captions_for
+
+    for spec in specs[:6]:
+        (caption,) = captions_for(spec, 1, rng)
+        assert any(caption.endswith(phrase) for phrase in MOTION_PHRASES[spec.motion])
 
 
 def test_same_seed_same_bytes_and_frames_across_worker_counts(tmp_path, tiny):

@@ -1,10 +1,17 @@
 """A synthetic text-video benchmark of real H.264 files that every machine can make for itself.
 
 Each clip shows a textured, drifting clutter background and distractor objects; during one event
-window (`event_fraction` of the clip) a target object of a given colour and shape performs one motion.
-Captions name colour, shape and motion, and videos come in confusable pairs (same object, other
-motion; or same motion, other colour), so retrieval needs attributes *and* motion: what HVD's
-text-guided frame selection (the event is brief) and patch compression (the object is small) claim to help.
+window (`event_fraction` of the clip) a target object appears. Captions name what any still of the event
+shows: the target's size, fill, colour, shape and where it is ("a small striped red circle in the top left
+corner"), so an order-free model (mean pooling, HVD) can tell every caption apart; videos come in
+confusable pairs that differ in one attribute. The event is brief and the object small: what HVD's
+text-guided frame selection and patch compression claim to help. `synthetic.temporal=true` makes the
+target move during the event instead and names the motion ("... slides left"), for temporal heads: left
+vs right cannot be told from frames taken as a set.
+
+`oracle.json` beside the manifest holds each split's ceiling: the expected t2v R@1 of an ideal model that
+sees every named attribute and nothing else (ties between videos whose captions name the same
+attributes broken at random).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,8 +39,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "magenta": (215, 40, 205),
     "white": (250, 250, 250),
     "orange": (250, 135, 20),
+    "pink": (250, 150, 200),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "bar", "semicircle")
 MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("moves to the left", "slides left", "travels leftward", "drifts to the left side", "goes left"),
     "right": ("moves to the right", "slides right", "travels rightward", "drifts to the right side", "goes right"),
@@ -42,13 +51,36 @@ MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "shrink": ("shrinks", "gets smaller", "contracts", "decreases in size", "shrinks down"),
 }
 MOTIONS = tuple(MOTION_PHRASES)
-SUBJECTS = ("a {colour} {shape}", "the {colour} {shape}", "one {colour} {shape}", "a {shape} coloured {colour}")
+SIZES: dict[str, tuple[float, tuple[str, ...]]] = {  # radius factor on entity_scale, and its words
+    "small": (0.75, ("small", "little")),
+    "large": (1.3, ("large", "big")),
+}
+FILLS: dict[str, tuple[str, ...]] = {"solid": ("solid", "filled"), "striped": ("striped",), "hollow": ("hollow", "outlined")}
+REGIONS: dict[str, tuple[tuple[float, float], tuple[str, ...]]] = {  # centre (y, x) as a share of the side
+    "top left": ((0.2, 0.2), ("in the top left corner", "at the top left")),
+    "top": ((0.2, 0.5), ("at the top", "near the top edge")),
+    "top right": ((0.2, 0.8), ("in the top right corner", "at the top right")),
+    "left": ((0.5, 0.2), ("on the left", "at the left side")),
+    "centre": ((0.5, 0.5), ("in the centre", "in the middle")),
+    "right": ((0.5, 0.8), ("on the right", "at the right side")),
+    "bottom left": ((0.8, 0.2), ("in the bottom left corner", "at the bottom left")),
+    "bottom": ((0.8, 0.5), ("at the bottom", "near the bottom edge")),
+    "bottom right": ((0.8, 0.8), ("in the bottom right corner", "at the bottom right")),
+}
+TEMPLATES = (
+    "a {size} {fill} {colour} {shape} {where}",
+    "{where} there is a {size} {fill} {colour} {shape}",
+    "a {fill} {colour} {shape}, {size}, appears {where}",
+    "the {size} {colour} {shape} {where} is {fill}",
+    "one {size} {fill} {shape} coloured {colour} {where}",
+)
 
 PRESETS: dict[str, dict[str, float]] = {
     "tiny": {"num_train": 24, "num_val": 8, "num_test": 8, "frame_size": 64, "duration_s": 2.0},
     "demo": {"num_train": 1000, "num_val": 100, "num_test": 200, "frame_size": 64, "duration_s": 3.0},
     "full": {"num_train": 4000, "num_val": 500, "num_test": 1000, "frame_size": 96, "duration_s": 4.0},
 }
+ORACLE_FILE = "oracle.json"
 BACKGROUND_RANGE = (50, 150)  # grey levels: far from every object colour, so objects stay measurable
 
 
@@ -67,6 +99,7 @@ class Settings:
     entity_scale: float
     num_distractors: int
     train_captions: int
+    temporal: bool = False
 
     @property
     def num_frames(self) -> int:
@@ -80,7 +113,15 @@ class ClipSpec:
     split: str
     colour: str
     shape: str
-    motion: str
+    size: str
+    fill: str
+    region: str
+    motion: str | None  # with `temporal` only
+
+    def attributes(self) -> dict[str, str]:
+        """What the captions name: the key two videos must differ in to be told apart."""
+        names = {"colour": self.colour, "shape": self.shape, "size": self.size, "fill": self.fill, "region": self.region}
+        return names if self.motion is None else {**names, "motion": self.motion}
 
 
 def resolve(cfg: SyntheticConfig) -> Settings:
@@ -99,6 +140,7 @@ def resolve(cfg: SyntheticConfig) -> Settings:
         entity_scale=cfg.entity_scale,
         num_distractors=cfg.num_distractors,
         train_captions=cfg.train_captions,
+        temporal=cfg.temporal,
     )
     if settings.num_frames < 4:
         raise ConfigError(
@@ -108,35 +150,67 @@ def resolve(cfg: SyntheticConfig) -> Settings:
     return settings
 
 
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES), "fill": tuple(FILLS), "region": tuple(REGIONS),
+}
+
+
 def plan_clips(settings: Settings) -> list[ClipSpec]:
-    """Attributes of every clip, drawn in confusable pairs so hard negatives always exist."""
+    """Attributes of every clip, drawn in confusable pairs (the second differs from the first in one
+    named attribute) so hard negatives always exist."""
     rng = np.random.default_rng([settings.seed, 0])
     splits = ["train"] * settings.num_train + ["val"] * settings.num_val + ["test"] * settings.num_test
-    colours, specs = list(COLOURS), []
-    base = None
+    choices = {**ATTRIBUTES, **({"motion": MOTIONS} if settings.temporal else {})}
+    specs: list[ClipSpec] = []
+    base: dict[str, str] | None = None
     for index, split in enumerate(splits):
-        first_of_pair = index % 2 == 0 or base is None or base.split != split
-        if first_of_pair:
-            colour, shape, motion = colours[rng.integers(8)], SHAPES[rng.integers(6)], MOTIONS[rng.integers(6)]
-        elif rng.random() < 0.5:  # same object, another motion
-            colour, shape = base.colour, base.shape
-            motion = [m for m in MOTIONS if m != base.motion][rng.integers(5)]
-        else:  # same motion, another colour
-            shape, motion = SHAPES[rng.integers(6)], base.motion
-            colour = [c for c in colours if c != base.colour][rng.integers(7)]
-        spec = ClipSpec(index, f"synth{index:06d}", split, colour, shape, motion)
-        base = spec if first_of_pair else None
-        specs.append(spec)
+        if index % 2 == 0 or base is None or specs[-1].split != split:
+            drawn = {key: values[rng.integers(len(values))] for key, values in choices.items()}
+            base = drawn
+        else:  # the pair's second clip: one attribute changed
+            key = list(choices)[rng.integers(len(choices))]
+            others = [v for v in choices[key] if v != base[key]]
+            drawn = {**base, key: others[rng.integers(len(others))]}
+            base = None
+        specs.append(ClipSpec(index, f"synth{index:06d}", split, **{"motion": None, **drawn}))
     return specs
 
 
 def captions_for(spec: ClipSpec, count: int, rng: np.random.Generator) -> list[str]:
-    pairs = [(s, p) for s in SUBJECTS for p in MOTION_PHRASES[spec.motion]]
-    chosen = rng.choice(len(pairs), size=min(count, len(pairs)), replace=False)
-    return [
-        (pairs[i][0].format(colour=spec.colour, shape=spec.shape) + " " + pairs[i][1]).capitalize()
-        for i in chosen
-    ]
+    """`count` different phrasings of the same attributes (templates and synonyms)."""
+    captions: list[str] = []
+    for _ in range(100 * count):
+        if len(captions) == count:
+            break
+        words = {
+            "size": SIZES[spec.size][1][rng.integers(len(SIZES[spec.size][1]))],
+            "fill": FILLS[spec.fill][rng.integers(len(FILLS[spec.fill]))],
+            "where": REGIONS[spec.region][1][rng.integers(2)],
+            "colour": spec.colour,
+            "shape": spec.shape,
+        }
+        text = TEMPLATES[rng.integers(len(TEMPLATES))].format(**words)
+        if spec.motion is not None:
+            phrases = MOTION_PHRASES[spec.motion]
+            text = f"{text} {phrases[rng.integers(len(phrases))]}"
+        text = text[0].upper() + text[1:]
+        if text not in captions:
+            captions.append(text)
+    return captions
+
+
+def oracle_ceiling(specs: list[ClipSpec], settings: Settings) -> dict[str, float]:
+    """Per split, the expected t2v R@1 (percent) of a model that sees exactly the named attributes:
+    each caption's video ties with the others whose captions name the same attributes."""
+    ceiling = {}
+    for split in ("train", "val", "test"):
+        keys = [tuple(sorted(spec.attributes().items())) for spec in specs if spec.split == split]
+        if not keys:
+            continue
+        count = Counter(keys)
+        captions = settings.train_captions if split == "train" else 1
+        ceiling[split] = round(100 * sum(captions / count[key] for key in keys) / (captions * len(keys)), 2)
+    return ceiling
 
 
 def shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -155,6 +229,10 @@ def shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
     if shape == "ring":
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    if shape == "bar":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= 0.4 * r)
+    if shape == "semicircle":
+        return (dx * dx + dy * dy <= r * r) & (dy >= -0.15 * r)
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -180,26 +258,39 @@ def event_window(settings: Settings, rng: np.random.Generator) -> tuple[int, int
 
 
 def target_track(spec: ClipSpec, settings: Settings, rng: np.random.Generator, length: int) -> np.ndarray:
-    """(cy, cx, r) of the target for each event frame."""
+    """(cy, cx, r) of the target for each event frame: still in its region (a slight wobble, as the
+    distractors), or, with `temporal`, performing its motion."""
     size = settings.frame_size
-    r0 = settings.entity_scale * size / 2
-    p = np.linspace(0.0, 1.0, length)
-    lo, hi = r0 * 1.1, size - r0 * 1.1
-    fixed_y, fixed_x = rng.uniform(lo, hi, size=2)
-    cy, cx, r = np.full(length, fixed_y), np.full(length, fixed_x), np.full(length, r0)
-    if spec.motion == "left":
-        cx = hi - (hi - lo) * p
-    elif spec.motion == "right":
-        cx = lo + (hi - lo) * p
-    elif spec.motion == "up":
-        cy = hi - (hi - lo) * p
-    elif spec.motion == "down":
-        cy = lo + (hi - lo) * p
-    elif spec.motion == "grow":
-        r = r0 * (0.45 + 0.75 * p)
-    elif spec.motion == "shrink":
-        r = r0 * (1.2 - 0.75 * p)
+    r0 = settings.entity_scale * size / 2 * SIZES[spec.size][0]
+    (share_y, share_x), _ = REGIONS[spec.region]
+    jitter = rng.uniform(-0.05, 0.05, size=2) * size
+    home_y, home_x = np.clip(np.array([share_y, share_x]) * size + jitter, r0, size - r0)
+    t = np.arange(length)
+    cy = home_y + 0.02 * size * np.sin(0.7 * t)
+    cx = home_x + 0.02 * size * np.cos(0.5 * t)
+    r = np.full(length, r0)
+    if spec.motion is not None:
+        p = np.linspace(0.0, 1.0, length)
+        lo, hi = r0 * 1.1, size - r0 * 1.1
+        travel = {"left": (None, hi - (hi - lo) * p), "right": (None, lo + (hi - lo) * p),
+                  "up": (hi - (hi - lo) * p, None), "down": (lo + (hi - lo) * p, None)}
+        if spec.motion in travel:
+            new_y, new_x = travel[spec.motion]
+            cy, cx = (cy if new_y is None else new_y), (cx if new_x is None else new_x)
+        elif spec.motion == "grow":
+            r = r0 * (0.45 + 0.75 * p)
+        elif spec.motion == "shrink":
+            r = r0 * (1.2 - 0.75 * p)
     return np.stack([cy, cx, r], axis=1)
+
+
+def fill_mask(fill: str, mask: np.ndarray, yy: np.ndarray, shape_edge: np.ndarray) -> np.ndarray:
+    """The painted part of a shape: all of it, every other pair of rows (striped), or its rim (hollow)."""
+    if fill == "striped":
+        return mask & ((yy.astype(int) // 2) % 2 == 0)
+    if fill == "hollow":
+        return mask & ~shape_edge
+    return mask
 
 
 def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
@@ -232,7 +323,9 @@ def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, tuple[i
             frame[shape_mask(shape, yy, xx, cy, cx, distractor_r)] = colour
         if start <= t < end:
             cy, cx, r = track[t - start]
-            frame[shape_mask(spec.shape, yy, xx, cy, cx, r)] = COLOURS[spec.colour]
+            mask = shape_mask(spec.shape, yy, xx, cy, cx, r)
+            inner = shape_mask(spec.shape, yy, xx, cy, cx, max(r - 2.5, 0.3 * r))  # a hollow shape's inside
+            frame[fill_mask(spec.fill, mask, yy, inner)] = COLOURS[spec.colour]
         frames[t] = frame.astype(np.uint8)
     return frames, (start, end)
 
@@ -266,11 +359,14 @@ def _make_clip(job: tuple[ClipSpec, Settings, str]) -> ManifestEntry:
         path=relative,
         captions=captions_for(spec, count, caption_rng),
         split=spec.split,
-        extra={
-            "attributes": {"colour": spec.colour, "shape": spec.shape, "motion": spec.motion},
-            "event": {"start_s": start / settings.fps, "end_s": end / settings.fps},
-        },
+        extra={"attributes": spec.attributes(), "event": {"start_s": start / settings.fps, "end_s": end / settings.fps}},
     )
+
+
+def read_ceiling(manifest: str | Path) -> dict[str, float]:
+    """The oracle ceiling stored beside a synthetic benchmark's manifest; empty for other benchmarks."""
+    path = Path(manifest).parent / ORACLE_FILE
+    return json.loads(path.read_text())["t2v_R1_ceiling"] if path.is_file() else {}
 
 
 def generate(cfg: SyntheticConfig, progress: bool = True, force: bool = False) -> Path:
@@ -282,12 +378,16 @@ def generate(cfg: SyntheticConfig, progress: bool = True, force: bool = False) -
     settings = resolve(cfg)
     out = Path(cfg.out)
     manifest, stamp = out / "manifest.jsonl", out / "synthetic.json"
+    oracle = out / ORACLE_FILE
     if not force and manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(settings):
-        return manifest
+        if oracle.is_file():
+            return manifest
     manifest.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(asdict(settings), indent=2) + "\n")
-    jobs = [(spec, settings, str(out)) for spec in plan_clips(settings)]
+    specs = plan_clips(settings)
+    (out / ORACLE_FILE).write_text(json.dumps({"t2v_R1_ceiling": oracle_ceiling(specs, settings)}, indent=2) + "\n")
+    jobs = [(spec, settings, str(out)) for spec in specs]
     workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=f"synthetic {cfg.preset}", unit="clip", disable=not progress)
     if workers == 1:

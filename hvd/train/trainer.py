@@ -24,7 +24,7 @@ from hvd.config import Config
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import ensure_ray, prepare
 from hvd.data.shards import read_shards, shard_summary
-from hvd.data.synthetic import generate
+from hvd.data.synthetic import generate, read_ceiling
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.paths import require_shared_paths
@@ -60,6 +60,7 @@ class TrainOutcome:
     val: dict[str, float]
     test: dict[str, float]
     restarts: list[Restart]
+    ceiling: float | None = None  # a synthetic benchmark's oracle test t2v R@1 (hvd.data.synthetic)
 
 
 class TrainingFailed(RuntimeError):
@@ -187,6 +188,9 @@ def fit(cfg: Config) -> TrainOutcome:
 
     val = {k.removeprefix("val/"): v for k, v in best_metrics.items() if k.startswith("val/")}
     test = evaluate_split(model, read_shards(shards, "test"), tokenizer, cfg.eval.batch_size) if splits.get("test") else {}
+    ceiling = read_ceiling(manifest).get("test")
+    if ceiling is not None:
+        MlflowClient(uri).set_tag(tracked.run_id, "oracle_test_t2v_R1_ceiling", str(ceiling))
     registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
     log_model_metrics(uri, tracked.run_id, registered.model_id, {f"test/{k}": v for k, v in test.items()}, state["step"])
     log_training_curves(uri, tracked.run_id)
@@ -194,7 +198,7 @@ def fit(cfg: Config) -> TrainOutcome:
     MlflowClient(uri).set_tag(tracked.run_id, "restarts", str(len(resumed)))
     finish_run(uri, tracked.run_id)
     return TrainOutcome(tracked.run_id, uri, run_url(uri, tracked.experiment_id, tracked.run_id), registered, val, test,
-                        resumed)
+                        resumed, ceiling)
 
 
 def restarts(uri: str, run_id: str, since_ms: int) -> list[Restart]:
