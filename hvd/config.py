@@ -285,15 +285,16 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    _resolve_paths(cfg)
-    config = OmegaConf.to_object(cfg)
-    check(config)
-    return config
+    return _finish(cfg)
 
 
 def config_from_yaml(text: str) -> Config:
-    """The inverse of `to_yaml`, checked like any loaded config."""
-    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "config YAML")
+    """The inverse of `to_yaml`, resolved and checked like any loaded config."""
+    return _finish(_merge(OmegaConf.structured(Config), OmegaConf.create(text), "config YAML"))
+
+
+def _finish(cfg: DictConfig) -> Config:
+    _resolve_paths(cfg)
     config = OmegaConf.to_object(cfg)
     check(config)
     return config

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunStatus, SourceType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, SourceType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
@@ -85,13 +85,14 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
 
 def source_tags(description: str) -> dict[str, str]:
     """MLflow's standard tags: the command, who ran it, at which commit, and a description (the UI's notes)."""
+    commit = git_commit()
     return {
         MLFLOW_SOURCE_NAME: sys.argv[0] or "python",
         MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
         MLFLOW_USER: getpass.getuser(),
-        MLFLOW_GIT_COMMIT: git_commit(),
+        MLFLOW_GIT_COMMIT: commit,
         MLFLOW_RUN_NOTE: f"{description}\n\nCommand: {shlex.join(['python', *sys.argv])}",
-        "git_commit": git_commit(),
+        "git_commit": commit,
     }
 
 
@@ -122,14 +123,38 @@ class TrackedRun:
     resumed: bool
 
 
+BATCH_LIMIT = 100  # params per MLflow log_batch call (metrics allow more; one limit keeps it simple)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment called `name`, created if it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    values = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(values), BATCH_LIMIT):
+        client.log_batch(run_id, params=values[start : start + BATCH_LIMIT])
+
+
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: dict[str, float], step: int, model_id: str | None = None
+) -> None:
+    """Metrics at one step; with `model_id` they also belong to that logged model (shown on its page)."""
+    timestamp = int(mlflow.utils.time.get_current_time_millis())
+    values = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
+    for start in range(0, len(values), BATCH_LIMIT):
+        client.log_batch(run_id, metrics=values[start : start + BATCH_LIMIT])
+
+
 def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput | None = None) -> TrackedRun:
     """The unfinished run named `cfg.run.name` if there is one (a resume), else a new run with params,
     `tags` and the benchmark as its dataset input."""
     client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+    experiment = experiment_id(client, cfg.tracking.experiment)
     unfinished = client.search_runs(
-        [experiment_id],
+        [experiment],
         filter_string=f"tags.mlflow.runName = '{cfg.run.name}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
@@ -137,15 +162,13 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput
     if unfinished:
         run = unfinished[0]
         client.update_run(run.info.run_id, status="RUNNING")
-        return TrackedRun(run.info.run_id, experiment_id, resumed=True)
-    run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
+        return TrackedRun(run.info.run_id, experiment, resumed=True)
+    run = client.create_run(experiment, run_name=cfg.run.name, tags=tags)
     if dataset is not None:
         client.log_inputs(run.info.run_id, datasets=[dataset])
-    params = [mlflow.entities.Param(key, str(value)) for key, value in flatten(cfg).items()]
-    for start in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[start : start + 100])
+    log_params(client, run.info.run_id, flatten(cfg))
     client.log_text(run.info.run_id, to_yaml(cfg), CONFIG_ARTIFACT)
-    return TrackedRun(run.info.run_id, experiment_id, resumed=False)
+    return TrackedRun(run.info.run_id, experiment, resumed=False)
 
 
 def finish_run(uri: str, run_id: str, failed: bool = False) -> None:
@@ -230,14 +253,6 @@ def version_model_id(version: Any) -> str | None:
         return version.model_id
     source = version.source or ""
     return source.removeprefix("models:/") if source.startswith("models:/m-") else None
-
-
-def log_model_metrics(uri: str, run_id: str, model_id: str, metrics: dict[str, float], step: int) -> None:
-    """Metrics of the run that also belong to its logged model (shown on the model's page), logged once."""
-    timestamp = int(mlflow.utils.time.get_current_time_millis())
-    values = [Metric(key, float(value), timestamp, step, model_id=model_id) for key, value in metrics.items()]
-    for start in range(0, len(values), 100):
-        MlflowClient(uri).log_batch(run_id, metrics=values[start : start + 100])
 
 
 def _champion_score(client: MlflowClient, name: str) -> float | None:

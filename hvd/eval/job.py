@@ -11,7 +11,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from mlflow.tracking import MlflowClient
 
 from hvd.config import Config
 from hvd.data.decode import FrameSpec
@@ -37,7 +36,7 @@ from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, build_tokenizer
 from hvd.paths import require_shared_paths, resolve_path
-from hvd.tracking import active_tracking_uri, benchmark_input, run_url, source_tags, tracking_uri
+from hvd.tracking import active_tracking_uri, benchmark_input, finish_run, run_url, source_tags, tracking_uri
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
 MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jpeg_quality", "max_words")
@@ -220,7 +219,7 @@ def evaluate(
     try:
         outcome = _run_evaluation(cfg, model, source, benchmark, manifest, folder, run)
     except BaseException:
-        MlflowClient(uri).set_terminated(run.run_id, status="FAILED")
+        finish_run(uri, run.run_id, failed=True)
         raise
     return outcome
 

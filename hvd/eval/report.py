@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.entities import DatasetInput, Metric, Param
+from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten
+from hvd.tracking import experiment_id, finish_run, log_metrics, log_params
 
 COLUMNS = ("R1", "R5", "R10", "MdR", "MnR")
 REPORT_FILE = "report.json"
@@ -59,16 +59,12 @@ def start_eval_run(
 ) -> EvalRun:
     """The evaluation's MLflow run in experiment `eval/<benchmark>`, opened as the work starts."""
     client = MlflowClient(uri)
-    name = experiment_name(tags["benchmark"])
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    experiment = experiment_id(client, experiment_name(tags["benchmark"]))
+    run = client.create_run(experiment, run_name=run_name, tags=tags)
     values = {key: value for key, value in flatten(cfg).items() if key.split(".")[0] in ("eval", "data", "model")}
-    logged = [Param(key, str(value)) for key, value in {**values, **params}.items()]
-    for start in range(0, len(logged), 100):
-        client.log_batch(run.info.run_id, params=logged[start : start + 100])
+    log_params(client, run.info.run_id, {**values, **params})
     client.log_inputs(run.info.run_id, datasets=[dataset])
-    return EvalRun(run.info.run_id, experiment_id)
+    return EvalRun(run.info.run_id, experiment)
 
 
 def finish_eval_run(
@@ -76,10 +72,7 @@ def finish_eval_run(
 ) -> None:
     """Metrics (on the evaluated model's page too, when it is a logged model), artifacts, FINISHED."""
     client = MlflowClient(uri)
-    timestamp = int(mlflow.utils.time.get_current_time_millis())
-    values = [Metric(key, float(value), timestamp, 0, model_id=model_id) for key, value in metrics.items()]
-    for start in range(0, len(values), 100):
-        client.log_batch(run_id, metrics=values[start : start + 100])
+    log_metrics(client, run_id, metrics, step=0, model_id=model_id)
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id)
+    finish_run(uri, run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import functools
 import os
 import tempfile
 import time
@@ -112,9 +113,14 @@ class WorkerPlan:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.train.epochs
 
+    @functools.cached_property
+    def config_yaml(self) -> str:
+        """The config as checkpoints and Ray Train carry it, rendered once."""
+        return to_yaml(self.cfg)
+
     def to_loop_config(self) -> dict[str, Any]:
         """Plain values for Ray Train's `train_loop_config`, which Ray records as JSON."""
-        return {**dataclasses.asdict(self), "cfg": to_yaml(self.cfg)}
+        return {**dataclasses.asdict(self), "cfg": self.config_yaml}
 
     @classmethod
     def from_loop_config(cls, values: dict[str, Any]) -> WorkerPlan:
@@ -142,7 +148,7 @@ class Worker:
         if self.rank != 0:
             return None
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
-                    epoch=self.epoch, best_score=self.best_score, config_yaml=to_yaml(self.plan.cfg))
+                    epoch=self.epoch, best_score=self.best_score, config_yaml=self.plan.config_yaml)
 
 
 def start_worker(plan: WorkerPlan) -> Worker:

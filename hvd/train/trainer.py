@@ -32,7 +32,7 @@ from hvd.tracking import (
     RegisteredModel,
     benchmark_input,
     finish_run,
-    log_model_metrics,
+    log_metrics,
     register_model,
     run_url,
     source_tags,
@@ -192,7 +192,8 @@ def fit(cfg: Config) -> TrainOutcome:
     if ceiling is not None:
         MlflowClient(uri).set_tag(tracked.run_id, "oracle_test_t2v_R1_ceiling", str(ceiling))
     registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
-    log_model_metrics(uri, tracked.run_id, registered.model_id, {f"test/{k}": v for k, v in test.items()}, state["step"])
+    test_metrics = {f"test/{k}": v for k, v in test.items()}
+    log_metrics(MlflowClient(uri), tracked.run_id, test_metrics, state["step"], model_id=registered.model_id)
     log_training_curves(uri, tracked.run_id)
     resumed = restarts(uri, tracked.run_id, fit_started_ms)
     MlflowClient(uri).set_tag(tracked.run_id, "restarts", str(len(resumed)))
