@@ -128,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "ViT-B-32", "ViT-B-16"))
+    parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument(

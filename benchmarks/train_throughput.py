@@ -74,12 +74,13 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = load_config(args.config, [f"model.preset={args.preset}", *args.overrides])
+    # random weights unless told otherwise: throughput does not depend on them
+    cfg = load_config(args.config, [f"model.preset={args.preset}", "model.pretrained=null", *args.overrides])
     device = torch.device(args.device)
     if device.type == "cuda":
         use_fast_cuda_math()
 
-    _, shards = prepare_data(cfg)  # joins or starts Ray, then generates and prepares what is missing
+    shards = prepare_data(cfg).shards  # joins or starts Ray, then generates and prepares what is missing
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train, cfg.model)

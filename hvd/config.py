@@ -18,6 +18,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from hvd.paths import resolve_path, resolve_tracking_uri
 
+WARM_START = "synthetic"  # model.pretrained: the preset's CLIP pretrained on synthetic stills (hvd.train.warm_start)
+
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names the key."""
@@ -72,9 +74,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | ViT-B-32 | ViT-B-16
+    preset: str = "tiny"  # tiny | tiny-p8 | ViT-B-32 | ViT-B-16
     head: str = "hvd"  # hvd | meanp
-    pretrained: str | None = None  # local CLIP checkpoint file; nothing is downloaded
+    pretrained: str | None = None  # local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start
     quick_gelu: bool = True  # OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not
     frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
     pfcm_steps: int = 3  # PFCM: rounds of density-peak compression
@@ -85,14 +87,27 @@ class ModelConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """`model.pretrained=synthetic`: the preset's CLIP trained image-text on stills of the synthetic world first
+    (pipelines/pretrain.py), cached by fingerprint under `out` and registered in MLflow as clip-<preset>-synthetic."""
+
+    train_stills: int = 20000
+    val_stills: int = 500
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    out: str = "data/pretrained"
+
+
+@dataclass
 class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 32  # global batch, split across workers
     lr: float = 1e-3  # new modules, and the backbone when training from scratch (the tiny demo)
-    backbone_lr: float = 1e-7  # pretrained backbone; the tiny preset from scratch uses `lr`
+    backbone_lr: float = 2e-4  # a pretrained backbone (the tiny warm start; real CLIP: 1e-7); from scratch it uses `lr`
     weight_decay: float = 0.2
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
@@ -131,7 +146,9 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The product's default starts from the synthetic warm start; a bare ModelConfig() from random weights.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained=WARM_START))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -143,7 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "synthetic.preset": ("tiny", "demo", "full"),
     "data.sample_mode": ("uniform", "fps"),
     "data.frame_codec": ("jpeg", "raw"),
-    "model.preset": ("tiny", "ViT-B-32", "ViT-B-16"),
+    "model.preset": ("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16"),
     "model.head": ("hvd", "meanp"),
     "model.pfcm_scope": ("frame", "video"),
     "eval.mode": ("exhaustive", "two_stage"),
@@ -186,6 +203,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.pfcm_ratio": _SHARE,
     "model.dpc_k": _COUNT,
     "model.score_budget_mb": _COUNT,
+    "pretrain.train_stills": _COUNT,
+    "pretrain.val_stills": _COUNT,
+    "pretrain.epochs": _COUNT,
+    "pretrain.batch_size": _COUNT,
+    "pretrain.lr": _POSITIVE,
     "train.num_workers": _COUNT,
     "train.cpus_per_worker": _POSITIVE,
     "train.epochs": _COUNT,
@@ -243,8 +265,8 @@ def check(cfg: Config) -> None:
 
 # Keys naming a file or folder: a relative value is joined onto the project root (hvd.paths) when loaded.
 PATH_KEYS = (
-    "synthetic.out", "data.manifest", "data.shards", "model.pretrained", "train.storage_path", "eval.out",
-    "eval.cache",
+    "synthetic.out", "data.manifest", "data.shards", "model.pretrained", "pretrain.out", "train.storage_path",
+    "eval.out", "eval.cache",
 )
 
 
@@ -269,6 +291,8 @@ def _resolve_paths(cfg: DictConfig) -> None:
     resolvers = {**dict.fromkeys(PATH_KEYS, resolve_path), "tracking.uri": resolve_tracking_uri}
     for key, resolve in resolvers.items():
         value = OmegaConf.select(cfg, key)
+        if key == "model.pretrained" and value == WARM_START:
+            continue
         if value is not None and (resolved := resolve(value)) != value:
             OmegaConf.update(cfg, key, resolved)
 
@@ -334,10 +358,12 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "PretrainConfig",
     "RunConfig",
     "SyntheticConfig",
     "TrackingConfig",
     "TrainConfig",
+    "WARM_START",
     "check",
     "check_section",
     "check_values",

@@ -13,9 +13,10 @@ import time
 
 from hvd.cli import fail, parse_args
 from hvd.tracking import ui_command
-from hvd.train.trainer import TrainingFailed, fit
+from hvd.train.fit import fit
+from hvd.train.trainer import TrainingFailed
 
-SECTIONS = ("run", "synthetic", "data", "model", "train", "eval", "tracking")
+SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:

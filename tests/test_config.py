@@ -133,3 +133,7 @@ def test_worker_plan_travels_as_plain_values():
     plan = WorkerPlan(load_config(None, ["train.epochs=3"]), "run", "sqlite:///x.db", "/s", "val", 7, "/m")
     values = json.loads(json.dumps(plan.to_loop_config()))  # what Ray Train records of it
     assert WorkerPlan.from_loop_config(values) == plan and plan.total_steps == 21
+
+
+def test_demo_yaml_is_the_embedded_default_made_explicit():
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml") == load_config()

@@ -49,6 +49,15 @@ def test_features_have_the_documented_shapes_and_unit_norms(tokens, frames):
     assert meanp.patches.shape == (4, 0, 128) and meanp.patch_frames.shape == (4, 0, FRAMES)
 
 
+def test_the_fine_patch_preset_gives_pfcm_sixty_four_patches_per_frame(tokens, frames):
+    model = tiny_model(preset="tiny-p8", pfcm_scope="frame")
+    patches = model.backbone.encode_images(frames[0], with_patches=True)[1]
+    assert patches.shape == (FRAMES, 64, 128)  # 8 x 8 patches of 8 px
+    video = model.encode_video(frames)
+    assert video.patches.shape == (4, FRAMES * 8, 128)  # 64 -> 32 -> 16 -> 8 per frame
+    assert torch.isfinite(model.score(model.encode_text(tokens), video)).all()
+
+
 def test_video_scope_entities_span_frames_and_skip_padding(frames):
     mask = torch.arange(FRAMES) < torch.tensor([[6], [6], [3], [1]])
     video = tiny_model(pfcm_scope="video").encode_video(frames, mask)
@@ -191,7 +200,11 @@ def test_gradients_reach_the_backbone_and_every_new_module(head, scope, tokens, 
     expected = {"hvd": {"loss_sentence_frames", "loss_words_patches"}, "meanp": {"loss_sentence_video"}}[head]
     assert set(metrics) == expected | {"logit_scale"}
     assert loss.item() == pytest.approx(sum(metrics[name] for name in expected), rel=1e-6)
+    fixed = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert fixed == {"backbone.clip.visual.positional_embedding"}  # the tiny preset's 2-D sin-cos positions
     for name, parameter in model.named_parameters():
+        if name in fixed:
+            continue
         assert parameter.grad is not None, name
         assert torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, name
@@ -206,7 +219,7 @@ def test_no_nan_or_inf(dtype, tokens, frames):
         loss.backward()
         scores = model.score(text, video)
     assert torch.isfinite(loss) and torch.isfinite(scores).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_tokenizer_context_is_the_shorter_of_max_words_and_the_preset():

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hvd.config import ModelConfig, TrainConfig
 from hvd.model import build_model, build_tokenizer
 from hvd.model.losses import gather_across_ranks
+from hvd.train.inputs import trim_padding
 from hvd.train.loop import train_step
 from hvd.train.optim import build_optimizer, build_scheduler
 
@@ -39,7 +40,10 @@ def run_steps(head: str, rank: int = 0, world: int = 1) -> tuple[list[float], di
     tokens, frames = global_batch()
     local = slice(rank * len(CAPTIONS) // world, (rank + 1) * len(CAPTIONS) // world)
     mask = torch.arange(4) < torch.tensor([[4], [2], [4], [3]])  # two clips with padding frames
-    batch = {"tokens": tokens[local], "frames": frames[local], "frame_mask": mask[local]}
+    local_tokens = tokens[local]
+    if world > 1:  # each rank trims its captions to its own longest (7 and 6 tokens), as training's collate does
+        local_tokens = torch.from_numpy(trim_padding(local_tokens.numpy()))
+    batch = {"tokens": local_tokens, "frames": frames[local], "frame_mask": mask[local]}
     losses = [train_step(wrapped, optimizer, scheduler, batch, grad_clip=1.0)[0].item() for _ in range(STEPS)]
     return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
 

@@ -293,6 +293,43 @@ def fill_mask(fill: str, mask: np.ndarray, yy: np.ndarray, shape_edge: np.ndarra
     return mask
 
 
+Distractor = tuple[tuple[int, int, int], str, np.ndarray, float]  # colour, shape, home (y, x), wobble phase
+
+
+def _distractors(spec: ClipSpec, settings: Settings, rng: np.random.Generator) -> list[Distractor]:
+    """Objects in every other colour than the target's, each wobbling in place."""
+    size = settings.frame_size
+    others = [c for c in COLOURS if c != spec.colour]
+    return [
+        (COLOURS[others[i]], SHAPES[rng.integers(len(SHAPES))], rng.uniform(0.2 * size, 0.8 * size, size=2),
+         rng.uniform(0, 2 * np.pi))
+        for i in rng.choice(len(others), size=settings.num_distractors, replace=False)
+    ]
+
+
+def draw_frame(
+    spec: ClipSpec, settings: Settings, texture: np.ndarray, offset: np.ndarray, distractors: list[Distractor],
+    t: int, target: np.ndarray | None,
+) -> np.ndarray:
+    """One [H, W, 3] uint8 frame: the background at `offset`, the distractors at time `t`, and the target
+    at (cy, cx, r) when it is visible."""
+    size = settings.frame_size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    oy, ox = offset.astype(int) % size
+    frame = np.repeat(texture[oy : oy + size, ox : ox + size, None], 3, axis=2)
+    distractor_r = 0.7 * settings.entity_scale * size / 2
+    for colour, shape, home, phase in distractors:  # wobble in place: no net motion
+        wobble = 0.04 * size * np.array([np.sin(0.7 * t + phase), np.cos(0.5 * t + phase)])
+        cy, cx = home + wobble
+        frame[shape_mask(shape, yy, xx, cy, cx, distractor_r)] = colour
+    if target is not None:
+        cy, cx, r = target
+        mask = shape_mask(spec.shape, yy, xx, cy, cx, r)
+        inner = shape_mask(spec.shape, yy, xx, cy, cx, max(r - 2.5, 0.3 * r))  # a hollow shape's inside
+        frame[fill_mask(spec.fill, mask, yy, inner)] = COLOURS[spec.colour]
+    return frame.astype(np.uint8)
+
+
 def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
     """Frames `[T, H, W, 3]` uint8 and the event window; a pure function of (spec, settings)."""
     rng = np.random.default_rng([settings.seed, 1, spec.index])
@@ -301,33 +338,22 @@ def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, tuple[i
     drift = rng.uniform(-1.5, 1.5, size=2)  # background pixels per frame
     start, end = event_window(settings, rng)
     track = target_track(spec, settings, rng, end - start)
-    others = [c for c in COLOURS if c != spec.colour]
-    distractors = [
-        (
-            COLOURS[others[i]],
-            SHAPES[rng.integers(len(SHAPES))],
-            rng.uniform(0.2 * size, 0.8 * size, size=2),  # home position
-            rng.uniform(0, 2 * np.pi),  # wobble phase
-        )
-        for i in rng.choice(len(others), size=settings.num_distractors, replace=False)
-    ]
-    distractor_r = 0.7 * settings.entity_scale * size / 2
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    distractors = _distractors(spec, settings, rng)
     frames = np.empty((n, size, size, 3), dtype=np.uint8)
     for t in range(n):
-        oy, ox = (np.array([size / 2, size / 2]) + drift * t).astype(int) % size
-        frame = np.repeat(texture[oy : oy + size, ox : ox + size, None], 3, axis=2)
-        for colour, shape, home, phase in distractors:  # wobble in place: no net motion
-            wobble = 0.04 * size * np.array([np.sin(0.7 * t + phase), np.cos(0.5 * t + phase)])
-            cy, cx = home + wobble
-            frame[shape_mask(shape, yy, xx, cy, cx, distractor_r)] = colour
-        if start <= t < end:
-            cy, cx, r = track[t - start]
-            mask = shape_mask(spec.shape, yy, xx, cy, cx, r)
-            inner = shape_mask(spec.shape, yy, xx, cy, cx, max(r - 2.5, 0.3 * r))  # a hollow shape's inside
-            frame[fill_mask(spec.fill, mask, yy, inner)] = COLOURS[spec.colour]
-        frames[t] = frame.astype(np.uint8)
+        target = track[t - start] if start <= t < end else None
+        frames[t] = draw_frame(spec, settings, texture, np.array([size / 2, size / 2]) + drift * t, distractors, t, target)
     return frames, (start, end)
+
+
+def render_still(spec: ClipSpec, settings: Settings, seed: int) -> np.ndarray:
+    """One [H, W, 3] frame of the same world with the target visible: what the warm start learns from."""
+    rng = np.random.default_rng([settings.seed, 3, seed, spec.index])
+    size = settings.frame_size
+    texture = _background(size, rng)
+    t = int(rng.integers(0, 1000))
+    return draw_frame(spec, settings, texture, rng.uniform(0, size, size=2), _distractors(spec, settings, rng), t,
+                      target_track(spec, settings, rng, 1)[0])
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:

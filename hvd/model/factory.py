@@ -7,7 +7,7 @@ from collections.abc import Callable
 import open_clip
 from torch import Tensor, nn
 
-from hvd.config import ModelConfig, check_section, check_values
+from hvd.config import WARM_START, ModelConfig, check_section, check_values
 from hvd.model.backbone import ClipBackbone
 from hvd.model.heads import HVDHead, MeanPoolHead
 from hvd.model.model import RetrievalModel
@@ -23,6 +23,8 @@ HEADS: dict[str, Callable[[int, ModelConfig], nn.Module]] = {
 def build_model(cfg: ModelConfig) -> RetrievalModel:
     """A randomly initialised model of `cfg.preset`, then `cfg.pretrained` loaded when set."""
     check_section("model", cfg)
+    if cfg.pretrained == WARM_START:
+        raise ValueError("model.pretrained=synthetic names a warm start that hvd.train.warm_start makes; pass its file")
     backbone = ClipBackbone(open_clip.CLIP(**preset_config(cfg.preset, cfg.quick_gelu)))
     model = RetrievalModel(backbone, HEADS[cfg.head](backbone.embed_dim, cfg), cfg.score_budget_mb)
     if cfg.pretrained:

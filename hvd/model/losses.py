@@ -13,6 +13,8 @@ engine").
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -64,4 +66,21 @@ def gather_across_ranks(features: FeaturesT) -> FeaturesT:
             f"every rank needs the same local batch size for the gathered loss, got {sizes.tolist()} "
             "(drop the last incomplete batch)"
         )
-    return features.map(_gather)
+    return _pad_to_longest(features).map(_gather)
+
+
+def _pad_to_longest(features: FeaturesT) -> FeaturesT:
+    """Every [B, L, ...] field padded along L to the longest across ranks (zeros, False in masks): each rank
+    trims its captions to its own longest (`hvd.train.inputs`), and all_gather needs equal shapes."""
+    fields = [f.name for f in dataclasses.fields(features) if getattr(features, f.name).ndim >= 2]
+    local = torch.tensor([getattr(features, name).shape[1] for name in fields], device=features.device)
+    longest = local.clone()
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    if torch.equal(local, longest):
+        return features
+    padded = {}
+    for name, length in zip(fields, longest.tolist(), strict=True):
+        tensor = getattr(features, name)
+        extra = tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:])
+        padded[name] = torch.cat([tensor, extra], dim=1)
+    return dataclasses.replace(features, **padded)

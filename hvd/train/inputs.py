@@ -23,6 +23,7 @@ from torch import Tensor
 from hvd.config import Config, ModelConfig
 from hvd.data.shards import frame_mask, frames_uint8, open_shards
 from hvd.model import build_tokenizer
+from hvd.model.backbone import PAD_TOKEN
 
 TOKEN_DTYPE = np.int32
 
@@ -70,8 +71,15 @@ def caption_choice(seed: int, epoch: int, video_id: str, count: int) -> int:
     return zlib.crc32(f"{seed}:{epoch}:{video_id}".encode()) % count
 
 
+def trim_padding(tokens: np.ndarray) -> np.ndarray:
+    """[B, L] token ids cut to the batch's longest caption: the text tower skips padding every caption has.
+    Features are unchanged (the causal mask keeps padding out of every real token); ranks with different
+    lengths are padded back to one shape when the loss gathers them (`hvd.model.losses`)."""
+    return tokens[:, : int((tokens != PAD_TOKEN).sum(axis=1).max())]
+
+
 class TrainingCollate(NumpyBatchCollateFn):
-    """Numpy batch -> `{"tokens": [B, L] int64, "frames": [B, T, H, W, 3] uint8, "frame_mask": [B, T] bool}`;
+    """Numpy batch -> `{"tokens": [B, L] int64 (L: the batch's longest caption), "frames": [B, T, H, W, 3] uint8, "frame_mask": [B, T] bool}`;
     runs in the prefetch thread."""
 
     def __init__(self, seed: int, epoch: int):
@@ -83,7 +91,7 @@ class TrainingCollate(NumpyBatchCollateFn):
             for v, t in zip(batch["video_id"], batch["tokens"], strict=True)
         ]
         return {
-            "tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
+            "tokens": torch.from_numpy(trim_padding(np.stack(tokens)).astype(np.int64)),
             "frames": torch.from_numpy(np.ascontiguousarray(batch["frames"])),
             "frame_mask": torch.from_numpy(batch["frame_mask"]),
         }

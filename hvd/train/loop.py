@@ -37,7 +37,8 @@ from hvd.worker_setup import quiet_logs
 
 SCORE_KEY = "val_score"  # what the best checkpoint is chosen by: val t2v R@1, -1 for mid-epoch saves
 RESUMED_METRIC = "train/resumed_from_step"  # logged by rank 0 each time the worker group resumes
-LOG_EVERY_STEPS = 10
+LOG_EVERY_STEPS = 10  # MLflow
+PROGRESS_LINES = 20  # about this many progress lines a run on the terminal, at multiples of LOG_EVERY_STEPS
 T = TypeVar("T")
 
 
@@ -112,6 +113,10 @@ class WorkerPlan:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.train.epochs
+
+    @property
+    def print_every(self) -> int:
+        return LOG_EVERY_STEPS * max(1, self.total_steps // (PROGRESS_LINES * LOG_EVERY_STEPS))
 
     @functools.cached_property
     def config_yaml(self) -> str:
@@ -206,9 +211,10 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterat
             worker.logger.log({"train/loss": loss.item(), "train/lr": worker.scheduler.get_last_lr()[0],
                                "train/samples_per_s": rate, "train/data_wait_s": waited / (index + 1),
                                **{f"train/{k}": v for k, v in parts.items()}}, worker.step)
-            print(f"epoch {worker.epoch + 1}/{cfg.train.epochs} step {worker.step}/{plan.total_steps} "
-                  f"loss {loss.item():.4f} {rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, "
-                  f"ETA {eta_s / 60:.1f} min", flush=True)
+            if worker.step % plan.print_every == 0 or worker.step in (1, plan.total_steps):
+                print(f"epoch {worker.epoch + 1}/{cfg.train.epochs} step {worker.step}/{plan.total_steps} "
+                      f"loss {loss.item():.4f} {rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, "
+                      f"ETA {eta_s / 60:.1f} min", flush=True)
         every = cfg.train.checkpoint_every_steps
         if every and worker.step % every == 0 and index + 1 < plan.steps_per_epoch:
             report({"epoch": worker.epoch, "step": worker.step, SCORE_KEY: -1.0}, worker.state())

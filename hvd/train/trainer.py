@@ -1,4 +1,4 @@
-"""The driver side of training: data ready -> MLflow run -> Ray Train fit -> test -> register."""
+"""The driver side of training: prepared shards -> MLflow run -> Ray Train fit -> test -> register."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from hvd.checkpoint import load_state
-from hvd.config import Config
+from hvd.config import WARM_START, Config
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import ensure_ray, prepare
 from hvd.data.shards import read_shards, shard_summary
 from hvd.data.synthetic import generate, read_ceiling
 from hvd.eval.encode import evaluate_split
-from hvd.model import build_model, build_tokenizer
+from hvd.model import RetrievalModel, build_model, build_tokenizer
 from hvd.paths import require_shared_paths
 from hvd.tracking import (
     RegisteredModel,
@@ -60,7 +60,19 @@ class TrainOutcome:
     val: dict[str, float]
     test: dict[str, float]
     restarts: list[Restart]
+    network: RetrievalModel  # the registered weights, in memory
     ceiling: float | None = None  # a synthetic benchmark's oracle test t2v R@1 (hvd.data.synthetic)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Prepared shards, and what MLflow records about where they came from."""
+
+    shards: Path
+    benchmark: str  # the dataset's name in MLflow
+    fingerprint: str
+    source: str  # the manifest, or whatever else wrote the shards
+    ceiling: float | None = None  # a synthetic benchmark's oracle test t2v R@1
 
 
 class TrainingFailed(RuntimeError):
@@ -88,8 +100,8 @@ def ray_log_dir() -> str:
         return "the Ray session's logs folder (ray logs --help)"
 
 
-def prepare_data(cfg: Config) -> tuple[Path, Path]:
-    """(manifest, shards): the synthetic benchmark when no manifest is given; both steps are cached."""
+def prepare_data(cfg: Config) -> TrainingData:
+    """The benchmark's shards: the synthetic benchmark when no manifest is given; both steps are cached."""
     ensure_ray()
     require_shared_paths({
         "data.manifest": cfg.data.manifest, "synthetic.out": None if cfg.data.manifest else cfg.synthetic.out,
@@ -98,7 +110,8 @@ def prepare_data(cfg: Config) -> tuple[Path, Path]:
     })
     manifest = Path(cfg.data.manifest) if cfg.data.manifest else generate(cfg.synthetic)
     print(prepare(cfg, manifest, Path(cfg.data.shards), overwrite=cfg.data.overwrite), flush=True)
-    return manifest, Path(cfg.data.shards)
+    return TrainingData(Path(cfg.data.shards), manifest.resolve().parent.name, fingerprint(manifest), str(manifest),
+                        read_ceiling(manifest).get("test"))
 
 
 def steps_per_epoch(cfg: Config, train_samples: int) -> int:
@@ -110,8 +123,12 @@ def steps_per_epoch(cfg: Config, train_samples: int) -> int:
     return steps
 
 
-def fit(cfg: Config) -> TrainOutcome:
-    manifest, shards = prepare_data(cfg)
+def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -> TrainOutcome:
+    """Train on `data`'s train split with Ray Train, test the best checkpoint, register it; `cfg.model.pretrained`
+    is a file or None here (`hvd.train.fit` resolves the synthetic warm start first)."""
+    if cfg.model.pretrained == WARM_START:
+        raise ValueError("model.pretrained=synthetic is made by hvd.train.warm_start before training; use hvd.train.fit")
+    shards = data.shards
     splits = shard_summary(shards)["splits"]
     val_split = "val" if splits.get("val") else "test"
     train_samples = splits["train"]
@@ -119,14 +136,14 @@ def fit(cfg: Config) -> TrainOutcome:
         train_samples = int(read_shards(shards, "train", ["captions"])["captions"].combine_chunks().value_lengths().sum())
     steps = steps_per_epoch(cfg, train_samples)
 
-    benchmark, digest = manifest.resolve().parent.name, fingerprint(manifest)
+    benchmark, digest = data.benchmark, data.fingerprint
     description = (
         f"{cfg.model.head} head on {cfg.model.preset} CLIP, trained on {benchmark} ({splits.get('train', 0)} videos): "
         f"{cfg.train.epochs} epochs of batch {cfg.train.batch_size} on {cfg.train.num_workers} workers."
     )
     tags = {"dataset_fingerprint": digest, "head": cfg.model.head, "preset": cfg.model.preset,
-            "val_split": val_split, **source_tags(description)}
-    tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, str(manifest), splits, "train"))
+            "val_split": val_split, **source_tags(description), **(tags or {})}
+    tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, data.source, splits, "train"))
     uri = tracking_uri(cfg)
     print(f"MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) at {uri}", flush=True)
     storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
@@ -188,9 +205,8 @@ def fit(cfg: Config) -> TrainOutcome:
 
     val = {k.removeprefix("val/"): v for k, v in best_metrics.items() if k.startswith("val/")}
     test = evaluate_split(model, read_shards(shards, "test"), tokenizer, cfg.eval.batch_size) if splits.get("test") else {}
-    ceiling = read_ceiling(manifest).get("test")
-    if ceiling is not None:
-        MlflowClient(uri).set_tag(tracked.run_id, "oracle_test_t2v_R1_ceiling", str(ceiling))
+    if data.ceiling is not None:
+        MlflowClient(uri).set_tag(tracked.run_id, "oracle_test_t2v_R1_ceiling", str(data.ceiling))
     registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
     test_metrics = {f"test/{k}": v for k, v in test.items()}
     log_metrics(MlflowClient(uri), tracked.run_id, test_metrics, state["step"], model_id=registered.model_id)
@@ -199,7 +215,7 @@ def fit(cfg: Config) -> TrainOutcome:
     MlflowClient(uri).set_tag(tracked.run_id, "restarts", str(len(resumed)))
     finish_run(uri, tracked.run_id)
     return TrainOutcome(tracked.run_id, uri, run_url(uri, tracked.experiment_id, tracked.run_id), registered, val, test,
-                        resumed, ceiling)
+                        resumed, model, data.ceiling)
 
 
 def restarts(uri: str, run_id: str, since_ms: int) -> list[Restart]:

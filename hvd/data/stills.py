@@ -1,0 +1,100 @@
+"""Captioned stills of the synthetic world, written as one-frame shards: the warm start's image-text data.
+
+Real users start from CLIP weights pretrained on images and their captions; the synthetic world's
+equivalent is a still with its target object in view (random attributes, clutter, distractors) and
+captions of what it shows, phrased as the benchmark phrases them. The stills are drawn from their own
+random stream: none is a frame of a benchmark clip, and target sizes vary over `ENTITY_SCALES` whatever the
+benchmark's `entity_scale`, as image pretraining sees objects of every size. They are written in the shard layout `prepare`
+writes (one frame per row), so the same Ray Data input pipeline and Ray Train loop train on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from hvd.data.prepare import SHARD_SCHEMA
+from hvd.data.shards import SUMMARY_FILE
+from hvd.data.synthetic import ATTRIBUTES, ClipSpec, Settings, captions_for, render_still
+
+STILLS_FORMAT = 1  # bump when what a still shows or how it is stored changes: cached warm starts are redone
+CAPTIONS_PER_STILL = 3  # phrasings; training draws one per epoch
+ENTITY_SCALES = (0.18, 0.4)  # target sizes drawn per still: one warm start serves every benchmark entity_scale
+ROWS_PER_FILE = 2048
+JPEG_QUALITY = 90
+
+
+def _row(index: int, split: str, settings: Settings) -> dict:
+    rng = np.random.default_rng([settings.seed, 4, index])
+    settings = dataclasses.replace(settings, entity_scale=float(rng.uniform(*ENTITY_SCALES)))
+    attributes = {key: values[rng.integers(len(values))] for key, values in ATTRIBUTES.items()}
+    spec = ClipSpec(index, f"still{index:07d}", split, motion=None, **attributes)
+    buffer = io.BytesIO()
+    Image.fromarray(render_still(spec, settings, index)).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return {
+        "video_id": spec.video_id, "split": split, "captions": captions_for(spec, CAPTIONS_PER_STILL, rng),
+        "frames": [buffer.getvalue()], "frame_codec": "jpeg", "frame_size": settings.frame_size,
+        "num_frames": 1, "valid_frames": 1, "frame_indices": [0], "timestamps_s": [0.0], "source_frames": 1,
+        "source_fps": float(settings.fps), "duration_s": 1.0 / settings.fps, "source_path": "",
+    }
+
+
+def _write_part(job: tuple[int, int, str, Settings, str]) -> int:
+    start, count, split, settings, folder = job
+    rows = [_row(index, split, settings) for index in range(start, start + count)]
+    path = Path(folder) / split / f"part-{start:07d}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), path)
+    return count
+
+
+def stills_identity(settings: Settings, counts: dict[str, int]) -> dict:
+    """Everything that decides the stills' bytes; its hash names the folder and the warm start."""
+    return {"stills_format": STILLS_FORMAT, "settings": settings.__dict__, "splits": counts}
+
+
+def digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, workers: int = 0) -> Path:
+    """`counts` stills per split (e.g. {"train": 30000, "val": 500}) as shards under `out`; a folder that
+    already holds these stills is reused. `_summary.json` is written last, as `prepare` does."""
+    out = Path(out)
+    identity = stills_identity(settings, counts)
+    summary = out / SUMMARY_FILE
+    if summary.is_file() and json.loads(summary.read_text()).get("identity") == identity:
+        return out
+    for split in counts:
+        folder = out / split
+        if folder.is_dir():
+            for old in folder.glob("*.parquet"):
+                old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+    summary.unlink(missing_ok=True)
+    jobs, first = [], 0
+    for split, count in counts.items():
+        jobs += [(s, min(ROWS_PER_FILE, first + count - s), split, settings, str(out))
+                 for s in range(first, first + count, ROWS_PER_FILE)]
+        first += count
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        written = sum(map(_write_part, jobs))
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            written = sum(pool.imap_unordered(_write_part, jobs))
+    if written != sum(counts.values()):
+        raise RuntimeError(f"{out}: {sum(counts.values())} stills planned, {written} written")
+    record = {"input": written, "written": written, "quarantined": 0, "short_clips": 0, "splits": counts,
+              "identity": identity}
+    summary.write_text(json.dumps(record, indent=2) + "\n")
+    return out

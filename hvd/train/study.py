@@ -1,0 +1,172 @@
+"""The mechanism study: does HVD beat mean pooling where events are brief and entities small?
+
+A Ray Tune grid over `synthetic.event_fraction` x `synthetic.entity_scale` x `model.head` x `run.seed`. Every
+trial is the whole chain (benchmark -> shards -> warm start -> train -> test, `hvd.train.fit`); the benchmark
+and its shards are cached per (event_fraction, entity_scale), so heads and seeds share them, and the warm
+start is one for all. Trials run one at a time: each is itself a data-parallel Ray Train run that takes
+the CPUs a small machine has. Every trial is an MLflow child run of one parent run, which holds the
+summary table and the plot (`hvd.train.plots.study_figure`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from hvd.config import Config, config_from_yaml, to_yaml
+from hvd.data.prepare import ensure_ray
+from hvd.tracking import experiment_id, finish_run, log_metrics, log_params, source_tags, tracking_uri
+from hvd.train.fit import fit
+from hvd.train.plots import plt, study_figure
+
+
+@dataclass(frozen=True)
+class Grid:
+    event_fraction: tuple[float, ...]
+    entity_scale: tuple[float, ...]
+    head: tuple[str, ...]
+    seed: tuple[int, ...]
+    overrides: tuple[str, ...] = ()  # applied to the study's config for this grid: the trial size
+
+    @property
+    def trials(self) -> int:
+        return len(self.event_fraction) * len(self.entity_scale) * len(self.head) * len(self.seed)
+
+
+GRIDS: dict[str, Grid] = {
+    # Minutes on 2 cores; CI runs it. One cell, both heads, a tiny benchmark and warm start.
+    "smoke": Grid((0.25,), (0.15,), ("hvd", "meanp"), (0,), (
+        "synthetic.preset=tiny", "train.epochs=1", "train.batch_size=8", "pretrain.train_stills=64",
+        "pretrain.val_stills=16", "pretrain.epochs=1", "pretrain.batch_size=16",
+    )),
+    # About 2 hours on 2 cores: the demo recipe in each cell, where the paper's claim can be tested.
+    "default": Grid((0.15, 0.3, 1.0), (0.15, 0.3), ("hvd", "meanp"), (0, 1, 2)),
+    # A cluster's grid: the full benchmark, a finer sweep, five seeds.
+    "full": Grid((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), (0.1, 0.15, 0.2, 0.3, 0.4), ("hvd", "meanp"), (0, 1, 2, 3, 4),
+                 ("synthetic.preset=full",)),
+}
+# What a trial's own process reserves: no CPU (it only waits on its Ray Train run, whose workers and Ray Data
+# tasks need every CPU of a small machine) but some memory, as Tune refuses an empty request.
+TRIAL_RESOURCES = {"memory": 256 * 2**20}
+KNOBS = ("event_fraction", "entity_scale", "head", "seed")
+METRICS = ("test/t2v/R1", "test/t2v/R5", "test/v2t/R1", "test/v2t/R5")
+
+
+def trial_config(base: Config, study: str, params: dict[str, Any]) -> Config:
+    """The base config with one cell's knobs; benchmark and shards are named by the cell, not the trial."""
+    ef, es = params["event_fraction"], params["entity_scale"]
+    root = Path(base.synthetic.out).parent / f"study-{study}"
+    cell = f"ef{ef}-es{es}"
+    return dataclasses.replace(
+        base,
+        run=dataclasses.replace(base.run, name=f"{study}-{cell}-{params['head']}-s{params['seed']}", seed=params["seed"]),
+        synthetic=dataclasses.replace(base.synthetic, event_fraction=ef, entity_scale=es, out=str(root / f"bench-{cell}")),
+        data=dataclasses.replace(base.data, shards=str(root / f"shards-{cell}")),
+        model=dataclasses.replace(base.model, head=params["head"]),
+        tracking=dataclasses.replace(base.tracking, experiment=f"study-{study}", model_name=f"study-{study}"),
+    )
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """One Tune trial: the whole chain for one (cell, head, seed), reported to Tune and MLflow."""
+    cfg = trial_config(config_from_yaml(params["config"]), params["study"], params)
+    knobs = {key: str(params[key]) for key in KNOBS}
+    outcome = fit(cfg, tags={"mlflow.parentRunId": params["parent_run_id"], "study": params["study"], **knobs})
+    tune.report({key.replace("/", "_"): outcome.test.get(key.removeprefix("test/"), float("nan")) for key in METRICS}
+                | {"ceiling": outcome.ceiling if outcome.ceiling is not None else float("nan"), "run_id": outcome.run_id})
+
+
+@dataclass(frozen=True)
+class Cell:
+    event_fraction: float
+    entity_scale: float
+    head: str
+    t2v_r1: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.t2v_r1)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.t2v_r1) if len(self.t2v_r1) > 1 else 0.0
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[Cell]:
+    """Trials grouped by (event_fraction, entity_scale, head): test t2v R@1 over seeds."""
+    cells = []
+    key = lambda r: (r["event_fraction"], r["entity_scale"], r["head"])  # noqa: E731
+    for (ef, es, head), group in itertools.groupby(sorted(rows, key=key), key=key):
+        cells.append(Cell(ef, es, head, [r["test_t2v_R1"] for r in group]))
+    return cells
+
+
+def summary_table(cells: list[Cell]) -> str:
+    """Markdown: one row per (event_fraction, entity_scale), a mean +- std column per head."""
+    heads = sorted({c.head for c in cells})
+    lines = ["| event_fraction | entity_scale | " + " | ".join(f"{h} t2v R@1" for h in heads) + " |",
+             "|---|---|" + "---|" * len(heads)]
+    by_cell = {(c.event_fraction, c.entity_scale, c.head): c for c in cells}
+    for ef, es in sorted({(c.event_fraction, c.entity_scale) for c in cells}):
+        values = [by_cell.get((ef, es, h)) for h in heads]
+        shown = [f"{c.mean:.1f} +- {c.std:.1f} (n={len(c.t2v_r1)})" if c else "-" for c in values]
+        lines.append(f"| {ef} | {es} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def run_study(base: Config, study: str) -> tuple[str, list[Cell]]:
+    """Run grid `study` on `base` under one MLflow parent run; return its id and the summary."""
+    grid = GRIDS[study]
+    uri = tracking_uri(base)
+    client = MlflowClient(uri)
+    experiment = experiment_id(client, f"study-{study}")
+    description = (f"Mechanism study '{study}': {grid.trials} trials, event_fraction x entity_scale x head x seed; "
+                   "each trial a child run.")
+    parent = client.create_run(experiment, run_name=f"study-{study}", tags=source_tags(description)).info.run_id
+    log_params(client, parent, {f"grid.{k}": str(getattr(grid, k)) for k in (*KNOBS, "overrides")})
+    space = {
+        "config": to_yaml(base), "study": study, "parent_run_id": parent,
+        **{knob: tune.grid_search(list(getattr(grid, knob))) for knob in KNOBS},
+    }
+    try:
+        ensure_ray()
+        tuner = tune.Tuner(
+            # the trial only drives; its Ray Train workers and Ray Data tasks hold the CPUs
+            tune.with_resources(run_trial, TRIAL_RESOURCES),
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=1),
+            run_config=tune.RunConfig(name=f"study-{study}-{parent[:8]}", storage_path=base.train.storage_path,
+                                      verbose=0),
+        )
+        results = tuner.fit()
+        rows = [{**{k: r.config[k] for k in KNOBS}, **r.metrics} for r in results if r.error is None]
+        failed = [r.error for r in results if r.error is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {grid.trials} study trials failed; the first: {failed[0]}")
+    except BaseException:
+        finish_run(uri, parent, failed=True)
+        raise
+    cells = summarise(rows)
+    table = summary_table(cells)
+    client.log_text(parent, table + "\n", "summary.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "study.png"
+        figure = study_figure(cells, title=f"study '{study}': test t2v R@1, mean and std over seeds")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        client.log_artifact(parent, str(path))
+    summary = {}
+    for cell in cells:
+        name = f"{cell.head}/ef{cell.event_fraction}_es{cell.entity_scale}"
+        summary |= {f"{name}/t2v_R1_mean": cell.mean, f"{name}/t2v_R1_std": cell.std}
+    log_metrics(client, parent, summary, step=0)
+    finish_run(uri, parent)
+    return parent, cells

@@ -1,0 +1,108 @@
+"""The synthetic warm start: the preset's CLIP trained image-text on captioned stills, once per config.
+
+Real users start from CLIP weights pretrained on images; `model.pretrained=synthetic` gives the synthetic
+world the same start. Stills of that world (`hvd.data.stills`) are one-frame videos, and the mean-pooling
+head on one frame is CLIP's own image-text loss, so the warm start trains through the same Ray Train loop,
+MLflow run and registry as video training (experiment `pretrain`, model `clip-<preset>-synthetic`). Its
+backbone is written as an open_clip state dict (safetensors) that `model.pretrained=PATH` loads like any
+CLIP checkpoint, named by the fingerprint of everything that decides it, so a later run reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from hvd.config import WARM_START, Config
+from hvd.data.prepare import ensure_ray
+from hvd.data.stills import digest, stills_identity, write_stills
+from hvd.data.synthetic import Settings
+from hvd.model import save_weights
+from hvd.model.presets import preset_config
+from hvd.paths import require_shared_paths
+from hvd.train.trainer import TrainingData, train
+
+EXPERIMENT = "pretrain"
+
+
+def stills_plan(cfg: Config) -> tuple[Settings, dict[str, int]]:
+    """The stills' world (the benchmark's objects and clutter at the preset's image size; target sizes vary, see
+    `hvd.data.stills`) and split sizes."""
+    size = int(preset_config(cfg.model.preset, cfg.model.quick_gelu)["vision_cfg"]["image_size"])
+    settings = Settings(
+        seed=cfg.synthetic.seed, num_train=0, num_val=0, num_test=0, frame_size=size, fps=cfg.synthetic.fps,
+        duration_s=1.0, event_fraction=1.0, entity_scale=0.0,
+        num_distractors=cfg.synthetic.num_distractors, train_captions=1,
+    )
+    return settings, {"train": cfg.pretrain.train_stills, "val": cfg.pretrain.val_stills}
+
+
+def warm_start_fingerprint(cfg: Config) -> str:
+    """Everything that decides the warm start's weights."""
+    settings, counts = stills_plan(cfg)
+    recipe = {k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k != "out"}
+    return digest({
+        "stills": stills_identity(settings, counts), "recipe": recipe, "seed": cfg.run.seed,
+        "model": preset_config(cfg.model.preset, cfg.model.quick_gelu), "max_words": cfg.data.max_words,
+        "workers": cfg.train.num_workers, "grad_clip": cfg.train.grad_clip, "weight_decay": cfg.train.weight_decay,
+    })
+
+
+def model_name(cfg: Config) -> str:
+    return f"clip-{cfg.model.preset.lower()}-synthetic"
+
+
+def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
+    """The video config turned into the warm start's: one-frame stills, the mean-pooling head, the recipe of
+    `pretrain.*`, its own run name, experiment and registered model."""
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}"),
+        data=dataclasses.replace(cfg.data, manifest=None, shards=str(stills), num_frames=1, expand_captions=False),
+        model=dataclasses.replace(cfg.model, head="meanp", pretrained=None),
+        train=dataclasses.replace(cfg.train, epochs=cfg.pretrain.epochs, batch_size=cfg.pretrain.batch_size,
+                                  lr=cfg.pretrain.lr, fail_at_step=-1),
+        tracking=dataclasses.replace(cfg.tracking, experiment=EXPERIMENT, model_name=model_name(cfg)),
+    )
+
+
+def pretrain(cfg: Config) -> Path:
+    """The warm start's weights file for `cfg`, trained now unless a run with the same fingerprint made it."""
+    fingerprint = warm_start_fingerprint(cfg)
+    out = Path(cfg.pretrain.out)
+    weights = out / f"{model_name(cfg)}-{fingerprint}.safetensors"
+    record = weights.with_suffix(".json")
+    if weights.is_file() and record.is_file():
+        print(f"warm start      {weights} (cached: {json.loads(record.read_text())['model_uri']})", flush=True)
+        return weights
+    ensure_ray()
+    require_shared_paths({"pretrain.out": out})
+    settings, counts = stills_plan(cfg)
+    stills = write_stills(settings, counts, out / f"stills-{digest(stills_identity(settings, counts))}",
+                          workers=cfg.synthetic.workers)
+    run_cfg = pretrain_config(cfg, fingerprint, stills)
+    print(f"warm start      training {model_name(cfg)} on {counts['train']} captioned stills "
+          f"({cfg.pretrain.epochs} epochs)", flush=True)
+    outcome = train(run_cfg, TrainingData(stills, f"synthetic-stills-{settings.frame_size}px", fingerprint, str(stills)))
+    save_weights(outcome.network, weights)
+    model_uri = f"models:/{outcome.model.name}/{outcome.model.version}"
+    record.write_text(json.dumps({"model_uri": model_uri, "run_id": outcome.run_id, "val": outcome.val}, indent=2) + "\n")
+    print(f"warm start      {weights} ({model_uri}: val stills t2i R@1 {outcome.val.get('t2v/R1', float('nan')):.1f})",
+          flush=True)
+    return weights
+
+
+def provenance(cfg: Config) -> dict[str, str]:
+    """MLflow tags naming the warm start a resolved config's weights came from; empty for other weights."""
+    record = Path(cfg.model.pretrained).with_suffix(".json") if cfg.model.pretrained else None
+    if record is None or not record.is_file():
+        return {}
+    return {"warm_start": json.loads(record.read_text())["model_uri"]}
+
+
+def warm_start(cfg: Config) -> Config:
+    """`cfg` with `model.pretrained=synthetic` replaced by the warm start's file; any other config as it is."""
+    if cfg.model.pretrained != WARM_START:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=str(pretrain(cfg))))
