@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hvd.config import ModelConfig, TrainConfig
+from hvd.config import CHOICES, ModelConfig, TrainConfig
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_model
 from hvd.model.clustering import dpc_knn, keep_count
 from hvd.train.optim import build_optimizer
@@ -128,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="tiny", choices=PRESETS)
+    parser.add_argument("--preset", default="tiny", choices=CHOICES["model.preset"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument(

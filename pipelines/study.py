@@ -1,10 +1,11 @@
 """The mechanism study: HVD against mean pooling over event brevity x entity size, a Ray Tune grid.
 
-    python pipelines/study.py --grid smoke|default|full [--config configs/NAME.yaml] [key=value ...]
+    python pipelines/study.py --grid smoke|pilot|default|full [--config configs/NAME.yaml] [key=value ...]
 
 Each trial trains and tests one (event_fraction, entity_scale, head, seed) end to end as an MLflow child
 run; the parent run (experiment study-<grid>) holds the summary table (summary.md) and the plot
-(study.png). `smoke` takes minutes, `default` about 2 hours on 2 cores, `full` is sized for a cluster.
+(study.png). `smoke` takes minutes, `pilot` about 15 minutes, `default` about 2 hours on 2 cores, `full`
+is sized for a cluster.
 """
 
 from __future__ import annotations

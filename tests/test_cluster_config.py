@@ -121,7 +121,7 @@ def test_node_types_run_what_configs_cluster_yaml_asks_for(layout, cluster_cfg):
 def test_cluster_state_lives_where_every_node_sees_it(cluster_cfg):
     assert cluster_cfg.train.storage_path == "s3://test-bucket/hvd/checkpoints"
     assert cluster_cfg.train.storage_path.startswith(OBJECT_STORAGE)
-    for path in (cluster_cfg.synthetic.out, cluster_cfg.data.shards):
+    for path in (cluster_cfg.synthetic.out, cluster_cfg.data.shards, cluster_cfg.pretrain.out):
         assert path.startswith(SHARED_FS + "/"), path
 
     launcher = yaml.safe_load(LAUNCHER.read_text())

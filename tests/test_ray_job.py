@@ -72,6 +72,9 @@ def test_train_runs_as_a_ray_job(ray_head):
         "synthetic.preset=tiny", f"synthetic.out={workdir}/synth", f"data.shards={workdir}/shards",
         "train.epochs=1", "train.batch_size=8", f"train.storage_path={workdir}/storage",
         f"tracking.uri=sqlite:///{workdir}/mlflow.db", "run.name=ray-job",
+        # the default warm start, in miniature: the job trains it first, on the cluster, then fine-tunes from it
+        f"pretrain.out={workdir}/pretrained", "pretrain.train_stills=64", "pretrain.val_stills=16",
+        "pretrain.epochs=1", "pretrain.batch_size=16",
     ]
     submit = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--"]
     result = subprocess.run(
@@ -79,6 +82,7 @@ def test_train_runs_as_a_ray_job(ray_head):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "registered      hvd version 1" in result.stdout  # the driver's summary, streamed back
+    assert "warm start      " in result.stdout and "models:/clip-tiny-synthetic/1" in result.stdout
     quiet = [line for line in result.stdout.splitlines() if line.strip()]
     noise = ("Reporting training result", "INFO streaming_executor", "Checkpoint successfully created", "mlflow.system")
     assert not [line for line in quiet if any(n in line for n in noise)], "Ray's and MLflow's info logs reached the terminal"

@@ -58,7 +58,8 @@ def test_warm_start_fingerprint_follows_what_decides_the_weights():
     base = load_config()
     assert warm_start_fingerprint(base) == warm_start_fingerprint(load_config(None, ["synthetic.event_fraction=0.2"]))
     assert warm_start_fingerprint(base) == warm_start_fingerprint(load_config(None, ["synthetic.entity_scale=0.15"]))
-    for change in ("pretrain.epochs=1", "model.preset=tiny-p8", "run.seed=3", "synthetic.num_distractors=1"):
+    assert warm_start_fingerprint(base) == warm_start_fingerprint(load_config(None, ["run.seed=3"]))  # seeds share it
+    for change in ("pretrain.epochs=1", "model.preset=tiny-p8", "synthetic.seed=3", "synthetic.num_distractors=1"):
         assert warm_start_fingerprint(load_config(None, [change])) != warm_start_fingerprint(base), change
 
 

@@ -47,6 +47,8 @@ GRIDS: dict[str, Grid] = {
         "synthetic.preset=tiny", "train.epochs=1", "train.batch_size=8", "pretrain.train_stills=64",
         "pretrain.val_stills=16", "pretrain.epochs=1", "pretrain.batch_size=16",
     )),
+    # About 15 minutes on 2 cores: the demo recipe at the two ends of event brevity, small entities, one seed.
+    "pilot": Grid((0.15, 1.0), (0.15,), ("hvd", "meanp"), (0,)),
     # About 2 hours on 2 cores: the demo recipe in each cell, where the paper's claim can be tested.
     "default": Grid((0.15, 0.3, 1.0), (0.15, 0.3), ("hvd", "meanp"), (0, 1, 2)),
     # A cluster's grid: the full benchmark, a finer sweep, five seeds.

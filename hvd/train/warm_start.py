@@ -39,13 +39,14 @@ def stills_plan(cfg: Config) -> tuple[Settings, dict[str, int]]:
 
 
 def warm_start_fingerprint(cfg: Config) -> str:
-    """Everything that decides the warm start's weights."""
+    """Everything that decides the warm start's weights (its torch seed is `synthetic.seed`, in the stills')."""
     settings, counts = stills_plan(cfg)
     recipe = {k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k != "out"}
     return digest({
-        "stills": stills_identity(settings, counts), "recipe": recipe, "seed": cfg.run.seed,
+        "stills": stills_identity(settings, counts), "recipe": recipe,
         "model": preset_config(cfg.model.preset, cfg.model.quick_gelu), "max_words": cfg.data.max_words,
         "workers": cfg.train.num_workers, "grad_clip": cfg.train.grad_clip, "weight_decay": cfg.train.weight_decay,
+        "warmup_fraction": cfg.train.warmup_fraction,
     })
 
 
@@ -58,7 +59,9 @@ def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
     `pretrain.*`, its own run name, experiment and registered model."""
     return dataclasses.replace(
         cfg,
-        run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}"),
+        # One warm start per synthetic world, whatever run.seed: seeds of a fine-tuning share it, as runs
+        # starting from CLIP share CLIP's weights.
+        run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}", seed=cfg.synthetic.seed),
         data=dataclasses.replace(cfg.data, manifest=None, shards=str(stills), num_frames=1, expand_captions=False),
         model=dataclasses.replace(cfg.model, head="meanp", pretrained=None),
         train=dataclasses.replace(cfg.train, epochs=cfg.pretrain.epochs, batch_size=cfg.pretrain.batch_size,
