@@ -150,7 +150,7 @@ def test_bad_model_uris_are_errors_naming_them(tmp_path):
 
 
 def test_checkpoint_directory_loads_with_its_config(tmp_path, tiny_model):
-    cfg = load_config(None, ["data.num_frames=8", "model.frame_keep=0.25"])
+    cfg = load_config(None, ["data.num_frames=8", "model.frame_keep=0.25", "model.pretrained=null"])
     model = build_model(cfg.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -207,6 +207,7 @@ def registered(tmp_path_factory):
             f"synthetic.out={root}/bench",
             f"tracking.uri=sqlite:///{root}/mlflow.db",
             "run.name=tiny-train",
+            "model.pretrained=null",  # an untrained model is all these tests need
             f"eval.out={root}/eval",
             f"eval.cache={root}/cache",
         ],

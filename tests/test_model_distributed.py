@@ -45,7 +45,7 @@ def run_steps(head: str, rank: int = 0, world: int = 1) -> tuple[list[float], di
         local_tokens = torch.from_numpy(trim_padding(local_tokens.numpy()))
     batch = {"tokens": local_tokens, "frames": frames[local], "frame_mask": mask[local]}
     losses = [train_step(wrapped, optimizer, scheduler, batch, grad_clip=1.0)[0].item() for _ in range(STEPS)]
-    return losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
