@@ -77,9 +77,13 @@ def test_train_runs_as_a_ray_job(ray_head):
         "pretrain.epochs=1", "pretrain.batch_size=16",
     ]
     submit = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--"]
-    result = subprocess.run(
-        [*submit, "python", "pipelines/train.py", *overrides], env=env, capture_output=True, text=True, timeout=900
-    )
+    for _ in range(5):  # a head just started can refuse a job until its job agent is up
+        result = subprocess.run(
+            [*submit, "python", "pipelines/train.py", *overrides], env=env, capture_output=True, text=True, timeout=900
+        )
+        if "No available agent to submit job" not in result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "registered      hvd version 1" in result.stdout  # the driver's summary, streamed back
     assert "warm start      " in result.stdout and "models:/clip-tiny-synthetic/1" in result.stdout
