@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import multiprocessing as mp
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from PIL import Image
 
 from hvd.data.prepare import SHARD_SCHEMA
 from hvd.data.shards import SUMMARY_FILE
-from hvd.data.synthetic import ATTRIBUTES, ClipSpec, Settings, captions_for, render_still
+from hvd.data.synthetic import ATTRIBUTES, ClipSpec, Settings, captions_for, in_processes, render_still
 
 STILLS_FORMAT = 1  # bump when what a still shows or how it is stored changes: cached warm starts are redone
 CAPTIONS_PER_STILL = 3  # phrasings; training draws one per epoch
@@ -86,12 +84,7 @@ def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, wo
         jobs += [(s, min(ROWS_PER_FILE, first + count - s), split, settings, str(out))
                  for s in range(first, first + count, ROWS_PER_FILE)]
         first += count
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        written = sum(map(_write_part, jobs))
-    else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            written = sum(pool.imap_unordered(_write_part, jobs))
+    written = sum(in_processes(_write_part, jobs, workers))
     if written != sum(counts.values()):
         raise RuntimeError(f"{out}: {sum(counts.values())} stills planned, {written} written")
     record = {"input": written, "written": written, "quarantined": 0, "short_clips": 0, "splits": counts,

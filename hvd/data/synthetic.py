@@ -20,8 +20,10 @@ import json
 import multiprocessing as mp
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -81,6 +83,8 @@ PRESETS: dict[str, dict[str, float]] = {
     "full": {"num_train": 4000, "num_val": 500, "num_test": 1000, "frame_size": 96, "duration_s": 4.0},
 }
 ORACLE_FILE = "oracle.json"
+T = TypeVar("T")
+R = TypeVar("R")
 BACKGROUND_RANGE = (50, 150)  # grey levels: far from every object colour, so objects stay measurable
 
 
@@ -373,6 +377,16 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
         container.mux(stream.encode(None))
 
 
+def in_processes(fn: Callable[[T], R], jobs: list[T], workers: int, chunksize: int = 1) -> Iterator[R]:
+    """`fn` over `jobs`, results in order, in `workers` spawned processes (0: one per CPU; 1: this process)."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    with mp.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=chunksize)
+
+
 def _make_clip(job: tuple[ClipSpec, Settings, str]) -> ManifestEntry:
     spec, settings, out = job
     frames, (start, end) = render_clip(spec, settings)
@@ -414,18 +428,10 @@ def generate(cfg: SyntheticConfig, progress: bool = True, force: bool = False) -
     specs = plan_clips(settings)
     (out / ORACLE_FILE).write_text(json.dumps({"t2v_R1_ceiling": oracle_ceiling(specs, settings)}, indent=2) + "\n")
     jobs = [(spec, settings, str(out)) for spec in specs]
-    workers = cfg.workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=f"synthetic {cfg.preset}", unit="clip", disable=not progress)
-    if workers == 1:
-        entries = []
-        for job in jobs:
-            entries.append(_make_clip(job))
-            bar.update()
-    else:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            entries = []
-            for entry in pool.imap(_make_clip, jobs, chunksize=8):
-                entries.append(entry)
-                bar.update()
+    entries = []
+    for entry in in_processes(_make_clip, jobs, cfg.workers, chunksize=8):
+        entries.append(entry)
+        bar.update()
     bar.close()
     return write_manifest(entries, manifest)
