@@ -12,12 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
+    # No tracking.uri: the default store under the working directory must hold the parent and every child,
+    # although Tune runs each trial in a directory of its own.
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     command = [
-        sys.executable, "pipelines/study.py", "--grid", "smoke", f"synthetic.out={tmp_path}/synth",
-        f"pretrain.out={tmp_path}/pretrained", f"train.storage_path={tmp_path}/ray", f"tracking.uri={uri}",
+        sys.executable, str(ROOT / "pipelines/study.py"), "--grid", "smoke", f"synthetic.out={tmp_path}/synth",
+        f"pretrain.out={tmp_path}/pretrained", f"train.storage_path={tmp_path}/ray",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| 0.25 | 0.15 |" in result.stdout  # the summary table: one cell, a column per head
 

@@ -128,6 +128,9 @@ def run_study(base: Config, study: str) -> tuple[str, list[Cell]]:
     """Run grid `study` on `base` under one MLflow parent run; return its id and the summary."""
     grid = GRIDS[study]
     uri = tracking_uri(base)
+    # Pinned for the trials: Tune runs each in its own working directory, where a relative default would
+    # give every child run a store of its own.
+    base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=uri))
     client = MlflowClient(uri)
     experiment = experiment_id(client, f"study-{study}")
     description = (f"Mechanism study '{study}': {grid.trials} trials, event_fraction x entity_scale x head x seed; "
