@@ -14,10 +14,8 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -32,7 +30,8 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
-from hvd.config import Config, flatten, load_config, to_yaml
+from hvd import mlflow_flavor
+from hvd.config import Config, flatten, to_yaml
 from hvd.paths import resolve_tracking_uri
 from hvd.worker_setup import verbose
 
@@ -219,20 +218,10 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     name = cfg.tracking.model_name
-    with tempfile.TemporaryDirectory() as tmp:
-        config_file = Path(tmp) / CONFIG_ARTIFACT
-        config_file.write_text(to_yaml(cfg))
-        # MLflow prints "Successfully registered ..." and "Created version ..." itself; the summary says so.
-        quiet = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
-        with active_tracking_uri(uri), mlflow.start_run(run_id=run_id), quiet:
-            info = mlflow.pytorch.log_model(
-                model.cpu(),
-                name="model",
-                serialization_format="pickle",
-                extra_files=[str(config_file)],
-                pip_requirements=[],  # the hvd package itself; inference would import the world
-                registered_model_name=name,
-            )
+    # MLflow prints "Successfully registered ..." and "Created version ..." itself; the summary says so.
+    quiet = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
+    with active_tracking_uri(uri), mlflow.start_run(run_id=run_id), quiet:
+        info = mlflow_flavor.log_model(model.cpu(), cfg, registered_model_name=name)
     version = str(info.registered_model_version)
     score = metrics.get(CHAMPION_METRIC)
     tags = {"source_run": run_id, "head": cfg.model.head, "preset": cfg.model.preset}
@@ -266,8 +255,7 @@ def _champion_score(client: MlflowClient, name: str) -> float | None:
 
 def load_model(model_uri: str, uri: str | None = None) -> tuple[Any, Config]:
     """A registered or logged model (`models:/hvd@champion`, `models:/hvd/3`, `runs:/...`) and its config,
-    from the tracking store `uri` (default: MLflow's current one)."""
+    from the tracking store `uri` (default: MLflow's current one). Only the hvd flavor loads: see
+    `hvd.mlflow_flavor`, which never unpickles."""
     with active_tracking_uri(uri) if uri else contextlib.nullcontext():
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}/extra_files/{CONFIG_ARTIFACT}"))
-    return model.eval(), load_config(local)
+        return mlflow_flavor.load_model(model_uri)

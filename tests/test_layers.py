@@ -12,7 +12,9 @@ HVD = Path(__file__).resolve().parents[1] / "hvd"
 LAYERS: list[set[str]] = [
     {"hvd.paths", "hvd.worker_setup"},
     {"hvd.config"},
-    {"hvd.data", "hvd.model", "hvd.tracking", "hvd.checkpoint"},
+    {"hvd.data", "hvd.model", "hvd.checkpoint"},
+    {"hvd.mlflow_flavor"},
+    {"hvd.tracking"},
     {"hvd.eval"},
     {"hvd.train"},
     {"hvd.cli"},

@@ -19,8 +19,7 @@ import torch
 from hvd.config import Config
 from hvd.data.shards import open_shards, read_shards
 from hvd.eval.encode import EncodedSplit, encode_rows
-from hvd.eval.source import rebuild
-from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
+from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer, rebuild_model
 
 VIDEO_FIELDS = tuple(field.name for field in dataclasses.fields(VideoFeatures))
 
@@ -31,7 +30,7 @@ class _ModelActor:
     def __init__(self, cfg: Config, weights: list[ray.ObjectRef]):
         # A reference inside a list is passed as it is: the weights are put once and each actor fetches them.
         self.cfg = cfg
-        self.model: RetrievalModel = rebuild(cfg, ray.get(weights[0]))
+        self.model: RetrievalModel = rebuild_model(cfg.model, ray.get(weights[0]))
         if torch.cuda.is_available():
             self.model.cuda()
 

@@ -7,18 +7,17 @@ identity (name, version, source run) that the evaluation run is tagged with.
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 
 from hvd.checkpoint import STATE_FILE, load_state
-from hvd.config import Config, load_config
-from hvd.model import RetrievalModel, build_model
+from hvd.config import Config, config_from_yaml
+from hvd.mlflow_flavor import ModelFormatError
+from hvd.model import RetrievalModel, rebuild_model
 from hvd.tracking import load_model, version_model_id
 
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
@@ -61,6 +60,8 @@ def _load_logged(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
         else:
             source_run = uri.removeprefix("runs:/").split("/", 1)[0]
             name, version = cfg.tracking.model_name, "run"
+    except ModelFormatError as err:
+        raise ModelSourceError(f"--model {err}") from None
     except mlflow.exceptions.MlflowException as err:
         raise ModelSourceError(
             f"--model {uri!r}: cannot load it from {mlflow.get_tracking_uri()}: {err.message.splitlines()[0]}"
@@ -75,16 +76,5 @@ def _load_checkpoint(directory: Path) -> tuple[RetrievalModel, Config, ModelSour
             f"--model {directory}: no {STATE_FILE} in this folder (a Ray Train checkpoint has one)"
         )
     state = load_state(directory)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_file = Path(tmp) / "config.yaml"
-        config_file.write_text(state["config_yaml"])
-        cfg = load_config(config_file)
-    return rebuild(cfg, state["model"]), cfg, ModelSource(str(directory), directory.name, "checkpoint", "")
-
-
-def rebuild(cfg: Config, state: dict[str, Any]) -> RetrievalModel:
-    """The model from its config and state dict, in eval mode. `model.pretrained` is skipped: the state
-    dict holds every weight, and the CLIP file the training machine read need not exist here."""
-    model = build_model(replace(cfg.model, pretrained=None))
-    model.load_state_dict(state)
-    return model.eval()
+    cfg = config_from_yaml(state["config_yaml"])
+    return rebuild_model(cfg.model, state["model"]), cfg, ModelSource(str(directory), directory.name, "checkpoint", "")

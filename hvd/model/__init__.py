@@ -1,6 +1,6 @@
 """The HVD text-video retrieval model: CLIP tokens, FFSM frame selection, PFCM patch compression."""
 
-from hvd.model.factory import build_model, build_tokenizer
+from hvd.model.factory import build_model, build_tokenizer, rebuild_model
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel
 from hvd.model.pretrained import load_pretrained, save_weights
@@ -14,5 +14,6 @@ __all__ = [
     "build_model",
     "build_tokenizer",
     "load_pretrained",
+    "rebuild_model",
     "save_weights",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import open_clip
 from torch import Tensor, nn
@@ -30,6 +31,14 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model
+
+
+def rebuild_model(cfg: ModelConfig, state: Mapping[str, Tensor]) -> RetrievalModel:
+    """A trained model from its config and full state dict, in eval mode. `cfg.pretrained` is skipped: the
+    state holds every weight, and the CLIP file the training machine read need not exist here."""
+    model = build_model(replace(cfg, pretrained=None))
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def build_tokenizer(cfg: ModelConfig, max_words: int) -> Callable[[list[str]], Tensor]:
