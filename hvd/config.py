@@ -62,6 +62,8 @@ class DataConfig:
     frame_size: int = 64  # short side resize, then centre crop to a square
     frame_codec: str = "jpeg"  # jpeg | raw
     jpeg_quality: int = 90
+    min_duration_fraction: float = 0.9  # decodable frames must cover this share of the declared duration
+    keep_truncated: bool = False  # keep (flagged) instead of quarantining a clip that covers less
     max_words: int = 32  # caption tokens, including start and end tokens
     expand_captions: bool = False  # every caption a sample, instead of one random caption per epoch
     decode_batch_size: int = 4  # videos per Ray Data map_batches call
@@ -192,6 +194,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_frames": _COUNT,
     "data.frame_size": _rule(lambda v: v >= 8, "at least 8"),
     "data.jpeg_quality": _rule(lambda v: 1 <= v <= 100, "1 to 100"),
+    "data.min_duration_fraction": _rule(lambda v: 0 <= v <= 1, "in [0, 1] (0 turns the check off)"),
     "data.max_words": _rule(lambda v: v >= 3, "at least 3 (start and end tokens take 2)"),
     "data.decode_batch_size": _COUNT,
     "data.decode_concurrency": _COUNT,

@@ -55,7 +55,7 @@ def write_clip(
     `rotation`: display-matrix rotation in degrees counter-clockwise, as phones write it; the stored
     frames are `frames` as given. `pts_ms`: presentation times in milliseconds for a variable frame rate.
     """
-    with av.open(str(path), mode="w", format="mp4") as container:
+    with av.open(str(path), mode="w") as container:  # the container format from the suffix
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": "10", "threads": "1"}
@@ -84,17 +84,25 @@ def write_wav(path: Path, seconds: float = 1.0, rate: int = 8000) -> Path:
 
 
 def write_broken_videos(folder: Path) -> dict[str, Path]:
-    """One file per way a collection breaks, keyed by the quarantine reason each must get."""
+    """One file per way a collection breaks, keyed by kind (tests map each to its quarantine reason)."""
     folder.mkdir(parents=True, exist_ok=True)
-    whole = write_clip(folder / "whole.mp4", marked_frames(30, 64, 64)).read_bytes()
-    (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    mp4 = write_clip(folder / "whole.mp4", marked_frames(30, 64, 64)).read_bytes()
+    (folder / "cut_mp4.mp4").write_bytes(mp4[: len(mp4) // 2])  # cut before its index: unreadable
+    # Matroska cut in half: decord decodes the first half as if it were all (noise makes the packets large).
+    noisy = marked_frames(60, 64, 64) + np.random.default_rng(0).integers(0, 20, (60, 64, 64, 3), dtype=np.uint8)
+    mkv = write_clip(folder / "whole.mkv", noisy).read_bytes()
+    (folder / "cut_mkv.mkv").write_bytes(mkv[: len(mkv) // 2])
     (folder / "random.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     (folder / "empty.mp4").write_bytes(b"")
+    (folder / "directory.mp4").mkdir()
     (folder / "whole.mp4").unlink()
+    (folder / "whole.mkv").unlink()
     return {
-        "truncated": folder / "truncated.mp4",
+        "cut_mp4": folder / "cut_mp4.mp4",
+        "cut_mkv": folder / "cut_mkv.mkv",
         "random": folder / "random.mp4",
         "empty": folder / "empty.mp4",
+        "directory": folder / "directory.mp4",
         "audio_only": write_wav(folder / "audio_only.wav"),
         "missing": folder / "missing.mp4",
     }

@@ -14,7 +14,9 @@ from hvd.data.decode import (
     EmptyVideoError,
     FrameSpec,
     MissingVideoError,
+    NotAFileError,
     NoVideoStreamError,
+    TruncatedVideoError,
     decode_clip,
     resize_and_crop,
 )
@@ -109,8 +111,10 @@ def test_widths_decord_pads_still_give_exact_frames(clip_factory):
 @pytest.mark.parametrize(
     ("kind", "error"),
     [
-        ("truncated", CorruptVideoError),
+        ("cut_mp4", CorruptVideoError),
+        ("cut_mkv", TruncatedVideoError),
         ("random", CorruptVideoError),
+        ("directory", NotAFileError),
         ("empty", EmptyVideoError),
         ("audio_only", NoVideoStreamError),
         ("missing", MissingVideoError),
@@ -126,3 +130,18 @@ def test_broken_file_raises_a_typed_error_naming_it(broken_videos, kind, error):
 def test_bad_frame_spec_names_the_key():
     with pytest.raises(ValueError, match="data.frame_codec"):
         FrameSpec(frame_codec="png")
+
+
+def test_cut_off_copies_are_truncated_at_every_cut_point_and_kept_only_when_asked(tmp_path):
+    noisy = marked_frames(60, 64, 64) + np.random.default_rng(1).integers(0, 20, (60, 64, 64, 3), dtype=np.uint8)
+    whole = write_clip(tmp_path / "whole.mkv", noisy)  # 6.0 s at 10 fps
+    assert not decode_clip(whole, FrameSpec()).truncated
+    data = whole.read_bytes()
+    for cut in (len(data) * 3 // 4, len(data) // 2, len(data) // 5, 10_000):
+        path = tmp_path / f"cut-{cut}.mkv"
+        path.write_bytes(data[:cut])
+        with pytest.raises(TruncatedVideoError, match=r"cover \d\.\d\d s of the 6\.00 s its container declares"):
+            decode_clip(path, FrameSpec())
+        kept = decode_clip(path, FrameSpec(keep_truncated=True))
+        assert kept.truncated and kept.duration_s < 0.9 * 6.0
+        assert not decode_clip(path, FrameSpec(min_duration_fraction=0.0)).truncated  # the check turned off

@@ -342,9 +342,9 @@ def test_broken_videos_are_excluded_and_reported(registered, capsys, tmp_path):
         shutil.copy(registered["manifest"].parent / entry.path, videos / Path(entry.path).name)
         entry.path = f"videos/{Path(entry.path).name}"
     broken = write_broken_videos(bench / "broken")
-    for reason in ("truncated", "missing"):
+    for kind in ("cut_mkv", "missing"):
         entries.append(
-            ManifestEntry(f"bad_{reason}", str(broken[reason].relative_to(bench)), ["a broken clip"], "test")
+            ManifestEntry(f"bad_{kind}", str(broken[kind].relative_to(bench)), ["a broken clip"], "test")
         )
     manifest = write_manifest(entries, bench / "manifest.jsonl")
 
@@ -353,5 +353,5 @@ def test_broken_videos_are_excluded_and_reported(registered, capsys, tmp_path):
     report = json.loads(
         (Path(registered["cfg"].eval.out) / "partly_broken" / "hvd-v1-exhaustive" / "report.json").read_text()
     )
-    assert sorted(e["video_id"] for e in report["excluded"]) == ["bad_missing", "bad_truncated"]
+    assert sorted(e["video_id"] for e in report["excluded"]) == ["bad_cut_mkv", "bad_missing"]
     assert report["metrics"]["videos"] == 4 and report["metrics"]["excluded_videos"] == 2

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import decord
@@ -17,7 +19,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from hvd.config import Config, SyntheticConfig, load_config
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
-from hvd.data.shards import frame_mask, frames_uint8, read_shards, shard_summary
+from hvd.data.shards import ShardError, frame_mask, frames_uint8, read_shards, shard_summary
 from hvd.data.synthetic import generate
 from hvd.model import build_model, build_tokenizer
 from hvd.train.inputs import caption_choice, epoch_batches, training_dataset
@@ -133,13 +135,58 @@ def test_shards_of_an_older_format_are_re_prepared_not_refused(tiny, raw_shards,
     assert json.loads((old / SUMMARY_FILE).read_text())["shard_format"] == SHARD_FORMAT
 
 
+def test_two_prepares_into_one_folder_at_once_leave_one_complete_copy(tiny, tmp_path, capsys):
+    # Two writers in two threads: each opens the lock file itself, so they contend exactly as two
+    # processes (two evaluation jobs sharing eval.cache) do; a dead writer's staging folder is in the way.
+    out = tmp_path / "shared"
+    (tmp_path / ".shared.partial" / "train").mkdir(parents=True)
+    (tmp_path / ".shared.partial" / "train" / "left-by-a-killed-run.parquet").write_bytes(b"junk")
+    results = {}
+
+    def run(name):
+        results[name] = prepare(config(), tiny, out)
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    while not (tmp_path / ".shared.lock").is_file() or not (tmp_path / ".shared.lock").read_text():
+        time.sleep(0.01)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    first.join(), second.join()
+
+    assert not results["first"].skipped and results["second"].skipped
+    assert "waiting for the prepare run that holds it (pid" in capsys.readouterr().out
+    counts = shard_summary(out)["splits"]
+    for split in SPLITS:
+        ids = read_shards(out, split)["video_id"].to_pylist()
+        assert len(ids) == len(set(ids)) == counts[split]
+    assert sum(counts.values()) == 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shared.lock", "shared"]  # no staging left behind
+
+    # A reader refuses a folder changed after the summary was written.
+    copy = next((out / "train").glob("*.parquet"))
+    shutil.copy(copy, copy.with_name("copy-" + copy.name))
+    with pytest.raises(ShardError, match=r"train: \d+ rows on disk where _summary.json says \d+"):
+        read_shards(out, "train")
+
+
+def test_a_shard_folder_holding_other_files_is_not_replaced(tiny, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(PrepareError, match=r"mine holds files prepare did not write \(notes.txt\)"):
+        prepare(config(), tiny, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
 def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):
     summary = prepare(config("data.frame_codec=raw"), messy, tmp_path / "out")
-    assert (summary.input, summary.written, summary.quarantined, summary.short_clips) == (9, 4, 5, 1)
+    assert (summary.input, summary.written, summary.quarantined, summary.short_clips) == (11, 4, 7, 1)
     quarantine = pq.read_table(tmp_path / "out" / QUARANTINE_FILE).to_pylist()
     reasons = {row["video_id"]: row["reason"] for row in quarantine}
     assert reasons == {
-        "truncated": "corrupt",
+        "cut_mp4": "corrupt",
+        "cut_mkv": "truncated",
+        "directory": "not_a_file",
         "random": "corrupt",
         "empty": "empty",
         "audio_only": "no_video_stream",
@@ -159,7 +206,7 @@ def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):
     for frame in frames_uint8(rows["rotated"]):  # upright: the white marker is in the top-left quarter
         assert frame[:32, :32].mean() > frame[32:, 32:].mean() + 40 and frame[:32, :32].mean() > frame[:32, 32:].mean() + 40
     recorded = shard_summary(tmp_path / "out")
-    assert recorded["input"] == recorded["written"] + recorded["quarantined"] == 9
+    assert recorded["input"] == recorded["written"] + recorded["quarantined"] == 11
 
 
 def test_same_input_same_rows_and_overwrite_replaces(messy, tmp_path):
@@ -175,7 +222,7 @@ def test_same_input_same_rows_and_overwrite_replaces(messy, tmp_path):
 def test_cli_prints_the_identity_and_fails_only_when_nothing_is_written(messy, tmp_path, capsys):
     prepare_cli.main(["--manifest", str(messy), "--out", str(tmp_path / "cli"), "data.num_frames=4"])
     printed = capsys.readouterr().out
-    assert "input 9 = written 4 + quarantined 5" in printed and QUARANTINE_FILE in printed
+    assert "input 11 = written 4 + quarantined 7" in printed and QUARANTINE_FILE in printed
     prepare_cli.main(["--manifest", str(messy), "--out", str(tmp_path / "cli"), "data.num_frames=4"])
     assert "nothing to do" in capsys.readouterr().out
 

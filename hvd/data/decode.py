@@ -9,7 +9,7 @@ by decord's per-frame timestamps.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,16 @@ class CorruptVideoError(VideoDecodeError):
     reason = "corrupt"
 
 
+class NotAFileError(VideoDecodeError):
+    reason = "not_a_file"
+
+
+class TruncatedVideoError(VideoDecodeError):
+    """Decodable frames that cover much less than the container says the video lasts: a cut-off copy."""
+
+    reason = "truncated"
+
+
 @dataclass(frozen=True)
 class FrameSpec:
     """Everything that decides a shard's frames: stored with the shards and compared on a re-run."""
@@ -57,13 +67,15 @@ class FrameSpec:
     frame_size: int = 64
     frame_codec: str = "jpeg"
     jpeg_quality: int = 90
+    min_duration_fraction: float = 0.9  # of the declared duration the frames must cover; 0 turns the check off
+    keep_truncated: bool = False  # keep a truncated clip (flagged) instead of quarantining it
 
     def __post_init__(self) -> None:
         check_values({f"data.{key}": value for key, value in self.to_dict().items()})
 
     @classmethod
     def from_config(cls, data: DataConfig) -> FrameSpec:
-        return cls(data.num_frames, data.sample_mode, data.frame_size, data.frame_codec, data.jpeg_quality)
+        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +90,7 @@ class DecodedClip:
     source_frames: int
     source_fps: float
     duration_s: float
+    truncated: bool  # kept although truncated (`FrameSpec.keep_truncated`)
 
 
 def resize_and_crop(frame: np.ndarray, size: int) -> np.ndarray:
@@ -110,6 +123,23 @@ def _diagnose(path: Path, decord_error: Exception) -> VideoDecodeError:
     if "video" not in kinds:
         return NoVideoStreamError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
     return CorruptVideoError(path, f"decord cannot open it ({_last_line(decord_error)})")
+
+
+def declared_duration_s(path: Path) -> float | None:
+    """How long the container says the video stream lasts, None where it says nothing.
+
+    The stream's own duration (MP4, MPEG-TS), else Matroska's per-stream DURATION tag, else the container's
+    duration. A cut-off Matroska file still declares the whole length while decord decodes what is left
+    of it; an MPEG-TS file declares nothing but what is there, so a cut there cannot be told.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        if tag := stream.metadata.get("DURATION"):
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        return container.duration / av.time_base if container.duration else None
 
 
 def _last_line(err: Exception) -> str:
@@ -150,8 +180,10 @@ def _read_frames(reader: decord.VideoReader, indices: np.ndarray, path: Path) ->
 def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
     """Sample, resize and encode `spec.num_frames` frames of one video; every failure is a `VideoDecodeError`."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingVideoError(path, "file not found")
+    if not path.is_file():
+        raise NotAFileError(path, "not a file (a directory or a device)")
     if path.stat().st_size == 0:
         raise EmptyVideoError(path, "file is empty (0 bytes)")
     try:
@@ -162,6 +194,13 @@ def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
     if num_source == 0:
         raise CorruptVideoError(path, "video stream holds no frames")
     timestamps = reader.get_frame_timestamp(np.arange(num_source))
+    covered, declared = float(timestamps[-1, 1] - timestamps[0, 0]), declared_duration_s(path)
+    truncated = declared is not None and covered < spec.min_duration_fraction * declared
+    if truncated and not spec.keep_truncated:
+        raise TruncatedVideoError(
+            path, f"its frames cover {covered:.2f} s of the {declared:.2f} s its container declares (below "
+            f"data.min_duration_fraction={spec.min_duration_fraction}); data.keep_truncated=true keeps such clips"
+        )
     indices = sample_indices(spec.sample_mode, timestamps[:, 0], spec.num_frames)
     frames = [resize_and_crop(frame, spec.frame_size) for frame in _read_frames(reader, indices, path)]
     blank = np.zeros((spec.frame_size, spec.frame_size, 3), np.uint8)
@@ -173,5 +212,6 @@ def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
         timestamps_s=timestamps[indices, 0].tolist(),
         source_frames=num_source,
         source_fps=float(reader.get_avg_fps()),
-        duration_s=float(timestamps[-1, 1] - timestamps[0, 0]),
+        duration_s=covered,
+        truncated=truncated,
     )

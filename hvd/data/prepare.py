@@ -5,8 +5,10 @@ Layout of the output folder:
     DIR/quarantine.parquet           one row per video that gave no frames, with the reason
     DIR/_summary.json                counts (input == written + quarantined), settings, manifest fingerprint
 
-`_summary.json` is written last: its presence marks a finished run, and a re-run with the same manifest
-and settings finds it and does nothing. Decoded rows wait in Ray's object store (spilling to disk when
+The folder is built under a hidden sibling name, with `_summary.json` written last from what is on disk,
+and renamed into place when complete, while the run holds the folder's lock (`hvd.data.folders`): a
+concurrent prepare of the same folder waits, then finds the finished run. A re-run with the same manifest
+and settings finds the summary and does nothing. Decoded rows wait in Ray's object store (spilling to disk when
 large) between decoding and the writes, so no video is decoded twice.
 """
 
@@ -16,10 +18,9 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from hvd.config import Config
+from hvd.config import Config, DataConfig
 from hvd.data.decode import FrameSpec, decode_clip
-from hvd.data.manifest import SPLITS, fingerprint, read_manifest, resolve_video_path
+from hvd.data.folders import exclusive, fresh_staging, publish
+from hvd.data.manifest import SPLITS, ManifestEntry, fingerprint, read_manifest, resolve_video_path
 from hvd.data.shards import SUMMARY_FILE
 from hvd.paths import require_shared_paths
 from hvd.worker_setup import quiet_logs, runtime_env, verbose
 
-SHARD_FORMAT = 2  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
+SHARD_FORMAT = 3  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
 METADATA_KEY = b"hvd"
 
@@ -53,7 +55,8 @@ SHARD_SCHEMA = pa.schema(
         ("timestamps_s", pa.list_(pa.float64())),  # presentation time of each valid frame
         ("source_frames", pa.int32()),
         ("source_fps", pa.float64()),
-        ("duration_s", pa.float64()),
+        ("duration_s", pa.float64()),  # what the decodable frames cover
+        ("truncated", pa.bool_()),  # kept with data.keep_truncated although it covers less than declared
         ("source_path", pa.string()),
     ]
 )
@@ -62,7 +65,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("video_id", pa.string()),
         ("split", pa.string()),
         ("path", pa.string()),
-        ("reason", pa.string()),  # missing | empty | no_video_stream | corrupt | <exception type>
+        ("reason", pa.string()),  # missing | not_a_file | empty | no_video_stream | corrupt | truncated | <exception type>
         ("error", pa.string()),
     ]
 )
@@ -109,38 +112,35 @@ def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _outputs(out: Path) -> list[Path]:
-    names = [*SPLITS, QUARANTINE_FILE, SUMMARY_FILE]
-    return [out / name for name in names if (out / name).exists()]
-
-
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+OUTPUT_NAMES = (*SPLITS, QUARANTINE_FILE, SUMMARY_FILE)
 
 
 def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> PrepareSummary | None:
-    """The summary of an identical finished run, None to go ahead; refuse to mix shards of two settings."""
-    existing = _outputs(out)
-    if not existing:
+    """The summary of an identical finished run, None to go ahead (the folder is then replaced whole);
+    refuse to mix shards of two settings, or to replace a folder holding files prepare did not write."""
+    if not out.is_dir():
         return None
-    if overwrite:
-        _remove(existing)
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in OUTPUT_NAMES)
+    if foreign:
+        raise PrepareError(f"{out} holds files prepare did not write ({', '.join(foreign[:5])}); "
+                           "give the shards a folder of their own")
+    if overwrite or not any(out.iterdir()):
         return None
     summary_path = out / SUMMARY_FILE
     if not summary_path.is_file():
         raise PrepareError(f"{out} holds an unfinished prepare run (no {SUMMARY_FILE}); pass --overwrite to redo it")
     previous = json.loads(summary_path.read_text())
-    before = _flat(previous)
-    changed = [f"{key}: {before.get(key)!r} -> {new!r}" for key, new in _flat(identity).items() if before.get(key) != new]
-    if changed and all(c.startswith("shard_format:") for c in changed) and before.get("shard_format", 0) < SHARD_FORMAT:
-        # Same videos and settings in an older layout: derived data, so it is redone rather than refused.
+    before, now = _flat(previous), _flat(identity)
+    differing = [key for key, value in now.items() if before.get(key) != value]
+    if before.get("shard_format", 0) < SHARD_FORMAT and all(k == "shard_format" or k not in before for k in differing):
+        # The same videos and settings in an older layout (which may lack settings added since): derived
+        # data, so it is redone rather than refused.
         print(f"{out}: shards of format {before.get('shard_format')} are re-prepared as format {SHARD_FORMAT}", flush=True)
-        _remove(existing)
         return None
-    if changed:
+    if differing:
+        changed = "; ".join(f"{key}: {before.get(key)!r} -> {now[key]!r}" for key in differing)
         raise PrepareError(
-            f"{out} holds shards prepared with other settings ({'; '.join(changed)}); "
+            f"{out} holds shards prepared with other settings ({changed}); "
             "pass --overwrite (data.overwrite=true for train.py) to replace them"
         )
     counts = {key: previous[key] for key in ("input", "written", "quarantined", "short_clips", "splits")}
@@ -220,15 +220,23 @@ def prepare(
     if not entries:
         raise PrepareError(f"{manifest}: no videos of split(s) {', '.join(splits or SPLITS)}")
     spec = FrameSpec.from_config(cfg.data)
-    data = cfg.data
     identity = _identity(spec, fingerprint(manifest), splits)
-    previous = _check_existing(out, identity, overwrite)
-    if previous is not None:
-        return previous
-    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out, "prepare run"):
+        previous = _check_existing(out, identity, overwrite)
+        if previous is not None:
+            return previous
+        ensure_ray()
+        require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
+        staging = fresh_staging(out)
+        summary = _decode_and_write(entries, manifest, staging, spec, cfg.data, identity)
+        publish(staging, out)
+    return replace(summary, out=str(out), elapsed_s=round(time.perf_counter() - started, 3))
 
-    ensure_ray()
-    require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
+
+def _decode_and_write(
+    entries: list[ManifestEntry], manifest: Path, out: Path, spec: FrameSpec, data: DataConfig, identity: dict[str, Any]
+) -> PrepareSummary:
+    """Decode every entry once and write shards, quarantine and, last, the summary counted from disk."""
     items = [
         {"video_id": e.video_id, "split": e.split, "captions": e.captions, "path": str(resolve_video_path(e, manifest))}
         for e in sorted(entries, key=lambda e: e.video_id)  # each block, so each shard, a contiguous id range
@@ -259,13 +267,12 @@ def prepare(
 
     stats = {split: _written(out / split) for split in splits}
     split_counts = {split: rows for split, (rows, _) in stats.items()}
-    written, quarantined = sum(split_counts.values()), quarantine_table.num_rows
+    written, quarantined = sum(split_counts.values()), pq.read_metadata(out / QUARANTINE_FILE).num_rows
     if written + quarantined != len(items):
         raise PrepareError(f"{out}: {len(items)} videos in, but {written} written + {quarantined} quarantined")
     short = sum(count for _, count in stats.values())
-    elapsed = round(time.perf_counter() - started, 3)
-    summary = PrepareSummary(len(items), written, quarantined, short, split_counts, str(out), elapsed_s=elapsed)
+    summary = PrepareSummary(len(items), written, quarantined, short, split_counts, str(out))
     record = {**asdict(summary), **identity, "manifest": str(manifest.resolve())}
-    del record["skipped"], record["out"]
+    del record["skipped"], record["out"], record["elapsed_s"]
     (out / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return summary

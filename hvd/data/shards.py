@@ -41,7 +41,14 @@ def _split_dir(shards: str | Path, split: str) -> Path:
     counts = shard_summary(shards)["splits"]
     if not counts.get(split):
         raise ShardError(f"{shards}: no videos of split {split!r} were written (written: {counts})")
-    return Path(shards) / split
+    folder = Path(shards) / split
+    rows = sum(pq.read_metadata(file).num_rows for file in folder.glob("*.parquet"))
+    if rows != counts[split]:
+        raise ShardError(
+            f"{folder}: {rows} rows on disk where {SUMMARY_FILE} says {counts[split]}; the folder changed after "
+            "prepare finished it (another writer?): prepare it again with --overwrite"
+        )
+    return folder
 
 
 def open_shards(shards: str | Path, split: str) -> ray.data.Dataset:

@@ -1,0 +1,72 @@
+"""Output folders that one process writes at a time and that appear whole or not at all.
+
+Two jobs preparing the same benchmark into one folder (two evaluations sharing `eval.cache` do) would
+otherwise interleave their files and leave a folder with every video twice. A writer holds an exclusive
+lock on a sibling lock file for the whole check-decode-write, builds the folder under a hidden sibling
+name and renames it into place when it is complete: a reader sees the old folder or the new one, and a
+killed writer leaves only the staging folder, which the next writer removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _sibling(folder: Path, suffix: str) -> Path:
+    return folder.parent / f".{folder.name}.{suffix}"
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str = "writer") -> Iterator[None]:
+    """Hold the lock of `folder` for a block; a second writer waits, saying once whom it waits for.
+
+    `flock` locks are released by the kernel when their holder dies, so a killed writer never leaves
+    the folder locked.
+    """
+    lock = _sibling(folder, "lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            print(f"{folder}: waiting for the {what} that holds it ({holder}) to finish", flush=True)
+            fcntl.flock(file, fcntl.LOCK_EX)
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def fresh_staging(folder: Path) -> Path:
+    """An empty hidden sibling to build `folder` in; call while holding `exclusive(folder)`, which makes
+    any staging folder already there a dead writer's leftover."""
+    staging = _sibling(folder, "partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, folder: Path) -> None:
+    """Put the finished `staging` folder in place of `folder`, replacing whatever `folder` held."""
+    if folder.exists():
+        replaced = _sibling(folder, "replaced")
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.rename(folder, replaced)
+        os.rename(staging, folder)
+        shutil.rmtree(replaced)
+    else:
+        os.rename(staging, folder)
