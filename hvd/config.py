@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "hvd-tiny-demo"  # run name in MLflow and Ray Train; reusing it resumes the run
     seed: int = 0
+    resume: str = "auto"  # auto: an unfinished run of this name resumes if its config is this one; never: a new run
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Config:
 # What each value may be, declared once: load_config checks a whole Config, and the library checks the
 # pieces it is handed directly (`check_values`), both from these tables.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "run.resume": ("auto", "never"),
     "synthetic.preset": ("tiny", "demo", "full"),
     "data.sample_mode": ("uniform", "fps"),
     "data.frame_codec": ("jpeg", "raw"),

@@ -147,12 +147,27 @@ def log_metrics(
         client.log_batch(run_id, metrics=values[start : start + BATCH_LIMIT])
 
 
+class RunConfigMismatch(ValueError):
+    """Resuming would train with one config while MLflow records another; the message lists the keys."""
+
+
+# Keys that say how to run a command, not what it trains: a resume may change them.
+RESUME_FREE_KEYS = frozenset({"run.resume", "data.overwrite"})
+
+
+def config_differences(logged: dict[str, str], cfg: Config) -> list[str]:
+    """`key: logged -> now` for every training setting of `cfg` that differs from a run's logged params."""
+    now = {key: str(value) for key, value in flatten(cfg).items() if key not in RESUME_FREE_KEYS}
+    return [f"{key}: {logged.get(key, '(absent)')} -> {value}" for key, value in now.items() if logged.get(key) != value]
+
+
 def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput | None = None) -> TrackedRun:
-    """The unfinished run named `cfg.run.name` if there is one (a resume), else a new run with params,
-    `tags` and the benchmark as its dataset input."""
+    """The unfinished run named `cfg.run.name` if there is one and it started with this config (a resume),
+    else a new run with params, `tags` and the benchmark as its dataset input. `run.resume=never` always
+    starts a new run; an unfinished run with other settings is refused, never resumed under them."""
     client = MlflowClient(tracking_uri(cfg))
     experiment = experiment_id(client, cfg.tracking.experiment)
-    unfinished = client.search_runs(
+    unfinished = [] if cfg.run.resume == "never" else client.search_runs(
         [experiment],
         filter_string=f"tags.mlflow.runName = '{cfg.run.name}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
@@ -160,6 +175,13 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput
     )
     if unfinished:
         run = unfinished[0]
+        if differing := config_differences(run.data.params, cfg):
+            raise RunConfigMismatch(
+                f"run.name={cfg.run.name}: its unfinished MLflow run {run.info.run_id} ({run.info.status}) started "
+                f"with other settings ({'; '.join(differing)}). Resuming it would train with one config while MLflow "
+                "records another: run it with its own settings to resume it, or pass run.resume=never (or another "
+                "run.name) to start a new run"
+            )
         client.update_run(run.info.run_id, status="RUNNING")
         return TrackedRun(run.info.run_id, experiment, resumed=True)
     run = client.create_run(experiment, run_name=cfg.run.name, tags=tags)

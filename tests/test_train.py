@@ -1,5 +1,6 @@
 """Training end to end on the tiny synthetic benchmark: Ray Train with 2 gloo workers, MLflow on SQLite."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ from hvd.config import ModelConfig, load_config
 from hvd.data.shards import read_shards
 from hvd.eval.encode import encode_split
 from hvd.model import build_model, build_tokenizer
-from hvd.tracking import load_model, version_model_id
+from hvd.tracking import (
+    RunConfigMismatch,
+    finish_run,
+    load_model,
+    start_or_resume_run,
+    tracking_uri,
+    version_model_id,
+)
 from hvd.train.fit import fit
 from hvd.train.warm_start import warm_start
 
@@ -128,6 +136,17 @@ def test_rerun_of_a_failed_run_resumes_it(workdir):
     (failed,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
     assert failed.info.status == "FAILED"
     assert [step for step, _ in _history(client, failed.info.run_id, "val/t2v/R1")] == [3]
+
+    # Other settings never resume it: refused, naming the key, before any training ...
+    changed = tiny(workdir, "resume", "train.fail_at_step=4", "train.max_failures=0", "model.frame_keep=0.25")
+    with pytest.raises(RunConfigMismatch, match=rf"{failed.info.run_id} \(FAILED\).*model.frame_keep: 0.5 -> 0.25\)"):
+        fit(changed)
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"
+    # ... or, with run.resume=never, start a run of their own that records what it trains with.
+    fresh = start_or_resume_run(replace(changed, run=replace(changed.run, resume="never")), {})
+    assert not fresh.resumed and fresh.run_id != failed.info.run_id
+    assert client.get_run(fresh.run_id).data.params["model.frame_keep"] == "0.25"
+    finish_run(tracking_uri(cfg), fresh.run_id)
 
     outcome = fit(cfg)  # same command again: the fault fired once already
     assert outcome.run_id == failed.info.run_id
