@@ -35,8 +35,21 @@ die() {
 [[ -x "$BIN/ray" && -x "$BIN/mlflow" ]] || die "no ray or mlflow in $BIN: run 'make demo' first, or set HVD_VENV"
 
 # The environment of every Ray process and client of this cluster: our venv first, our token.
+# Loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's one-machine mode, in which 127.0.0.1 stays
+# 127.0.0.1 (otherwise Ray swaps it for the machine's routable address), so every node's gRPC servers,
+# agents, client server and the autoscaler's and dashboard's metrics servers bind loopback. No Prometheus
+# exports: nothing here scrapes them (RAY_enable_metrics_collection=0 keeps each node's agent from opening
+# its metrics port).
 CLUSTER_ENV=(env -u RAY_ADDRESS -u RAY_AUTH_TOKEN "PATH=$BIN:$PATH" RAY_AUTH_MODE=token
-    "RAY_AUTH_TOKEN_PATH=$STATE/auth_token")
+    "RAY_AUTH_TOKEN_PATH=$STATE/auth_token" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_enable_metrics_collection=0)
+# One-machine mode refuses to start a second node, so that node's `ray start` runs with the refusal lifted
+# and 127.0.0.1 taken as given; what the node starts inherits one-machine mode from CLUSTER_ENV.
+RAY_START_SECOND_NODE=("$BIN/python" -c 'import sys, ray._private.ray_constants as constants, ray._private.services as services
+constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+sys.exit(main())')
 
 alive() { [[ -f "$STATE/$1.pid" ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 
@@ -103,11 +116,11 @@ start_mlflow() {
 # per start, so a restarted node is told apart from its dead predecessor.
 node_args() { # node_args NAME
     local p
-    read -r -a p <<<"$(free_ports 6 --block 100)"
+    read -r -a p <<<"$(free_ports 5 --block 100)"
     echo "--node-name=$1-${p[0]} --node-manager-port=${p[0]} --object-manager-port=${p[1]}" \
         "--dashboard-agent-listen-port=${p[2]} --dashboard-agent-grpc-port=${p[3]}" \
-        "--runtime-env-agent-port=${p[4]} --metrics-export-port=${p[5]}" \
-        "--min-worker-port=${p[6]} --max-worker-port=${p[7]}" \
+        "--runtime-env-agent-port=${p[4]}" \
+        "--min-worker-port=${p[5]} --max-worker-port=${p[6]}" \
         "--num-cpus=$NODE_CPUS --object-store-memory=$OBJECT_STORE_BYTES --disable-usage-stats"
 }
 
@@ -115,15 +128,24 @@ node_args() { # node_args NAME
 # placement group cleaner, the state API) at this cluster rather than at another one on the machine.
 # MLFLOW_TRACKING_URI and HVD_ROOT there reach every job's driver: jobs run in a copy of the working
 # directory, so relative paths resolve against HVD_ROOT, one folder for both nodes.
-start_node() { # start_node NAME RAY_START_FLAGS...: start it and wait until the cluster lists it ALIVE
-    local name="$1" args
+start_node() { # start_node NAME [ENV=VALUE...] RAY_COMMAND... -- RAY_START_FLAGS...: start it, wait until the cluster lists it ALIVE
+    local name="$1" args node_env=() command=()
+    shift
+    while [[ "$1" == *=* ]]; do
+        node_env+=("$1")
+        shift
+    done
+    while [[ "$1" != "--" ]]; do
+        command+=("$1")
+        shift
+    done
     shift
     args=$(node_args "$name")
     # shellcheck disable=SC2086  # $args is a list of flags
-    spawn "$name" "${CLUSTER_ENV[@]}" "RAY_ADDRESS=127.0.0.1:$GCS_PORT" \
+    spawn "$name" "${CLUSTER_ENV[@]}" "${node_env[@]}" "RAY_ADDRESS=127.0.0.1:$GCS_PORT" \
         "MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")" \
         "HVD_ROOT=$(cat "$STATE/hvd_root")" \
-        "$BIN/ray" start --block --temp-dir="$STATE/$name" "$@" $args
+        "${command[@]}" start --block --node-ip-address=127.0.0.1 --temp-dir="$STATE/$name" "$@" $args
     wait_for "Ray $name node" "$name" node_alive "${args%% *}"
 }
 
@@ -138,19 +160,22 @@ sys.exit(0 if nodes else 1)
 EOF
 }
 
+# The autoscaler's and the dashboard's metrics servers take fixed ports unless told: free ones, so that
+# other Ray clusters on this machine do not collide with them.
 start_head() {
-    local client_port
-    read -r GCS_PORT DASHBOARD_PORT client_port <<<"$(free_ports 3)"
+    local client_port autoscaler_metrics dashboard_metrics
+    read -r GCS_PORT DASHBOARD_PORT client_port autoscaler_metrics dashboard_metrics <<<"$(free_ports 5)"
     printf '%s\n' "GCS_PORT=$GCS_PORT" "DASHBOARD_PORT=$DASHBOARD_PORT" >"$STATE/head.ports"
     mkdir -p "${HVD_ROOT:-$ROOT}"
     (cd "${HVD_ROOT:-$ROOT}" && pwd) >"$STATE/hvd_root" # absolute, and the same for a worker that restarts
-    start_node head --head --port="$GCS_PORT" --include-dashboard=true --dashboard-host=127.0.0.1 \
+    start_node head "AUTOSCALER_METRIC_PORT=$autoscaler_metrics" "DASHBOARD_METRIC_PORT=$dashboard_metrics" \
+        "$BIN/ray" -- --head --port="$GCS_PORT" --include-dashboard=true --dashboard-host=127.0.0.1 \
         --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$client_port" --resources='{"cpu_node": 1}'
     log "Ray head at 127.0.0.1:$GCS_PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT"
 }
 
 start_worker() {
-    start_node worker --address="127.0.0.1:$GCS_PORT" --resources='{"train_node": 1}'
+    start_node worker "${RAY_START_SECOND_NODE[@]}" -- --address="127.0.0.1:$GCS_PORT" --resources='{"train_node": 1}'
     log "Ray worker node joined"
 }
 
@@ -159,6 +184,7 @@ exports() {
     . "$STATE/head.ports"
     echo "export RAY_ADDRESS=127.0.0.1:$GCS_PORT"
     echo "export RAY_AUTH_MODE=token"
+    echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" # clients too: 127.0.0.1 is where this cluster listens
     echo "export RAY_AUTH_TOKEN_PATH=$STATE/auth_token"
     echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")"
     printf 'export HVD_ROOT=%q\n' "$(cat "$STATE/hvd_root")"

@@ -184,6 +184,7 @@ def test_nothing_listens_beyond_the_cluster_and_token_auth_stays_on():
     launcher = yaml.safe_load(LAUNCHER.read_text())
     starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in command for command in starts)
+    assert all("RAY_enable_metrics_collection=0" in command for command in starts)  # no Prometheus ports
     assert any("--dashboard-host=127.0.0.1" in command for command in launcher["head_start_ray_commands"])
     (mlflow,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
     assert "--host $HEAD_IP" in mlflow and "HEAD_IP=$(hostname -I" in mlflow  # the private address
@@ -192,6 +193,9 @@ def test_nothing_listens_beyond_the_cluster_and_token_auth_stays_on():
         spec = cluster.get("spec", cluster)
         assert spec["authOptions"]["mode"] == "token"
         assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            (container,) = group["template"]["spec"]["containers"]
+            assert {"name": "RAY_enable_metrics_collection", "value": "0"} in container["env"]
     assert all(service["spec"]["type"] == "ClusterIP" for service in kuberay_documents("Service"))
     guarded = {policy["spec"]["podSelector"]["matchLabels"].popitem() for policy in kuberay_documents("NetworkPolicy")}
     assert guarded == {("app", "hvd-mlflow"), ("ray.io/is-ray-node", "yes")}

@@ -129,6 +129,54 @@ def manifest(cluster) -> Path:
     return generate(SyntheticConfig(preset="tiny", out=str(cluster.workdir / "synth"), workers=1), progress=False)
 
 
+# How each listening process of the cluster is told apart (its command line) and its name in the README.
+LISTENERS = {
+    "uvicorn": "MLflow server", "gcs_server": "GCS server", "ray/dashboard/dashboard.py": "dashboard",
+    "autoscaler/_private/monitor.py": "autoscaler monitor", "ray.util.client.server": "Ray client server",
+    "ray/raylet/raylet": "raylet", "ray::DashboardAgent": "dashboard agent", "ray::RuntimeEnvAgent": "runtime env agent",
+}
+
+
+def documented_listeners() -> dict[str, int]:
+    """The README's table of what `local.sh up` listens on: process -> ports, per node where it says so."""
+    section = (ROOT / "README.md").read_text().split("What listens where", 1)[1].split("\n\n**", 1)[0]
+    rows = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| (\d+) \|$", section, re.M)
+    return {name: int(count) * (2 if where == "each node" else 1) for name, where, count in rows}
+
+
+def test_every_listening_socket_is_loopback_and_as_documented(cluster):
+    sessions = {cluster.pid(name) for name in ("mlflow", "head", "worker")}
+    processes = [p for p in psutil.process_iter(["cmdline"]) if _session(p) in sessions]
+    blocks = []  # each node's worker port block, from its raylet's flags
+    for process in processes:
+        flags = dict(re.findall(r"--(min_worker_port|max_worker_port)=(\d+)", " ".join(process.info["cmdline"] or [])))
+        if flags:
+            blocks.append(range(int(flags["min_worker_port"]), int(flags["max_worker_port"]) + 1))
+    assert len(blocks) == 2
+
+    counts: dict[str, int] = {}
+    for process in processes:
+        try:
+            sockets = [c.laddr for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+        command = " ".join(process.info["cmdline"] or [])
+        for address in sockets:
+            assert address.ip in ("127.0.0.1", "::ffff:127.0.0.1"), f"{command[:120]} listens on {address}"
+            if any(address.port in block for block in blocks):
+                continue  # a worker process's port, from the documented block
+            (name,) = [name for key, name in LISTENERS.items() if key in command] or [command[:120]]
+            counts[name] = counts.get(name, 0) + 1
+    assert counts == documented_listeners()
+
+
+def _session(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except OSError:
+        return None
+
+
 def _node_ids(state: dict, prefix: str) -> list[str]:
     return [node_id for name, node_id, _ in state["nodes"] if name.startswith(prefix)]
 

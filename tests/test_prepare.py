@@ -3,12 +3,15 @@
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import decord
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -168,6 +171,29 @@ def test_two_prepares_into_one_folder_at_once_leave_one_complete_copy(tiny, tmp_
     shutil.copy(copy, copy.with_name("copy-" + copy.name))
     with pytest.raises(ShardError, match=r"train: \d+ rows on disk where _summary.json says \d+"):
         read_shards(out, "train")
+
+
+def test_a_killed_prepare_leaves_no_process_and_its_rerun_says_it_starts_over(tiny, tmp_path):
+    command = [sys.executable, str(Path(__file__).parents[1] / "pipelines" / "prepare.py"), "--manifest", str(tiny),
+               "--out", str(tmp_path / "killed")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver, seen = psutil.Process(run.pid), {}
+    deadline = time.time() + 300
+    while not (tmp_path / ".killed.partial").exists():  # Ray is up and decoding has begun
+        assert run.poll() is None and time.time() < deadline
+        seen |= {child.pid: child for child in driver.children(recursive=True)}
+        time.sleep(0.05)
+    seen |= {child.pid: child for child in driver.children(recursive=True)}
+    run.kill()
+    run.wait()
+    assert len(seen) >= 4  # Ray's GCS, raylet, agents and workers, and the watcher
+    _, alive = psutil.wait_procs(list(seen.values()), timeout=20)  # without the watcher the agents outlive this
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "removing what an interrupted run left in .killed.partial; starting from the beginning" in rerun.stdout
+    assert "input 40 = written 40 + quarantined 0" in rerun.stdout
 
 
 def test_a_shard_folder_holding_other_files_is_not_replaced(tiny, tmp_path):

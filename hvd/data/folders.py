@@ -54,6 +54,7 @@ def fresh_staging(folder: Path) -> Path:
     any staging folder already there a dead writer's leftover."""
     staging = _sibling(folder, "partial")
     if staging.exists():
+        print(f"{folder}: removing what an interrupted run left in {staging.name}; starting from the beginning", flush=True)
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging

@@ -35,6 +35,7 @@ from hvd.data.folders import exclusive, fresh_staging, publish
 from hvd.data.manifest import SPLITS, ManifestEntry, fingerprint, read_manifest, resolve_video_path
 from hvd.data.shards import SUMMARY_FILE
 from hvd.paths import require_shared_paths
+from hvd.reaper import watch_descendants
 from hvd.worker_setup import quiet_logs, runtime_env, verbose
 
 SHARD_FORMAT = 3  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
@@ -197,6 +198,7 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=runtime_env(), logging_level=level)
     else:
+        watch_descendants()  # a killed pipeline leaves no Ray daemons behind
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env(), logging_level=level)
 
 

@@ -145,7 +145,8 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
             "val_split": val_split, **source_tags(description), **(tags or {})}
     tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, data.source, splits, "train"))
     uri = tracking_uri(cfg)
-    print(f"MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) at {uri}", flush=True)
+    how = f"resumed: the unfinished run named {cfg.run.name}, from its last checkpoint" if tracked.resumed else "new"
+    print(f"MLflow run {tracked.run_id} ({how}) at {uri}", flush=True)
     storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
     ray_run_name = f"{cfg.run.name}-{tracked.run_id[:8]}"  # one Ray run per MLflow run: resume finds both
 
