@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from hvd.data.folders import exclusive, fresh_staging, publish
 from hvd.data.prepare import SHARD_SCHEMA
 from hvd.data.shards import SUMMARY_FILE
 from hvd.data.synthetic import ATTRIBUTES, ClipSpec, Settings, captions_for, in_processes, render_still
@@ -43,7 +44,8 @@ def _row(index: int, split: str, settings: Settings) -> dict:
         "video_id": spec.video_id, "split": split, "captions": captions_for(spec, CAPTIONS_PER_STILL, rng),
         "frames": [buffer.getvalue()], "frame_codec": "jpeg", "frame_size": settings.frame_size,
         "num_frames": 1, "valid_frames": 1, "frame_indices": [0], "timestamps_s": [0.0], "source_frames": 1,
-        "source_fps": float(settings.fps), "duration_s": 1.0 / settings.fps, "source_path": "",
+        "source_fps": float(settings.fps), "duration_s": 1.0 / settings.fps, "truncated": False,
+        "source_path": "",
     }
 
 
@@ -66,28 +68,26 @@ def digest(record: dict) -> str:
 
 def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, workers: int = 0) -> Path:
     """`counts` stills per split (e.g. {"train": 30000, "val": 500}) as shards under `out`; a folder that
-    already holds these stills is reused. `_summary.json` is written last, as `prepare` does."""
+    already holds these stills is reused. Written as `prepare` writes: one writer at a time, into a staging
+    folder renamed into place, `_summary.json` last."""
     out = Path(out)
     identity = stills_identity(settings, counts)
     summary = out / SUMMARY_FILE
-    if summary.is_file() and json.loads(summary.read_text()).get("identity") == identity:
-        return out
-    for split in counts:
-        folder = out / split
-        if folder.is_dir():
-            for old in folder.glob("*.parquet"):
-                old.unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-    summary.unlink(missing_ok=True)
-    jobs, first = [], 0
-    for split, count in counts.items():
-        jobs += [(s, min(ROWS_PER_FILE, first + count - s), split, settings, str(out))
-                 for s in range(first, first + count, ROWS_PER_FILE)]
-        first += count
-    written = sum(in_processes(_write_part, jobs, workers))
-    if written != sum(counts.values()):
-        raise RuntimeError(f"{out}: {sum(counts.values())} stills planned, {written} written")
-    record = {"input": written, "written": written, "quarantined": 0, "short_clips": 0, "splits": counts,
-              "identity": identity}
-    summary.write_text(json.dumps(record, indent=2) + "\n")
+    with exclusive(out, "stills writer"):
+        if summary.is_file() and json.loads(summary.read_text()).get("identity") == identity:
+            return out
+        staging = fresh_staging(out)
+        jobs, first = [], 0
+        for split, count in counts.items():
+            (staging / split).mkdir()
+            jobs += [(s, min(ROWS_PER_FILE, first + count - s), split, settings, str(staging))
+                     for s in range(first, first + count, ROWS_PER_FILE)]
+            first += count
+        written = sum(in_processes(_write_part, jobs, workers))
+        if written != sum(counts.values()):
+            raise RuntimeError(f"{out}: {sum(counts.values())} stills planned, {written} written")
+        record = {"input": written, "written": written, "quarantined": 0, "short_clips": 0, "splits": counts,
+                  "identity": identity}
+        (staging / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        publish(staging, out)
     return out

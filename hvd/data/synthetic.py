@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hvd.config import ConfigError, SyntheticConfig, check_section
+from hvd.data.folders import exclusive
 from hvd.data.manifest import ManifestEntry, write_manifest
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -415,8 +416,13 @@ def generate(cfg: SyntheticConfig, progress: bool = True, force: bool = False) -
     A folder already holding a complete benchmark with the same settings is reused as it is: the
     manifest is written last, so an interrupted generation is redone rather than trusted.
     """
-    settings = resolve(cfg)
     out = Path(cfg.out)
+    with exclusive(out, "benchmark generation"):  # two runs of one benchmark: the second waits, then reuses it
+        return _generate(cfg, out, progress, force)
+
+
+def _generate(cfg: SyntheticConfig, out: Path, progress: bool, force: bool) -> Path:
+    settings = resolve(cfg)
     manifest, stamp = out / "manifest.jsonl", out / "synthetic.json"
     oracle = out / ORACLE_FILE
     if not force and manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(settings):
