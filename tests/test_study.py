@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from hvd.train.study import report
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,5 +38,9 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
         assert child.data.params["synthetic.entity_scale"] == "0.15"
         mean = parent.data.metrics[f"{child.data.tags['head']}/ef0.25_es0.15/t2v_R1_mean"]
         assert mean == pytest.approx(child.data.metrics["test/t2v/R1"])  # one seed: the mean is the run
+    assert parent.data.tags["trials_reported"] == "2"
+    # a study stopped early is summarised from its finished children by `--report`, which is what ran here
+    (again,) = [c for c in report(client, parent.info.run_id) if c.head == "meanp"]
+    assert again.t2v_r1 == [parent.data.metrics["meanp/ef0.25_es0.15/t2v_R1_mean"]]
     # one warm start for the whole grid, trained by the first trial and reused by the second
     assert len(list(Path(tmp_path, "pretrained").glob("*.safetensors"))) == 1

@@ -152,16 +152,36 @@ def run_study(base: Config, study: str) -> tuple[str, list[Cell]]:
                                       verbose=0),
         )
         results = tuner.fit()
-        rows = [{**{k: r.config[k] for k in KNOBS}, **r.metrics} for r in results if r.error is None]
         failed = [r.error for r in results if r.error is not None]
         if failed:
             raise RuntimeError(f"{len(failed)} of {grid.trials} study trials failed; the first: {failed[0]}")
     except BaseException:
         finish_run(uri, parent, failed=True)
         raise
+    cells = report(client, parent)
+    finish_run(uri, parent)
+    return parent, cells
+
+
+def finished_trials(client: MlflowClient, parent: str) -> list[dict[str, Any]]:
+    """The parent run's finished child runs as summary rows: their knobs (tags) and test t2v R@1."""
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
+                              max_results=10_000)
+    return [{"event_fraction": float(run.data.tags["event_fraction"]), "entity_scale": float(run.data.tags["entity_scale"]),
+             "head": run.data.tags["head"], "seed": int(run.data.tags["seed"]),
+             "test_t2v_R1": run.data.metrics["test/t2v/R1"]} for run in runs]
+
+
+def report(client: MlflowClient, parent: str) -> list[Cell]:
+    """Summarise the parent's finished trials onto it: summary.md, study.png and per-cell metrics.
+
+    Also what `pipelines/study.py --report RUN_ID` runs for a study stopped before its last trial.
+    """
+    rows = finished_trials(client, parent)
     cells = summarise(rows)
-    table = summary_table(cells)
-    client.log_text(parent, table + "\n", "summary.md")
+    study = client.get_run(parent).info.run_name.removeprefix("study-")
+    client.log_text(parent, summary_table(cells) + "\n", "summary.md")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "study.png"
         figure = study_figure(cells, title=f"study '{study}': test t2v R@1, mean and std over seeds")
@@ -173,5 +193,5 @@ def run_study(base: Config, study: str) -> tuple[str, list[Cell]]:
         name = f"{cell.head}/ef{cell.event_fraction}_es{cell.entity_scale}"
         summary |= {f"{name}/t2v_R1_mean": cell.mean, f"{name}/t2v_R1_std": cell.std}
     log_metrics(client, parent, summary, step=0)
-    finish_run(uri, parent)
-    return parent, cells
+    client.set_tag(parent, "trials_reported", str(len(rows)))
+    return cells
