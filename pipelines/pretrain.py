@@ -13,6 +13,9 @@ from __future__ import annotations
 import sys
 
 from hvd.cli import fail, parse_args
+from hvd.data.prepare import PrepareError
+from hvd.data.shards import ShardError
+from hvd.tracking import RunConfigMismatch
 from hvd.train.trainer import TrainingFailed
 from hvd.train.warm_start import pretrain
 
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         weights = pretrain(cfg)
-    except TrainingFailed as err:
+    except (TrainingFailed, PrepareError, RunConfigMismatch, ShardError) as err:  # each says what to do
         fail(str(err))
     print(f"\nload it with    model.pretrained={weights}")
 

@@ -12,7 +12,9 @@ import sys
 import time
 
 from hvd.cli import fail, parse_args
-from hvd.tracking import ui_command
+from hvd.data.prepare import PrepareError
+from hvd.data.shards import ShardError
+from hvd.tracking import RunConfigMismatch, ui_command
 from hvd.train.fit import fit
 from hvd.train.trainer import TrainingFailed
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         outcome = fit(cfg)
-    except TrainingFailed as err:
+    except (TrainingFailed, PrepareError, RunConfigMismatch, ShardError) as err:  # each says what to do
         fail(str(err))
     model = outcome.model
     print(f"\nMLflow run      {outcome.run_id}")
