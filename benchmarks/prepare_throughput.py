@@ -5,6 +5,9 @@
 The floor is one thread decoding every frame of the same clips with PyAV (`-f null` style: no colour
 conversion), what exact frame sampling cannot beat without skipping decode work. Prints videos/s and
 sampled frames/s per worker count, the ratio to the floor, and the speed-up from the first worker count.
+Then, in this process, what the truncation check costs: `decode_clip` on the first `--check-clips` clips
+with the check (one PyAV open of the container for its declared duration) and without
+(`data.min_duration_fraction=0`), interleaved clip by clip: median ms per clip and their ratio.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ import av
 import ray
 
 from hvd.config import SyntheticConfig, load_config
+from hvd.data.decode import FrameSpec, decode_clip
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import prepare
 from hvd.data.synthetic import generate
@@ -45,12 +50,27 @@ def full_decode_seconds(manifest: Path) -> tuple[float, int]:
     return time.perf_counter() - started, frames
 
 
+def truncation_check_cost(manifest: Path, spec: FrameSpec, clips: int) -> dict[str, float]:
+    """Median `decode_clip` ms per clip with and without the truncation check, interleaved on the same clips."""
+    paths = [resolve_video_path(entry, manifest) for entry in read_manifest(manifest)][:clips]
+    variants = {"on": spec, "off": FrameSpec(**{**spec.to_dict(), "min_duration_fraction": 0.0})}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for path in paths:
+        for name, variant in variants.items():
+            started = time.perf_counter()
+            decode_clip(path, variant)
+            times[name].append(time.perf_counter() - started)
+    on, off = (1000 * statistics.median(times[name]) for name in ("on", "off"))
+    return {"clips": len(paths), "check_on_ms": round(on, 2), "check_off_ms": round(off, 2), "ratio": round(on / off, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="full", choices=("tiny", "demo", "full"))
     parser.add_argument("--synthetic-out", default=None, help="benchmark folder (default data/synthetic-PRESET)")
     parser.add_argument("--limit", type=int, default=0, help="use the first N videos only (0 = all)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="decode worker counts to time")
+    parser.add_argument("--check-clips", type=int, default=300, help="clips timed for the truncation check's cost")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides, e.g. data.num_frames=12")
     args = parser.parse_args()
 
@@ -84,6 +104,8 @@ def main() -> None:
         for run in runs.values():
             run["speedup"] = round(base / run["seconds"], 2)
         results["runs"] = runs
+        spec = FrameSpec.from_config(load_config(None, args.overrides).data)
+        results["truncation_check"] = truncation_check_cost(manifest, spec, args.check_clips)
 
     print(json.dumps(results, indent=2))
     print(f"\n| workers | s | videos/s | frames/s | time / floor | speed-up |  (floor: {floor_s:.1f} s)")

@@ -194,7 +194,8 @@ def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
     if num_source == 0:
         raise CorruptVideoError(path, "video stream holds no frames")
     timestamps = reader.get_frame_timestamp(np.arange(num_source))
-    covered, declared = float(timestamps[-1, 1] - timestamps[0, 0]), declared_duration_s(path)
+    covered = float(timestamps[-1, 1] - timestamps[0, 0])
+    declared = declared_duration_s(path) if spec.min_duration_fraction > 0 else None  # 0: the check is off
     truncated = declared is not None and covered < spec.min_duration_fraction * declared
     if truncated and not spec.keep_truncated:
         raise TruncatedVideoError(
