@@ -40,6 +40,8 @@ def ray_head():
         [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--disable-usage-stats",
             f"--port={_free_port()}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+            # the job agent's port too: its default (52365) is taken by any other Ray on the machine
+            f"--dashboard-agent-listen-port={_free_port()}",
             "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={workdir / 'ray'}",
         ],
         env=env,
@@ -77,7 +79,7 @@ def test_train_runs_as_a_ray_job(ray_head):
         "pretrain.epochs=1", "pretrain.batch_size=16",
     ]
     submit = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--"]
-    deadline = time.time() + 300  # a head just started refuses jobs until its job agent is up: slow on a busy machine
+    deadline = time.time() + 120  # a head just started refuses jobs until its job agent is up
     while True:
         result = subprocess.run(
             [*submit, "python", "pipelines/train.py", *overrides], env=env, capture_output=True, text=True, timeout=900
