@@ -5,7 +5,7 @@
 
 Each trial trains and tests one (event_fraction, entity_scale, head, seed) end to end as an MLflow child
 run; the parent run (experiment study-<grid>) holds the summary table (summary.md) and the plot
-(study.png). `smoke` takes minutes, `pilot` about 15 minutes, `default` about 2 hours on 2 cores, `full`
+(study.png). `smoke` takes minutes, `pilot` about 15 minutes, `default` about 2.5 hours on 2 cores, `full`
 is sized for a cluster. `--report` summarises a study's finished trials onto its parent run again, e.g.
 one stopped before its last trial.
 """
