@@ -145,6 +145,17 @@ def documented_listeners() -> dict[str, int]:
 
 
 def test_every_listening_socket_is_loopback_and_as_documented(cluster):
+    # The agents bind their ports after the node registers, so `up` can return before the last of them
+    # listens: look again until the listeners are the documented ones, for up to a minute.
+    expected, deadline = documented_listeners(), time.time() + 60
+    while (counts := _listeners(cluster)) != expected and time.time() < deadline:
+        time.sleep(2)
+    assert counts == expected
+
+
+def _listeners(cluster) -> dict[str, int]:
+    """Listening ports per kind of process of the cluster, outside the nodes' worker port blocks; every
+    one must be on loopback."""
     sessions = {cluster.pid(name) for name in ("mlflow", "head", "worker")}
     processes = [p for p in psutil.process_iter(["cmdline"]) if _session(p) in sessions]
     blocks = []  # each node's worker port block, from its raylet's flags
@@ -167,7 +178,7 @@ def test_every_listening_socket_is_loopback_and_as_documented(cluster):
                 continue  # a worker process's port, from the documented block
             (name,) = [name for key, name in LISTENERS.items() if key in command] or [command[:120]]
             counts[name] = counts.get(name, 0) + 1
-    assert counts == documented_listeners()
+    return counts
 
 
 def _session(process: psutil.Process) -> int | None:
