@@ -35,7 +35,7 @@ def parse_args(
     if add_flags is not None:
         add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.head=meanp")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by every process of the job: hvd.worker_setup
     overrides = (flag_overrides(args) if flag_overrides else []) + list(args.overrides)

@@ -156,9 +156,15 @@ RESUME_FREE_KEYS = frozenset({"run.resume", "data.overwrite"})
 
 
 def config_differences(logged: dict[str, str], cfg: Config) -> list[str]:
-    """`key: logged -> now` for every training setting of `cfg` that differs from a run's logged params."""
+    """`key: logged -> now` for every training setting of `cfg` that differs from a run's logged params.
+
+    A key the run never logged (added to the config after it started) counts only when set away from its
+    default: the run's code behaved as the default does.
+    """
+    defaults = {key: str(value) for key, value in flatten(Config()).items()}
     now = {key: str(value) for key, value in flatten(cfg).items() if key not in RESUME_FREE_KEYS}
-    return [f"{key}: {logged.get(key, '(absent)')} -> {value}" for key, value in now.items() if logged.get(key) != value]
+    return [f"{key}: {logged.get(key, '(absent)')} -> {value}" for key, value in now.items()
+            if logged.get(key, defaults[key]) != value]
 
 
 def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput | None = None) -> TrackedRun:

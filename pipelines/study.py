@@ -1,13 +1,15 @@
 """The mechanism study: HVD against mean pooling over event brevity x entity size, a Ray Tune grid.
 
     python pipelines/study.py --grid smoke|pilot|default|full [--config configs/NAME.yaml] [key=value ...]
+    python pipelines/study.py --grid NAME --resume PARENT_RUN_ID [the study's config and overrides]
     python pipelines/study.py --report PARENT_RUN_ID [tracking.uri=...]
 
 Each trial trains and tests one (event_fraction, entity_scale, head, seed) end to end as an MLflow child
 run; the parent run (experiment study-<grid>) holds the summary table (summary.md) and the plot
 (study.png). `smoke` takes minutes, `pilot` about 15 minutes, `default` about 2.5 hours on 2 cores, `full`
-is sized for a cluster. `--report` summarises a study's finished trials onto its parent run again, e.g.
-one stopped before its last trial.
+is sized for a cluster. `--resume` runs only the trials a stopped study has not finished, under its parent
+run, after checking that the config is the one its trials trained with. `--report` summarises a study's
+finished trials onto its parent run again, running nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "t
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", choices=tuple(GRIDS), default="smoke", help="which grid to run (default: smoke)")
+    parser.add_argument("--resume", metavar="RUN_ID", help="run this parent run's unfinished trials, then summarise")
     parser.add_argument("--report", metavar="RUN_ID", help="summarise this parent run's finished trials; run nothing")
 
 
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         parent, cells = args.report, report(MlflowClient(tracking_uri(cfg)), args.report)
     else:
-        parent, cells = run_study(cfg, args.grid)
+        parent, cells = run_study(cfg, args.grid, resume=args.resume)
     print(f"\nstudy: parent MLflow run {parent}\n{summary_table(cells)}")
     print(f"MLflow UI       {ui_command(tracking_uri(cfg))}")
 

@@ -8,6 +8,7 @@ import pytest
 from hvd.config import CHOICES, RANGES, ConfigError, flatten, load_config, to_yaml
 from hvd.data import synthetic
 from hvd.model import presets
+from hvd.tracking import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,3 +138,12 @@ def test_worker_plan_travels_as_plain_values():
 
 def test_demo_yaml_is_the_embedded_default_made_explicit():
     assert load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml") == load_config()
+
+
+def test_a_key_added_after_a_run_started_differs_only_when_set_away_from_its_default():
+    cfg = load_config(None, [])
+    logged = {key: str(value) for key, value in flatten(cfg).items() if key != "data.min_duration_fraction"}
+    assert config_differences(logged, cfg) == []  # the run predates the key; its code behaved as the default
+    changed = load_config(None, ["data.min_duration_fraction=0.5"])
+    assert config_differences(logged, changed) == ["data.min_duration_fraction: (absent) -> 0.5"]
+    assert config_differences(logged | {"model.head": "meanp"}, cfg) == ["model.head: meanp -> hvd"]

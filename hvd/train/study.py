@@ -23,9 +23,19 @@ from ray import tune
 
 from hvd.config import Config, config_from_yaml, to_yaml
 from hvd.data.prepare import ensure_ray
-from hvd.tracking import experiment_id, finish_run, log_metrics, log_params, source_tags, tracking_uri
+from hvd.tracking import (
+    RunConfigMismatch,
+    config_differences,
+    experiment_id,
+    finish_run,
+    log_metrics,
+    log_params,
+    source_tags,
+    tracking_uri,
+)
 from hvd.train.fit import fit
 from hvd.train.plots import plt, study_figure
+from hvd.train.warm_start import warm_start
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,10 @@ class Grid:
     overrides: tuple[str, ...] = ()  # applied to the study's config for this grid: the trial size
 
     @property
-    def trials(self) -> int:
-        return len(self.event_fraction) * len(self.entity_scale) * len(self.head) * len(self.seed)
+    def trials(self) -> list[dict[str, Any]]:
+        """Every trial's knobs, in the order they run: the cells vary fastest, then the head, then the seed."""
+        return [{"event_fraction": ef, "entity_scale": es, "head": head, "seed": seed}
+                for seed, head, ef, es in itertools.product(self.seed, self.head, self.event_fraction, self.entity_scale)]
 
 
 GRIDS: dict[str, Grid] = {
@@ -79,6 +91,7 @@ def trial_config(base: Config, study: str, params: dict[str, Any]) -> Config:
 
 def run_trial(params: dict[str, Any]) -> None:
     """One Tune trial: the whole chain for one (cell, head, seed), reported to Tune and MLflow."""
+    params = params | params["trial"]
     cfg = trial_config(config_from_yaml(params["config"]), params["study"], params)
     knobs = {key: str(params[key]) for key in KNOBS}
     outcome = fit(cfg, tags={"mlflow.parentRunId": params["parent_run_id"], "study": params["study"], **knobs})
@@ -124,37 +137,69 @@ def summary_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def run_study(base: Config, study: str) -> tuple[str, list[Cell]]:
-    """Run grid `study` on `base` under one MLflow parent run; return its id and the summary."""
+def start_parent(client: MlflowClient, study: str) -> str:
     grid = GRIDS[study]
+    experiment = experiment_id(client, f"study-{study}")
+    description = (f"Mechanism study '{study}': {len(grid.trials)} trials, event_fraction x entity_scale x head x "
+                   "seed; each trial a child run.")
+    parent = client.create_run(experiment, run_name=f"study-{study}", tags=source_tags(description)).info.run_id
+    log_params(client, parent, {f"grid.{k}": str(getattr(grid, k)) for k in (*KNOBS, "overrides")})
+    return parent
+
+
+def missing_trials(client: MlflowClient, base: Config, study: str, parent: str) -> list[dict[str, Any]]:
+    """The trials of grid `study` that parent run `parent` has no finished child for, after checking that
+    `base` is the config its children trained with (so the resumed trials are comparable)."""
+    name = client.get_run(parent).info.run_name
+    if name != f"study-{study}":
+        raise ValueError(f"--resume {parent}: that run is '{name}', not a parent of grid '{study}'; "
+                         f"pass the --grid it ran (e.g. --grid {name.removeprefix('study-')})")
+    done = finished_children(client, parent)
+    for child in done[:1]:
+        knobs = {"event_fraction": float(child.data.tags["event_fraction"]),
+                 "entity_scale": float(child.data.tags["entity_scale"]),
+                 "head": child.data.tags["head"], "seed": int(child.data.tags["seed"])}
+        # resolved as the trial resolves it: the logged model.pretrained is the warm start's file
+        if differing := config_differences(child.data.params, warm_start(trial_config(base, study, knobs))):
+            raise RunConfigMismatch(
+                f"--resume {parent}: its trial run {child.info.run_id} trained with other settings "
+                f"({'; '.join(differing)}); resume with the study's own config and overrides")
+    finished = {(float(c.data.tags["event_fraction"]), float(c.data.tags["entity_scale"]), c.data.tags["head"],
+                 int(c.data.tags["seed"])) for c in done}
+    return [t for t in GRIDS[study].trials if tuple(t[k] for k in KNOBS) not in finished]
+
+
+def run_study(base: Config, study: str, resume: str | None = None) -> tuple[str, list[Cell]]:
+    """Run grid `study` on `base` under one MLflow parent run, or only the trials that parent run `resume`
+    has not finished; return the parent's id and the summary."""
     uri = tracking_uri(base)
     # Pinned for the trials: Tune runs each in its own working directory, where a relative default would
     # give every child run a store of its own.
     base = dataclasses.replace(base, tracking=dataclasses.replace(base.tracking, uri=uri))
     client = MlflowClient(uri)
-    experiment = experiment_id(client, f"study-{study}")
-    description = (f"Mechanism study '{study}': {grid.trials} trials, event_fraction x entity_scale x head x seed; "
-                   "each trial a child run.")
-    parent = client.create_run(experiment, run_name=f"study-{study}", tags=source_tags(description)).info.run_id
-    log_params(client, parent, {f"grid.{k}": str(getattr(grid, k)) for k in (*KNOBS, "overrides")})
-    space = {
-        "config": to_yaml(base), "study": study, "parent_run_id": parent,
-        **{knob: tune.grid_search(list(getattr(grid, knob))) for knob in KNOBS},
-    }
+    if resume:
+        trials = missing_trials(client, base, study, resume)
+        parent = resume
+        client.update_run(parent, status="RUNNING")
+        print(f"study: resuming parent run {parent}: {len(trials)} of {len(GRIDS[study].trials)} trials to run")
+    else:
+        trials, parent = GRIDS[study].trials, start_parent(client, study)
+    space = {"config": to_yaml(base), "study": study, "parent_run_id": parent, "trial": tune.grid_search(trials)}
+    # a resume is its own Tune experiment beside the first one, named by what it had left to run
+    name = f"study-{study}-{parent[:8]}" + (f"-resumed-{len(trials)}-left" if resume else "")
     try:
-        ensure_ray()
-        tuner = tune.Tuner(
-            # the trial only drives; its Ray Train workers and Ray Data tasks hold the CPUs
-            tune.with_resources(run_trial, TRIAL_RESOURCES),
-            param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=1),
-            run_config=tune.RunConfig(name=f"study-{study}-{parent[:8]}", storage_path=base.train.storage_path,
-                                      verbose=0),
-        )
-        results = tuner.fit()
-        failed = [r.error for r in results if r.error is not None]
-        if failed:
-            raise RuntimeError(f"{len(failed)} of {grid.trials} study trials failed; the first: {failed[0]}")
+        if trials:
+            ensure_ray()
+            tuner = tune.Tuner(
+                # the trial only drives; its Ray Train workers and Ray Data tasks hold the CPUs
+                tune.with_resources(run_trial, TRIAL_RESOURCES),
+                param_space=space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=1),
+                run_config=tune.RunConfig(name=name, storage_path=base.train.storage_path, verbose=0),
+            )
+            failed = [r.error for r in tuner.fit() if r.error is not None]
+            if failed:
+                raise RuntimeError(f"{len(failed)} of {len(trials)} study trials failed; the first: {failed[0]}")
     except BaseException:
         finish_run(uri, parent, failed=True)
         raise
@@ -163,11 +208,15 @@ def run_study(base: Config, study: str) -> tuple[str, list[Cell]]:
     return parent, cells
 
 
+def finished_children(client: MlflowClient, parent: str) -> list[Any]:
+    experiment = client.get_run(parent).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
+                              max_results=10_000)
+
+
 def finished_trials(client: MlflowClient, parent: str) -> list[dict[str, Any]]:
     """The parent run's finished child runs as summary rows: their knobs (tags) and test t2v R@1."""
-    experiment = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
-                              max_results=10_000)
+    runs = finished_children(client, parent)
     return [{"event_fraction": float(run.data.tags["event_fraction"]), "entity_scale": float(run.data.tags["entity_scale"]),
              "head": run.data.tags["head"], "seed": int(run.data.tags["seed"]),
              "test_t2v_R1": run.data.metrics["test/t2v/R1"]} for run in runs]
