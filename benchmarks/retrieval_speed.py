@@ -86,6 +86,7 @@ def gallery(real: VideoFeatures, size: int, seed: int = 0, chunk: int = 10_000) 
                 frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
                 patches=torch.where(entity_from_first[..., None], real.patches[a], real.patches[b]),
                 patch_frames=torch.where(entity_from_first[..., None], real.patch_frames[a], real.patch_frames[b]),
+                frame_views=torch.where(from_first[:, None, :, None], real.frame_views[a], real.frame_views[b]),
             )
         )
     return VideoFeatures.cat([real, *parts])

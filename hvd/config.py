@@ -78,7 +78,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | tiny-p8 | ViT-B-32 | ViT-B-16
-    head: str = "hvd"  # hvd | meanp
+    head: str = "hvd"  # hvd | meanp | xpool | eercf | hvp (README: "Heads")
     pretrained: str | None = None  # local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start
     quick_gelu: bool = True  # OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not
     frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
@@ -87,6 +87,9 @@ class ModelConfig:
     pfcm_ratio: float = 0.5  # PFCM: share of tokens kept per round
     dpc_k: int = 3  # DPC-KNN neighbours, the token itself included
     score_budget_mb: int = 512  # memory cap for one chunk of pairwise scoring
+    layers: list[int] = field(default_factory=list)  # hvp: ViT blocks matched with the caption; empty: first, middle, last
+    temporal_layers: int = 4  # eercf: blocks of the temporal transformer over frames (CLIP4Clip's seqTransf)
+    pearson_weight: float = 0.001  # eercf: weight of the Pearson constraint in the loss (EERCF's)
 
 
 @dataclass
@@ -165,7 +168,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sample_mode": ("uniform", "fps"),
     "data.frame_codec": ("jpeg", "raw"),
     "model.preset": ("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16"),
-    "model.head": ("hvd", "meanp"),
+    "model.head": ("hvd", "meanp", "xpool", "eercf", "hvp"),
     "model.pfcm_scope": ("frame", "video"),
     "eval.mode": ("exhaustive", "two_stage"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -208,6 +211,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.pfcm_ratio": _SHARE,
     "model.dpc_k": _COUNT,
     "model.score_budget_mb": _COUNT,
+    "model.temporal_layers": _COUNT,
+    "model.pearson_weight": _NONNEGATIVE,
     "pretrain.train_stills": _COUNT,
     "pretrain.val_stills": _COUNT,
     "pretrain.epochs": _COUNT,

@@ -32,6 +32,7 @@ from hvd.eval.source import ModelSourceError, load_model_source
 from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
+from hvd.model.heads import HVDHead, XPoolHead
 from hvd.model.pfcm import PFCM
 from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri, version_model_id
 
@@ -74,7 +75,7 @@ def test_pfcm_entity_assignment_follows_the_clusters_through_every_round():
 
 def test_head_explains_which_frames_ffsm_kept(tiny_model):
     frames = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    pooled, patches = tiny_model.backbone.encode_images(frames, with_patches=True)
+    pooled, patches, _ = tiny_model.backbone.encode_images(frames, with_patches=True)
     unit_frames = F.normalize(pooled, dim=-1)
     sentence = tiny_model.encode_text(build_tokenizer(ModelConfig(), 32)(["a red circle rises"])).sentence[0]
     mask = torch.arange(12) < 10  # two padding frames
@@ -122,9 +123,11 @@ def test_pictures_are_written_and_readable(tmp_path):
         video_id="v0",
         rank=3,
         frames=rng.integers(0, 255, (12, 64, 64, 3), dtype=np.uint8),
+        valid=np.arange(12) < 11,
         frame_scores=rng.normal(size=12).astype(np.float32),
         kept=np.arange(12) % 2 == 0,
         entities=entities,
+        legend=HVDHead.explain_legend,
     )
     figure = plots.frame_selection_figure(pair)
     titles = [axis.get_title() for axis in figure.axes]
@@ -137,6 +140,13 @@ def test_pictures_are_written_and_readable(tmp_path):
     with Image.open(tmp_path / "f.png") as image:
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     assert (np.abs(pixels - [0x1A, 0x98, 0x50]).sum(axis=1) < 30).sum() > 500  # green frames round kept frames
+
+    # a head without entities (X-Pool, EERCF): one row of frames per row, its own legend
+    attention = dataclasses.replace(pair, entities=None, legend=XPoolHead.explain_legend)
+    figure = plots.frame_selection_figure(attention)
+    assert len(figure.axes) == 12 and "X-Pool attention" in figure.get_suptitle()
+    assert "colours" not in figure.get_suptitle()
+    assert png_size(plots.frame_selection(attention, tmp_path / "a.png"))[1] < height
 
 
 # --- model sources and config -----------------------------------------------------------------------

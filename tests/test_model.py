@@ -124,7 +124,7 @@ def test_hvd_score_matches_a_per_pair_reference(scope, tokens, frames):
             torch.nn.init.normal_(layer.weight, std=2.0)
         text, video = model.encode_text(tokens), model.encode_video(frames, mask)
         scores = model.score(text, video)
-        _, raw_patches = model.backbone.encode_images(frames.flatten(0, 1), with_patches=True)
+        _, raw_patches, _ = model.backbone.encode_images(frames.flatten(0, 1), with_patches=True)
         raw_patches = raw_patches.unflatten(0, frames.shape[:2])
 
         for t in range(len(text)):
@@ -151,7 +151,8 @@ def test_hvd_score_matches_a_per_pair_reference(scope, tokens, frames):
 
 
 def random_features(
-    texts: int, videos: int, words: int = 32, frames: int = 6, patches: int = 2, dim: int = 128
+    texts: int, videos: int, words: int = 32, frames: int = 6, patches: int = 2, dim: int = 128, views: int = 0,
+    blocks: int = 1,
 ):
     generator = torch.Generator().manual_seed(1)
 
@@ -161,21 +162,24 @@ def random_features(
     lengths = torch.randint(3, words + 1, (texts, 1), generator=generator)
     text = TextFeatures(unit(texts), unit(texts, words), torch.arange(words) < lengths)
     frame_mask = torch.arange(frames) < torch.randint(1, frames + 1, (videos, 1), generator=generator)
-    patch_frames = torch.eye(frames, dtype=torch.bool).repeat_interleave(patches, dim=0) & frame_mask[:, None]
-    return text, VideoFeatures(unit(videos, frames), frame_mask, unit(videos, frames * patches), patch_frames)
+    one_block = torch.eye(frames, dtype=torch.bool).repeat_interleave(patches, dim=0)  # each entity in one frame
+    patch_frames = one_block.repeat(blocks, 1) & frame_mask[:, None]
+    return text, VideoFeatures(unit(videos, frames), frame_mask, unit(videos, blocks * frames * patches), patch_frames,
+                               unit(videos, views, frames))
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp"])
+@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp"])
 def test_chunked_scores_stay_in_budget_and_equal_one_piece_scores(head):
     model = tiny_model(head, score_budget_mb=1)
-    text, video = random_features(120, 100)
+    shapes = {"eercf": {"views": 1}, "hvp": {"views": 2, "blocks": 3, "patches": 1}}.get(head, {})
+    text, video = random_features(120, 100, **shapes)
     text_chunk, video_chunk = model.chunk_sizes(text, video)
     assert text_chunk * video_chunk * model.head.pair_bytes(text, video) <= 2**20
-    if head == "hvd":
+    if head != "meanp":
         assert text_chunk < 120 and video_chunk < 100  # the budget forces chunks both ways
     scores = model.score(text, video)
     with torch.no_grad():
-        whole = sum(model.similarities(text, video).values())
+        whole = model.combine(model.similarities(text, video))
     torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-6)
 
 
@@ -190,14 +194,24 @@ def test_global_embeddings_reproduce_the_meanp_score_and_ignore_padding(tokens, 
     torch.testing.assert_close(v[1], model.global_embeddings(text, only_real)[1][0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("head", "scope"), [("hvd", "frame"), ("hvd", "video"), ("meanp", "frame")])
+HEAD_LOSSES = {
+    "hvd": {"loss_sentence_frames", "loss_words_patches"},
+    "meanp": {"loss_sentence_video"},
+    "xpool": {"loss_sentence_pooled"},
+    "eercf": {"loss_weak", "loss_strong", "loss_pearson"},
+    "hvp": {f"loss_block{b}_{n}" for b in (0, 2, 3) for n in ("sentence_frames", "sentence_patches", "words_patches")},
+}
+
+
+@pytest.mark.parametrize(("head", "scope"), [("hvd", "frame"), ("hvd", "video"), ("meanp", "frame"), ("xpool", "video"),
+                                             ("eercf", "video"), ("hvp", "video")])
 def test_gradients_reach_the_backbone_and_every_new_module(head, scope, tokens, frames):
     model = tiny_model(head, pfcm_scope=scope)
     pixels = torch.randint(0, 256, (len(CAPTIONS), FRAMES, 64, 64, 3), dtype=torch.uint8)
     mask = torch.arange(FRAMES) < torch.tensor([[6], [3], [6], [5]])
     loss, metrics = model(tokens, pixels, mask)  # forward: the loss from uint8 frames, as DDP calls it
     loss.backward()
-    expected = {"hvd": {"loss_sentence_frames", "loss_words_patches"}, "meanp": {"loss_sentence_video"}}[head]
+    expected = HEAD_LOSSES[head]
     assert set(metrics) == expected | {"logit_scale"}
     assert loss.item() == pytest.approx(sum(metrics[name] for name in expected), rel=1e-6)
     fixed = {name for name, p in model.named_parameters() if not p.requires_grad}

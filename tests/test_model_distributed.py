@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from hvd.config import ModelConfig, TrainConfig
+from hvd.config import CHOICES, ModelConfig, TrainConfig
 from hvd.model import build_model, build_tokenizer
 from hvd.model.losses import gather_across_ranks
 from hvd.train.inputs import trim_padding
@@ -20,6 +20,7 @@ from hvd.train.loop import train_step
 from hvd.train.optim import build_optimizer, build_scheduler
 
 WORLD = 2
+HEADS = CHOICES["model.head"]
 STEPS = 2  # DDP fails on the second step if a parameter got no gradient in the first
 CAPTIONS = ["a red square slides left", "a blue circle grows", "two green dots swap", "a yellow bar spins"]
 
@@ -52,7 +53,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {head: run_steps(head, rank, WORLD) for head in ("hvd", "meanp")}
+        results = {head: run_steps(head, rank, WORLD) for head in HEADS}
         model = build_model(ModelConfig(head="meanp"))
         try:  # ranks holding different batch sizes must be told, not hang
             gather_across_ranks(model.encode_text(global_batch()[0][: rank + 1]))
@@ -77,7 +78,7 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD)
     split = torch.load(out)
 
-    for head in ("hvd", "meanp"):
+    for head in HEADS:
         losses, gradients = run_steps(head)
         split_losses, split_gradients = split["results"][head]
         assert split_losses == pytest.approx(losses, rel=1e-6), head

@@ -1,7 +1,9 @@
-"""What the HVD score looked at for a few (caption, video) pairs: FFSM's kept frames and PFCM's entities.
+"""What a head's score looked at for a few (caption, video) pairs: HVD's kept frames and PFCM entities,
+X-Pool's frame attention, EERCF's text gate.
 
-These feed the pictures in the evaluation report; the model computes them (`HVDHead.explain`), this
-module only gathers the inputs (the video's frames from the shards) and the outputs for plotting.
+These feed the pictures in the evaluation report; the head computes them (its `explain`, and the picture's
+legend `explain_legend`), this module only gathers the inputs (the video's frames from the shards) and the
+outputs for plotting.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ class PairExplanation:
     video_id: str
     rank: int  # of the ground-truth video for this caption, as the report ranked it
     frames: np.ndarray  # [T, H, W, 3] uint8, as the model saw them
-    frame_scores: np.ndarray  # [T] cosine of the caption and each frame: what FFSM ranks by
-    kept: np.ndarray  # [T] bool, the frames FFSM kept for this pair
-    entities: np.ndarray  # [T, grid, grid] the PFCM entity each patch was merged into, -1 on padding frames
+    valid: np.ndarray  # [T] bool, False on padding frames
+    frame_scores: np.ndarray  # [T] what the head weighs each frame by (HVD: caption-frame cosine, FFSM's ranking)
+    kept: np.ndarray  # [T] bool, the frames the head kept or favoured for this pair
+    entities: np.ndarray | None  # [T, grid, grid] the PFCM entity each patch was merged into (-1: padding); None
+    legend: str  # what the picture shows, from the head
 
 
 def can_explain(model: RetrievalModel) -> bool:
@@ -59,7 +63,7 @@ def explain_pairs(
         row = rows[video_id]
         sentence = model.encode_text(tokenizer([caption])).sentence[0]
         images = model.normalize_frames(torch.from_numpy(frames_uint8(row))[None])[0]
-        pooled, patches = model.backbone.encode_images(images, with_patches=True)
+        pooled, patches, _ = model.backbone.encode_images(images, with_patches=True)
         mask = torch.from_numpy(frame_mask([row])[0]).to(model.device)
         parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float(), mask)
         grid = int(np.sqrt(patches.shape[1]))
@@ -69,9 +73,11 @@ def explain_pairs(
                 video_id=video_id,
                 rank=rank,
                 frames=frames_uint8(row),
+                valid=mask.cpu().numpy(),
                 frame_scores=parts["frame_scores"].cpu().numpy(),
                 kept=parts["kept"].cpu().numpy(),
-                entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy(),
+                entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy() if "entities" in parts else None,
+                legend=model.head.explain_legend,
             )
         )
     return explained

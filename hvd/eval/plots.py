@@ -91,25 +91,27 @@ def _entity_colours(count: int) -> ListedColormap:
 
 
 def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
-    """Every frame with its caption similarity, FFSM's kept frames framed in green and the dropped ones
-    dimmed; under each kept frame, its patches coloured by PFCM entity (as HVD Fig. 3), with the entity
-    count. Frames wrap at FRAMES_PER_ROW, so the figure keeps a readable size at any frame count."""
+    """Every frame with the head's score of it, the kept (or favoured) frames framed in green and the others
+    dimmed; with PFCM entities (HVD), under each kept frame its patches coloured by entity (as HVD Fig. 3),
+    with the entity count. Frames wrap at FRAMES_PER_ROW, so the figure keeps a readable size at any frame
+    count."""
     frames = len(pair.frames)
     columns = min(frames, FRAMES_PER_ROW)
     rows = -(-frames // columns)
+    tiers = 1 if pair.entities is None else 2  # a row of frames, and under it their entities if any
     figure, axes = plt.subplots(
-        2 * rows, columns, figsize=(1.6 * columns, 3.3 * rows + 0.9), squeeze=False, layout="constrained"
+        tiers * rows, columns, figsize=(1.6 * columns, 1.65 * tiers * rows + 0.9), squeeze=False, layout="constrained"
     )
-    entity_count = int(pair.entities.max()) + 1
-    colours = _entity_colours(entity_count)
+    entity_count = 0 if pair.entities is None else int(pair.entities.max()) + 1
+    colours = _entity_colours(max(entity_count, 1))
     size = pair.frames.shape[1]
-    for index in range(2 * rows * columns):
+    for index in range(tiers * rows * columns):
         axes.flat[index].set_axis_off()
     for index in range(frames):
         row, column = divmod(index, columns)
-        top, bottom = axes[2 * row, column], axes[2 * row + 1, column]
+        top = axes[tiers * row, column]
         kept = bool(pair.kept[index])
-        padding = bool((pair.entities[index] < 0).all())
+        padding = not bool(pair.valid[index])
         top.set_axis_on()
         top.set_xticks([])
         top.set_yticks([])
@@ -120,6 +122,9 @@ def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
             continue
         for spine in top.spines.values():
             spine.set(edgecolor=KEPT_COLOUR, linewidth=3)
+        if pair.entities is None:
+            continue
+        bottom = axes[tiers * row + 1, column]
         bottom.imshow(pair.frames[index])
         bottom.imshow(
             pair.entities[index],
@@ -133,11 +138,7 @@ def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
         present = len(np.unique(pair.entities[index][pair.entities[index] >= 0]))
         bottom.set_title(f"{present} entities", fontsize=8)
     caption = textwrap.fill(f'"{pair.caption}" -> {pair.video_id} (ground truth, ranked {pair.rank})', 90)
-    legend = textwrap.fill(
-        "frames: caption-frame cosine, FFSM's kept frames framed green; under each kept frame its patches "
-        f"coloured by PFCM entity ({entity_count} colours)",
-        90,
-    )
+    legend = textwrap.fill(pair.legend + (f" ({entity_count} colours)" if entity_count else ""), 90)
     figure.suptitle(f"{caption}\n{legend}", fontsize=9)
     return figure
 

@@ -33,6 +33,10 @@ class ClipBackbone(nn.Module):
         return int(self.clip.visual.output_dim)
 
     @property
+    def vision_depth(self) -> int:
+        return len(self.clip.visual.transformer.resblocks)
+
+    @property
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 
@@ -54,13 +58,22 @@ class ClipBackbone(nn.Module):
         sentence = words[torch.arange(words.shape[0], device=words.device), tokens.argmax(dim=-1)]
         return sentence, words
 
-    def encode_images(self, images: Tensor, with_patches: bool) -> tuple[Tensor, Tensor | None]:
-        """Image features [N, D] (class token) and, if asked, patch features [N, P, D]."""
+    def encode_images(
+        self, images: Tensor, with_patches: bool, layers: tuple[int, ...] = ()
+    ) -> tuple[Tensor, Tensor | None, list[tuple[Tensor, Tensor]]]:
+        """Image features [N, D] (class token), if asked patch features [N, P, D], and for each ViT block in
+        `layers` that block's (class [N, D], patches [N, P, D]) through the same ln_post and projection."""
         size = self.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
             raise ValueError(
                 f"frames must be [N, 3, {size}, {size}] for this preset, got {list(images.shape)}"
             )
-        pooled, tokens = self.clip.visual(images)
-        patches = tokens @ self.clip.visual.proj if with_patches else None
-        return pooled, patches
+        visual = self.clip.visual
+        if layers:
+            out = visual.forward_intermediates(images, indices=list(layers), normalize_intermediates=True,
+                                               output_fmt="NLC", output_extra_tokens=True)
+            blocks = [(prefix[:, 0] @ visual.proj, tokens @ visual.proj)
+                      for prefix, tokens in zip(out["image_intermediates_prefix"], out["image_intermediates"], strict=True)]
+            return out["image_features"], None, blocks
+        pooled, tokens = visual(images)
+        return pooled, tokens @ visual.proj if with_patches else None, []

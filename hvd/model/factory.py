@@ -6,18 +6,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import open_clip
-from torch import Tensor, nn
+from torch import Tensor
 
 from hvd.config import WARM_START, ModelConfig, check_section, check_values
 from hvd.model.backbone import ClipBackbone
-from hvd.model.heads import HVDHead, MeanPoolHead
+from hvd.model.heads import EERCFHead, Head, HVDHead, HVPHead, MeanPoolHead, XPoolHead
 from hvd.model.model import RetrievalModel
 from hvd.model.presets import preset_config
 from hvd.model.pretrained import load_pretrained
 
-HEADS: dict[str, Callable[[int, ModelConfig], nn.Module]] = {
-    "hvd": HVDHead,
-    "meanp": lambda dim, cfg: MeanPoolHead(),
+HEADS: dict[str, Callable[[ClipBackbone, ModelConfig], Head]] = {
+    "hvd": lambda backbone, cfg: HVDHead(backbone.embed_dim, cfg),
+    "meanp": lambda backbone, cfg: MeanPoolHead(),
+    "xpool": lambda backbone, cfg: XPoolHead(backbone.embed_dim),
+    "eercf": lambda backbone, cfg: EERCFHead(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length),
+    "hvp": lambda backbone, cfg: HVPHead(backbone.embed_dim, cfg, backbone.vision_depth),
 }
 
 
@@ -27,7 +30,7 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.pretrained == WARM_START:
         raise ValueError("model.pretrained=synthetic names a warm start that hvd.train.warm_start makes; pass its file")
     backbone = ClipBackbone(open_clip.CLIP(**preset_config(cfg.preset, cfg.quick_gelu)))
-    model = RetrievalModel(backbone, HEADS[cfg.head](backbone.embed_dim, cfg), cfg.score_budget_mb)
+    model = RetrievalModel(backbone, HEADS[cfg.head](backbone, cfg), cfg.score_budget_mb)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model

@@ -60,3 +60,4 @@ class VideoFeatures(Features):
     frame_mask: Tensor  # [B, T] bool, False on padding frames (clips shorter than T frames)
     patches: Tensor  # [B, E, D] entities: patch tokens after the head's compression; E = 0 for meanp
     patch_frames: Tensor  # [B, E, T] bool: the frames each entity's patches come from (none: empty slot)
+    frame_views: Tensor  # [B, K, T, D] frame features a head derives besides `frames` (EERCF: contextualised; HVP-Net: earlier blocks'); K = 0 for most

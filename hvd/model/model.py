@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from hvd.model.backbone import PAD_TOKEN, ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
-from hvd.model.heads import mean_frame_embedding, no_patches
+from hvd.model.heads import Head
 from hvd.model.losses import gather_across_ranks, symmetric_infonce
 
 MAX_LOGIT_SCALE = 100.0
@@ -21,7 +21,7 @@ IMAGE_STD: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
 
 
 class RetrievalModel(nn.Module):
-    def __init__(self, backbone: ClipBackbone, head: nn.Module, score_budget_mb: int):
+    def __init__(self, backbone: ClipBackbone, head: Head, score_budget_mb: int):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -72,16 +72,16 @@ class RetrievalModel(nn.Module):
         elif frame_mask.shape != (batch, time) or not bool(frame_mask.any(dim=1).all()):
             raise ValueError(f"frame_mask must be bool [{batch}, {time}] with a valid frame per video, got {list(frame_mask.shape)}")
         frame_mask = frame_mask.to(self.device, torch.bool)
+        head = self.head
         with self._autocast():
-            pooled, patches = self.backbone.encode_images(
-                frames.to(self.device).flatten(0, 1), with_patches=self.head.uses_patches
+            pooled, patches, blocks = self.backbone.encode_images(
+                frames.to(self.device).flatten(0, 1), with_patches=head.uses_patches, layers=head.vision_layers
             )
-            pooled = F.normalize(pooled.float(), dim=-1).unflatten(0, (batch, time))
-            if patches is None:
-                entities, patch_frames = no_patches(pooled)
-            else:
-                entities, patch_frames = self.head.compress_patches(patches.unflatten(0, (batch, time)), frame_mask)
-        return VideoFeatures(frames=pooled, frame_mask=frame_mask, patches=entities.float(), patch_frames=patch_frames)
+            per_video = lambda x: x.unflatten(0, (batch, time))  # noqa: E731
+            return head.video_features(
+                per_video(pooled), frame_mask, None if patches is None else per_video(patches),
+                [(per_video(f), per_video(p)) for f, p in blocks],
+            )
 
     def normalize_frames(self, frames: Tensor) -> Tensor:
         """uint8 frames [B, T, H, W, 3], as shards store them -> the model's input [B, T, 3, H, W], on its device.
@@ -119,7 +119,7 @@ class RetrievalModel(nn.Module):
             texts = text[t : t + text_chunk].to(self.device)
             for v in range(0, len(video), video_chunk):
                 chunk = self.similarities(texts, video[v : v + video_chunk].to(self.device))
-                scores[t : t + text_chunk, v : v + video_chunk] = sum(chunk.values()).to(scores.device)
+                scores[t : t + text_chunk, v : v + video_chunk] = self.combine(chunk).to(scores.device)
         return scores
 
     def chunk_sizes(self, text: TextFeatures, video: VideoFeatures) -> tuple[int, int]:
@@ -130,16 +130,24 @@ class RetrievalModel(nn.Module):
         text_chunk = max(1, min(len(text), pairs // video_chunk))  # give back what few videos left over
         return text_chunk, video_chunk
 
+    def combine(self, similarities: dict[str, Tensor]) -> Tensor:
+        """The retrieval score: the head's similarities summed, each with its loss weight."""
+        return sum(self.head.part_weights.get(name, 1.0) * s for name, s in similarities.items())
+
     @torch.no_grad()
     def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
-        """Unit sentence [Nt, D] and mean-frame [Nv, D] features, whose dot product is a cheap first stage."""
-        return text.sentence, mean_frame_embedding(video.frames, video.frame_mask)
+        """[Nt, D] and [Nv, D] features whose dot product is the head's cheap first stage (meanP's by default)."""
+        return self.head.global_embeddings(text, video)
 
     def loss(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, dict[str, float]]:
-        """Sum of symmetric InfoNCE losses, one per similarity, over the batch gathered from all ranks."""
-        similarities = self.similarities(gather_across_ranks(text), gather_across_ranks(video))
+        """Symmetric InfoNCE on each similarity (weighted as the head says) plus the head's regularizers,
+        over the batch gathered from all ranks."""
+        text, video = gather_across_ranks(text), gather_across_ranks(video)
         scale = self.logit_scale()
-        parts = {name: symmetric_infonce(scale * s) for name, s in similarities.items()}
+        weights = self.head.part_weights
+        parts = {name: weights.get(name, 1.0) * symmetric_infonce(scale * s)
+                 for name, s in self.similarities(text, video).items()}
+        parts |= self.head.regularizers(text, video)
         total = torch.stack(list(parts.values())).sum()
         metrics = {f"loss_{name}": float(value.detach()) for name, value in parts.items()}
         metrics["logit_scale"] = float(scale.detach())

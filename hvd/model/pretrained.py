@@ -55,8 +55,9 @@ def load_pretrained(model: RetrievalModel, path: str | Path) -> None:
             f"model.pretrained={file}: not a checkpoint of this preset "
             f"(missing: {_short(incompatible.missing_keys) or 'none'}; unexpected: {_short(unexpected) or 'none'})"
         )
+    model.head.init_from_clip(model.backbone.clip)  # e.g. EERCF's temporal blocks from CLIP's text blocks
     head_keys = [key for key in incompatible.unexpected_keys if key.startswith(HEAD_PREFIX)]
-    if head_keys:
+    if head_keys:  # a file with trained head weights overrides that seed
         state = load_state_dict(str(file))
         try:
             model.head.load_state_dict({key[len(HEAD_PREFIX) :]: state[key] for key in head_keys})

@@ -1,14 +1,6 @@
-"""Similarity heads: how encoded captions and videos become [Nt, Nv] similarity matrices.
-
-Both heads answer the same questions, so training, scoring and evaluation treat them alike: the
-named similarity matrices of a batch (`similarities`; the retrieval score is their sum, the loss an
-InfoNCE on each) and how many bytes one (caption, video) pair costs while scoring (`pair_bytes`).
-A head with `uses_patches` also says which patch tokens a video keeps (`compress_patches`).
-"""
+"""HVD: FFSM picks each pair's frames, PFCM-compressed patches of those frames meet the caption's words."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -17,39 +9,11 @@ from torch import Tensor, nn
 from hvd.config import ModelConfig
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.ffsm import select_frames
+from hvd.model.heads.base import FLOAT_BYTES, Head, trim_padding, words_entities, words_entities_bytes
 from hvd.model.pfcm import PFCM
 
-FLOAT_BYTES = 4
 
-
-def mean_frame_embedding(frames: Tensor, frame_mask: Tensor) -> Tensor:
-    """[B, T, D] unit frame features, [B, T] mask -> [B, D] unit video feature (CLIP4Clip's masked mean pooling)."""
-    return F.normalize(torch.einsum("btd,bt->bd", frames, frame_mask.to(frames.dtype)), dim=-1)
-
-
-def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
-    return logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
-
-
-def no_patches(frames: Tensor) -> tuple[Tensor, Tensor]:
-    """Empty entities [B, 0, D] and their frames [B, 0, T], for heads that score without patches."""
-    batch, time, dim = frames.shape
-    return frames.new_zeros(batch, 0, dim), torch.zeros(batch, 0, time, dtype=torch.bool, device=frames.device)
-
-
-class MeanPoolHead(nn.Module):
-    """The CLIP4Clip meanP baseline: cosine of the sentence and the mean frame feature."""
-
-    uses_patches = False  # encode_video skips the patch tokens altogether
-
-    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        return {"sentence_video": text.sentence @ mean_frame_embedding(video.frames, video.frame_mask).T}
-
-    def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
-        return FLOAT_BYTES
-
-
-class HVDHead(nn.Module):
+class HVDHead(Head):
     """FFSM picks each pair's frames; PFCM-compressed patches of those frames meet the caption's words.
 
     PFCM runs once per video, not per pair (`compress_patches`), over each frame's patches on its own
@@ -61,6 +25,8 @@ class HVDHead(nn.Module):
     """
 
     uses_patches = True
+    explain_legend = ("frames: caption-frame cosine, FFSM's kept frames framed green; under each kept frame its "
+                      "patches coloured by PFCM entity")
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
@@ -115,29 +81,11 @@ class HVDHead(nn.Module):
         return torch.einsum("td,tvd->tv", sentence, F.normalize(pooled, dim=-1))
 
     def _words_patches(self, text: TextFeatures, video: VideoFeatures, kept: Tensor) -> Tensor:
-        """Mean of word-to-best-entity and entity-to-best-word similarity over the entities of kept frames."""
-        words, word_mask = _trim_padding(text.words, text.word_mask)
-        # Padding slots take a copy of the caption's first word: a duplicate leaves every max over words
-        # unchanged and gets no word weight, so the big similarity tensor needs no mask of its own.
-        first = word_mask.to(torch.uint8).argmax(dim=1)
-        words = torch.where(
-            word_mask[..., None], words, words[torch.arange(len(words), device=words.device), first][:, None]
-        )
-        count, entities, dim = video.patches.shape
+        """Word-entity matching over the entities drawn from the frames FFSM kept for each pair."""
+        words, word_mask = trim_padding(text.words, text.word_mask)
         seen = torch.einsum("tvk,vek->tve", kept.float(), video.patch_frames.float()) > 0  # [Nt, Nv, E]
-        similarity = (words.flatten(0, 1) @ video.patches.reshape(-1, dim).T).view(
-            len(words), words.shape[1], count, entities
-        )  # [Nt, L, Nv, E], one matrix product, no layout copy
-
-        best_patch = similarity.masked_fill(~seen[:, None], -math.inf).amax(dim=-1)  # [Nt, L, Nv]
-        word_weight = _masked_softmax(self.word_weight(words).squeeze(-1), word_mask)
-        text_to_video = torch.einsum("tlv,tl->tv", best_patch, word_weight)
-
-        best_word = similarity.amax(dim=1)  # [Nt, Nv, E]
-        patch_logits = self.patch_weight(video.patches).squeeze(-1)  # [Nv, E]
-        patch_weight = _masked_softmax(patch_logits.expand_as(best_word), seen)
-        video_to_text = (best_word * patch_weight).sum(dim=-1)
-        return (text_to_video + video_to_text) / 2
+        return words_entities(words, word_mask, self.word_weight(words).squeeze(-1), video.patches, seen,
+                              self.patch_weight(video.patches).squeeze(-1))
 
     @torch.no_grad()
     def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
@@ -155,11 +103,4 @@ class HVDHead(nn.Module):
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         words, (entities, dim), frames = text.words.shape[1], video.patches.shape[1:], video.frames.shape[1]
-        # word-entity similarities and their masked copy; entity-side masks and reductions; kept-frame mean
-        return FLOAT_BYTES * (2 * words * entities + 2 * words + 6 * entities + frames + 2 * dim)
-
-
-def _trim_padding(words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop the trailing word slots that are padding in every caption of the batch."""
-    length = int(word_mask.any(dim=0).nonzero().max()) + 1
-    return words[:, :length], word_mask[:, :length]
+        return words_entities_bytes(words, entities) + FLOAT_BYTES * (frames + 2 * dim)  # and the kept-frame mean

@@ -1,0 +1,115 @@
+"""What every similarity head answers, and the pieces several heads share.
+
+Training, scoring and evaluation treat heads alike through `Head`: the video features a head keeps per
+video (`video_features`, run once per video at encoding time), the named [Nt, Nv] similarity matrices of
+a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, and the retrieval
+score their weighted sum), extra loss terms (`regularizers`), the cheap features of a first retrieval
+stage (`global_embeddings`) and how many bytes one (caption, video) pair costs while scoring
+(`pair_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from open_clip import CLIP
+from torch import Tensor, nn
+
+from hvd.model.features import TextFeatures, VideoFeatures
+
+FLOAT_BYTES = 4
+
+
+def mean_frame_embedding(frames: Tensor, frame_mask: Tensor) -> Tensor:
+    """[B, T, D] unit frame features, [B, T] mask -> [B, D] unit video feature (CLIP4Clip's masked mean pooling)."""
+    return F.normalize(torch.einsum("btd,bt->bd", frames, frame_mask.to(frames.dtype)), dim=-1)
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    return logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
+
+
+def no_patches(frames: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty entities [B, 0, D] and their frames [B, 0, T], for heads that score without patches."""
+    batch, time, dim = frames.shape
+    return frames.new_zeros(batch, 0, dim), torch.zeros(batch, 0, time, dtype=torch.bool, device=frames.device)
+
+
+def trim_padding(words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the trailing word slots that are padding in every caption of the batch."""
+    length = int(word_mask.any(dim=0).nonzero().max()) + 1
+    return words[:, :length], word_mask[:, :length]
+
+
+def words_entities(
+    words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor
+) -> Tensor:
+    """[Nt, Nv] mean of word-to-best-entity and entity-to-best-word similarity, each side weighted by a
+    softmax of its logits: the fine-grained score of HVD and HVP-Net.
+
+    words [Nt, L, D] (mask [Nt, L], logits [Nt, L]); entities [Nv, E, D] (logits [Nv, E]); seen
+    [Nt, Nv, E]: the entities a pair may use (at least one per pair).
+    """
+    # Padding slots take a copy of the caption's first word: a duplicate leaves every max over words
+    # unchanged and gets no word weight, so the big similarity tensor needs no mask of its own.
+    first = word_mask.to(torch.uint8).argmax(dim=1)
+    words = torch.where(word_mask[..., None], words, words[torch.arange(len(words), device=words.device), first][:, None])
+    count, slots, dim = entities.shape
+    similarity = (words.flatten(0, 1) @ entities.reshape(-1, dim).T).view(
+        len(words), words.shape[1], count, slots
+    )  # [Nt, L, Nv, E], one matrix product, no layout copy
+    best_entity = similarity.masked_fill(~seen[:, None], -math.inf).amax(dim=-1)  # [Nt, L, Nv]
+    text_to_video = torch.einsum("tlv,tl->tv", best_entity, masked_softmax(word_logits, word_mask))
+    best_word = similarity.amax(dim=1)  # [Nt, Nv, E]
+    entity_weight = masked_softmax(entity_logits.expand_as(best_word), seen)
+    video_to_text = (best_word * entity_weight).sum(dim=-1)
+    return (text_to_video + video_to_text) / 2
+
+
+def words_entities_bytes(words: int, entities: int) -> int:
+    """Per pair: the word-entity similarities and their masked copy, and the entity-side reductions."""
+    return FLOAT_BYTES * (2 * words * entities + 2 * words + 6 * entities)
+
+
+class Head(nn.Module):
+    uses_patches = False  # the backbone's patch tokens reach `video_features` (else None: not computed)
+    vision_layers: tuple[int, ...] = ()  # ViT blocks whose tokens `video_features` also reads (HVP-Net)
+    part_weights: dict[str, float] = {}  # weight of each similarity in the loss and the score; absent: 1
+
+    def video_features(
+        self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]
+    ) -> VideoFeatures:
+        """What the head keeps per video. frames [B, T, D] (the backbone's pooled output, not normalised),
+        frame_mask [B, T], patches [B, T, P, D] or None, and for each of `vision_layers` that block's
+        (frames [B, T, D], patches [B, T, P, D]) after CLIP's ln_post and projection."""
+        unit = F.normalize(frames.float(), dim=-1)
+        entities, patch_frames = no_patches(unit) if patches is None else self.compress_patches(patches, frame_mask)
+        return VideoFeatures(unit, frame_mask, entities.float(), patch_frames, no_frame_views(unit))
+
+    def compress_patches(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} uses no patches")
+
+    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def regularizers(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """Weighted loss terms besides the InfoNCE of each similarity, on the gathered batch; none by default."""
+        return {}
+
+    def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
+        """[Nt, D] and [Nv, D] whose dot product is a cheap first retrieval stage: by default the sentence
+        and the mean frame (CLIP4Clip's meanP score)."""
+        return text.sentence, mean_frame_embedding(video.frames, video.frame_mask)
+
+    def init_from_clip(self, clip: CLIP) -> None:
+        """Seed head modules from pretrained CLIP weights, called once they are loaded; nothing by default."""
+
+    def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
+        raise NotImplementedError
+
+
+def no_frame_views(frames: Tensor) -> Tensor:
+    """[B, 0, T, D]: a head that derives no frame features of its own."""
+    return frames.new_zeros(frames.shape[0], 0, *frames.shape[1:])

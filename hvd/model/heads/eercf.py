@@ -1,0 +1,144 @@
+"""EERCF (Tian et al., AAAI 2024): coarse-to-fine visual features, a parameter-free text-gated interaction
+block, a Pearson constraint, and two-stage retrieval.
+
+Per video, as EERCF's code computes them: a temporal transformer over the frame features (with learned
+frame positions and a residual to the CLIP frames; its blocks start as copies of CLIP's first text
+blocks, as CLIP4Clip's seqTransf does), whose masked mean is the coarse video feature; the CLIP frames;
+and every patch of every frame. Per pair, the text-gated interaction block (TIB):
+- weak: the coarse score sentence x W x video (W starts as the identity), plus softmax-pooled (temperature
+  0.01) sentence-frame and sentence-patch similarities;
+- strong: the contextualised frames gated by the caption (softmax of sentence-frame similarity at
+  temperature 0.1) into one feature per pair, compared with the sentence.
+The loss is EERCF's: InfoNCE on the weak sum (weight 0.8) and the strong score (0.2), plus the Pearson
+constraint: text and video features standardised over the gathered batch, and the squared distance of each
+dimension's correlation from 1, summed (EERCF's 0.14 on the diagonal, 0 off it), on the video-level and the
+gated frame-level features, times `model.pearson_weight` (EERCF's 0.001).
+
+Two departures, both stated: the strong score gates each video by the query's own caption in training as
+at evaluation (EERCF's training gates each video by its paired caption only); EERCF's per-frame-slot weight
+matrix (eye(max_frames)) is left out, as it ties the model to one frame count.
+Stage 1 of two-stage retrieval is the coarse score (`global_embeddings`), stage 2 the full one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from open_clip import CLIP
+from open_clip.transformer import Transformer
+from torch import Tensor, nn
+
+from hvd.config import ModelConfig
+from hvd.model.features import TextFeatures, VideoFeatures
+from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
+
+WEAK_TEMPERATURE = 0.01
+STRONG_TEMPERATURE = 0.1
+COARSE, FRAMES, PATCHES = 0.5, 0.5, 0.05  # EERCF's weights inside the weak score
+PEARSON_DIAGONAL = 0.14
+
+
+def pearson_constraint(text: Tensor, video: Tensor) -> Tensor:
+    """sum over dimensions of (corr(text_d, video_d) - 1)^2 over the batch, times EERCF's 0.14; corr as EERCF
+    computes it (unbiased std, then a mean over the batch: (B - 1) / B for a perfect correlation)."""
+    standard = [(x - x.mean(dim=0)) / x.std(dim=0) for x in (text.float(), video.float())]
+    correlation = (standard[0] * standard[1]).sum(dim=0) / len(text)  # the diagonal of z_t^T z_v / B
+    return PEARSON_DIAGONAL * (correlation - 1).pow(2).sum()
+
+
+class EERCFHead(Head):
+    uses_patches = True
+    part_weights = {"weak": 0.8, "strong": 0.2}
+    explain_legend = ("frames: EERCF's text gate (softmax of caption-frame cosine / 0.1); frames gated above a "
+                      "uniform weight framed green")
+
+    def __init__(self, dim: int, cfg: ModelConfig, text: Transformer, max_frames: int):
+        super().__init__()
+        self.pearson_weight = cfg.pearson_weight
+        if text.width == dim:  # copies of CLIP's first text blocks, seeded by `init_from_clip`
+            self.temporal = nn.ModuleList(copy.deepcopy(block) for block in text.resblocks[: cfg.temporal_layers])
+        else:
+            self.temporal = Transformer(dim, cfg.temporal_layers, max(1, dim // 64)).resblocks
+        self.frame_positions = nn.Parameter(torch.randn(max_frames, dim) * 0.01)
+        self.coarse_weight = nn.Parameter(torch.eye(dim))
+
+    def init_from_clip(self, clip: CLIP) -> None:
+        if clip.transformer.width != self.coarse_weight.shape[0]:
+            return
+        with torch.no_grad():
+            for block, source in zip(self.temporal, clip.transformer.resblocks, strict=False):
+                block.load_state_dict(source.state_dict())
+            self.frame_positions.copy_(clip.positional_embedding[: len(self.frame_positions)])
+
+    def video_features(
+        self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]
+    ) -> VideoFeatures:
+        batch, time, count, dim = patches.shape
+        if time > len(self.frame_positions):
+            raise ValueError(f"the eercf head's temporal transformer takes at most {len(self.frame_positions)} frames, got {time}")
+        x = frames + self.frame_positions[:time].to(frames.dtype)
+        heads = self.temporal[0].attn.num_heads
+        blocked = torch.zeros(batch, 1, time, dtype=x.dtype, device=x.device).masked_fill(~frame_mask[:, None], float("-inf"))
+        mask = blocked.expand(batch, time, time).repeat_interleave(heads, dim=0)  # [B * heads, T, T]
+        for block in self.temporal:
+            x = block(x, attn_mask=mask)
+        context = F.normalize((x + frames).float(), dim=-1)
+        frame_of_patch = torch.eye(time, dtype=torch.bool, device=frames.device).repeat_interleave(count, dim=0)
+        return VideoFeatures(
+            frames=F.normalize(frames.float(), dim=-1),
+            frame_mask=frame_mask,
+            patches=F.normalize(patches.float(), dim=-1).reshape(batch, time * count, dim),
+            patch_frames=frame_of_patch[None] & frame_mask[:, None, :],  # [B, T * P, T]: its own frame, if real
+            frame_views=context[:, None],
+        )
+
+    def coarse_video(self, video: VideoFeatures) -> Tensor:
+        """[Nv, D] unit video-level feature: the masked mean of the contextualised frames."""
+        context = video.frame_views[:, 0]
+        return F.normalize(torch.einsum("btd,bt->bd", context, video.frame_mask.to(context.dtype)), dim=-1)
+
+    def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
+        return text.sentence @ self.coarse_weight, self.coarse_video(video)
+
+    def gated_frames(self, sentence: Tensor, video: VideoFeatures) -> Tensor:
+        """[Nt, Nv, D] the TIB's strong feature: contextualised frames weighted by their cosine to the caption."""
+        context = video.frame_views[:, 0]
+        gate = masked_softmax(torch.einsum("td,vkd->tvk", sentence, video.frames) / STRONG_TEMPERATURE, video.frame_mask)
+        return F.normalize(torch.einsum("tvk,vkd->tvd", gate, context), dim=-1)
+
+    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        sentence = text.sentence
+        coarse = (sentence @ self.coarse_weight) @ self.coarse_video(video).T
+        frames = self._softmax_pooled(torch.einsum("td,vkd->tvk", sentence, video.frames), video.frame_mask)
+        count, slots, dim = video.patches.shape
+        patches = self._softmax_pooled((sentence @ video.patches.reshape(-1, dim).T).view(len(sentence), count, slots),
+                                       video.patch_frames.any(dim=-1))
+        strong = torch.einsum("td,tvd->tv", sentence, self.gated_frames(sentence, video))
+        return {"weak": COARSE * coarse + FRAMES * frames + PATCHES * patches, "strong": strong}
+
+    @staticmethod
+    def _softmax_pooled(similarity: Tensor, mask: Tensor) -> Tensor:
+        """sum_k s_k softmax(s / 0.01)_k over the valid slots: close to the best slot's similarity."""
+        weights = masked_softmax(similarity / WEAK_TEMPERATURE, mask.expand_as(similarity))
+        return (similarity.masked_fill(~mask, 0.0) * weights).sum(dim=-1)
+
+    def regularizers(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        if self.pearson_weight == 0 or len(text) < 2:
+            return {}
+        own = torch.arange(len(text), device=text.sentence.device)
+        gated = self.gated_frames(text.sentence, video)[own, own]  # each video gated by its own caption
+        constraint = pearson_constraint(text.sentence, self.coarse_video(video)) + pearson_constraint(text.sentence, gated)
+        return {"pearson": self.pearson_weight * constraint}
+
+    @torch.no_grad()
+    def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
+        """One pair's TIB gate over the frames (`frame_scores`, [T]); frames gated above uniform are `kept`."""
+        gate = masked_softmax(frames @ sentence / STRONG_TEMPERATURE, frame_mask)
+        return {"frame_scores": gate, "kept": gate > 1 / frame_mask.sum()}
+
+    def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
+        frames, dim = video.frames.shape[1:]
+        patches = video.patches.shape[1]
+        return FLOAT_BYTES * (4 * patches + 4 * frames + 3 * dim)

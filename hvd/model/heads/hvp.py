@@ -1,0 +1,130 @@
+"""HVP-Net ("Delving Deeper: Hierarchical Visual Perception for Robust Video-Text Retrieval"): frames and
+patches of several ViT blocks, each compressed by PFCM and each matched with the caption.
+
+Every block in `model.layers` (default the first, the middle and the last, as HVP-Net) gives frame and patch
+tokens through CLIP's own ln_post and projection; the block's patches of the whole video go through that
+block's PFCM (one entity can span frames), and the block scores three similarities, each side weighted by a
+learned MLP (a near-zero last layer, so training starts from plain means):
+- sentence-frame: frames weighted by the frame MLP, cosine with the sentence;
+- sentence-patch: entities weighted by the patch MLP, cosine with the sentence;
+- word-patch: word-to-best-entity weighted by the word MLP and entity-to-best-word weighted by the patch
+  MLP, averaged (as HVD's word-patch term, without frame selection).
+Scores and losses are summed over blocks. Word weights come from the query's own words at evaluation as in
+training (HVP-Net's public evaluation code weighs with the paired caption's words: not copied).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hvd.config import ModelConfig
+from hvd.model.features import TextFeatures, VideoFeatures
+from hvd.model.heads.base import (
+    FLOAT_BYTES,
+    Head,
+    masked_softmax,
+    trim_padding,
+    words_entities,
+    words_entities_bytes,
+)
+from hvd.model.pfcm import PFCM
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """The first, the middle and the last block of a `depth`-block ViT."""
+    return tuple(sorted({0, depth // 2, depth - 1}))
+
+
+class WeightMLP(nn.Module):
+    """Token -> softmax logit: Linear, GELU, Linear to one value. The last layer starts near zero (std 1e-3),
+    so the weights start as a plain mean, yet both layers get gradients from the first step."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1, bias=False))
+        nn.init.normal_(self.net[-1].weight, std=1e-3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class BlockMatcher(nn.Module):
+    """One ViT block's PFCM and its word, patch and frame weights."""
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.pfcm = PFCM(dim, cfg.pfcm_steps, cfg.pfcm_ratio, cfg.dpc_k)
+        self.word_weight, self.patch_weight, self.frame_weight = WeightMLP(dim), WeightMLP(dim), WeightMLP(dim)
+
+    def compress(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, T, P, D] -> [B, E, D] unit entities of the whole video and [B, E, T] the frames each came from."""
+        batch, time, count, dim = patches.shape
+        mask = None if bool(frame_mask.all()) else frame_mask.repeat_interleave(count, dim=1)
+        entities, _, assignment = self.pfcm(patches.reshape(batch, time * count, dim), mask)
+        slots = entities.shape[1]
+        frame_of = torch.arange(time, device=patches.device).repeat_interleave(count).expand(batch, -1)
+        slot = torch.where(assignment >= 0, assignment, slots) * time + frame_of  # padding: a dropped column
+        flat = torch.zeros(batch, (slots + 1) * time, dtype=torch.bool, device=patches.device)
+        patch_frames = flat.scatter_(1, slot, True).view(batch, slots + 1, time)[:, :slots]
+        return F.normalize(entities.float(), dim=-1), patch_frames
+
+    def similarities(self, text: TextFeatures, frames: Tensor, frame_mask: Tensor, entities: Tensor,
+                     patch_frames: Tensor) -> dict[str, Tensor]:
+        sentence = text.sentence
+        frame_weight = masked_softmax(self.frame_weight(frames), frame_mask)  # [Nv, T]
+        sentence_frames = torch.einsum("td,vkd,vk->tv", sentence, frames, frame_weight)
+        real = patch_frames.any(dim=-1)  # [Nv, E]
+        entity_logits = self.patch_weight(entities)
+        sentence_patches = torch.einsum("td,ved,ve->tv", sentence, entities, masked_softmax(entity_logits, real))
+        words, word_mask = trim_padding(text.words, text.word_mask)
+        seen = real[None].expand(len(sentence), -1, -1)
+        words_patches = words_entities(words, word_mask, self.word_weight(words), entities, seen, entity_logits)
+        return {"sentence_frames": sentence_frames, "sentence_patches": sentence_patches, "words_patches": words_patches}
+
+
+class HVPHead(Head):
+    uses_patches = True
+
+    def __init__(self, dim: int, cfg: ModelConfig, depth: int):
+        super().__init__()
+        layers = tuple(cfg.layers) or default_layers(depth)
+        if any(not 0 <= layer < depth for layer in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"model.layers={list(cfg.layers)}: distinct ViT block indices in [0, {depth - 1}] expected")
+        self.vision_layers = tuple(sorted(layers))
+        self.blocks = nn.ModuleList(BlockMatcher(dim, cfg) for _ in self.vision_layers)
+
+    def video_features(
+        self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]
+    ) -> VideoFeatures:
+        """frames: every block's unit frames, the last block's first as other heads' frames are; patches: the
+        blocks' entities one after another, E per block."""
+        unit = [F.normalize(block_frames.float(), dim=-1) for block_frames, _ in layers]
+        compressed = [matcher.compress(block_patches, frame_mask) for matcher, (_, block_patches) in zip(self.blocks, layers, strict=True)]
+        return VideoFeatures(
+            frames=unit[-1],
+            frame_mask=frame_mask,
+            patches=torch.cat([entities for entities, _ in compressed], dim=1),
+            patch_frames=torch.cat([patch_frames for _, patch_frames in compressed], dim=1),
+            frame_views=torch.stack(unit[:-1], dim=1) if len(unit) > 1 else unit[-1].new_zeros(len(unit[-1]), 0, *unit[-1].shape[1:]),
+        )
+
+    def _per_block(self, video: VideoFeatures) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(frames, entities, patch_frames) of each block, in `vision_layers` order."""
+        frames = [*video.frame_views.unbind(dim=1), video.frames]
+        per_block = video.patches.shape[1] // len(self.blocks)
+        return [(frames[i], video.patches[:, i * per_block : (i + 1) * per_block],
+                 video.patch_frames[:, i * per_block : (i + 1) * per_block]) for i in range(len(self.blocks))]
+
+    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        parts = {}
+        for layer, matcher, (frames, entities, patch_frames) in zip(self.vision_layers, self.blocks, self._per_block(video), strict=True):
+            for name, similarity in matcher.similarities(text, frames, video.frame_mask, entities, patch_frames).items():
+                parts[f"block{layer}_{name}"] = similarity
+        return parts
+
+    def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
+        words, entities, frames = text.words.shape[1], video.patches.shape[1], video.frames.shape[1]
+        per_block = entities // len(self.blocks)
+        return len(self.blocks) * (words_entities_bytes(words, per_block) + FLOAT_BYTES * (2 * frames + 2 * per_block))
