@@ -63,6 +63,9 @@ GRIDS: dict[str, Grid] = {
     "pilot": Grid((0.15, 1.0), (0.15,), ("hvd", "meanp"), (0,)),
     # About 2.5 hours on 2 cores (3.5-4 min a trial): the demo recipe in each cell, where the paper's claim can be tested.
     "default": Grid((0.15, 0.3, 1.0), (0.15, 0.3), ("hvd", "meanp"), (0, 1, 2)),
+    # The heads added beside HVD and meanP, in the default grid's (0.3, 0.3) cell: with that cell of `default`
+    # (the same benchmark, warm start and recipe) every head on one benchmark, 3 seeds. About 40 minutes.
+    "heads": Grid((0.3,), (0.3,), ("xpool", "eercf", "hvp"), (0, 1, 2)),
     # A cluster's grid: the full benchmark, a finer sweep, five seeds.
     "full": Grid((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), (0.1, 0.15, 0.2, 0.3, 0.4), ("hvd", "meanp"), (0, 1, 2, 3, 4),
                  ("synthetic.preset=full",)),
