@@ -77,3 +77,20 @@ class PFCM(nn.Module):
             merged_into = clusters.assignment.gather(1, assignment.clamp(min=0))
             assignment = merged_into.masked_fill(assignment < 0, -1)
         return x, mask, assignment
+
+
+def video_entities(pfcm: PFCM, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """All of a video's patches through PFCM together (HVP-Net's scope: one entity can span frames).
+
+    [B, T, P, D] patches, [B, T] frame mask -> [B, E, D] entities, [B, T * P] the entity each patch joined
+    (-1 on padding frames) and [B, E, T] the frames each entity's patches come from.
+    """
+    batch, time, count, dim = patches.shape
+    mask = None if bool(frame_mask.all()) else frame_mask.repeat_interleave(count, dim=1)
+    entities, _, assignment = pfcm(patches.reshape(batch, time * count, dim), mask)
+    slots = entities.shape[1]
+    frame_of = torch.arange(time, device=patches.device).repeat_interleave(count).expand(batch, -1)
+    slot = torch.where(assignment >= 0, assignment, slots) * time + frame_of  # padding: a column dropped below
+    flat = torch.zeros(batch, (slots + 1) * time, dtype=torch.bool, device=patches.device)
+    patch_frames = flat.scatter_(1, slot, True).view(batch, slots + 1, time)[:, :slots]
+    return entities, assignment, patch_frames

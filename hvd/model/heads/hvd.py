@@ -10,7 +10,7 @@ from hvd.config import ModelConfig
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.ffsm import select_frames
 from hvd.model.heads.base import FLOAT_BYTES, Head, trim_padding, words_entities, words_entities_bytes
-from hvd.model.pfcm import PFCM
+from hvd.model.pfcm import PFCM, video_entities
 
 
 class HVDHead(Head):
@@ -43,29 +43,23 @@ class HVDHead(Head):
     def compress_patches(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T, P, D] patch features, [B, T] frame mask -> [B, E, D] unit entities and [B, E, T] the frames
         each entity's patches come from."""
-        entities, assignment = self._compress(patches, frame_mask)
-        batch, time, count, _ = patches.shape
-        if self.scope == "frame":  # entity e of frame t is slot t * (E / T) + e
-            per_frame = entities.shape[1] // time
-            owner = torch.eye(time, dtype=torch.bool, device=patches.device).repeat_interleave(per_frame, dim=0)
+        if self.scope == "video":
+            entities, _, patch_frames = video_entities(self.pfcm, patches, frame_mask)
+        else:  # entity e of frame t is slot t * (E / T) + e
+            entities, _ = self._compress(patches, frame_mask)
+            time = patches.shape[1]
+            owner = torch.eye(time, dtype=torch.bool, device=patches.device).repeat_interleave(entities.shape[1] // time, dim=0)
             patch_frames = owner[None] & frame_mask[:, None, :]
-        else:
-            frame_of = torch.arange(time, device=patches.device).repeat_interleave(count).expand(batch, -1)
-            spare = entities.shape[1]  # padding patches (assignment -1) land in a column dropped below
-            slot = torch.where(assignment >= 0, assignment, spare) * time + frame_of
-            flat = torch.zeros(batch, (spare + 1) * time, dtype=torch.bool, device=patches.device)
-            patch_frames = flat.scatter_(1, slot, True).view(batch, spare + 1, time)[:, :spare]
         return F.normalize(entities.float(), dim=-1), patch_frames
 
     def _compress(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """PFCM at the head's scope: [B, E, D] entities and, for video scope, [B, T * P] patch -> entity."""
-        batch, time, count, dim = patches.shape
-        if self.scope == "frame":  # padding frames are compressed too, and masked through patch_frames
-            tokens, _, assignment = self.pfcm(patches.reshape(batch * time, count, dim))
-            return tokens.reshape(batch, -1, dim), assignment.reshape(batch, time * count)
-        mask = None if bool(frame_mask.all()) else frame_mask.repeat_interleave(count, dim=1)
-        tokens, _, assignment = self.pfcm(patches.reshape(batch, time * count, dim), mask)
-        return tokens, assignment
+        """PFCM at the head's scope: [B, E, D] entities and [B, T * P] the entity each patch joined."""
+        if self.scope == "video":
+            entities, assignment, _ = video_entities(self.pfcm, patches, frame_mask)
+            return entities, assignment
+        batch, time, count, dim = patches.shape  # padding frames are compressed too, and masked through patch_frames
+        tokens, _, assignment = self.pfcm(patches.reshape(batch * time, count, dim))
+        return tokens.reshape(batch, -1, dim), assignment.reshape(batch, time * count)
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         kept = select_frames(text.sentence, video.frames, self.frame_keep, video.frame_mask)

@@ -29,7 +29,7 @@ from hvd.model.heads.base import (
     words_entities,
     words_entities_bytes,
 )
-from hvd.model.pfcm import PFCM
+from hvd.model.pfcm import PFCM, video_entities
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
@@ -60,14 +60,7 @@ class BlockMatcher(nn.Module):
 
     def compress(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T, P, D] -> [B, E, D] unit entities of the whole video and [B, E, T] the frames each came from."""
-        batch, time, count, dim = patches.shape
-        mask = None if bool(frame_mask.all()) else frame_mask.repeat_interleave(count, dim=1)
-        entities, _, assignment = self.pfcm(patches.reshape(batch, time * count, dim), mask)
-        slots = entities.shape[1]
-        frame_of = torch.arange(time, device=patches.device).repeat_interleave(count).expand(batch, -1)
-        slot = torch.where(assignment >= 0, assignment, slots) * time + frame_of  # padding: a dropped column
-        flat = torch.zeros(batch, (slots + 1) * time, dtype=torch.bool, device=patches.device)
-        patch_frames = flat.scatter_(1, slot, True).view(batch, slots + 1, time)[:, :slots]
+        entities, _, patch_frames = video_entities(self.pfcm, patches, frame_mask)
         return F.normalize(entities.float(), dim=-1), patch_frames
 
     def similarities(self, text: TextFeatures, frames: Tensor, frame_mask: Tensor, entities: Tensor,
