@@ -1,4 +1,5 @@
-"""Shared fixtures: an MLflow-URI guard for every test, and small real H.264 files written with PyAV, sound and broken."""
+"""Shared fixtures: an MLflow-URI guard for every test, small real H.264 files written with PyAV (sound and
+broken), and the model tests' captions and clips."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
+
+from hvd.config import ModelConfig
+from hvd.model import build_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -121,3 +126,18 @@ def clip_factory(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def broken_videos(tmp_path: Path) -> dict[str, Path]:
     return write_broken_videos(tmp_path / "broken")
+
+
+# The model tests' inputs: four captions, and four random clips of MODEL_FRAMES 64 px frames.
+MODEL_CAPTIONS = ["a red square slides left", "a blue circle grows", "two green dots swap places", "a dog"]
+MODEL_FRAMES = 6
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return build_tokenizer(ModelConfig(), max_words=32)(MODEL_CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return torch.randn(len(MODEL_CAPTIONS), MODEL_FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -9,29 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MODEL_FRAMES as FRAMES
 
 from hvd.config import ConfigError, ModelConfig, load_config
-from hvd.model import build_model, build_tokenizer
+from hvd.model import build_model
 from hvd.model.heads.eercf import pearson_constraint
 from hvd.model.heads.hvp import default_layers
-
-CAPTIONS = ["a red square in the top left", "a blue circle", "two green dots", "a yellow bar"]
-FRAMES = 6
 
 
 def tiny_model(head: str, **overrides):
     torch.manual_seed(0)
     return build_model(ModelConfig(head=head, **overrides)).eval()
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return build_tokenizer(ModelConfig(), max_words=32)(CAPTIONS)
-
-
-@pytest.fixture(scope="module")
-def frames():
-    return torch.randn(len(CAPTIONS), FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MODEL_CAPTIONS as CAPTIONS
+from conftest import MODEL_FRAMES as FRAMES
 
 from hvd.config import ModelConfig
 from hvd.model import TextFeatures, VideoFeatures, build_model, build_tokenizer
@@ -14,23 +16,10 @@ from hvd.model.clustering import keep_count
 from hvd.model.ffsm import select_frames
 from hvd.model.pfcm import PFCM
 
-CAPTIONS = ["a red square slides left", "a blue circle grows", "two green dots swap places", "a dog"]
-FRAMES = 6
-
 
 def tiny_model(head: str = "hvd", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     return build_model(ModelConfig(head=head, **overrides))
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return build_tokenizer(ModelConfig(), max_words=32)(CAPTIONS)
-
-
-@pytest.fixture(scope="module")
-def frames():
-    return torch.randn(len(CAPTIONS), FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 def test_features_have_the_documented_shapes_and_unit_norms(tokens, frames):
