@@ -137,7 +137,7 @@ class EvalConfig:
     out: str = "runs/eval"  # JSON report and pictures go to <out>/<benchmark>/<model>-v<version>/
     cache: str = "data/eval-shards"  # where --manifest benchmarks are prepared (reused when unchanged)
     num_actors: int = 0  # encoding actors; 0 = one per GPU, or one CPU actor without GPUs
-    explain_queries: int = 3  # queries drawn with the frames FFSM kept and the PFCM clusters
+    explain_queries: int = 3  # queries drawn with what the head weighed each frame by (hvd: FFSM, PFCM clusters)
 
 
 @dataclass

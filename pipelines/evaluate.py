@@ -23,8 +23,9 @@ counts as better than the ground truth). eval.dsl=true adds dual-softmax
 numbers under dsl_ names (exhaustive scores only).
 
 Output: a printed table; <eval.out>/<benchmark>/<model>-v<version>-<mode>/report.json with recall@K
-curves, a similarity heat map and, for eval.explain_queries captions, the frames FFSM kept (with their
-scores) and the PFCM clusters over them; and an MLflow run in experiment eval/<benchmark> (benchmark:
+curves, a similarity heat map and, for eval.explain_queries captions, what the head weighed each frame by
+(hvd: the frames FFSM kept and the PFCM clusters over them; xpool: its frame attention; eercf: its text
+gate); and an MLflow run in experiment eval/<benchmark> (benchmark:
 eval.benchmark, else the manifest's folder name) tagged with model_name, model_version and source_run.
 """
 
