@@ -264,7 +264,10 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
     (head,) = _node_ids(after, "head-")
     (restarted,) = [node for node in _node_ids(after, "worker-") if node != worker]
     job = after["jobs"]["train"]
-    assert {node for j, node in after["decode"] if j == job} == {head, worker}  # decoding used both nodes
+    # Decoding spread over nodes. Which ones varies between runs: once the head and the restarted worker
+    # held the job's finished decode tasks, not the killed one.
+    decoded_on = {node for j, node in after["decode"] if j == job}
+    assert len(decoded_on) >= 2 and decoded_on <= {head, worker, restarted}, decoded_on
     placed = {node for j, node in after["train_workers"] if j == job}
     assert placed == {head, worker, restarted}  # one worker per node, before and after the loss
 
