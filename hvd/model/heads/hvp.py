@@ -25,6 +25,7 @@ from hvd.model.heads.base import (
     FLOAT_BYTES,
     Head,
     masked_softmax,
+    no_frame_views,
     trim_padding,
     words_entities,
     words_entities_bytes,
@@ -100,7 +101,7 @@ class HVPHead(Head):
             frame_mask=frame_mask,
             patches=torch.cat([entities for entities, _ in compressed], dim=1),
             patch_frames=torch.cat([patch_frames for _, patch_frames in compressed], dim=1),
-            frame_views=torch.stack(unit[:-1], dim=1) if len(unit) > 1 else unit[-1].new_zeros(len(unit[-1]), 0, *unit[-1].shape[1:]),
+            frame_views=torch.stack(unit[:-1], dim=1) if len(unit) > 1 else no_frame_views(unit[-1]),
         )
 
     def _per_block(self, video: VideoFeatures) -> list[tuple[Tensor, Tensor, Tensor]]:
