@@ -78,7 +78,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | tiny-p8 | ViT-B-32 | ViT-B-16
-    head: str = "hvd"  # hvd | meanp | xpool | eercf | hvp (README: "Heads")
+    head: str = "hvd"  # hvd | meanp | xpool | eercf | hvp | hcmi (README: "Heads")
     pretrained: str | None = None  # local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start
     quick_gelu: bool = True  # OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not
     frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
@@ -88,8 +88,12 @@ class ModelConfig:
     dpc_k: int = 3  # DPC-KNN neighbours, the token itself included
     score_budget_mb: int = 512  # memory cap for one chunk of pairwise scoring
     layers: list[int] = field(default_factory=list)  # hvp: ViT blocks matched with the caption; empty: first, middle, last
-    temporal_layers: int = 4  # eercf: blocks of the temporal transformer over frames (CLIP4Clip's seqTransf)
+    temporal_layers: int = 4  # eercf, hcmi: blocks of the transformer over frames (CLIP4Clip's seqTransf)
     pearson_weight: float = 0.001  # eercf: weight of the Pearson constraint in the loss (EERCF's)
+    clip_ratio: float = 0.25  # hcmi: clips per real frame (12 frames -> 3 clips)
+    phrase_ratio: float = 0.25  # hcmi: phrases per word token
+    label_denoising: bool = True  # hcmi: soft InfoNCE targets shared with near-duplicate captions of the batch
+    sample_enhancement: bool = True  # hcmi: negatives near the positive's score count twice in the InfoNCE
 
 
 @dataclass
@@ -168,7 +172,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.sample_mode": ("uniform", "fps"),
     "data.frame_codec": ("jpeg", "raw"),
     "model.preset": ("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16"),
-    "model.head": ("hvd", "meanp", "xpool", "eercf", "hvp"),
+    "model.head": ("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"),
     "model.pfcm_scope": ("frame", "video"),
     "eval.mode": ("exhaustive", "two_stage"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -213,6 +217,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.score_budget_mb": _COUNT,
     "model.temporal_layers": _COUNT,
     "model.pearson_weight": _NONNEGATIVE,
+    "model.clip_ratio": _SHARE,
+    "model.phrase_ratio": _SHARE,
     "pretrain.train_stills": _COUNT,
     "pretrain.val_stills": _COUNT,
     "pretrain.epochs": _COUNT,

@@ -32,7 +32,7 @@ from hvd.eval.source import ModelSourceError, load_model_source
 from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
-from hvd.model.heads import HVDHead, XPoolHead
+from hvd.model.heads import HCMIHead, HVDHead, XPoolHead
 from hvd.model.pfcm import PFCM
 from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri, version_model_id
 
@@ -147,6 +147,13 @@ def test_pictures_are_written_and_readable(tmp_path):
     assert len(figure.axes) == 12 and "X-Pool attention" in figure.get_suptitle()
     assert "colours" not in figure.get_suptitle()
     assert png_size(plots.frame_selection(attention, tmp_path / "a.png"))[1] < height
+
+    # a head that clusters frames into clips (HCMI): every real frame names its clip
+    clustered = dataclasses.replace(attention, groups=np.where(np.arange(12) < 11, np.arange(12) // 4, -1),
+                                    legend=HCMIHead.explain_legend)
+    titles = [axis.get_title() for axis in plots.frame_selection_figure(clustered).axes]
+    assert titles[0].startswith("frame 0 (clip 0)") and titles[10].startswith("frame 10 (clip 2)")
+    assert titles[11] == "padding"
 
 
 # --- model sources and config -----------------------------------------------------------------------

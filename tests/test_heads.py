@@ -1,10 +1,12 @@
-"""The X-Pool, EERCF and HVP-Net heads: what they keep per video, padding, their own mechanics, bad settings.
+"""The X-Pool, EERCF, HVP-Net and HCMI heads: what they keep per video, padding, their own mechanics, bad settings.
 
 Gradients, chunked scoring, two-stage retrieval, DDP and overfitting run for every head in test_model.py,
 test_two_stage.py, test_model_distributed.py and test_model_overfit.py.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from conftest import MODEL_FRAMES as FRAMES
 from hvd.config import ConfigError, ModelConfig, load_config
 from hvd.model import build_model
 from hvd.model.heads.eercf import pearson_constraint
+from hvd.model.heads.hcmi import ENHANCE, MARGIN, denoised_targets, hierarchical_infonce
 from hvd.model.heads.hvp import default_layers
+from hvd.model.losses import symmetric_infonce
 
 
 def tiny_model(head: str, **overrides):
@@ -24,7 +28,8 @@ def tiny_model(head: str, **overrides):
 
 @pytest.mark.parametrize(
     ("head", "entities", "views"),
-    [("xpool", 0, 0), ("eercf", FRAMES * 16, 1), ("hvp", 3 * 12, 2)],  # eercf: every patch; hvp: 3 blocks of 96 -> 12
+    # eercf: every patch; hvp: 3 blocks of 96 -> 12; hcmi: its clips, ceil(6 frames * 0.25)
+    [("xpool", 0, 0), ("eercf", FRAMES * 16, 1), ("hvp", 3 * 12, 2), ("hcmi", 2, 1)],
 )
 def test_features_per_video(head, entities, views, frames):
     video = tiny_model(head).encode_video(frames)
@@ -34,7 +39,7 @@ def test_features_per_video(head, entities, views, frames):
         torch.testing.assert_close(unit.norm(dim=-1), torch.ones(unit.shape[:-1]))
 
 
-@pytest.mark.parametrize("head", ["xpool", "eercf", "hvp"])
+@pytest.mark.parametrize("head", ["xpool", "eercf", "hvp", "hcmi"])
 def test_padding_frames_change_nothing(head, tokens, frames):
     """A clip padded with blank frames scores as its real frames alone, against every caption."""
     model = tiny_model(head)
@@ -77,17 +82,18 @@ def test_eercf_coarse_stage_is_the_weighted_sentence_against_the_contextualised_
     assert F.cosine_similarity(video.frame_views[:, 0], video.frames, dim=-1).min() > 0
 
 
-def test_eercf_temporal_blocks_start_as_clips_text_blocks(tmp_path):
+@pytest.mark.parametrize("head", ["eercf", "hcmi"])
+def test_frame_transformer_starts_as_clips_text_blocks(head, tmp_path):
     torch.manual_seed(0)
     clip = build_model(ModelConfig(head="meanp")).backbone.clip
     path = tmp_path / "clip.pt"
     torch.save(clip.state_dict(), path)
-    model = build_model(ModelConfig(head="eercf", pretrained=str(path), temporal_layers=2))
-    assert len(model.head.temporal) == 2
-    for block, text_block in zip(model.head.temporal, clip.transformer.resblocks, strict=False):
+    temporal = build_model(ModelConfig(head=head, pretrained=str(path), temporal_layers=2)).head.temporal
+    assert len(temporal.blocks) == 2
+    for block, text_block in zip(temporal.blocks, clip.transformer.resblocks, strict=False):
         for (name, value), (_, expected) in zip(block.state_dict().items(), text_block.state_dict().items(), strict=True):
             assert torch.equal(value, expected), name
-    torch.testing.assert_close(model.head.frame_positions.detach(), clip.positional_embedding[:32].detach())
+    torch.testing.assert_close(temporal.positions.detach(), clip.positional_embedding[:32].detach())
 
 
 def test_pearson_constraint_is_smallest_for_perfectly_correlated_features():
@@ -128,11 +134,95 @@ def test_hvp_blocks_and_their_entities(tokens, frames):
     assert sorted(parts) == sorted(f"block{b}_{n}" for b in (1, 3) for n in ("sentence_frames", "sentence_patches", "words_patches"))
 
 
+def test_hcmi_clips_partition_the_real_frames_and_merge_them(tokens, frames):
+    model = tiny_model("hcmi")
+    mask = torch.arange(FRAMES) < torch.tensor([[6], [3], [6], [1]])
+    video = model.encode_video(frames, mask)
+    members = video.patch_frames  # [4, clips, T]
+    assert members.shape == (4, 2, FRAMES)
+    torch.testing.assert_close(members.sum(dim=1), mask.long())  # every real frame in one clip, padding in none
+    assert members.any(dim=-1).sum(dim=1).tolist() == [2, 1, 2, 1]  # ceil(real frames * 0.25) clips
+    context = video.frame_views[:, 0]
+    for v in range(4):  # the merge weights start equal: a clip is the normalised mean of its frames
+        for c in members[v].any(dim=-1).nonzero().flatten():
+            mean = F.normalize(context[v, members[v, c]].mean(dim=0), dim=0)
+            torch.testing.assert_close(video.patches[v, c], mean)
+    clips = video.patches * members.any(dim=-1, keepdim=True)
+    torch.testing.assert_close(model.head.video_token(video), F.normalize(clips.sum(dim=1), dim=-1))
+    text = model.encode_text(tokens)
+    t, v = model.global_embeddings(text, video)
+    torch.testing.assert_close(model.similarities(text, video)["video_sentence"], t @ v.T)
+    parts = model.head.explain(text.sentence[0], video.frames[1], None, mask[1])
+    assert parts["groups"].tolist() == [0, 0, 0, -1, -1, -1] and parts["kept"].tolist() == [True] * 3 + [False] * 3
+
+
+def test_hcmi_phrases_group_each_captions_words():
+    model = tiny_model("hcmi")
+    generator = torch.Generator().manual_seed(0)
+    words = F.normalize(torch.randn(3, 10, 128, generator=generator), dim=-1)
+    mask = torch.arange(10) < torch.tensor([[10], [4], [7]])
+    phrases, phrase_mask, assignment = model.head.phrases(words, mask)
+    assert phrase_mask.sum(dim=1).tolist() == [3, 1, 2]  # ceil(words * 0.25)
+    assert (assignment[~mask] == -1).all() and (assignment[mask] >= 0).all()
+    torch.testing.assert_close(phrases[1, 0], F.normalize(words[1, :4].mean(dim=0), dim=0))
+
+
+def test_hcmi_denoised_targets_share_a_label_only_between_captions_encoded_alike():
+    generator = torch.Generator().manual_seed(0)
+    sentence = F.normalize(torch.randn(5, 64, generator=generator), dim=-1)
+    sentence[3] = sentence[1]  # two captions that say the same thing
+    targets = denoised_targets(sentence)
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(5))
+    torch.testing.assert_close(targets, targets.T)
+    assert targets[1, 3] == pytest.approx(0.25, abs=1e-4) and targets[1, 1] == pytest.approx(0.75, abs=1e-4)
+    alone = [0, 2, 4]  # random directions are far apart: their labels stay one-hot
+    torch.testing.assert_close(targets[alone][:, alone], torch.eye(3), atol=1e-4, rtol=0)
+
+
+def test_hcmi_enhancement_counts_marginal_negatives_twice():
+    similarity = torch.tensor([[0.50, 0.45, 0.10], [0.20, 0.60, 0.00], [0.35, 0.10, 0.40]])
+    scale = torch.tensor(10.0)
+    plain = hierarchical_infonce(similarity, scale, None, enhance=False)
+    torch.testing.assert_close(plain, symmetric_infonce(scale * similarity))
+    # caption to video: (0, 1) and (2, 0) are within MARGIN of their caption's positive; video to caption: none
+    logits = scale * similarity
+    boost = torch.zeros(3, 3)
+    boost[0, 1] = boost[2, 0] = torch.log(torch.tensor(ENHANCE))
+    assert MARGIN == 0.1
+    expected = (F.cross_entropy(logits + boost, torch.arange(3)) + F.cross_entropy(logits.T, torch.arange(3))) / 2
+    torch.testing.assert_close(hierarchical_infonce(similarity, scale, None, enhance=True), expected)
+    apart = torch.eye(3)  # no negative near its positive: nothing to enhance
+    torch.testing.assert_close(hierarchical_infonce(apart, scale, None, True), hierarchical_infonce(apart, scale, None, False))
+
+
+@pytest.mark.parametrize(("denoising", "enhancement"), [(False, False), (True, False), (False, True), (True, True)])
+def test_hcmi_switches_change_only_the_loss(denoising, enhancement, tokens, frames):
+    plain = tiny_model("hcmi", label_denoising=False, sample_enhancement=False)
+    model = tiny_model("hcmi", label_denoising=denoising, sample_enhancement=enhancement)
+    text, video = model.encode_text(tokens), model.encode_video(frames)
+    # caption 3 says nearly what caption 0 says: a false negative in the batch (an exact copy would change
+    # nothing: two identical rows of the loss sum to the same gradients under either label)
+    nudge = 0.05 * F.normalize(torch.randn(text.sentence.shape[1], generator=torch.Generator().manual_seed(0)), dim=0)
+    text.sentence[3] = F.normalize(text.sentence[0] + nudge, dim=0).detach()
+    with torch.no_grad():
+        for m in (model, plain):  # the largest scale, so the untrained model's scores are far from uniform
+            m.backbone.logit_scale.fill_(math.log(100.0))
+        torch.testing.assert_close(model.score(text, video), plain.score(text, video))
+        loss, metrics = model.loss(text, video)
+        plain_loss, _ = plain.loss(text, video)
+    expected = sum(symmetric_infonce(model.logit_scale() * s) for s in model.similarities(text, video).values())
+    torch.testing.assert_close(plain_loss, expected)
+    assert set(metrics) == {"loss_frames_words", "loss_clips_phrases", "loss_video_sentence", "logit_scale"}
+    assert (loss.item() != pytest.approx(plain_loss.item(), rel=1e-4)) == (denoising or enhancement)
+
+
 def test_bad_head_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"model.layers=\[0, 4\]: distinct ViT block indices in \[0, 3\]"):
         build_model(ModelConfig(head="hvp", layers=[0, 4]))
     with pytest.raises(ConfigError, match="model.head"):
         load_config(None, ["model.head=xclip"])
+    with pytest.raises(ConfigError, match="model.clip_ratio"):
+        load_config(None, ["model.head=hcmi", "model.clip_ratio=0"])
     with pytest.raises(ConfigError, match="model.temporal_layers"):
         load_config(None, ["model.temporal_layers=0"])
     model = tiny_model("eercf")

@@ -157,10 +157,10 @@ def random_features(
                                unit(videos, views, frames))
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp"])
+@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"])
 def test_chunked_scores_stay_in_budget_and_equal_one_piece_scores(head):
     model = tiny_model(head, score_budget_mb=1)
-    shapes = {"eercf": {"views": 1}, "hvp": {"views": 2, "blocks": 3, "patches": 1}}.get(head, {})
+    shapes = {"eercf": {"views": 1}, "hvp": {"views": 2, "blocks": 3, "patches": 1}, "hcmi": {"views": 1}}.get(head, {})
     text, video = random_features(120, 100, **shapes)
     text_chunk, video_chunk = model.chunk_sizes(text, video)
     assert text_chunk * video_chunk * model.head.pair_bytes(text, video) <= 2**20
@@ -189,11 +189,12 @@ HEAD_LOSSES = {
     "xpool": {"loss_sentence_pooled"},
     "eercf": {"loss_weak", "loss_strong", "loss_pearson"},
     "hvp": {f"loss_block{b}_{n}" for b in (0, 2, 3) for n in ("sentence_frames", "sentence_patches", "words_patches")},
+    "hcmi": {"loss_frames_words", "loss_clips_phrases", "loss_video_sentence"},
 }
 
 
 @pytest.mark.parametrize(("head", "scope"), [("hvd", "frame"), ("hvd", "video"), ("meanp", "frame"), ("xpool", "video"),
-                                             ("eercf", "video"), ("hvp", "video")])
+                                             ("eercf", "video"), ("hvp", "video"), ("hcmi", "video")])
 def test_gradients_reach_the_backbone_and_every_new_module(head, scope, tokens, frames):
     model = tiny_model(head, pfcm_scope=scope)
     pixels = torch.randint(0, 256, (len(CAPTIONS), FRAMES, 64, 64, 3), dtype=torch.uint8)

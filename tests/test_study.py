@@ -7,9 +7,22 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hvd.train.study import report
+from hvd.config import Config
+from hvd.train.study import GRIDS, report, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_head_variants_set_their_switches_and_plain_heads_only_the_head():
+    knobs = {"event_fraction": 0.3, "entity_scale": 0.3, "seed": 1}
+    plain = trial_config(Config(), "hcmi", knobs | {"head": "hcmi-plain"})
+    assert (plain.model.head, plain.model.label_denoising, plain.model.sample_enhancement) == ("hcmi", False, False)
+    assert plain.run.name == "hcmi-ef0.3-es0.3-hcmi-plain-s1"
+    only = trial_config(Config(), "hcmi", knobs | {"head": "hcmi-no-enhancement"})
+    assert (only.model.label_denoising, only.model.sample_enhancement) == (True, False)
+    full = trial_config(Config(), "hcmi", knobs | {"head": "hcmi"})
+    assert (full.model.head, full.model.label_denoising, full.model.sample_enhancement) == ("hcmi", True, True)
+    assert len(GRIDS["hcmi"].trials) == 12
 
 
 @pytest.mark.slow

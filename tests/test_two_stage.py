@@ -29,7 +29,7 @@ def encoded(head: str):
     return model, text, video, torch.tensor([*range(10), 0, 1])
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp"])
+@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"])
 def test_topk_of_the_whole_gallery_equals_exhaustive(head):
     model, text, video, text_video = encoded(head)
     full = exhaustive(model, text, video)

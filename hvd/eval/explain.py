@@ -1,5 +1,5 @@
 """What a head's score looked at for a few (caption, video) pairs: HVD's kept frames and PFCM entities,
-X-Pool's frame attention, EERCF's text gate.
+X-Pool's frame attention, EERCF's text gate, HCMI's clips.
 
 These feed the pictures in the evaluation report; the head computes them (its `explain`, and the picture's
 legend `explain_legend`), this module only gathers the inputs (the video's frames from the shards) and the
@@ -32,6 +32,7 @@ class PairExplanation:
     kept: np.ndarray  # [T] bool, the frames the head kept or favoured for this pair
     entities: np.ndarray | None  # [T, grid, grid] the PFCM entity each patch was merged into (-1: padding); None
     legend: str  # what the picture shows, from the head
+    groups: np.ndarray | None = None  # [T] the clip each frame was clustered into (HCMI; -1: padding)
 
 
 def can_explain(model: RetrievalModel) -> bool:
@@ -78,6 +79,7 @@ def explain_pairs(
                 kept=parts["kept"].cpu().numpy(),
                 entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy() if "entities" in parts else None,
                 legend=model.head.explain_legend,
+                groups=parts["groups"].cpu().numpy() if "groups" in parts else None,
             )
         )
     return explained

@@ -93,7 +93,7 @@ def _entity_colours(count: int) -> ListedColormap:
 def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
     """Every frame with the head's score of it, the kept (or favoured) frames framed in green and the others
     dimmed; with PFCM entities (HVD), under each kept frame its patches coloured by entity (as HVD Fig. 3),
-    with the entity count. Frames wrap at FRAMES_PER_ROW, so the figure keeps a readable size at any frame
+    with the entity count; with clips (HCMI), each frame's clip in its title. Frames wrap at FRAMES_PER_ROW, so the figure keeps a readable size at any frame
     count."""
     frames = len(pair.frames)
     columns = min(frames, FRAMES_PER_ROW)
@@ -116,7 +116,8 @@ def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
         top.set_xticks([])
         top.set_yticks([])
         top.imshow(pair.frames[index], alpha=1.0 if kept else 0.35)
-        label = "padding" if padding else f"frame {index}: {pair.frame_scores[index]:.2f}"
+        group = "" if pair.groups is None or padding else f" (clip {pair.groups[index]})"
+        label = "padding" if padding else f"frame {index}{group}: {pair.frame_scores[index]:.2f}"
         top.set_title(label, fontsize=8, color=KEPT_COLOUR if kept else "grey")
         if not kept:
             continue

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hvd.config import WARM_START, ModelConfig, check_section, check_values
 from hvd.model.backbone import ClipBackbone
-from hvd.model.heads import EERCFHead, Head, HVDHead, HVPHead, MeanPoolHead, XPoolHead
+from hvd.model.heads import EERCFHead, HCMIHead, Head, HVDHead, HVPHead, MeanPoolHead, XPoolHead
 from hvd.model.model import RetrievalModel
 from hvd.model.presets import preset_config
 from hvd.model.pretrained import load_pretrained
@@ -21,6 +21,7 @@ HEADS: dict[str, Callable[[ClipBackbone, ModelConfig], Head]] = {
     "xpool": lambda backbone, cfg: XPoolHead(backbone.embed_dim),
     "eercf": lambda backbone, cfg: EERCFHead(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length),
     "hvp": lambda backbone, cfg: HVPHead(backbone.embed_dim, cfg, backbone.vision_depth),
+    "hcmi": lambda backbone, cfg: HCMIHead(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length),
 }
 
 

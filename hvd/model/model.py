@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from hvd.model.backbone import PAD_TOKEN, ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads import Head
-from hvd.model.losses import gather_across_ranks, symmetric_infonce
+from hvd.model.losses import gather_across_ranks
 
 MAX_LOGIT_SCALE = 100.0
 IMAGE_MEAN: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN  # CLIP's pixel statistics
@@ -140,13 +140,11 @@ class RetrievalModel(nn.Module):
         return self.head.global_embeddings(text, video)
 
     def loss(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, dict[str, float]]:
-        """Symmetric InfoNCE on each similarity (weighted as the head says) plus the head's regularizers,
-        over the batch gathered from all ranks."""
+        """The head's contrastive loss on each similarity (by default a weighted symmetric InfoNCE) plus its
+        regularizers, over the batch gathered from all ranks."""
         text, video = gather_across_ranks(text), gather_across_ranks(video)
         scale = self.logit_scale()
-        weights = self.head.part_weights
-        parts = {name: weights.get(name, 1.0) * symmetric_infonce(scale * s)
-                 for name, s in self.similarities(text, video).items()}
+        parts = self.head.contrastive_losses(text, video, self.similarities(text, video), scale)
         parts |= self.head.regularizers(text, video)
         total = torch.stack(list(parts.values())).sum()
         metrics = {f"loss_{name}": float(value.detach()) for name, value in parts.items()}

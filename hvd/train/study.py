@@ -66,9 +66,17 @@ GRIDS: dict[str, Grid] = {
     # The heads added beside HVD and meanP, in the default grid's (0.3, 0.3) cell: with that cell of `default`
     # (the same benchmark, warm start and recipe) every head on one benchmark, 3 seeds. About 40 minutes.
     "heads": Grid((0.3,), (0.3,), ("xpool", "eercf", "hvp"), (0, 1, 2)),
+    # HCMI and its two training switches in the same cell, 3 seeds: the ablation rows. About 50 minutes.
+    "hcmi": Grid((0.3,), (0.3,), ("hcmi", "hcmi-no-denoising", "hcmi-no-enhancement", "hcmi-plain"), (0, 1, 2)),
     # A cluster's grid: the full benchmark, a finer sweep, five seeds.
     "full": Grid((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), (0.1, 0.15, 0.2, 0.3, 0.4), ("hvd", "meanp"), (0, 1, 2, 3, 4),
                  ("synthetic.preset=full",)),
+}
+# Head variants a grid may name besides the heads themselves: a head with some of its switches off.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "hcmi-no-denoising": {"head": "hcmi", "label_denoising": False},
+    "hcmi-no-enhancement": {"head": "hcmi", "sample_enhancement": False},
+    "hcmi-plain": {"head": "hcmi", "label_denoising": False, "sample_enhancement": False},
 }
 # What a trial's own process reserves: no CPU (it only waits on its Ray Train run, whose workers and Ray Data
 # tasks need every CPU of a small machine) but some memory, as Tune refuses an empty request.
@@ -87,7 +95,7 @@ def trial_config(base: Config, study: str, params: dict[str, Any]) -> Config:
         run=dataclasses.replace(base.run, name=f"{study}-{cell}-{params['head']}-s{params['seed']}", seed=params["seed"]),
         synthetic=dataclasses.replace(base.synthetic, event_fraction=ef, entity_scale=es, out=str(root / f"bench-{cell}")),
         data=dataclasses.replace(base.data, shards=str(root / f"shards-{cell}")),
-        model=dataclasses.replace(base.model, head=params["head"]),
+        model=dataclasses.replace(base.model, **VARIANTS.get(params["head"], {"head": params["head"]})),
         tracking=dataclasses.replace(base.tracking, experiment=f"study-{study}", model_name=f"study-{study}"),
     )
 

@@ -2,8 +2,8 @@
 
 Training, scoring and evaluation treat heads alike through `Head`: the video features a head keeps per
 video (`video_features`, run once per video at encoding time), the named [Nt, Nv] similarity matrices of
-a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, and the retrieval
-score their weighted sum), extra loss terms (`regularizers`), the cheap features of a first retrieval
+a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, or the head's own
+`contrastive_losses`, and the retrieval score their weighted sum), extra loss terms (`regularizers`), the cheap features of a first retrieval
 stage (`global_embeddings`) and how many bytes one (caption, video) pair costs while scoring
 (`pair_bytes`).
 """
@@ -18,6 +18,7 @@ from open_clip import CLIP
 from torch import Tensor, nn
 
 from hvd.model.features import TextFeatures, VideoFeatures
+from hvd.model.losses import symmetric_infonce
 
 FLOAT_BYTES = 4
 
@@ -93,6 +94,11 @@ class Head(nn.Module):
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def contrastive_losses(self, text: TextFeatures, video: VideoFeatures, similarities: dict[str, Tensor],
+                           scale: Tensor) -> dict[str, Tensor]:
+        """The InfoNCE of each similarity of the gathered batch (pair i the positive), weighted by `part_weights`."""
+        return {name: self.part_weights.get(name, 1.0) * symmetric_infonce(scale * s) for name, s in similarities.items()}
 
     def regularizers(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         """Weighted loss terms besides the InfoNCE of each similarity, on the gathered batch; none by default."""

@@ -22,8 +22,6 @@ Stage 1 of two-stage retrieval is the coarse score (`global_embeddings`), stage 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from open_clip import CLIP
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 from hvd.config import ModelConfig
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
+from hvd.model.temporal import FrameTransformer
 
 WEAK_TEMPERATURE = 0.01
 STRONG_TEMPERATURE = 0.1
@@ -57,34 +56,17 @@ class EERCFHead(Head):
     def __init__(self, dim: int, cfg: ModelConfig, text: Transformer, max_frames: int):
         super().__init__()
         self.pearson_weight = cfg.pearson_weight
-        if text.width == dim:  # copies of CLIP's first text blocks, seeded by `init_from_clip`
-            self.temporal = nn.ModuleList(copy.deepcopy(block) for block in text.resblocks[: cfg.temporal_layers])
-        else:
-            self.temporal = Transformer(dim, cfg.temporal_layers, max(1, dim // 64)).resblocks
-        self.frame_positions = nn.Parameter(torch.randn(max_frames, dim) * 0.01)
+        self.temporal = FrameTransformer(dim, cfg.temporal_layers, text, max_frames)
         self.coarse_weight = nn.Parameter(torch.eye(dim))
 
     def init_from_clip(self, clip: CLIP) -> None:
-        if clip.transformer.width != self.coarse_weight.shape[0]:
-            return
-        with torch.no_grad():
-            for block, source in zip(self.temporal, clip.transformer.resblocks, strict=False):
-                block.load_state_dict(source.state_dict())
-            self.frame_positions.copy_(clip.positional_embedding[: len(self.frame_positions)])
+        self.temporal.init_from_clip(clip)
 
     def video_features(
         self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]
     ) -> VideoFeatures:
         batch, time, count, dim = patches.shape
-        if time > len(self.frame_positions):
-            raise ValueError(f"the eercf head's temporal transformer takes at most {len(self.frame_positions)} frames, got {time}")
-        x = frames + self.frame_positions[:time].to(frames.dtype)
-        heads = self.temporal[0].attn.num_heads
-        blocked = torch.zeros(batch, 1, time, dtype=x.dtype, device=x.device).masked_fill(~frame_mask[:, None], float("-inf"))
-        mask = blocked.expand(batch, time, time).repeat_interleave(heads, dim=0)  # [B * heads, T, T]
-        for block in self.temporal:
-            x = block(x, attn_mask=mask)
-        context = F.normalize((x + frames).float(), dim=-1)
+        context = F.normalize(self.temporal(frames, frame_mask).float(), dim=-1)
         frame_of_patch = torch.eye(time, dtype=torch.bool, device=frames.device).repeat_interleave(count, dim=0)
         return VideoFeatures(
             frames=F.normalize(frames.float(), dim=-1),
