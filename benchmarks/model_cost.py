@@ -1,10 +1,10 @@
-"""Cost of every head (HVD with PFCM per frame and per video, X-Pool, EERCF, HVP-Net) against the meanP
+"""Cost of every head (HVD with PFCM per frame and per video, X-Pool, EERCF, HVP-Net, HCMI) against the meanP
 baseline on one model preset, measured in one run.
 
     python benchmarks/model_cost.py [--preset tiny] [--batch 32] [--frames 12] [--pairs 1000] [--repeats 15]
 
 1. Training step (encode captions and frames, loss, backward, AdamW step) of `hvd` (`model.pfcm_scope=frame`),
-   `hvd_video` (`model.pfcm_scope=video`), `xpool`, `eercf`, `hvp` and `meanp` on the same batch, interleaved
+   `hvd_video` (`model.pfcm_scope=video`), `xpool`, `eercf`, `hvp`, `hcmi` and `meanp` on the same batch, interleaved
    so that load from other processes hits all alike: median and minimum wall and CPU seconds each and their
    ratios over meanp (target for hvd: at most 1.5).
 2. Pairwise scoring of `--pairs` captions x `--pairs` videos from encoded features, with each variant, and
@@ -147,7 +147,7 @@ def main() -> None:
         "hvd": ModelConfig(preset=args.preset, head="hvd", pfcm_scope="frame"),
         "hvd_video": ModelConfig(preset=args.preset, head="hvd", pfcm_scope="video"),
         "meanp": ModelConfig(preset=args.preset, head="meanp"),
-        **{head: ModelConfig(preset=args.preset, head=head) for head in ("xpool", "eercf", "hvp")},
+        **{head: ModelConfig(preset=args.preset, head=head) for head in ("xpool", "eercf", "hvp", "hcmi")},
     }
     models = {name: build_model(cfg) for name, cfg in configs.items()}
     results: dict[str, object] = {
