@@ -173,10 +173,13 @@ def test_hcmi_denoised_targets_share_a_label_only_between_captions_encoded_alike
     sentence[3] = sentence[1]  # two captions that say the same thing
     targets = denoised_targets(sentence)
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(5))
-    torch.testing.assert_close(targets, targets.T)
     assert targets[1, 3] == pytest.approx(0.25, abs=1e-4) and targets[1, 1] == pytest.approx(0.75, abs=1e-4)
     alone = [0, 2, 4]  # random directions are far apart: their labels stay one-hot
     torch.testing.assert_close(targets[alone][:, alone], torch.eye(3), atol=1e-4, rtol=0)
+    # row i is the target of caption i over the videos and of video i over the captions: caption i decides both
+    similarity = torch.randn(5, 5, generator=generator)
+    expected = (F.cross_entropy(10 * similarity, targets) + F.cross_entropy(10 * similarity.T, targets)) / 2
+    torch.testing.assert_close(hierarchical_infonce(similarity, torch.tensor(10.0), targets, enhance=False), expected)
 
 
 def test_hcmi_enhancement_counts_marginal_negatives_twice():

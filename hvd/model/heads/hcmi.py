@@ -79,11 +79,11 @@ class AdaptiveGrouping(nn.Module):
 
 
 def denoised_targets(sentence: Tensor) -> Tensor:
-    """[N, N] soft caption-to-video targets (rows sum to 1, symmetric): one-hot, partly moved to the videos of
-    captions the model encodes nearly alike."""
+    """[N, N] soft targets, row i for pair i's caption as a query over the videos and for pair i's video as a
+    query over the captions (both are decided by caption i): one-hot, partly moved to the pairs whose
+    captions the model encodes nearly alike. Rows sum to 1."""
     with torch.no_grad():
         alike = (sentence @ sentence.T / DENOISE_TEMPERATURE).softmax(dim=-1)
-        alike = (alike + alike.T) / 2  # so both retrieval directions see one target matrix
         eye = torch.eye(len(sentence), device=sentence.device)
         return (1 - DENOISE_WEIGHT) * eye + DENOISE_WEIGHT * alike
 
@@ -102,7 +102,7 @@ def hierarchical_infonce(similarity: Tensor, scale: Tensor, targets: Tensor | No
         return F.cross_entropy(logits, target)
 
     target = torch.arange(len(similarity), device=similarity.device) if targets is None else targets
-    return (one_way(similarity, target) + one_way(similarity.T, target if targets is None else targets.T)) / 2
+    return (one_way(similarity, target) + one_way(similarity.T, target)) / 2
 
 
 class HCMIHead(Head):
