@@ -83,7 +83,11 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
         split_losses, split_gradients = split["results"][head]
         assert split_losses == pytest.approx(losses, rel=1e-6), head
         assert split_gradients.keys() == gradients.keys()
+        # Summation order differs across ranks, and its error scales with the terms a gradient sums, not with
+        # the gradient: one that nearly cancels (HCMI's merge weights over near-identical random frames, ~1e-6)
+        # gets a floor scaled by the whole model's gradient.
+        floor = 1e-7 * torch.stack([g.norm() for g in gradients.values()]).norm()
         for name, expected in gradients.items():
             difference = (split_gradients[name] - expected).norm()
-            assert difference <= 1e-5 * expected.norm() + 1e-9, f"{head}: {name}"
+            assert difference <= 1e-5 * expected.norm() + floor, f"{head}: {name}"
     assert "same local batch size" in split["uneven"] and "[1, 2]" in split["uneven"]

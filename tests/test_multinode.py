@@ -283,8 +283,9 @@ def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
 
     # The command as the README gives it; only sizes are made smaller (the warm start's stills, the benchmark's
     # clips, the epochs), never a path, as the full demo costs minutes the rest of the suite needs.
-    cluster.submit("headline", "python", "pipelines/train.py", "pretrain.train_stills=2000", "pretrain.val_stills=100",
-                   "synthetic.num_train=160", "synthetic.num_val=32", "synthetic.num_test=32", "train.epochs=2")
+    cluster.submit("headline", "python", "pipelines/train.py", "pretrain.train_stills=1000", "pretrain.val_stills=64",
+                   "pretrain.epochs=1", "synthetic.num_train=128", "synthetic.num_val=32", "synthetic.num_test=32",
+                   "train.epochs=1")
     status, logs = cluster.wait_job("headline", timeout=1700)
     assert status == "SUCCEEDED", logs[-5000:]
 
