@@ -38,6 +38,14 @@ def no_patches(frames: Tensor) -> tuple[Tensor, Tensor]:
     return frames.new_zeros(batch, 0, dim), torch.zeros(batch, 0, time, dtype=torch.bool, device=frames.device)
 
 
+def zero_linear(dim: int) -> nn.Linear:
+    """Token -> softmax logit with no bias (a softmax ignores it) and zero weights, so a learned weighting
+    starts as a plain mean."""
+    layer = nn.Linear(dim, 1, bias=False)
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
 def trim_padding(words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the trailing word slots that are padding in every caption of the batch."""
     length = int(word_mask.any(dim=0).nonzero().max()) + 1

@@ -45,6 +45,7 @@ from hvd.model.heads.base import (
     trim_padding,
     words_entities,
     words_entities_bytes,
+    zero_linear,
 )
 from hvd.model.temporal import FrameTransformer
 
@@ -52,13 +53,6 @@ DENOISE_WEIGHT = 0.5  # share of the target that follows caption-caption similar
 DENOISE_TEMPERATURE = 0.02  # a caption 0.1 less similar than itself gets e^-5 of its weight
 MARGIN = 0.1  # a negative within this cosine of the positive is marginal
 ENHANCE = 2.0  # how many times a marginal negative counts in the InfoNCE denominator
-
-
-def zero_linear(dim: int) -> nn.Linear:
-    """Token -> softmax logit, zero at first: every weighting starts as a plain mean."""
-    layer = nn.Linear(dim, 1, bias=False)
-    nn.init.zeros_(layer.weight)
-    return layer
 
 
 class AdaptiveGrouping(nn.Module):

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from hvd.config import ModelConfig
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.ffsm import select_frames
-from hvd.model.heads.base import FLOAT_BYTES, Head, trim_padding, words_entities, words_entities_bytes
+from hvd.model.heads.base import (
+    FLOAT_BYTES,
+    Head,
+    trim_padding,
+    words_entities,
+    words_entities_bytes,
+    zero_linear,
+)
 from hvd.model.pfcm import PFCM, video_entities
 
 
@@ -33,12 +40,8 @@ class HVDHead(Head):
         self.frame_keep = cfg.frame_keep
         self.scope = cfg.pfcm_scope
         self.pfcm = PFCM(dim, cfg.pfcm_steps, cfg.pfcm_ratio, cfg.dpc_k)
-        # Softmax logits of the query side: words, and patches for the symmetric term. No bias, which
-        # the softmax would ignore; zero weights, so training starts from a plain mean.
-        self.word_weight = nn.Linear(dim, 1, bias=False)
-        self.patch_weight = nn.Linear(dim, 1, bias=False)
-        nn.init.zeros_(self.word_weight.weight)
-        nn.init.zeros_(self.patch_weight.weight)
+        # Softmax logits of the query side: words, and patches for the symmetric term.
+        self.word_weight, self.patch_weight = zero_linear(dim), zero_linear(dim)
 
     def compress_patches(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T, P, D] patch features, [B, T] frame mask -> [B, E, D] unit entities and [B, E, T] the frames
