@@ -36,14 +36,14 @@ class RunConfig:
 class SyntheticConfig:
     """The synthetic benchmark; `None` fields take the preset's value."""
 
-    preset: str = "demo"  # tiny | demo | full
+    preset: str = "demo"  # tiny | demo | full | long
     out: str = "data/synthetic-demo"
     seed: int = 0
     num_train: int | None = None
     num_val: int | None = None
     num_test: int | None = None
     frame_size: int | None = None  # pixels, square frames
-    fps: int = 10
+    fps: int | None = None
     duration_s: float | None = None
     event_fraction: float = 0.5  # share of the clip in which the described event happens
     entity_scale: float = 0.3  # target object size relative to the frame side
@@ -67,10 +67,10 @@ class DataConfig:
     keep_truncated: bool = False  # keep (flagged) instead of quarantining a clip that covers less
     max_words: int = 32  # caption tokens, including start and end tokens
     expand_captions: bool = False  # every caption a sample, instead of one random caption per epoch
-    decode_batch_size: int = 4  # videos per Ray Data map_batches call
     decode_concurrency: int = 2  # decode tasks running at once
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
-    shard_videos: int = 256  # videos per decode task, so at most per Parquet shard file
+    decode_timeout_s: float = 120.0  # a video still decoding after this is stopped and quarantined (timeout)
+    shard_videos: int = 256  # at most this many videos per decode task, so per Parquet shard file
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
     train_decode_cpus: float = 0.5  # CPUs per Ray Data task that decodes and tokenises training batches
 
@@ -168,7 +168,7 @@ class Config:
 # pieces it is handed directly (`check_values`), both from these tables.
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.resume": ("auto", "never"),
-    "synthetic.preset": ("tiny", "demo", "full"),
+    "synthetic.preset": ("tiny", "demo", "full", "long"),
     "data.sample_mode": ("uniform", "fps"),
     "data.frame_codec": ("jpeg", "raw"),
     "model.preset": ("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16"),
@@ -193,7 +193,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "synthetic.num_val": _rule(lambda v: v >= 0, "at least 0", optional=True),
     "synthetic.num_test": _rule(lambda v: v >= 0, "at least 0", optional=True),
     "synthetic.frame_size": _rule(lambda v: v >= 16 and v % 2 == 0, "even and at least 16", optional=True),
-    "synthetic.fps": _COUNT,
+    "synthetic.fps": _rule(lambda v: v >= 1, "at least 1", optional=True),
     "synthetic.duration_s": _rule(lambda v: v > 0, "above 0", optional=True),
     "synthetic.event_fraction": _SHARE,
     "synthetic.entity_scale": _rule(lambda v: 0 < v <= 0.6, "in (0, 0.6]"),
@@ -205,9 +205,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.jpeg_quality": _rule(lambda v: 1 <= v <= 100, "1 to 100"),
     "data.min_duration_fraction": _rule(lambda v: 0 <= v <= 1, "in [0, 1] (0 turns the check off)"),
     "data.max_words": _rule(lambda v: v >= 3, "at least 3 (start and end tokens take 2)"),
-    "data.decode_batch_size": _COUNT,
     "data.decode_concurrency": _COUNT,
     "data.decode_cpus": _POSITIVE,
+    "data.decode_timeout_s": _POSITIVE,
     "data.shard_videos": _COUNT,
     "data.train_decode_cpus": _POSITIVE,
     "model.frame_keep": _SHARE,
@@ -328,9 +328,19 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
     return _finish(cfg)
 
 
+# Keys that configs saved by earlier versions (checkpoints, registered models) may hold and that no longer
+# mean anything: dropped when such a config is read back.
+RETIRED_KEYS = ("data.decode_batch_size",)
+
+
 def config_from_yaml(text: str) -> Config:
     """The inverse of `to_yaml`, resolved and checked like any loaded config."""
-    return _finish(_merge(OmegaConf.structured(Config), OmegaConf.create(text), "config YAML"))
+    saved = OmegaConf.create(text)
+    for key in RETIRED_KEYS:
+        section, name = key.split(".")
+        if section in saved and name in saved[section]:
+            del saved[section][name]
+    return _finish(_merge(OmegaConf.structured(Config), saved, "config YAML"))
 
 
 def _finish(cfg: DictConfig) -> Config:

@@ -4,7 +4,9 @@
 killed outright (SIGKILL, SIGTERM, an OOM kill) runs no exit code: the raylet and GCS follow it, but the
 dashboard and runtime-env agents (about 210 MB) linger for one to two minutes, and repeated runs pile
 them up. A small watcher, in a session of its own so that the terminal's Ctrl-C does not reach it,
-notes the driver's descendants every second and, once the driver is gone, stops those still running.
+notes the driver's descendants every second and, once the driver is gone, stops those still running,
+and any other process of the same Ray session (a worker started in the driver's last second, whose
+parent, the raylet, died with the driver before the watcher saw it).
 
     python -m hvd.reaper PID      what `watch_descendants` starts; not meant to be run by hand
 """
@@ -12,6 +14,7 @@ notes the driver's descendants every second and, once the driver is gone, stops 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +23,14 @@ import psutil
 
 POLL_S = 1.0
 GRACE_S = 5.0  # between SIGTERM and SIGKILL
+RAY_SESSION = re.compile(r"session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+")  # in every Ray process's arguments
+
+
+def _sessions(process: psutil.Process) -> set[str]:
+    try:
+        return set(RAY_SESSION.findall(" ".join(process.cmdline())))
+    except psutil.Error:
+        return set()
 
 
 def watch_descendants() -> None:
@@ -41,15 +52,21 @@ def reap(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     seen: dict[int, psutil.Process] = {}
+    sessions: set[str] = set()
     while True:
         try:
             if driver.status() == psutil.STATUS_ZOMBIE:
                 break
             # psutil.Process keeps each one's start time, so a pid reused later is never mistaken for it
-            seen.update({child.pid: child for child in driver.children(recursive=True) if child.pid != me})
+            new = [child for child in driver.children(recursive=True) if child.pid != me and child.pid not in seen]
         except psutil.NoSuchProcess:
             break
+        for child in new:
+            sessions |= _sessions(child)
+            seen[child.pid] = child
         time.sleep(POLL_S)
+    if sessions:
+        seen.update({p.pid: p for p in psutil.process_iter() if p.pid != me and _sessions(p) & sessions})
     left = [process for process in seen.values() if process.is_running()]
     for process in left:
         try:

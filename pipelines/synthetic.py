@@ -16,7 +16,7 @@ from hvd.data.synthetic import generate, read_ceiling
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=("tiny", "demo", "full"), help="size preset (synthetic.preset)")
+    parser.add_argument("--preset", choices=("tiny", "demo", "full", "long"), help="size preset (synthetic.preset)")
     parser.add_argument("--out", help="output folder (synthetic.out)")
     parser.add_argument("--seed", type=int, help="random seed (synthetic.seed)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the folder is up to date")

@@ -54,16 +54,20 @@ def write_clip(
     fps: int = 10,
     rotation: int | None = None,
     pts_ms: Sequence[int] | None = None,
+    keyframe_every: int | None = None,
 ) -> Path:
     """H.264 MP4 (B-frames on, so decode order differs from presentation order).
 
     `rotation`: display-matrix rotation in degrees counter-clockwise, as phones write it; the stored
     frames are `frames` as given. `pts_ms`: presentation times in milliseconds for a variable frame rate.
+    `keyframe_every`: frames between keyframes (the encoder's default: one keyframe for a short clip).
     """
     with av.open(str(path), mode="w") as container:  # the container format from the suffix
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": "10", "threads": "1"}
+        if keyframe_every is not None:
+            stream.options |= {"g": str(keyframe_every), "keyint_min": str(keyframe_every), "sc_threshold": "0"}
         if pts_ms is not None:
             stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
         if rotation is not None:

@@ -1,6 +1,9 @@
 """Decoding one video: the right frames, upright, at the right times, and a typed error for every broken file."""
 
 import io
+import os
+import signal
+import time
 
 import av
 import decord
@@ -17,9 +20,12 @@ from hvd.data.decode import (
     NotAFileError,
     NoVideoStreamError,
     TruncatedVideoError,
+    _read_frames,
+    _seek_frames,
     decode_clip,
     resize_and_crop,
 )
+from hvd.data.decoder_process import DecodeFailure, DecoderProcess
 from hvd.data.sampling import uniform_indices
 
 
@@ -145,3 +151,49 @@ def test_cut_off_copies_are_truncated_at_every_cut_point_and_kept_only_when_aske
         kept = decode_clip(path, FrameSpec(keep_truncated=True))
         assert kept.truncated and kept.duration_s < 0.9 * 6.0
         assert not decode_clip(path, FrameSpec(min_duration_fraction=0.0)).truncated  # the check turned off
+
+
+def _misbehave(path: str, action: str):
+    """A stand-in decoder: returns, raises, crashes its process or hangs, as asked."""
+    if action == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if action == "hang":
+        time.sleep(3600)
+    if action == "raise":
+        raise MissingVideoError(path, "file not found")
+    return f"decoded {path}"
+
+
+def test_decoder_process_turns_a_crash_or_hang_into_a_failure_and_carries_on():
+    decoder = DecoderProcess(_misbehave, timeout_s=2)
+    try:
+        assert decoder.decode("a.mp4", "ok") == "decoded a.mp4"
+        first_child = decoder.child.pid
+        assert decoder.decode("b.mp4", "raise") == DecodeFailure("missing", "b.mp4: file not found")
+        assert decoder.child.pid == first_child  # an error raised in Python keeps the child
+        crashed = decoder.decode("c.mp4", "crash")
+        assert crashed.reason == "decoder_crash" and "c.mp4" in crashed.error and "SIGSEGV" in crashed.error
+        started = time.monotonic()
+        hung = decoder.decode("d.mp4", "hang")
+        assert hung.reason == "timeout" and "d.mp4" in hung.error and time.monotonic() - started < 30
+        assert decoder.decode("e.mp4", "ok") == "decoded e.mp4"  # a fresh child after each
+        assert decoder.child.pid != first_child
+    finally:
+        decoder.close()
+
+
+@pytest.mark.parametrize("kind", ["plain", "rotated", "variable_rate", "padded_width"])
+def test_seeking_past_keyframes_gives_exactly_decords_frames(tmp_path, kind):
+    """Clips with a keyframe every 7 frames take the seeking path (skipping non-reference frames)."""
+    frames = marked_frames(60, 48 if kind == "padded_width" else 64, 48 if kind == "padded_width" else 80)
+    options = {"rotated": {"rotation": 90}, "variable_rate": {"pts_ms": np.cumsum([0, *[33, 100, 20] * 19, 40, 50]).tolist()}}
+    path = write_clip(tmp_path / f"{kind}.mp4", frames, keyframe_every=7, **options.get(kind, {}))
+    reader = decord.VideoReader(str(path), num_threads=1)
+    assert len(reader.get_key_indices()) > 1
+    for indices in (np.array([3, 10, 11, 30, 58]), uniform_indices(len(reader), 12), np.arange(60)):
+        seeking = _seek_frames(path, indices, len(reader))
+        assert seeking is not None
+        np.testing.assert_array_equal(seeking, _read_frames(reader, indices, path))  # decord's, unpadded
+    clip = decode_clip(path, FrameSpec(num_frames=12, frame_size=48, frame_codec="raw"))
+    if kind != "rotated":
+        assert [read_frame_number(f) for f in raw_frames(clip, 48)] == clip.frame_indices

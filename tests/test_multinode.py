@@ -40,7 +40,7 @@ from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_actors, list_nodes, list_tasks
 jobs = {sid: JobSubmissionClient().get_job_info(sid).job_id for sid in sys.argv[1:]}
 nodes = list_nodes(limit=100, raise_on_missing_output=False)
-tasks = list_tasks(filters=[("name", "=", "MapBatches(decode_batch)")], limit=10000, detail=True, raise_on_missing_output=False)
+tasks = list_tasks(filters=[("name", "=", "MapBatches(decode_parts)")], limit=10000, detail=True, raise_on_missing_output=False)
 actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True,
                      raise_on_missing_output=False)
 print(json.dumps({
@@ -212,7 +212,7 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
         "train", "python", "pipelines/train.py",
         f"data.manifest={manifest}", f"data.shards={cluster.workdir / 'shards'}",
         "train.epochs=3", "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
-        "data.decode_concurrency=4", "data.decode_batch_size=1",  # 4 one-CPU tasks at once: more than a node holds
+        "data.decode_concurrency=4",  # 4 one-CPU tasks at once: more than a node holds
         "train.placement_strategy=STRICT_SPREAD", "train.max_failures=2", "train.checkpoint_every_steps=2",
         f"train.storage_path={storage}", "run.name=multinode",
         "model.pretrained=null",  # this run's own checkpoints are the subject, not the warm start's

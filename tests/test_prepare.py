@@ -2,13 +2,16 @@
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import decord
 import numpy as np
 import psutil
@@ -20,6 +23,7 @@ from conftest import marked_frames, read_frame_number, write_broken_videos, writ
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from hvd.config import Config, SyntheticConfig, load_config
+from hvd.data.decode import decode_clip
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
 from hvd.data.shards import ShardError, frame_mask, frames_uint8, read_shards, shard_summary
@@ -173,27 +177,74 @@ def test_two_prepares_into_one_folder_at_once_leave_one_complete_copy(tiny, tmp_
         read_shards(out, "train")
 
 
-def test_a_killed_prepare_leaves_no_process_and_its_rerun_says_it_starts_over(tiny, tmp_path):
+def _rows_by_split(shards: Path) -> dict[str, list[dict]]:
+    return {split: read_shards(shards, split).to_pylist() for split in SPLITS}
+
+
+def test_a_killed_prepare_leaves_no_process_and_its_rerun_decodes_only_the_rest(tiny, tmp_path):
     command = [sys.executable, str(Path(__file__).parents[1] / "pipelines" / "prepare.py"), "--manifest", str(tiny),
-               "--out", str(tmp_path / "killed")]
+               "--out", str(tmp_path / "killed"), "data.shard_videos=2"]  # 20 parts of 2 videos
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     driver, seen = psutil.Process(run.pid), {}
+    parts = tmp_path / ".killed.partial" / "_parts"
     deadline = time.time() + 300
-    while not (tmp_path / ".killed.partial").exists():  # Ray is up and decoding has begun
+    while not list(parts.glob("*.done")):  # Ray is up and the first part is written
         assert run.poll() is None and time.time() < deadline
         seen |= {child.pid: child for child in driver.children(recursive=True)}
-        time.sleep(0.05)
+        time.sleep(0.02)
     seen |= {child.pid: child for child in driver.children(recursive=True)}
+    killed_at = time.time()
     run.kill()
     run.wait()
-    assert len(seen) >= 4  # Ray's GCS, raylet, agents and workers, and the watcher
+    assert len(seen) >= 4  # Ray's GCS, raylet, agents and workers, decoder processes, and the watcher
     _, alive = psutil.wait_procs(list(seen.values()), timeout=20)  # without the watcher the agents outlive this
-    assert not alive, [" ".join(p.cmdline())[:80] for p in alive]
+    assert not alive, [(" ".join(p.cmdline())[:200], p.ppid(), p.create_time() - killed_at) for p in alive]
+    kept = {path: path.stat().st_mtime_ns for split in SPLITS
+            for path in (tmp_path / ".killed.partial" / split).glob("part-*.parquet")}
+    done = len(list(parts.glob("*.done")))
+    assert kept and done < 20
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "removing what an interrupted run left in .killed.partial; starting from the beginning" in rerun.stdout
+    assert f"resuming an interrupted run, {done} of 20 parts already written" in rerun.stdout
     assert "input 40 = written 40 + quarantined 0" in rerun.stdout
+    for path, mtime in kept.items():  # the parts written before the kill were kept, not decoded again
+        published = tmp_path / "killed" / path.relative_to(tmp_path / ".killed.partial")
+        assert published.stat().st_mtime_ns == mtime
+    whole = prepare(config("data.shard_videos=2"), tiny, tmp_path / "whole")
+    assert whole.written == 40
+    assert _rows_by_split(tmp_path / "killed") == _rows_by_split(tmp_path / "whole")  # same rows, same bytes
+
+
+def faulty_decode(path: Path, spec):
+    """decode_clip, except that it crashes the process on `crash*` files and hangs on `hang*` files."""
+    name = Path(path).name
+    if name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if name.startswith("hang"):
+        time.sleep(3600)
+    return decode_clip(path, spec)
+
+
+def test_a_video_that_crashes_or_hangs_its_decoder_is_quarantined_and_its_batch_written(tiny, tmp_path):
+    entries = read_manifest(tiny)[:6]
+    for name in ("crash", "hang"):
+        source = resolve_video_path(entries[0], tiny)
+        shutil.copy(source, tmp_path / f"{name}.mp4")
+        entries.insert(3, ManifestEntry(name, str(tmp_path / f"{name}.mp4"), ["a caption"], "train"))
+    entries = [ManifestEntry(e.video_id, str(resolve_video_path(e, tiny)), e.captions, e.split) for e in entries]
+    manifest = write_manifest(entries, tmp_path / "manifest.jsonl")
+    for pickler in (cloudpickle, ray.cloudpickle):  # the function travels by value to Ray and on to the child
+        pickler.register_pickle_by_value(sys.modules[__name__])
+    summary = prepare(config("data.decode_timeout_s=3", "data.decode_concurrency=1"), manifest, tmp_path / "out",
+                      decode=faulty_decode)  # one part: the failures share it with six sound videos
+    assert (summary.input, summary.written, summary.quarantined) == (8, 6, 2)
+    quarantine = {row["video_id"]: row for row in pq.read_table(tmp_path / "out" / QUARANTINE_FILE).to_pylist()}
+    assert {key: row["reason"] for key, row in quarantine.items()} == {"crash": "decoder_crash", "hang": "timeout"}
+    assert "died (signal SIGSEGV)" in quarantine["crash"]["error"] and "crash.mp4" in quarantine["crash"]["error"]
+    assert "data.decode_timeout_s=3" in quarantine["hang"]["error"]
+    written = {row["video_id"] for split in SPLITS if summary.splits.get(split) for row in read_shards(tmp_path / "out", split).to_pylist()}
+    assert written == {e.video_id for e in entries} - {"crash", "hang"}
 
 
 def test_a_shard_folder_holding_other_files_is_not_replaced(tiny, tmp_path):

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+STAGING_IDENTITY = "_identity.json"  # in a resumable staging folder: what its contents were made for
 
 
 def _sibling(folder: Path, suffix: str) -> Path:
@@ -58,6 +62,21 @@ def fresh_staging(folder: Path) -> Path:
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
+
+
+def resumable_staging(folder: Path, identity: dict[str, Any]) -> tuple[Path, bool]:
+    """A hidden sibling to build `folder` in, and whether it resumes an interrupted run: one made for the
+    same `identity` is kept as it is, any other leftover removed. Call while holding `exclusive(folder)`."""
+    staging = _sibling(folder, "partial")
+    stamp = staging / STAGING_IDENTITY
+    if stamp.is_file() and json.loads(stamp.read_text()) == identity:
+        return staging, True
+    if staging.exists():
+        print(f"{folder}: removing what an interrupted run with other settings left in {staging.name}", flush=True)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    stamp.write_text(json.dumps(identity) + "\n")
+    return staging, False
 
 
 def publish(staging: Path, folder: Path) -> None:

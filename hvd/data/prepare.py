@@ -1,15 +1,21 @@
 """Decode and sample every manifest video once, in parallel on Ray Data CPU workers, into Parquet shards.
 
 Layout of the output folder:
-    DIR/{train,val,test}/*.parquet   one row per video (`SHARD_SCHEMA`), the settings in the schema metadata
-    DIR/quarantine.parquet           one row per video that gave no frames, with the reason
-    DIR/_summary.json                counts (input == written + quarantined), settings, manifest fingerprint
+    DIR/{train,val,test}/part-*.parquet  one row per video (`SHARD_SCHEMA`), the settings in the schema metadata
+    DIR/quarantine.parquet               one row per video that gave no frames, with the reason
+    DIR/_summary.json                    counts (input == written + quarantined), settings, manifest fingerprint
+
+Streaming: the driver reads the manifest once to validate it and note where each line starts (16 bytes per
+video); the manifest is then cut into parts of consecutive lines, and each Ray Data task reads its part's
+lines, decodes them and writes the part's shard files itself, so memory and the object store hold one
+part per running task whatever the manifest's size. Each video is decoded in a child process
+(`hvd.data.decoder_process`): a decoder crash or hang quarantines that video, not its task.
 
 The folder is built under a hidden sibling name, with `_summary.json` written last from what is on disk,
 and renamed into place when complete, while the run holds the folder's lock (`hvd.data.folders`): a
 concurrent prepare of the same folder waits, then finds the finished run. A re-run with the same manifest
-and settings finds the summary and does nothing. Decoded rows wait in Ray's object store (spilling to disk when
-large) between decoding and the writes, so no video is decoded twice.
+and settings finds the summary and does nothing; after a kill it keeps the parts already written (each
+file appears whole, its part's marker last) and decodes only the rest.
 """
 
 from __future__ import annotations
@@ -18,21 +24,32 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
 from hvd.config import Config, DataConfig
-from hvd.data.decode import FrameSpec, decode_clip
-from hvd.data.folders import exclusive, fresh_staging, publish
-from hvd.data.manifest import SPLITS, ManifestEntry, fingerprint, read_manifest, resolve_video_path
+from hvd.data.decode import DecodedClip, FrameSpec, decode_clip
+from hvd.data.decoder_process import DecodeFailure, DecoderProcess
+from hvd.data.folders import STAGING_IDENTITY, exclusive, publish, resumable_staging
+from hvd.data.manifest import (
+    SPLITS,
+    ManifestEntry,
+    ManifestIndex,
+    index_manifest,
+    read_manifest_range,
+    resolve_video_path,
+)
 from hvd.data.shards import SUMMARY_FILE
 from hvd.paths import require_shared_paths
 from hvd.reaper import watch_descendants
@@ -41,6 +58,10 @@ from hvd.worker_setup import quiet_logs, runtime_env, verbose
 SHARD_FORMAT = 3  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
 METADATA_KEY = b"hvd"
+PARTS = "_parts"  # while staging: each part's quarantine rows and its done marker
+PLAN_FILE = "_plan.json"  # while staging: how the manifest was split into parts, kept for a resume
+MAX_BLOCKS = 10_000
+PROGRESS_EVERY_S = 30.0
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -66,7 +87,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("video_id", pa.string()),
         ("split", pa.string()),
         ("path", pa.string()),
-        ("reason", pa.string()),  # missing | not_a_file | empty | no_video_stream | corrupt | truncated | <exception type>
+        ("reason", pa.string()),  # missing | not_a_file | empty | no_video_stream | corrupt | truncated | decoder_crash | timeout | <exception type>
         ("error", pa.string()),
     ]
 )
@@ -148,26 +169,20 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> Pre
     return PrepareSummary(**counts, out=str(out), skipped=True)
 
 
-def _decoded_row(item: dict[str, Any], spec: FrameSpec) -> dict[str, Any]:
+def _decoded_row(entry: ManifestEntry, manifest: Path, spec: FrameSpec, decoder: DecoderProcess) -> dict[str, Any]:
+    path = resolve_video_path(entry, manifest)
     row = {
-        "video_id": item["video_id"],
-        "split": item["split"],
-        "captions": item["captions"],
+        "video_id": entry.video_id,
+        "split": entry.split,
+        "captions": entry.captions,
         "frame_codec": spec.frame_codec,
         "frame_size": spec.frame_size,
-        "source_path": item["path"],
+        "source_path": str(path),
     }
-    try:
-        clip = decode_clip(item["path"], spec)
-    except Exception as err:  # any failure of one video quarantines that video, never the job
-        reason = getattr(err, "reason", type(err).__name__)
-        return {**row, "frames": [], "num_frames": 0, "valid_frames": 0, "reason": reason, "error": str(err)}
+    clip = decoder.decode(path, spec)
+    if isinstance(clip, DecodeFailure):
+        return {**row, "frames": [], "num_frames": 0, "valid_frames": 0, "reason": clip.reason, "error": clip.error}
     return {**row, **asdict(clip), "num_frames": len(clip.frames), "reason": None, "error": None}
-
-
-def decode_batch(batch: pa.Table, spec: FrameSpec) -> pa.Table:
-    """Ray Data UDF: one output row per input row, whether the video decodes or not."""
-    return pa.Table.from_pylist([_decoded_row(item, spec) for item in batch.to_pylist()], schema=_DECODED_SCHEMA)
 
 
 def _shard_rows(batch: pa.Table, split: str) -> pa.Table:
@@ -181,6 +196,64 @@ def _quarantine_rows(batch: pa.Table) -> pa.Table:
         [failed["video_id"], failed["split"], failed["source_path"], failed["reason"], failed["error"]],
         schema=QUARANTINE_SCHEMA,
     )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every decode task needs besides its part of the manifest."""
+
+    manifest: Path
+    out: Path  # the staging folder
+    spec: FrameSpec
+    splits: tuple[str, ...]
+    decode: Callable[[Path, FrameSpec], DecodedClip]
+    timeout_s: float
+    metadata: dict[bytes, bytes]
+
+
+_decoders: dict[tuple[bytes, float], DecoderProcess] = {}  # per Ray worker process, reused by its tasks
+
+
+def _worker_decoder(job: _Job) -> DecoderProcess:
+    decoder = DecoderProcess(job.decode, job.timeout_s)
+    return _decoders.setdefault((decoder.fn_bytes, job.timeout_s), decoder)
+
+
+def _part_name(part: int) -> str:
+    return f"part-{part:06d}"
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    """A file that is whole or absent: a task killed mid-write leaves only a `.tmp` that resume ignores."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
+
+
+def _decode_part(part: int, start: int, end: int, job: _Job) -> None:
+    """Decode the videos whose manifest lines lie in bytes [start, end) and write the part's files; the
+    marker, written last, says the part is done."""
+    entries = read_manifest_range(job.manifest, start, end, job.splits)
+    decoder = _worker_decoder(job)
+    table = pa.Table.from_pylist([_decoded_row(e, job.manifest, job.spec, decoder) for e in entries], schema=_DECODED_SCHEMA)
+    name = _part_name(part)
+    for split in job.splits:
+        rows = _shard_rows(table, split)
+        if rows.num_rows:
+            _write_atomic(rows.replace_schema_metadata(job.metadata), job.out / split / f"{name}.parquet")
+    _write_atomic(_quarantine_rows(table), job.out / PARTS / f"{name}.parquet")
+    marker = job.out / PARTS / f"{name}.done"
+    marker.with_name(marker.name + ".tmp").write_text(str(len(entries)))
+    os.replace(marker.with_name(marker.name + ".tmp"), marker)
+
+
+def decode_parts(batch: dict[str, np.ndarray], job: _Job) -> dict[str, np.ndarray]:
+    """Ray Data UDF over (part, start, end) rows: each part decoded and written by the task that takes it,
+    so nothing but these three numbers passes through the object store."""
+    for part, start, end in zip(batch["part"], batch["start"], batch["end"], strict=True):
+        _decode_part(int(part), int(start), int(end), job)
+    return {"part": batch["part"]}
 
 
 def ensure_ray() -> None:
@@ -212,69 +285,93 @@ def _written(folder: Path) -> tuple[int, int]:
 
 
 def prepare(
-    cfg: Config, manifest: Path, out: Path, overwrite: bool = False, splits: tuple[str, ...] | None = None
+    cfg: Config,
+    manifest: Path,
+    out: Path,
+    overwrite: bool = False,
+    splits: tuple[str, ...] | None = None,
+    decode: Callable[[Path, FrameSpec], DecodedClip] = decode_clip,
 ) -> PrepareSummary:
-    """Decode every video of `manifest` (of `splits` only, when given) once into shards under `out`; see the
-    module docstring for the layout."""
+    """Decode every video of `manifest` (of `splits` only, when given) once into shards under `out`, each
+    by `decode` in a child process; see the module docstring for the layout."""
     started = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
-    entries = [e for e in read_manifest(manifest) if splits is None or e.split in splits]
-    if not entries:
+    index = index_manifest(manifest, splits)
+    if not len(index):
         raise PrepareError(f"{manifest}: no videos of split(s) {', '.join(splits or SPLITS)}")
     spec = FrameSpec.from_config(cfg.data)
-    identity = _identity(spec, fingerprint(manifest), splits)
+    identity = _identity(spec, index.fingerprint, splits)
     with exclusive(out, "prepare run"):
         previous = _check_existing(out, identity, overwrite)
         if previous is not None:
             return previous
         ensure_ray()
         require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
-        staging = fresh_staging(out)
-        summary = _decode_and_write(entries, manifest, staging, spec, cfg.data, identity)
+        staging, resumed = resumable_staging(out, identity)
+        job = _Job(manifest, staging, spec, tuple(s for s in SPLITS if splits is None or s in splits), decode,
+                   cfg.data.decode_timeout_s, {METADATA_KEY: json.dumps(identity).encode()})
+        _decode_missing_parts(index, job, cfg.data, resumed)
+        summary = _finish(job, len(index), identity)
         publish(staging, out)
     return replace(summary, out=str(out), elapsed_s=round(time.perf_counter() - started, 3))
 
 
-def _decode_and_write(
-    entries: list[ManifestEntry], manifest: Path, out: Path, spec: FrameSpec, data: DataConfig, identity: dict[str, Any]
-) -> PrepareSummary:
-    """Decode every entry once and write shards, quarantine and, last, the summary counted from disk."""
-    items = [
-        {"video_id": e.video_id, "split": e.split, "captions": e.captions, "path": str(resolve_video_path(e, manifest))}
-        for e in sorted(entries, key=lambda e: e.video_id)  # each block, so each shard, a contiguous id range
-    ]
-    num_blocks = min(len(items), max(2 * data.decode_concurrency, math.ceil(len(items) / data.shard_videos)))
-    decoded = (
-        ray.data.from_items(items, override_num_blocks=num_blocks)
+def _decode_missing_parts(index: ManifestIndex, job: _Job, data: DataConfig, resumed: bool) -> None:
+    """Split the manifest into parts (kept from the interrupted run when resuming) and decode those not done."""
+    plan = job.out / PLAN_FILE
+    if resumed and plan.is_file():
+        per_part = json.loads(plan.read_text())["videos_per_part"]
+    else:  # at least two parts per concurrent task, so the last parts do not run alone
+        per_part = min(data.shard_videos, math.ceil(len(index) / (2 * data.decode_concurrency)))
+        plan.write_text(json.dumps({"videos_per_part": per_part}) + "\n")
+    ranges = index.ranges(per_part)
+    done = {int(marker.name.split("-")[1].split(".")[0]) for marker in (job.out / PARTS).glob("part-*.done")}
+    for leftover in job.out.rglob("*.tmp"):  # a task killed mid-write
+        leftover.unlink()
+    if resumed:
+        print(f"{job.out.name}: resuming an interrupted run, {len(done)} of {len(ranges)} parts already written", flush=True)
+    todo = [{"part": part, "start": start, "end": end} for part, (start, end) in enumerate(ranges) if part not in done]
+    if not todo:
+        return
+    finished = (
+        ray.data.from_items(todo, override_num_blocks=min(len(todo), MAX_BLOCKS))
         .map_batches(
-            decode_batch,
-            fn_kwargs={"spec": spec},
-            batch_format="pyarrow",
-            batch_size=data.decode_batch_size,
+            decode_parts,
+            fn_kwargs={"job": job},
+            batch_size=1,
             compute=ray.data.TaskPoolStrategy(size=data.decode_concurrency),
             num_cpus=data.decode_cpus,
             resources=data.decode_resources,  # e.g. {"cpu_node": 0.001}: decode only on the CPU node type
         )
-        .materialize()  # decoded once, then split into shards and quarantine without decoding again
     )
+    # Ray Data reserves part of the cluster for each operator's outputs; these tasks' outputs are three numbers,
+    # and on a small node the reservation held every decode task but one back for the first second or more.
+    finished.context.op_resource_reservation_enabled = False
+    started, last_report = time.monotonic(), time.monotonic()
+    for count, _ in enumerate(finished.iter_rows(), start=1):  # streams: parts are written as they finish
+        if time.monotonic() - last_report > PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            rate = count * per_part / (last_report - started)
+            print(f"{job.out.name}: {len(done) + count} of {len(ranges)} parts written, about {rate:.1f} videos/s", flush=True)
 
-    metadata = {METADATA_KEY: json.dumps(identity).encode()}
-    splits = sorted({item["split"] for item in items}, key=SPLITS.index)
-    for split in splits:
-        shards = decoded.map_batches(_shard_rows, fn_kwargs={"split": split}, batch_format="pyarrow")
-        shards.write_parquet(str(out / split), schema=SHARD_SCHEMA.with_metadata(metadata))
-    quarantine = decoded.map_batches(_quarantine_rows, batch_format="pyarrow").to_arrow_refs()
-    quarantine_table = pa.concat_tables([*ray.get(quarantine), QUARANTINE_SCHEMA.empty_table()])
-    pq.write_table(quarantine_table.sort_by("video_id").replace_schema_metadata(metadata), out / QUARANTINE_FILE)
 
-    stats = {split: _written(out / split) for split in splits}
+def _finish(job: _Job, expected: int, identity: dict[str, Any]) -> PrepareSummary:
+    """Gather the parts' quarantine rows into one file, then count what is on disk and write the summary."""
+    parts = sorted((job.out / PARTS).glob("part-*.parquet"))
+    quarantine = pa.concat_tables([*(pq.read_table(part) for part in parts), QUARANTINE_SCHEMA.empty_table()])
+    pq.write_table(quarantine.sort_by("video_id").replace_schema_metadata(job.metadata), job.out / QUARANTINE_FILE)
+    shutil.rmtree(job.out / PARTS)
+    (job.out / PLAN_FILE).unlink()
+    (job.out / STAGING_IDENTITY).unlink()
+
+    stats = {split: _written(job.out / split) for split in job.splits if (job.out / split).is_dir()}
     split_counts = {split: rows for split, (rows, _) in stats.items()}
-    written, quarantined = sum(split_counts.values()), pq.read_metadata(out / QUARANTINE_FILE).num_rows
-    if written + quarantined != len(items):
-        raise PrepareError(f"{out}: {len(items)} videos in, but {written} written + {quarantined} quarantined")
+    written, quarantined = sum(split_counts.values()), quarantine.num_rows
+    if written + quarantined != expected:
+        raise PrepareError(f"{job.out}: {expected} videos in, but {written} written + {quarantined} quarantined")
     short = sum(count for _, count in stats.values())
-    summary = PrepareSummary(len(items), written, quarantined, short, split_counts, str(out))
-    record = {**asdict(summary), **identity, "manifest": str(manifest.resolve())}
+    summary = PrepareSummary(expected, written, quarantined, short, split_counts, str(job.out))
+    record = {**asdict(summary), **identity, "manifest": str(job.manifest.resolve())}
     del record["skipped"], record["out"], record["elapsed_s"]
-    (out / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (job.out / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return summary

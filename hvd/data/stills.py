@@ -59,7 +59,8 @@ def _write_part(job: tuple[int, int, str, Settings, str]) -> int:
 
 def stills_identity(settings: Settings, counts: dict[str, int]) -> dict:
     """Everything that decides the stills' bytes; its hash names the folder and the warm start."""
-    return {"stills_format": STILLS_FORMAT, "settings": settings.__dict__, "splits": counts}
+    world = {key: value for key, value in settings.__dict__.items() if key != "keyframe_s"}  # a video encoding choice
+    return {"stills_format": STILLS_FORMAT, "settings": world, "splits": counts}
 
 
 def digest(record: dict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from hvd.config import WARM_START, Config
 from hvd.data.prepare import ensure_ray
 from hvd.data.stills import digest, stills_identity, write_stills
-from hvd.data.synthetic import Settings
+from hvd.data.synthetic import Settings, resolve
 from hvd.model import save_weights
 from hvd.model.presets import preset_config
 from hvd.paths import require_shared_paths
@@ -31,7 +31,7 @@ def stills_plan(cfg: Config) -> tuple[Settings, dict[str, int]]:
     `hvd.data.stills`) and split sizes."""
     size = int(preset_config(cfg.model.preset, cfg.model.quick_gelu)["vision_cfg"]["image_size"])
     settings = Settings(
-        seed=cfg.synthetic.seed, num_train=0, num_val=0, num_test=0, frame_size=size, fps=cfg.synthetic.fps,
+        seed=cfg.synthetic.seed, num_train=0, num_val=0, num_test=0, frame_size=size, fps=resolve(cfg.synthetic).fps,
         duration_s=1.0, event_fraction=1.0, entity_scale=0.0,
         num_distractors=cfg.synthetic.num_distractors, train_captions=1,
     )

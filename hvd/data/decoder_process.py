@@ -1,0 +1,155 @@
+"""Decode videos in a child process, so a decoder that crashes or hangs on one file costs that file only.
+
+decord and FFmpeg are native code: a pathological file can segfault the process that decodes it or loop
+forever, and in a Ray task that kills or stalls the task and, after Ray's retries, the job. Here each
+video is decoded by a long-lived child (`python -m hvd.data.decoder_process`) that the task talks to
+over pipes; a child that dies is reported as `decoder_crash`, one that runs past the time limit is
+killed and reported as `timeout`, and the next video gets a fresh child.
+
+Messages on the pipes are 8-byte lengths followed by pickles. The decode function travels once, by
+value (cloudpickle), so a test or a user can hand in their own.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import cloudpickle
+
+_LENGTH = struct.Struct("<Q")
+_READY = "ready"
+_START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class DecodeFailure:
+    """A video that gave no frames: the quarantine's `reason` and `error`."""
+
+    reason: str
+    error: str
+
+
+class DecoderStartError(RuntimeError):
+    """The child process could not start: a broken install, not a broken video, so the job stops."""
+
+
+def _write(stream: BinaryIO, message: Any) -> None:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_LENGTH.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes | None:
+    """`size` bytes from `fd`; None when the deadline passes first. EOFError when the writer is gone."""
+    chunks, left = [], size
+    while left:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([fd], [], [], timeout)[0]:
+            return None
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read(fd: int, deadline: float | None = None) -> tuple[bool, Any]:
+    """(True, message), or (False, None) when the deadline passed; EOFError when the child is gone."""
+    header = _read_exactly(fd, _LENGTH.size, deadline)
+    if header is None:
+        return False, None
+    payload = _read_exactly(fd, _LENGTH.unpack(header)[0], deadline)
+    if payload is None:
+        return False, None
+    return True, pickle.loads(payload)
+
+
+class DecoderProcess:
+    """`decode(path, *args)` run by `fn` in a child process, at most `timeout_s` per call."""
+
+    def __init__(self, fn: Callable[..., Any], timeout_s: float):
+        self.fn_bytes = cloudpickle.dumps(fn)
+        self.timeout_s = timeout_s
+        self.child: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        child = subprocess.Popen(
+            [sys.executable, "-m", "hvd.data.decoder_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        _write(child.stdin, self.fn_bytes)
+        try:
+            ready, message = _read(child.stdout.fileno(), time.monotonic() + _START_TIMEOUT_S)
+        except EOFError:
+            ready, message = False, None
+        if not ready or message != _READY:
+            self._stop(child)
+            raise DecoderStartError(f"the decoder process did not start (exit code {child.returncode}); its stderr is above")
+        return child
+
+    def decode(self, path: str | Path, *args: Any) -> Any:
+        """The decode function's result, or a `DecodeFailure` for a crash, a timeout or a raised error."""
+        if self.child is None:
+            self.child = self._start()
+        child = self.child
+        try:
+            _write(child.stdin, (str(path), args))
+            done, reply = _read(child.stdout.fileno(), time.monotonic() + self.timeout_s)
+        except (EOFError, BrokenPipeError):
+            self.child = None
+            code = child.wait()
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            return DecodeFailure("decoder_crash", f"{path}: the decoder process died ({how}) while decoding it")
+        if not done:
+            self.close()
+            return DecodeFailure(
+                "timeout", f"{path}: decoding took longer than data.decode_timeout_s={self.timeout_s:g} s; stopped"
+            )
+        status, value = reply
+        return value if status == "ok" else DecodeFailure(*value)
+
+    @staticmethod
+    def _stop(child: subprocess.Popen) -> None:
+        child.kill()
+        child.wait()
+        for stream in (child.stdin, child.stdout):
+            stream.close()
+
+    def close(self) -> None:
+        if self.child is not None:
+            self._stop(self.child)
+            self.child = None
+
+
+def _serve() -> None:
+    """The child's loop: decode each path it is sent until its input closes."""
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything the decoders print goes to stderr, never into the replies
+    requests = sys.stdin.buffer
+    fn = cloudpickle.loads(_read(requests.fileno())[1])
+    _write(replies, _READY)
+    while True:
+        try:
+            _, (path, args) = _read(requests.fileno())
+        except EOFError:
+            return
+        try:
+            _write(replies, ("ok", fn(path, *args)))
+        except Exception as err:  # any failure of one video is that video's; the child goes on
+            _write(replies, ("error", (getattr(err, "reason", type(err).__name__), str(err))))
+
+
+if __name__ == "__main__":
+    _serve()
