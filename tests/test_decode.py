@@ -1,8 +1,6 @@
 """Decoding one video: the right frames, upright, at the right times, and a typed error for every broken file."""
 
 import io
-import os
-import signal
 import time
 
 import av
@@ -10,6 +8,7 @@ import decord
 import numpy as np
 import pytest
 from conftest import marked_frames, read_frame_number, write_clip
+from faulty_decoders import misbehave
 from PIL import Image
 
 from hvd.data.decode import (
@@ -153,19 +152,8 @@ def test_cut_off_copies_are_truncated_at_every_cut_point_and_kept_only_when_aske
         assert not decode_clip(path, FrameSpec(min_duration_fraction=0.0)).truncated  # the check turned off
 
 
-def _misbehave(path: str, action: str):
-    """A stand-in decoder: returns, raises, crashes its process or hangs, as asked."""
-    if action == "crash":
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if action == "hang":
-        time.sleep(3600)
-    if action == "raise":
-        raise MissingVideoError(path, "file not found")
-    return f"decoded {path}"
-
-
 def test_decoder_process_turns_a_crash_or_hang_into_a_failure_and_carries_on():
-    decoder = DecoderProcess(_misbehave, timeout_s=2)
+    decoder = DecoderProcess(misbehave, timeout_s=2)
     try:
         assert decoder.decode("a.mp4", "ok") == "decoded a.mp4"
         first_child = decoder.child.pid
@@ -197,3 +185,19 @@ def test_seeking_past_keyframes_gives_exactly_decords_frames(tmp_path, kind):
     clip = decode_clip(path, FrameSpec(num_frames=12, frame_size=48, frame_codec="raw"))
     if kind != "rotated":
         assert [read_frame_number(f) for f in raw_frames(clip, 48)] == clip.frame_indices
+
+
+def test_decoder_process_map_keeps_order_and_blames_only_the_video_that_failed():
+    decoder = DecoderProcess(misbehave, timeout_s=2)
+    try:
+        actions = ["ok", "crash", "ok", "raise", "hang", "ok", "ok"]
+        results = list(decoder.map((f"{i}.mp4", (action,)) for i, action in enumerate(actions)))
+        kinds = [r.reason if isinstance(r, DecodeFailure) else r for r in results]
+        assert kinds == ["decoded 0.mp4", "decoder_crash", "decoded 2.mp4", "missing", "timeout", "decoded 5.mp4",
+                         "decoded 6.mp4"]  # the call queued behind a crash or a hang is decoded by the next child
+        stopped_early = decoder.map((f"{i}.mp4", ("ok",)) for i in range(5))
+        assert next(stopped_early) == "decoded 0.mp4"
+        stopped_early.close()  # its queued call's reply must not leak into the next map
+        assert decoder.decode("x.mp4", "ok") == "decoded x.mp4"
+    finally:
+        decoder.close()

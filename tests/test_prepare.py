@@ -2,9 +2,7 @@
 
 import importlib.util
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import cloudpickle
 import decord
+import faulty_decoders
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
@@ -23,7 +22,6 @@ from conftest import marked_frames, read_frame_number, write_broken_videos, writ
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from hvd.config import Config, SyntheticConfig, load_config
-from hvd.data.decode import decode_clip
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
 from hvd.data.shards import ShardError, frame_mask, frames_uint8, read_shards, shard_summary
@@ -216,16 +214,6 @@ def test_a_killed_prepare_leaves_no_process_and_its_rerun_decodes_only_the_rest(
     assert _rows_by_split(tmp_path / "killed") == _rows_by_split(tmp_path / "whole")  # same rows, same bytes
 
 
-def faulty_decode(path: Path, spec):
-    """decode_clip, except that it crashes the process on `crash*` files and hangs on `hang*` files."""
-    name = Path(path).name
-    if name.startswith("crash"):
-        os.kill(os.getpid(), signal.SIGSEGV)
-    if name.startswith("hang"):
-        time.sleep(3600)
-    return decode_clip(path, spec)
-
-
 def test_a_video_that_crashes_or_hangs_its_decoder_is_quarantined_and_its_batch_written(tiny, tmp_path):
     entries = read_manifest(tiny)[:6]
     for name in ("crash", "hang"):
@@ -235,9 +223,9 @@ def test_a_video_that_crashes_or_hangs_its_decoder_is_quarantined_and_its_batch_
     entries = [ManifestEntry(e.video_id, str(resolve_video_path(e, tiny)), e.captions, e.split) for e in entries]
     manifest = write_manifest(entries, tmp_path / "manifest.jsonl")
     for pickler in (cloudpickle, ray.cloudpickle):  # the function travels by value to Ray and on to the child
-        pickler.register_pickle_by_value(sys.modules[__name__])
+        pickler.register_pickle_by_value(faulty_decoders)
     summary = prepare(config("data.decode_timeout_s=3", "data.decode_concurrency=1"), manifest, tmp_path / "out",
-                      decode=faulty_decode)  # one part: the failures share it with six sound videos
+                      decode=faulty_decoders.by_file_name)  # one part: the failures share it with six sound videos
     assert (summary.input, summary.written, summary.quarantined) == (8, 6, 2)
     quarantine = {row["video_id"]: row for row in pq.read_table(tmp_path / "out" / QUARANTINE_FILE).to_pylist()}
     assert {key: row["reason"] for key, row in quarantine.items()} == {"crash": "decoder_crash", "hang": "timeout"}

@@ -4,7 +4,8 @@ decord and FFmpeg are native code: a pathological file can segfault the process 
 forever, and in a Ray task that kills or stalls the task and, after Ray's retries, the job. Here each
 video is decoded by a long-lived child (`python -m hvd.data.decoder_process`) that the task talks to
 over pipes; a child that dies is reported as `decoder_crash`, one that runs past the time limit is
-killed and reported as `timeout`, and the next video gets a fresh child.
+killed and reported as `timeout`, and the next video gets a fresh child. The child keeps one call queued
+ahead, so it never idles waiting for the task between videos.
 
 Messages on the pipes are 8-byte lengths followed by pickles. The decode function travels once, by
 value (cloudpickle), so a test or a user can hand in their own.
@@ -20,7 +21,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,6 +32,7 @@ import cloudpickle
 _LENGTH = struct.Struct("<Q")
 _READY = "ready"
 _START_TIMEOUT_S = 120.0
+_QUEUED = 2  # calls in the child's hands at once: the one it decodes and the next
 
 
 @dataclass
@@ -101,13 +104,44 @@ class DecoderProcess:
 
     def decode(self, path: str | Path, *args: Any) -> Any:
         """The decode function's result, or a `DecodeFailure` for a crash, a timeout or a raised error."""
-        if self.child is None:
-            self.child = self._start()
+        return next(self.map([(path, args)]))
+
+    def map(self, calls: Iterable[tuple[str | Path, tuple]]) -> Iterator[Any]:
+        """`decode(path, *args)` for each call, in order. The next call waits queued in the child's input,
+        so the child goes from one video to the next without waiting for this process to answer."""
+        calls, sent = iter(calls), deque()
+        started = time.monotonic()  # when the child began the oldest call in `sent`
+        try:
+            while True:
+                if self.child is None:
+                    self.child = self._start()
+                    self._send(sent)  # what a dead child had queued
+                    started = time.monotonic()
+                while len(sent) < _QUEUED and (call := next(calls, None)) is not None:
+                    if not sent:
+                        started = time.monotonic()
+                    sent.append((str(call[0]), tuple(call[1])))
+                    self._send([sent[-1]])
+                if not sent:
+                    return
+                yield self._reply(sent.popleft()[0], started)
+                started = time.monotonic()
+        finally:
+            if sent:  # stopped early: the child's queued replies must not reach the next caller
+                self.close()
+
+    def _send(self, calls: Iterable[tuple[str, tuple]]) -> None:
+        try:
+            for call in calls:
+                _write(self.child.stdin, call)
+        except BrokenPipeError:  # the child died; reading its reply says so
+            pass
+
+    def _reply(self, path: str, started: float) -> Any:
         child = self.child
         try:
-            _write(child.stdin, (str(path), args))
-            done, reply = _read(child.stdout.fileno(), time.monotonic() + self.timeout_s)
-        except (EOFError, BrokenPipeError):
+            done, reply = _read(child.stdout.fileno(), started + self.timeout_s)
+        except EOFError:
             self.child = None
             code = child.wait()
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"

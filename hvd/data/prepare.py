@@ -169,8 +169,8 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> Pre
     return PrepareSummary(**counts, out=str(out), skipped=True)
 
 
-def _decoded_row(entry: ManifestEntry, manifest: Path, spec: FrameSpec, decoder: DecoderProcess) -> dict[str, Any]:
-    path = resolve_video_path(entry, manifest)
+def _row(entry: ManifestEntry, path: Path, clip: DecodedClip | DecodeFailure, spec: FrameSpec) -> dict[str, Any]:
+    """A shard row, or a quarantine row (`error` set, no frames) for a video that gave no frames."""
     row = {
         "video_id": entry.video_id,
         "split": entry.split,
@@ -179,7 +179,6 @@ def _decoded_row(entry: ManifestEntry, manifest: Path, spec: FrameSpec, decoder:
         "frame_size": spec.frame_size,
         "source_path": str(path),
     }
-    clip = decoder.decode(path, spec)
     if isinstance(clip, DecodeFailure):
         return {**row, "frames": [], "num_frames": 0, "valid_frames": 0, "reason": clip.reason, "error": clip.error}
     return {**row, **asdict(clip), "num_frames": len(clip.frames), "reason": None, "error": None}
@@ -235,8 +234,10 @@ def _decode_part(part: int, start: int, end: int, job: _Job) -> None:
     """Decode the videos whose manifest lines lie in bytes [start, end) and write the part's files; the
     marker, written last, says the part is done."""
     entries = read_manifest_range(job.manifest, start, end, job.splits)
-    decoder = _worker_decoder(job)
-    table = pa.Table.from_pylist([_decoded_row(e, job.manifest, job.spec, decoder) for e in entries], schema=_DECODED_SCHEMA)
+    paths = [resolve_video_path(entry, job.manifest) for entry in entries]
+    clips = _worker_decoder(job).map((path, (job.spec,)) for path in paths)
+    rows = [_row(entry, path, clip, job.spec) for entry, path, clip in zip(entries, paths, clips, strict=True)]
+    table = pa.Table.from_pylist(rows, schema=_DECODED_SCHEMA)
     name = _part_name(part)
     for split in job.splits:
         rows = _shard_rows(table, split)
