@@ -240,12 +240,12 @@ def _decode_part(part: int, start: int, end: int, job: _Job) -> None:
     table = pa.Table.from_pylist(rows, schema=_DECODED_SCHEMA)
     name = _part_name(part)
     for split in job.splits:
-        rows = _shard_rows(table, split)
-        if rows.num_rows:
-            _write_atomic(rows.replace_schema_metadata(job.metadata), job.out / split / f"{name}.parquet")
+        shard = _shard_rows(table, split)
+        if shard.num_rows:
+            _write_atomic(shard.replace_schema_metadata(job.metadata), job.out / split / f"{name}.parquet")
     _write_atomic(_quarantine_rows(table), job.out / PARTS / f"{name}.parquet")
     marker = job.out / PARTS / f"{name}.done"
-    marker.with_name(marker.name + ".tmp").write_text(str(len(entries)))
+    marker.with_name(marker.name + ".tmp").write_text(f"{len(entries)}\n")
     os.replace(marker.with_name(marker.name + ".tmp"), marker)
 
 
