@@ -9,7 +9,14 @@ import torch
 
 from hvd.config import ModelConfig
 from hvd.eval.metrics import query_ranks, retrieval_metrics
-from hvd.eval.retrieval import exhaustive, merge_reranked, top_candidates, two_stage
+from hvd.eval.retrieval import (
+    exhaustive,
+    merge_reranked,
+    rescore_texts,
+    rescore_videos,
+    top_candidates,
+    two_stage,
+)
 from hvd.model import build_model, build_tokenizer
 
 COLOURS, SHAPES, MOTIONS = ("red", "blue", "green"), ("circle", "square"), ("rises", "falls")
@@ -82,3 +89,25 @@ def test_meanp_two_stage_matches_exhaustive_at_any_k():
     for topk in (1, 4):
         result = two_stage(model, text, video, topk)
         assert retrieval_metrics(result.t2v, text_video, v2t_sim=result.v2t) == expected
+
+
+@pytest.mark.parametrize("head", ["hvd", "meanp"])
+def test_batched_reranking_equals_one_query_at_a_time(head):
+    """Heads that score groups rerank every query's candidates in chunked passes; the scores and rankings
+    are those of one `score` call per query (the path of the other heads)."""
+    model, text, video, _ = encoded(head)
+    assert model.head.scores_groups
+    coarse = torch.randn(len(text), len(video), generator=torch.Generator().manual_seed(2))
+    videos_of_text, texts_of_video = top_candidates(coarse, 4), top_candidates(coarse.T, 5)
+    one_by_one = torch.stack([model.score(text[q : q + 1], video[videos_of_text[q]])[0] for q in range(len(text))])
+    one_by_one_v2t = torch.stack(
+        [model.score(text[texts_of_video[q]], video[q : q + 1])[:, 0] for q in range(len(video))]
+    )
+    budget, model.score_budget_bytes = model.score_budget_bytes, 1  # one query per chunk: chunking changes nothing
+    try:
+        batched = (rescore_videos(model, text, video, videos_of_text), rescore_texts(model, text, video, texts_of_video))
+    finally:
+        model.score_budget_bytes = budget
+    for scores, reference in zip(batched, (one_by_one, one_by_one_v2t), strict=True):
+        torch.testing.assert_close(scores, reference, rtol=0, atol=1e-6)
+        assert torch.equal(scores.argsort(dim=1), reference.argsort(dim=1))

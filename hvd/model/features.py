@@ -7,6 +7,7 @@ slicing, concatenating and gathering across ranks are one tensor operation appli
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -30,6 +31,10 @@ class Features:
 
     def __len__(self) -> int:
         return self._first().shape[0]
+
+    def row_bytes(self) -> int:
+        """Bytes one item takes, every field together."""
+        return sum(math.prod(t.shape[1:]) * t.element_size() for t in (getattr(self, f.name) for f in dataclasses.fields(self)))
 
     @property
     def device(self) -> torch.device:

@@ -47,9 +47,9 @@ def zero_linear(dim: int) -> nn.Linear:
 
 
 def trim_padding(words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop the trailing word slots that are padding in every caption of the batch."""
-    length = int(word_mask.any(dim=0).nonzero().max()) + 1
-    return words[:, :length], word_mask[:, :length]
+    """Drop the trailing word slots that are padding in every caption ([..., L, D] words, [..., L] mask)."""
+    length = int(word_mask.flatten(0, -2).any(dim=0).nonzero().max()) + 1
+    return words[..., :length, :], word_mask[..., :length]
 
 
 def words_entities(
@@ -61,10 +61,7 @@ def words_entities(
     words [Nt, L, D] (mask [Nt, L], logits [Nt, L]); entities [Nv, E, D] (logits [Nv, E]); seen
     [Nt, Nv, E]: the entities a pair may use (at least one per pair).
     """
-    # Padding slots take a copy of the caption's first word: a duplicate leaves every max over words
-    # unchanged and gets no word weight, so the big similarity tensor needs no mask of its own.
-    first = word_mask.to(torch.uint8).argmax(dim=1)
-    words = torch.where(word_mask[..., None], words, words[torch.arange(len(words), device=words.device), first][:, None])
+    words = _pad_with_first_word(words, word_mask)
     count, slots, dim = entities.shape
     similarity = (words.flatten(0, 1) @ entities.reshape(-1, dim).T).view(
         len(words), words.shape[1], count, slots
@@ -77,6 +74,38 @@ def words_entities(
     return (text_to_video + video_to_text) / 2
 
 
+def _pad_with_first_word(words: Tensor, word_mask: Tensor) -> Tensor:
+    """Padding slots take a copy of the caption's first word: a duplicate leaves every max over words
+    unchanged and gets no word weight, so the big similarity tensor needs no mask of its own."""
+    first = word_mask.to(torch.uint8).argmax(dim=1)
+    return torch.where(word_mask[..., None], words, words[torch.arange(len(words), device=words.device), first][:, None])
+
+
+def words_entities_grouped(
+    words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor
+) -> Tensor:
+    """[Q, k] `words_entities` of each query with its own k candidates, without copying the query's side:
+    captions words [Q, L, D] with their videos' entities [Q, k, E, D] (logits [Q, k, E]), or a video's
+    entities [Q, E, D] (logits [Q, E]) with its captions' words [Q, k, L, D]; seen [Q, k, E]."""
+    if words.ndim == 3:  # each caption, its k videos: one product per caption over all its entities
+        queries, count, slots, dim = entities.shape
+        words = _pad_with_first_word(words, word_mask)
+        similarity = (words @ entities.reshape(queries, count * slots, dim).mT).view(queries, -1, count, slots)
+        similarity = similarity.transpose(1, 2)  # [Q, k, L, E]
+        word_weight = masked_softmax(word_logits, word_mask)[:, None]
+    else:  # each video, its k captions
+        queries, count, length, dim = words.shape
+        words = _pad_with_first_word(words.flatten(0, 1), word_mask.flatten(0, 1))
+        similarity = (words.view(queries, count * length, dim) @ entities.mT).view(queries, count, length, -1)
+        word_weight = masked_softmax(word_logits, word_mask)
+        entity_logits = entity_logits[:, None]
+    best_entity = similarity.masked_fill(~seen[:, :, None], -math.inf).amax(dim=-1)  # [Q, k, L]
+    text_to_video = (best_entity * word_weight).sum(dim=-1)
+    best_word = similarity.amax(dim=2)  # [Q, k, E]
+    video_to_text = (best_word * masked_softmax(entity_logits.expand_as(best_word), seen)).sum(dim=-1)
+    return (text_to_video + video_to_text) / 2
+
+
 def words_entities_bytes(words: int, entities: int) -> int:
     """Per pair: the word-entity similarities and their masked copy, and the entity-side reductions."""
     return FLOAT_BYTES * (2 * words * entities + 2 * words + 6 * entities)
@@ -86,6 +115,7 @@ class Head(nn.Module):
     uses_patches = False  # the backbone's patch tokens reach `video_features` (else None: not computed)
     vision_layers: tuple[int, ...] = ()  # ViT blocks whose tokens `video_features` also reads (HVP-Net)
     part_weights: dict[str, float] = {}  # weight of each similarity in the loss and the score; absent: 1
+    scores_groups = False  # has `grouped_similarities`
 
     def video_features(
         self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]
@@ -102,6 +132,13 @@ class Head(nn.Module):
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """[Q, k] similarities of each query with its own k candidates, for reranking many queries in one pass:
+        text [Q] with video fields [Q, k, ...] (each caption's candidate videos), or text fields [Q, k, ...]
+        with video [Q] (each video's candidate captions). Heads without it (`scores_groups` False) rerank
+        one query at a time through `similarities`."""
+        raise NotImplementedError(f"{type(self).__name__} scores whole matrices only")
 
     def contrastive_losses(self, text: TextFeatures, video: VideoFeatures, similarities: dict[str, Tensor],
                            scale: Tensor) -> dict[str, Tensor]:

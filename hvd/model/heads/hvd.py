@@ -8,13 +8,14 @@ from torch import Tensor
 
 from hvd.config import ModelConfig
 from hvd.model.features import TextFeatures, VideoFeatures
-from hvd.model.ffsm import select_frames
+from hvd.model.ffsm import select_frames, select_frames_grouped
 from hvd.model.heads.base import (
     FLOAT_BYTES,
     Head,
     trim_padding,
     words_entities,
     words_entities_bytes,
+    words_entities_grouped,
     zero_linear,
 )
 from hvd.model.pfcm import PFCM, video_entities
@@ -32,6 +33,7 @@ class HVDHead(Head):
     """
 
     uses_patches = True
+    scores_groups = True
     explain_legend = ("frames: caption-frame cosine, FFSM's kept frames framed green; under each kept frame its "
                       "patches coloured by PFCM entity")
 
@@ -69,6 +71,23 @@ class HVDHead(Head):
         return {
             "sentence_frames": self._sentence_frames(text.sentence, video.frames, kept),
             "words_patches": self._words_patches(text, video, kept),
+        }
+
+    def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        kept = select_frames_grouped(text.sentence, video.frames, self.frame_keep, video.frame_mask)  # [Q, k, T]
+        words, word_mask = trim_padding(text.words, text.word_mask)
+        if text.sentence.ndim == 2:  # each caption, its k videos
+            pooled = torch.einsum("qkt,qktd->qkd", kept.to(video.frames.dtype), video.frames)
+            sentence_frames = torch.einsum("qd,qkd->qk", text.sentence, F.normalize(pooled, dim=-1))
+            seen = torch.einsum("qkt,qket->qke", kept.float(), video.patch_frames.float()) > 0
+        else:  # each video, its k captions
+            pooled = torch.einsum("qkt,qtd->qkd", kept.to(video.frames.dtype), video.frames)
+            sentence_frames = (text.sentence * F.normalize(pooled, dim=-1)).sum(dim=-1)
+            seen = torch.einsum("qkt,qet->qke", kept.float(), video.patch_frames.float()) > 0
+        return {
+            "sentence_frames": sentence_frames,
+            "words_patches": words_entities_grouped(words, word_mask, self.word_weight(words).squeeze(-1), video.patches,
+                                                    seen, self.patch_weight(video.patches).squeeze(-1)),
         }
 
     @staticmethod
