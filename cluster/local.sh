@@ -39,9 +39,11 @@ die() {
 # 127.0.0.1 (otherwise Ray swaps it for the machine's routable address), so every node's gRPC servers,
 # agents, client server and the autoscaler's and dashboard's metrics servers bind loopback. No Prometheus
 # exports: nothing here scrapes them (RAY_enable_metrics_collection=0 keeps each node's agent from opening
-# its metrics port).
+# its metrics port). No drain on SIGTERM: it lets Ray Serve replicas quiesce (none here) and made `down`
+# wait its full 30 s per node whenever a finished job's workers were still idle.
 CLUSTER_ENV=(env -u RAY_ADDRESS -u RAY_AUTH_TOKEN "PATH=$BIN:$PATH" RAY_AUTH_MODE=token
-    "RAY_AUTH_TOKEN_PATH=$STATE/auth_token" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_enable_metrics_collection=0)
+    "RAY_AUTH_TOKEN_PATH=$STATE/auth_token" RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_enable_metrics_collection=0
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0)
 # One-machine mode refuses to start a second node, so that node's `ray start` runs with the refusal lifted
 # and 127.0.0.1 taken as given; what the node starts inherits one-machine mode from CLUSTER_ENV.
 RAY_START_SECOND_NODE=("$BIN/python" -c 'import sys, ray._private.ray_constants as constants, ray._private.services as services

@@ -33,6 +33,7 @@ def ray_head():
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # as cluster/local.sh: SIGTERM stops the head at once
     }
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
