@@ -17,8 +17,12 @@ class MeanPoolHead(Head):
     def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         pooled = mean_frame_embedding(video.frames.flatten(0, -3), video.frame_mask.flatten(0, -2))
         pooled = pooled.view(*video.frame_mask.shape[:-1], -1)  # [Q, k, D], or [Q, D] for one video per query
-        sentence = text.sentence if text.sentence.ndim == 3 else text.sentence[:, None]
-        return {"sentence_video": (sentence * (pooled if pooled.ndim == 3 else pooled[:, None])).sum(dim=-1)}
+        sentence = text.sentence
+        if sentence.ndim == 2:  # each caption, its k videos
+            sentence = sentence[:, None]
+        else:  # each video, its k captions
+            pooled = pooled[:, None]
+        return {"sentence_video": (sentence * pooled).sum(dim=-1)}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         return FLOAT_BYTES
