@@ -5,6 +5,7 @@ import pytest
 from hvd.data.manifest import (
     ManifestEntry,
     ManifestError,
+    fingerprint,
     index_manifest,
     read_manifest,
     read_manifest_range,
@@ -24,6 +25,7 @@ def test_index_cuts_the_selected_videos_into_byte_ranges_that_read_back_exactly(
     index = index_manifest(manifest, splits=("train", "test"))
     wanted = [e for e in read_manifest(manifest) if e.split in ("train", "test")]
     assert len(index) == len(wanted) == 17
+    assert index.fingerprint == fingerprint(manifest)  # hashed in the same pass, the same value
     ranges = index.ranges(4)
     assert len(ranges) == 5 and ranges[-1][1] == manifest.stat().st_size
     parts = [read_manifest_range(manifest, start, end, ("train", "test")) for start, end in ranges]

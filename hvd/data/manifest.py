@@ -58,11 +58,14 @@ def _parse_line(line: str, where: str) -> ManifestEntry:
     return ManifestEntry(video_id=video_id, path=path, captions=captions, split=split, extra=record)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, int, str]]:
-    """(line number, byte offset, text) of every non-blank line, read as a stream."""
+def _lines(path: Path, digest: Any = None) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset, text) of every non-blank line, read as a stream; every byte read also
+    goes into `digest` when given, so one pass both parses and fingerprints."""
     with path.open("rb") as handle:
         offset = 0
         for number, raw in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(raw)
             if raw.strip():
                 yield number, offset, raw.decode("utf-8")
             offset += len(raw)
@@ -97,8 +100,8 @@ def index_manifest(path: str | Path, splits: Iterable[str] | None = None) -> Man
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
     wanted = set(splits) if splits is not None else set(SPLITS)
-    offsets, hashes, lines = array("q"), array("q"), 0
-    for number, offset, line in _lines(path):
+    offsets, hashes, lines, digest = array("q"), array("q"), 0, hashlib.sha256()
+    for number, offset, line in _lines(path, digest):
         entry = _parse_line(line, f"{path}:{number}")
         hashes.append(_id_hash(entry.video_id))
         lines += 1
@@ -109,7 +112,7 @@ def index_manifest(path: str | Path, splits: Iterable[str] | None = None) -> Man
     ordered = np.sort(np.frombuffer(hashes, dtype=np.int64))
     if (ordered[1:] == ordered[:-1]).any():
         read_manifest(path)  # names the duplicate and its lines (a hash collision alone passes)
-    return ManifestIndex(path, offsets, path.stat().st_size, fingerprint(path))
+    return ManifestIndex(path, offsets, path.stat().st_size, digest.hexdigest()[:16])  # as `fingerprint`
 
 
 def read_manifest_range(path: str | Path, start: int, end: int, splits: Iterable[str] | None = None) -> list[ManifestEntry]:
