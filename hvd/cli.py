@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hvd.config import Config, ConfigError, describe, load_config
 from hvd.worker_setup import VERBOSE_ENV
@@ -49,3 +50,18 @@ def parse_args(
 def fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+def add_job_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and the benchmark split a job runs on: shared by evaluate.py and index.py."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="URI",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--manifest", type=Path, metavar="FILE", help="benchmark manifest (JSONL), prepared and cached"
+    )
+    source.add_argument("--shards", type=Path, metavar="DIR", help="shards prepared by pipelines/prepare.py")

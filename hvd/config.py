@@ -145,6 +145,14 @@ class EvalConfig:
 
 
 @dataclass
+class IndexConfig:
+    ivf_from: int = 100_000  # galleries of at least this many videos get an IVF index (approximate); smaller: flat, exact
+    nprobe: int = 32  # IVF: inverted lists searched per query (more: nearer exact search, slower)
+    use: bool = True  # eval.mode=two_stage reuses the model version's index of the benchmark when one matches
+    cache: str = "data/indexes"  # indexes downloaded from MLflow (and built here) are kept under <cache>/<run id>
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db under the project root
     experiment: str = "hvd"
@@ -161,6 +169,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -238,6 +247,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.topk": _COUNT,
     "eval.batch_size": _COUNT,
     "eval.num_actors": _NONNEGATIVE,
+    "index.ivf_from": _COUNT,
+    "index.nprobe": _COUNT,
     "eval.explain_queries": _NONNEGATIVE,
 }
 # Rules that tie two keys together: (key named in the error, test on the whole Config, what is wrong).
@@ -282,7 +293,7 @@ def check(cfg: Config) -> None:
 # Keys naming a file or folder: a relative value is joined onto the project root (hvd.paths) when loaded.
 PATH_KEYS = (
     "synthetic.out", "data.manifest", "data.shards", "model.pretrained", "pretrain.out", "train.storage_path",
-    "eval.out", "eval.cache",
+    "eval.out", "eval.cache", "index.cache",
 )
 
 
@@ -383,6 +394,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "IndexConfig",
     "ModelConfig",
     "PretrainConfig",
     "RunConfig",

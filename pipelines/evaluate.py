@@ -14,8 +14,10 @@ data.max_words always come from the model's training config; data.decode_* set t
 
 Encoding runs on a Ray Data actor pool (one model per actor; GPU actors when the cluster has GPUs).
 Scoring: eval.mode=exhaustive runs every (caption, video) pair through the full HVD score, chunked to
-model.score_budget_mb; eval.mode=two_stage ranks all videos by global embeddings (one matrix product)
-and rescores each query's eval.topk best with the full score; the top-k always rank above the rest,
+model.score_budget_mb; eval.mode=two_stage ranks all videos by global embeddings (one matrix product,
+or the FAISS search of the gallery index that pipelines/index.py built for this model version and
+benchmark split, whose stored features are then used instead of encoding the videos; index.use=false
+ignores it) and rescores each query's eval.topk best with the full score; the top-k always rank above the rest,
 which keep their stage-1 order. eval.compare=true runs exhaustive too and reports it under exhaustive/.
 Metrics, as CLIP4Clip and X-Pool compute them: t2v has one query per caption; v2t one per video, ranking
 caption groups scored by their best caption; MdR is np.median; ties rank pessimistically (an equal score
@@ -31,34 +33,18 @@ eval.benchmark, else the manifest's folder name) tagged with model_name, model_v
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from hvd.cli import fail, parse_args
+from hvd.cli import add_job_flags, fail, parse_args
 from hvd.data.prepare import PrepareError
 from hvd.eval.job import evaluate, summary_text
 from hvd.eval.source import ModelSourceError
 
-SECTIONS = ("eval", "data", "tracking")
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="URI",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory",
-    )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--manifest", type=Path, metavar="FILE", help="benchmark manifest (JSONL), prepared and cached"
-    )
-    source.add_argument("--shards", type=Path, metavar="DIR", help="shards prepared by pipelines/prepare.py")
+SECTIONS = ("eval", "index", "data", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags)
+    cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_job_flags)
     try:
         outcome = evaluate(cfg, args.model, manifest=args.manifest, shards=args.shards)
     except (ModelSourceError, PrepareError, FileNotFoundError, ValueError) as err:

@@ -74,43 +74,49 @@ def _collect(dataset: ray.data.Dataset, columns: tuple[str, ...]) -> dict[str, n
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
-def encode_with_actors(
+def _pool_arguments(model: RetrievalModel, cfg: Config, num_actors: int) -> dict[str, Any]:
+    weights = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
+    return {"fn_constructor_args": (cfg, weights), "batch_size": cfg.eval.batch_size, **actor_resources(num_actors)}
+
+
+def encode_videos_with_actors(
     model: RetrievalModel, cfg: Config, shards: str, split: str, num_actors: int = 0
+) -> tuple[list[str], VideoFeatures]:
+    """Every video of one split, encoded by an actor pool: ids and features in `read_shards` order."""
+    video_ids = read_shards(shards, split, columns=["video_id"])["video_id"].to_pylist()
+    videos = open_shards(shards, split).map_batches(
+        VideoEncoder, batch_format="pyarrow", **_pool_arguments(model, cfg, num_actors)
+    )
+    columns = _collect(videos, ("video_id", *VIDEO_FIELDS))
+    position = {video_id: i for i, video_id in enumerate(columns["video_id"])}
+    order = torch.tensor([position[video_id] for video_id in video_ids])
+    return video_ids, VideoFeatures(**{name: torch.from_numpy(columns[name]) for name in VIDEO_FIELDS})[order]
+
+
+def encode_texts_with_actors(model: RetrievalModel, cfg: Config, captions: list[str], num_actors: int = 0) -> TextFeatures:
+    """Every caption, encoded by an actor pool, in the order given."""
+    texts = ray.data.from_items([{"index": i, "caption": c} for i, c in enumerate(captions)]).map_batches(
+        TextEncoder, batch_format="numpy", **_pool_arguments(model, cfg, num_actors)
+    )
+    columns = _collect(texts, ("index", "sentence", "words", "word_mask"))
+    order = torch.from_numpy(np.argsort(columns["index"], kind="stable"))
+    text = TextFeatures(**{name: torch.from_numpy(columns[name]) for name in ("sentence", "words", "word_mask")})
+    return text[order]
+
+
+def encode_with_actors(
+    model: RetrievalModel, cfg: Config, shards: str, split: str, num_actors: int = 0,
+    videos: tuple[list[str], VideoFeatures] | None = None,
 ) -> EncodedSplit:
-    """Every video and caption of one split, encoded by an actor pool; rows in `read_shards` order."""
+    """Every video and caption of one split, encoded by actor pools; rows in `read_shards` order.
+    `videos`: the split's video ids and features, encoded before (a gallery index): only captions are encoded."""
     table = read_shards(shards, split, columns=["video_id", "captions"])
     video_ids = table["video_id"].to_pylist()
     captions = [caption for row in table["captions"].to_pylist() for caption in row]
     text_video = torch.tensor([i for i, row in enumerate(table["captions"].to_pylist()) for _ in row])
-
-    weights = [ray.put({k: v.cpu() for k, v in model.state_dict().items()})]
-    resources = actor_resources(num_actors)
-    batch_size = cfg.eval.batch_size
-
-    videos = open_shards(shards, split).map_batches(
-        VideoEncoder,
-        fn_constructor_args=(cfg, weights),
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        **resources,
-    )
-    texts = ray.data.from_items([{"index": i, "caption": c} for i, c in enumerate(captions)]).map_batches(
-        TextEncoder,
-        fn_constructor_args=(cfg, weights),
-        batch_size=batch_size,
-        batch_format="numpy",
-        **resources,
-    )
-    video_cols = _collect(videos, ("video_id", *VIDEO_FIELDS))
-    text_cols = _collect(texts, ("index", "sentence", "words", "word_mask"))
-
-    position = {video_id: i for i, video_id in enumerate(video_cols["video_id"])}
-    video_order = torch.tensor([position[video_id] for video_id in video_ids])
-    text_order = torch.from_numpy(np.argsort(text_cols["index"], kind="stable"))
-    video = VideoFeatures(**{name: torch.from_numpy(video_cols[name]) for name in VIDEO_FIELDS})
-    text = TextFeatures(
-        sentence=torch.from_numpy(text_cols["sentence"]),
-        words=torch.from_numpy(text_cols["words"]),
-        word_mask=torch.from_numpy(text_cols["word_mask"]),
-    )
-    return EncodedSplit(text[text_order], video[video_order], text_video, video_ids, captions)
+    if videos is None:
+        videos = encode_videos_with_actors(model, cfg, shards, split, num_actors)
+    elif videos[0] != video_ids:
+        raise ValueError(f"the given video features are of other videos than the {split} split of {shards}")
+    text = encode_texts_with_actors(model, cfg, captions, num_actors)
+    return EncodedSplit(text, videos[1], text_video, video_ids, captions)

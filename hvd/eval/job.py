@@ -21,6 +21,8 @@ from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
+from hvd.eval.gallery_index import GalleryIndex
+from hvd.eval.index_registry import matching_index
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.report import (
@@ -105,11 +107,14 @@ def excluded_videos(shards: Path, split: str) -> list[dict[str, str]]:
     return [{k: row[k] for k in ("video_id", "reason", "error")} for row in rows if row["split"] == split]
 
 
-def score(model: RetrievalModel, encoded: EncodedSplit, cfg: Config) -> dict[str, Retrieval]:
-    """The configured mode first; with `eval.compare` and two_stage, the exhaustive scores beside it."""
+def score(
+    model: RetrievalModel, encoded: EncodedSplit, cfg: Config, index: GalleryIndex | None = None
+) -> dict[str, Retrieval]:
+    """The configured mode first; with `eval.compare` and two_stage, the exhaustive scores beside it.
+    `index`: the gallery's index, whose search gives two-stage its candidates."""
     results = {}
     if cfg.eval.mode == "two_stage":
-        results["two_stage"] = two_stage(model, encoded.text, encoded.video, cfg.eval.topk)
+        results["two_stage"] = two_stage(model, encoded.text, encoded.video, cfg.eval.topk, index)
     if cfg.eval.mode == "exhaustive" or cfg.eval.compare:
         results["exhaustive"] = exhaustive(
             model, encoded.text.to(model.device), encoded.video.to(model.device)
@@ -175,10 +180,41 @@ def draw(
     return paths
 
 
-def evaluate(
-    cfg: Config, model_uri: str, manifest: Path | None = None, shards: Path | None = None
-) -> EvalOutcome:
-    """Evaluate the model behind `model_uri` on a manifest (prepared and cached) or on prepared shards."""
+@dataclass
+class JobInputs:
+    """What a job on a model and a benchmark split starts from, resolved from its command line."""
+
+    cfg: Config  # the command line's, with the trained model's `model` section and frame sampling
+    model: RetrievalModel
+    source: ModelSource
+    benchmark: str
+    manifest: Path | None
+    shards: Path  # prepared shards, or where the manifest's split will be prepared
+    dataset_fingerprint: str
+    tracking_uri: str
+
+    def tags(self, kind: str, description: str) -> dict[str, str]:
+        """MLflow tags of the job's run: what it ran on (`kind`: evaluation or index)."""
+        return {
+            "benchmark": self.benchmark,
+            "split": self.cfg.eval.split,
+            "job": kind,
+            "model_uri": self.source.uri,
+            "model_name": self.source.name,
+            "model_version": self.source.version,
+            "source_run": self.source.source_run,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            **source_tags(description),
+        }
+
+    def dataset(self) -> Any:
+        return benchmark_input(
+            self.benchmark, self.dataset_fingerprint, str(self.manifest or self.shards), {}, self.cfg.eval.split
+        )
+
+
+def open_job(cfg: Config, model_uri: str, manifest: Path | None, shards: Path | None) -> JobInputs:
+    """Load the model behind `model_uri`, start Ray, and say which benchmark split the job runs on."""
     if (manifest is None) == (shards is None):
         raise ValueError("give exactly one of --manifest FILE or --shards DIR")
     manifest, shards = (Path(resolve_path(str(p))) if p is not None else None for p in (manifest, shards))
@@ -194,52 +230,58 @@ def evaluate(
     ensure_ray()
     require_shared_paths({
         "--manifest": manifest, "--shards": shards, "eval.cache": cfg.eval.cache if manifest else None,
-        "eval.out": cfg.eval.out, "tracking.uri": uri,
+        "eval.out": cfg.eval.out, "index.cache": cfg.index.cache, "tracking.uri": uri,
     })
     benchmark = benchmark_name(cfg, manifest, shards)
     folder = cached_shards(cfg, manifest, benchmark) if manifest is not None else shards
     cfg = replace(cfg, data=replace(cfg.data, manifest=str(manifest) if manifest else None, shards=str(folder)))
-    run_name = f"{source.label}-{cfg.eval.mode}"
     digest = fingerprint(manifest) if manifest else shard_summary(shards).get("manifest_fingerprint", "")
-    tags = {
-        "benchmark": benchmark,
-        "split": cfg.eval.split,
-        "mode": cfg.eval.mode,
-        "model_uri": source.uri,
-        "model_name": source.name,
-        "model_version": source.version,
-        "source_run": source.source_run,
-        "dataset_fingerprint": digest,
-        "metric_conventions": METRIC_CONVENTIONS,
-        **source_tags(f"{source.name} version {source.version} ({cfg.model.head} head) on the {cfg.eval.split} "
-                      f"split of {benchmark}, {cfg.eval.mode} scoring."),
-    }
-    dataset = benchmark_input(benchmark, digest, str(manifest or folder), {}, cfg.eval.split)
-    run = start_eval_run(uri, cfg, run_name, tags, {"eval.model": model_uri}, dataset)
+    return JobInputs(cfg, model, source, benchmark, manifest, folder, digest, uri)
+
+
+def ready_shards(job: JobInputs) -> Path:
+    """The split's shards, prepared first when the job was given a manifest; checked against the model."""
+    shards = prepared_shards(job.cfg, job.manifest, job.benchmark) if job.manifest is not None else job.shards
+    check_frames(shards, job.model)
+    return shards
+
+
+def evaluate(
+    cfg: Config, model_uri: str, manifest: Path | None = None, shards: Path | None = None
+) -> EvalOutcome:
+    """Evaluate the model behind `model_uri` on a manifest (prepared and cached) or on prepared shards."""
+    job = open_job(cfg, model_uri, manifest, shards)
+    cfg, source = job.cfg, job.source
+    tags = job.tags("evaluation", f"{source.name} version {source.version} ({cfg.model.head} head) on the "
+                    f"{cfg.eval.split} split of {job.benchmark}, {cfg.eval.mode} scoring.")
+    tags |= {"mode": cfg.eval.mode, "metric_conventions": METRIC_CONVENTIONS}
+    run = start_eval_run(job.tracking_uri, cfg, f"{source.label}-{cfg.eval.mode}", tags,
+                         {"eval.model": model_uri}, job.dataset())
     try:
-        outcome = _run_evaluation(cfg, model, source, benchmark, manifest, folder, run)
+        outcome = _run_evaluation(job, run)
     except BaseException:
-        finish_run(uri, run.run_id, failed=True)
+        finish_run(job.tracking_uri, run.run_id, failed=True)
         raise
     return outcome
 
 
-def _run_evaluation(
-    cfg: Config, model: RetrievalModel, source: ModelSource, benchmark: str, manifest: Path | None, shards: Path,
-    run: EvalRun,
-) -> EvalOutcome:
-    uri = tracking_uri(cfg)
-    if manifest is not None:
-        shards = prepared_shards(cfg, manifest, benchmark)
-    check_frames(shards, model)
+def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
+    cfg, model, source, benchmark, uri = job.cfg, job.model, job.source, job.benchmark, job.tracking_uri
+    shards = ready_shards(job)
     excluded = excluded_videos(shards, cfg.eval.split)
+    index = (
+        matching_index(cfg, source, benchmark, shards, uri) if cfg.eval.mode == "two_stage" and cfg.index.use else None
+    )
+    if index is not None:
+        print(f"gallery: {len(index)} videos and stage 1 from index {index.meta['run_id']} ({index.kind})", flush=True)
 
     started = time.perf_counter()
-    encoded = encode_with_actors(model, cfg, str(shards), cfg.eval.split, cfg.eval.num_actors)
+    videos = None if index is None else (index.video_ids, index.features())
+    encoded = encode_with_actors(model, cfg, str(shards), cfg.eval.split, cfg.eval.num_actors, videos)
     encode_s = time.perf_counter() - started
     if torch.cuda.is_available():
         model.cuda()
-    results = score(model, encoded, cfg)
+    results = score(model, encoded, cfg, index)
     metrics = collect_metrics(results, encoded, cfg)
     metrics |= {
         "time/encode_s": encode_s,
@@ -264,6 +306,9 @@ def _run_evaluation(
         },
         "mode": cfg.eval.mode,
         "topk": cfg.eval.topk if cfg.eval.mode == "two_stage" else None,
+        "index": None if index is None else {
+            "run_id": index.meta["run_id"], "kind": index.kind, "nprobe": index.meta["nprobe"]
+        },
         "metric_conventions": METRIC_CONVENTIONS,
         "metrics": metrics,
         "excluded": excluded,

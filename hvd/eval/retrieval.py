@@ -1,7 +1,8 @@
 """Score a gallery: exhaustively (every pair through the model) or in two stages (EERCF-style).
 
-Two-stage: stage 1 ranks every candidate by the global embeddings' dot product (one matrix product);
-stage 2 rescores each query's top-k with the full pairwise score. Both give full [queries, candidates]
+Two-stage: stage 1 ranks every candidate by the global embeddings' dot product (one matrix product, or
+a search of the gallery's FAISS index when one is given); stage 2 rescores each query's top-k with the
+full pairwise score. Both give full [queries, candidates]
 ranking matrices, so the metrics code never needs to know which mode produced them.
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from hvd.eval.gallery_index import GalleryIndex
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
 
 
@@ -80,6 +82,25 @@ def rescore_videos(
     return torch.stack([model.score(text[q : q + 1], video[candidates[q]])[0] for q in range(len(candidates))])
 
 
+def rescore_gathered(
+    model: RetrievalModel, text: TextFeatures, gather: Callable[[Tensor], VideoFeatures], candidates: Tensor
+) -> Tensor:
+    """`rescore_videos` reading only the candidates' features: `gather` maps sorted gallery rows to their
+    features (a memory-mapped index, a gallery built on the fly), so the gallery never has to be in memory."""
+    rows, local = candidates.unique(return_inverse=True)
+    return rescore_videos(model, text, gather(rows).to(model.device), local.to(model.device))
+
+
+def index_candidates(index: GalleryIndex, sentence: Tensor, coarse: Tensor, topk: int) -> Tensor:
+    """[Q, k] each caption's stage-1 candidates found by the index; where an IVF search came back short
+    (its probed lists held fewer than k videos), the exact top-k of `coarse` instead."""
+    rows = index.search(sentence, topk)[1].to(coarse.device)
+    short = (rows < 0).any(dim=1)
+    if short.any():
+        rows[short] = top_candidates(coarse[short], topk)
+    return rows
+
+
 def rescore_texts(
     model: RetrievalModel, text: TextFeatures, video: VideoFeatures, candidates: Tensor
 ) -> Tensor:
@@ -89,15 +110,21 @@ def rescore_texts(
     return torch.stack([model.score(text[candidates[q]], video[q : q + 1])[:, 0] for q in range(len(candidates))])
 
 
-def two_stage(model: RetrievalModel, text: TextFeatures, video: VideoFeatures, topk: int) -> Retrieval:
-    """Both directions: captions rank videos, and videos rank captions, each over its own top-k."""
+def two_stage(
+    model: RetrievalModel, text: TextFeatures, video: VideoFeatures, topk: int, index: GalleryIndex | None = None
+) -> Retrieval:
+    """Both directions: captions rank videos, and videos rank captions, each over its own top-k.
+    `index`: the gallery's index (its rows are `video`'s): captions' candidates come from its search, and
+    the stored embeddings rank the rest."""
     device = model.device
     text, video = text.to(device), video.to(device)
 
     started = time.perf_counter()
-    sentence, pooled = model.global_embeddings(text, video)
+    sentence = model.text_embeddings(text)
+    pooled = model.video_embeddings(video) if index is None else index.embeddings().to(device)
     coarse = sentence @ pooled.T
-    videos_of_text, texts_of_video = top_candidates(coarse, topk), top_candidates(coarse.T, topk)
+    videos_of_text = top_candidates(coarse, topk) if index is None else index_candidates(index, sentence, coarse, topk)
+    texts_of_video = top_candidates(coarse.T, topk)
     _sync(device)
     stage1 = time.perf_counter() - started
 

@@ -156,9 +156,18 @@ class RetrievalModel(nn.Module):
         return sum(self.head.part_weights.get(name, 1.0) * s for name, s in similarities.items())
 
     @torch.no_grad()
+    def text_embeddings(self, text: TextFeatures) -> Tensor:
+        """[Nt, D]: captions' side of the head's cheap first stage (meanP's by default)."""
+        return self.head.text_embedding(text)
+
+    @torch.no_grad()
+    def video_embeddings(self, video: VideoFeatures) -> Tensor:
+        """[Nv, D]: videos' side of the first stage; its dot product with `text_embeddings` ranks them."""
+        return self.head.video_embedding(video)
+
     def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
-        """[Nt, D] and [Nv, D] features whose dot product is the head's cheap first stage (meanP's by default)."""
-        return self.head.global_embeddings(text, video)
+        """Both sides of the first stage at once."""
+        return self.text_embeddings(text), self.video_embeddings(video)
 
     def loss(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, dict[str, float]]:
         """The head's contrastive loss on each similarity (by default a weighted symmetric InfoNCE) plus its

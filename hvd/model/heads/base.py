@@ -3,9 +3,9 @@
 Training, scoring and evaluation treat heads alike through `Head`: the video features a head keeps per
 video (`video_features`, run once per video at encoding time), the named [Nt, Nv] similarity matrices of
 a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, or the head's own
-`contrastive_losses`, and the retrieval score their weighted sum), extra loss terms (`regularizers`), the cheap features of a first retrieval
-stage (`global_embeddings`) and how many bytes one (caption, video) pair costs while scoring
-(`pair_bytes`).
+`contrastive_losses`, and the retrieval score their weighted sum), extra loss terms (`regularizers`), the
+cheap features of a first retrieval stage (the dot product of `text_embedding` and `video_embedding`) and
+how many bytes one (caption, video) pair costs while scoring (`pair_bytes`).
 """
 
 from __future__ import annotations
@@ -149,10 +149,15 @@ class Head(nn.Module):
         """Weighted loss terms besides the InfoNCE of each similarity, on the gathered batch; none by default."""
         return {}
 
-    def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
-        """[Nt, D] and [Nv, D] whose dot product is a cheap first retrieval stage: by default the sentence
-        and the mean frame (CLIP4Clip's meanP score)."""
-        return text.sentence, mean_frame_embedding(video.frames, video.frame_mask)
+    def text_embedding(self, text: TextFeatures) -> Tensor:
+        """[Nt, D]: the caption's side of the cheap first retrieval stage (a dot product with
+        `video_embedding`); by default the sentence, as in CLIP4Clip's meanP score."""
+        return text.sentence
+
+    def video_embedding(self, video: VideoFeatures) -> Tensor:
+        """[Nv, D]: the video's side of the first stage, computed once per video (a gallery index stores it);
+        by default the mean frame."""
+        return mean_frame_embedding(video.frames, video.frame_mask)
 
     def init_from_clip(self, clip: CLIP) -> None:
         """Seed head modules from pretrained CLIP weights, called once they are loaded; nothing by default."""

@@ -17,7 +17,7 @@ gated frame-level features, times `model.pearson_weight` (EERCF's 0.001).
 Two departures, both stated: the strong score gates each video by the query's own caption in training as
 at evaluation (EERCF's training gates each video by its paired caption only); EERCF's per-frame-slot weight
 matrix (eye(max_frames)) is left out, as it ties the model to one frame count.
-Stage 1 of two-stage retrieval is the coarse score (`global_embeddings`), stage 2 the full one.
+Stage 1 of two-stage retrieval is the coarse score (`text_embedding` . `video_embedding`), stage 2 the full one.
 """
 
 from __future__ import annotations
@@ -81,8 +81,11 @@ class EERCFHead(Head):
         context = video.frame_views[:, 0]
         return F.normalize(torch.einsum("btd,bt->bd", context, video.frame_mask.to(context.dtype)), dim=-1)
 
-    def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
-        return text.sentence @ self.coarse_weight, self.coarse_video(video)
+    def text_embedding(self, text: TextFeatures) -> Tensor:
+        return text.sentence @ self.coarse_weight
+
+    def video_embedding(self, video: VideoFeatures) -> Tensor:
+        return self.coarse_video(video)
 
     def gated_frames(self, sentence: Tensor, video: VideoFeatures) -> Tensor:
         """[Nt, Nv, D] the TIB's strong feature: contextualised frames weighted by their cosine to the caption."""

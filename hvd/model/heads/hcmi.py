@@ -136,8 +136,8 @@ class HCMIHead(Head):
         weight = masked_softmax(self.video_weight(video.patches).squeeze(-1), video.patch_frames.any(dim=-1))
         return F.normalize(torch.einsum("vc,vcd->vd", weight, video.patches), dim=-1)
 
-    def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
-        return text.sentence, self.video_token(video)
+    def video_embedding(self, video: VideoFeatures) -> Tensor:
+        return self.video_token(video)
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         words, word_mask = trim_padding(text.words, text.word_mask)

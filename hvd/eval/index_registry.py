@@ -1,0 +1,86 @@
+"""Where a model version's gallery indexes are: MLflow artifacts that a tag on the version points at.
+
+`pipelines/index.py` logs an index folder (see `hvd.eval.gallery_index`) as the `index/` artifacts of
+its run and tags the model version `index.<benchmark>.<split>` with their URI (a runs:/ model: its
+training run). Evaluations and searches look the tag up and keep a copy under `index.cache`/<run id>.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from hvd.config import Config
+from hvd.data.shards import shard_summary
+from hvd.eval.gallery_index import GalleryIndex
+from hvd.eval.source import ModelSource
+from hvd.tracking import active_tracking_uri
+
+ARTIFACT_PATH = "index"
+
+
+def index_tag(benchmark: str, split: str) -> str:
+    return f"index.{benchmark}.{split}"
+
+
+def link_index(client: MlflowClient, source: ModelSource, tag: str, artifact_uri: str) -> str:
+    """Tag the model version (else the training run) with where its index lies; says what was tagged."""
+    if source.version.isdigit():
+        client.set_model_version_tag(source.name, source.version, tag, artifact_uri)
+        return f"model version {source.name}/{source.version}"
+    if source.source_run:
+        client.set_tag(source.source_run, tag, artifact_uri)
+        return f"run {source.source_run}"
+    return ""
+
+
+def linked_indexes(source: ModelSource, tracking_uri: str) -> dict[str, str]:
+    """`index.<benchmark>.<split>` tags of the model version (or its run): tag -> artifact URI."""
+    client = MlflowClient(tracking_uri)
+    if source.version.isdigit():
+        tags = client.get_model_version(source.name, source.version).tags
+    elif source.source_run:
+        tags = client.get_run(source.source_run).data.tags
+    else:
+        return {}
+    return {key: value for key, value in tags.items() if key.startswith("index.")}
+
+
+def open_index(location: str, cfg: Config, tracking_uri: str) -> GalleryIndex:
+    """An index from its artifact URI (downloaded once into `index.cache`/<run id>) or a local folder."""
+    if Path(location).is_dir():
+        return GalleryIndex.open(location)
+    if not location.startswith("runs:/"):
+        raise ValueError(f"index {location!r}: neither a folder nor a runs:/RUN_ID/{ARTIFACT_PATH} URI")
+    folder = Path(cfg.index.cache) / location.removeprefix("runs:/").split("/", 1)[0]
+    if not folder.is_dir():
+        staging = folder.with_name(folder.name + ".download")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with active_tracking_uri(tracking_uri):
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging))
+        Path(downloaded).rename(folder)
+        shutil.rmtree(staging)
+    return GalleryIndex.open(folder)
+
+
+def matching_index(
+    cfg: Config, source: ModelSource, benchmark: str, shards: Path, tracking_uri: str
+) -> GalleryIndex | None:
+    """The model version's index of this benchmark split, when it indexes these very shards' videos
+    decoded the same way; says why an index it found is not used."""
+    location = linked_indexes(source, tracking_uri).get(index_tag(benchmark, cfg.eval.split))
+    if location is None:
+        return None
+    index = open_index(location, cfg, tracking_uri)
+    summary = shard_summary(shards)
+    if index.meta["dataset_fingerprint"] != summary.get("manifest_fingerprint", ""):
+        print(f"index {location} not used: it indexes another version of {benchmark}", flush=True)
+        return None
+    if index.meta["frame_spec"] != summary["frame_spec"]:
+        print(f"index {location} not used: its frames were sampled otherwise", flush=True)
+        return None
+    return index
