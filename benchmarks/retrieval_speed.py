@@ -2,6 +2,8 @@
 
     python benchmarks/retrieval_speed.py --model models:/hvd@champion [--gallery 1000 10000 100000]
         [--queries 1000 1000 200] [--clips 10000] [--topk 50] [--repeats 3] [--threads 1] [tracking.uri=...]
+    python benchmarks/retrieval_speed.py --model models:/hvd@champion --gallery 1000000 --queries 1000 \
+        [--exhaustive-queries 100] [--ivf-from 100000] [--nprobe 32]
 
 Gallery: `--clips` unseen synthetic clips (demo preset, seed 1, all in the test split, one caption
 each) are generated, decoded by `prepare` and encoded by the model once; the features are cached on
@@ -16,6 +18,14 @@ model.score_budget_mb). Two-stage: stage 1 is one matrix product of sentence and
 plus a top-k; stage 2 rescores each caption's top-k with the same full score; merged so that the top-k
 rank first. Both run on the same features in the same process, alternately `--repeats` times; per-query
 time = median total / queries.
+
+Past `--in-memory-up-to` videos (a million: 17 GiB of features for the demo model) the gallery is never
+held: its rows are spliced when read. Its first-stage embeddings are computed once and indexed with
+FAISS as `pipelines/index.py` would (IVF from `--ivf-from` videos, `--nprobe` lists per query); stage 1
+runs both exactly (a matrix product over every video) and through the index, whose recall@k against the
+exact top-k is reported; stage 2 reads only the candidates' rows. Every pair is scored for the first
+`--exhaustive-queries` queries only (about 4 s per query at a million videos on one core), and R@1 of
+exhaustive, index two-stage and exact-stage-1 two-stage is compared on that sample. Timed once.
 """
 
 from __future__ import annotations
@@ -23,25 +33,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import ray
 import torch
 
-from hvd.config import Config, SyntheticConfig, load_config
+from hvd.config import Config, IndexConfig, SyntheticConfig, load_config
 from hvd.data.prepare import prepare
 from hvd.data.shards import read_shards
 from hvd.data.synthetic import generate
 from hvd.eval.encode import EncodedSplit, encode_split
+from hvd.eval.gallery_index import ann_bytes, ann_kind, build_ann, search_ann
 from hvd.eval.job import job_config
 from hvd.eval.metrics import ranks_of_positives
-from hvd.eval.retrieval import merge_reranked, rescore_videos, top_candidates
+from hvd.eval.retrieval import merge_reranked, rescore_gathered, rescore_videos, top_candidates
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
 from hvd.tracking import tracking_uri
+
+T = TypeVar("T")
 
 
 def real_features(
@@ -65,31 +82,55 @@ def real_features(
     return encoded
 
 
-def gallery(real: VideoFeatures, size: int, seed: int = 0, chunk: int = 10_000) -> VideoFeatures:
-    """The real videos first (indices 0 .. n-1, the ground truths), then spliced videos up to `size`:
-    the first s frames (and the entities they start in) of one real video followed by the last T - s of another."""
-    if size <= len(real):
-        return real[:size]
-    generator = torch.Generator().manual_seed(seed)
-    count, frames = size - len(real), real.frames.shape[1]
-    first = torch.randint(len(real), (count,), generator=generator)
-    second = (first + torch.randint(1, len(real), (count,), generator=generator)) % len(real)  # another video
-    cut = torch.randint(1, frames, (count,), generator=generator)
-    parts = []
-    first_frame = real.patch_frames.to(torch.uint8).argmax(dim=-1)  # [n, E] where each entity starts
-    for a, b, s in zip(first.split(chunk), second.split(chunk), cut.split(chunk), strict=True):
+@dataclass
+class SplicedGallery:
+    """The real videos (rows 0 .. n-1, the ground truths), then spliced distractors up to `size`: the first s
+    frames (and the entities they start in) of one real video followed by the last T - s of another. Rows are
+    built when read, so a million-video gallery costs only the rows a step touches."""
+
+    real: VideoFeatures
+    first: torch.Tensor  # [distractors] the real video each distractor starts as
+    second: torch.Tensor  # [distractors] the real video it ends as
+    cut: torch.Tensor  # [distractors] frames taken from the first
+
+    @classmethod
+    def of_size(cls, real: VideoFeatures, size: int, seed: int = 0) -> SplicedGallery:
+        generator = torch.Generator().manual_seed(seed)
+        count, frames = max(size - len(real), 0), real.frames.shape[1]
+        first = torch.randint(len(real), (count,), generator=generator)
+        second = (first + torch.randint(1, len(real), (count,), generator=generator)) % len(real)  # another video
+        return cls(real[: min(size, len(real))], first, second, torch.randint(1, frames, (count,), generator=generator))
+
+    def __len__(self) -> int:
+        return len(self.real) + len(self.first)
+
+    def rows(self, rows: torch.Tensor) -> VideoFeatures:
+        """The features of gallery rows, in the order given; a real video is one spliced with itself."""
+        rows = rows.cpu()
+        real, frames = self.real, self.real.frames.shape[1]
+        is_real = rows < len(real)
+        spliced = (rows - len(real)).clamp(min=0, max=max(len(self.first) - 1, 0))
+        if len(self.first):
+            a, b = torch.where(is_real, rows, self.first[spliced]), torch.where(is_real, rows, self.second[spliced])
+            s = torch.where(is_real, frames, self.cut[spliced])
+        else:
+            a, b, s = rows, rows, torch.full_like(rows, frames)
         from_first = torch.arange(frames) < s[:, None]  # [n, T]
-        entity_from_first = first_frame[a] < s[:, None]  # [n, E]
-        parts.append(
-            VideoFeatures(
-                frames=torch.where(from_first[..., None], real.frames[a], real.frames[b]),
-                frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
-                patches=torch.where(entity_from_first[..., None], real.patches[a], real.patches[b]),
-                patch_frames=torch.where(entity_from_first[..., None], real.patch_frames[a], real.patch_frames[b]),
-                frame_views=torch.where(from_first[:, None, :, None], real.frame_views[a], real.frame_views[b]),
-            )
+        entity_from_first = real.patch_frames[a].to(torch.uint8).argmax(dim=-1) < s[:, None]  # [n, E]: starts in a's part
+        return VideoFeatures(
+            frames=torch.where(from_first[..., None], real.frames[a], real.frames[b]),
+            frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
+            patches=torch.where(entity_from_first[..., None], real.patches[a], real.patches[b]),
+            patch_frames=torch.where(entity_from_first[..., None], real.patch_frames[a], real.patch_frames[b]),
+            frame_views=torch.where(from_first[:, None, :, None], real.frame_views[a], real.frame_views[b]),
         )
-    return VideoFeatures.cat([real, *parts])
+
+    def chunks(self, size: int) -> Iterator[VideoFeatures]:
+        for start in range(0, len(self), size):
+            yield self.rows(torch.arange(start, min(start + size, len(self))))
+
+    def materialize(self, chunk: int = 10_000) -> VideoFeatures:
+        return VideoFeatures.cat(list(self.chunks(chunk)))
 
 
 def time_exhaustive(
@@ -125,6 +166,149 @@ def recall(ranks: torch.Tensor, k: int) -> float:
     return float((ranks <= k).double().mean() * 100)
 
 
+def measure_in_memory(
+    model: RetrievalModel, text: TextFeatures, truth: torch.Tensor, video: VideoFeatures, topk: int, repeats: int
+) -> dict[str, float]:
+    """Exhaustive against two-stage (exact stage 1) on every query, alternately `repeats` times, so a load
+    swing on this shared machine hits both; each one's median."""
+    exhaustive_runs, two_stage_runs = [], []
+    for _ in range(repeats):
+        exhaustive_s, scores = time_exhaustive(model, text, video)
+        stage1_s, stage2_s, merged = time_two_stage(model, text, video, topk)
+        exhaustive_runs.append(exhaustive_s)
+        two_stage_runs.append((stage1_s + stage2_s, stage1_s, stage2_s))
+    exhaustive_s = statistics.median(exhaustive_runs)
+    _, stage1_s, stage2_s = sorted(two_stage_runs)[len(two_stage_runs) // 2]
+    exhaustive_ranks, two_stage_ranks = t2v_ranks(scores, truth), t2v_ranks(merged, truth)
+    queries = len(truth)
+    row = {
+        "gallery": len(video),
+        "queries": queries,
+        "exhaustive_ms": exhaustive_s / queries * 1e3,
+        "stage1_ms": stage1_s / queries * 1e3,
+        "stage2_ms": stage2_s / queries * 1e3,
+        "two_stage_ms": (stage1_s + stage2_s) / queries * 1e3,
+        "speedup": exhaustive_s / (stage1_s + stage2_s),
+        "exhaustive_R1": recall(exhaustive_ranks, 1),
+        "two_stage_R1": recall(two_stage_ranks, 1),
+        "exhaustive_recall_at_k": recall(exhaustive_ranks, topk),
+        "two_stage_recall_at_k": recall(two_stage_ranks, topk),  # stage 1's recall: stage 2 reorders
+    }
+    row["R1_difference"] = row["two_stage_R1"] - row["exhaustive_R1"]
+    return row
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def exact_candidates(sentence: torch.Tensor, embeddings: torch.Tensor, topk: int, block: int = 100) -> torch.Tensor:
+    """Exact stage 1 over the whole gallery, `block` queries at a time (a [block, N] score matrix each)."""
+    return torch.cat([top_candidates(sentence[i : i + block] @ embeddings.T, topk) for i in range(0, len(sentence), block)])
+
+
+def ann_recall_at_k(sentence: torch.Tensor, embeddings: torch.Tensor, found: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Share of the index's k candidates that score at least as well as the exact k-th best: recall@k of
+    the exact top-k where tied videos count alike (spliced distractors can share an embedding)."""
+    def scores(rows: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("qd,qkd->qk", sentence, embeddings[rows])
+
+    kth_best = scores(exact[:, -1:])
+    return (scores(found) >= kth_best - 1e-5).double().mean()
+
+
+def top1_after_rerank(model: RetrievalModel, text: TextFeatures, gallery: SplicedGallery, candidates: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Stage 2 (reading only the candidates' rows) and each query's best video after it."""
+    seconds, fine = timed(lambda: rescore_gathered(model, text, gallery.rows, candidates))
+    return seconds, candidates.gather(1, fine.argmax(dim=1, keepdim=True))[:, 0]
+
+
+def measure_at_scale(
+    model: RetrievalModel, text: TextFeatures, truth: torch.Tensor, gallery: SplicedGallery, topk: int,
+    index_cfg: IndexConfig, exhaustive_queries: int, chunk: int = 20_000,
+) -> dict[str, float]:
+    """A gallery too large for every pair (and for holding its features): first-stage embeddings and an
+    index built once; exact and ANN stage 1 and stage 2 timed on every query; exhaustive scoring only on the
+    first `exhaustive_queries` queries, whose R@1 all modes are compared on."""
+    queries, size = len(truth), len(gallery)
+    embed_s, embeddings = timed(lambda: torch.cat([model.video_embeddings(v) for v in gallery.chunks(chunk)]))
+    build_s, ann = timed(lambda: build_ann(embeddings.numpy(), index_cfg))
+    sentence = model.text_embeddings(text)
+    exact_s, exact = timed(lambda: exact_candidates(sentence, embeddings, topk))
+    ann_s, (_, found) = timed(lambda: search_ann(ann, sentence, topk, index_cfg.nprobe))
+    found = torch.where(found < 0, exact, found)  # an IVF search that came back short: never on these runs
+    ann_recall = float(ann_recall_at_k(sentence, embeddings, found, exact))
+    stage2_s, ann_top1 = top1_after_rerank(model, text, gallery, found)
+    _, exact_top1 = top1_after_rerank(model, text, gallery, exact)
+
+    sample = slice(0, min(exhaustive_queries, queries))
+    exhaustive_s, scores = timed(lambda: torch.cat([model.score(text[sample], v) for v in gallery.chunks(chunk)], dim=1))
+    exhaustive_ranks = t2v_ranks(scores, truth[sample])
+    sampled = len(exhaustive_ranks)
+    row = {
+        "gallery": size,
+        "queries": queries,
+        "exhaustive_queries": sampled,
+        "index": ann_kind(ann),
+        "ivf_lists": getattr(ann, "nlist", None),
+        "nprobe": index_cfg.nprobe if ann_kind(ann) == "ivf" else None,
+        "index_MiB": ann_bytes(ann) / 2**20,
+        "embeddings_MiB": embeddings.numel() * embeddings.element_size() / 2**20,
+        "features_GiB": size * gallery.real.row_bytes() / 2**30,  # what holding every video's features would take
+        "embed_s": embed_s,
+        "build_s": build_s,
+        "exhaustive_ms": exhaustive_s / sampled * 1e3,
+        "exact_stage1_ms": exact_s / queries * 1e3,
+        "ann_stage1_ms": ann_s / queries * 1e3,
+        "stage2_ms": stage2_s / queries * 1e3,
+        "two_stage_ms": (ann_s + stage2_s) / queries * 1e3,
+        "speedup": (exhaustive_s / sampled) / ((ann_s + stage2_s) / queries),
+        "ann_recall_at_k": ann_recall * 100,  # of the exact stage 1's top-k
+        "exhaustive_R1": recall(exhaustive_ranks, 1),
+        "two_stage_R1_sampled": float((ann_top1[sample] == truth[sample]).double().mean() * 100),
+        "exact_two_stage_R1_sampled": float((exact_top1[sample] == truth[sample]).double().mean() * 100),
+        "two_stage_R1": float((ann_top1 == truth).double().mean() * 100),
+        "exact_two_stage_R1": float((exact_top1 == truth).double().mean() * 100),
+    }
+    return row
+
+
+def print_in_memory(rows: list[dict[str, float]], topk: int) -> None:
+    print(
+        "| gallery | queries | exhaustive ms/query | stage 1 ms/query | stage 2 ms/query | two-stage ms/query "
+        f"| speed-up | exhaustive R@1 | two-stage R@1 | difference | exhaustive R@{topk} "
+        f"| two-stage R@{topk} |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['gallery']:,} | {r['queries']:,} | {r['exhaustive_ms']:.2f} | {r['stage1_ms']:.3f} | "
+            f"{r['stage2_ms']:.2f} | {r['two_stage_ms']:.2f} | {r['speedup']:.1f}x | {r['exhaustive_R1']:.1f} | "
+            f"{r['two_stage_R1']:.1f} | {r['R1_difference']:+.1f} | {r['exhaustive_recall_at_k']:.1f} | "
+            f"{r['two_stage_recall_at_k']:.1f} |"
+        )
+
+
+def print_at_scale(rows: list[dict[str, float]], topk: int) -> None:
+    print(
+        "\n| gallery | index | index MiB | build s | exhaustive ms/query | exact stage 1 ms/query "
+        f"| ANN stage 1 ms/query | stage 2 ms/query | speed-up | ANN recall@{topk} | exhaustive R@1 (sample) "
+        "| two-stage R@1 (sample) | exact-stage-1 two-stage R@1 (sample) | two-stage R@1 (all) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kind = f"IVF{r['ivf_lists']}, nprobe {r['nprobe']}" if r["index"] == "ivf" else "flat"
+        print(
+            f"| {r['gallery']:,} | {kind} | {r['index_MiB']:.0f} | {r['build_s']:.0f} | {r['exhaustive_ms']:.0f} "
+            f"| {r['exact_stage1_ms']:.2f} | {r['ann_stage1_ms']:.3f} | {r['stage2_ms']:.2f} | {r['speedup']:.0f}x "
+            f"| {r['ann_recall_at_k']:.1f} | {r['exhaustive_R1']:.1f} ({r['exhaustive_queries']}) "
+            f"| {r['two_stage_R1_sampled']:.1f} | {r['exact_two_stage_R1_sampled']:.1f} "
+            f"| {r['two_stage_R1']:.1f} ({r['queries']}) |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,6 +333,14 @@ def main() -> None:
         help="torch CPU threads for scoring (1: steady on a "
         "shared machine, where idle-waiting threads make every small op slow)",
     )
+    parser.add_argument(
+        "--in-memory-up-to", type=int, default=100_000,
+        help="galleries up to this size are held in memory and scored exhaustively on every query; larger ones "
+        "are built row by row, searched through an index, and scored exhaustively on --exhaustive-queries only",
+    )
+    parser.add_argument("--exhaustive-queries", type=int, default=100, help="large galleries: queries scored exhaustively")
+    parser.add_argument("--ivf-from", type=int, default=IndexConfig.ivf_from, help="index.ivf_from for large galleries")
+    parser.add_argument("--nprobe", type=int, default=IndexConfig.nprobe, help="index.nprobe for large galleries")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. tracking.uri=sqlite:///mlflow.db"
@@ -166,56 +358,30 @@ def main() -> None:
     if not torch.equal(real.text_video, torch.arange(len(real.video_ids))):
         raise ValueError("the benchmark expects one caption per real clip")
 
-    rows = []
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
+    index_cfg = IndexConfig(ivf_from=args.ivf_from, nprobe=args.nprobe)
+    in_memory, at_scale = [], []
     for size, queries in zip(args.gallery, args.queries, strict=True):
-        video = gallery(real.video, size)
+        gallery = SplicedGallery.of_size(real.video, size)
         text, truth = real.text[:queries], real.text_video[:queries]
-        # Alternate the two and keep each one's median, so a load swing on this shared machine hits both.
-        exhaustive_runs, two_stage_runs = [], []
-        for _ in range(args.repeats):
-            exhaustive_s, scores = time_exhaustive(model, text, video)
-            stage1_s, stage2_s, merged = time_two_stage(model, text, video, args.topk)
-            exhaustive_runs.append(exhaustive_s)
-            two_stage_runs.append((stage1_s + stage2_s, stage1_s, stage2_s))
-        exhaustive_s = statistics.median(exhaustive_runs)
-        _, stage1_s, stage2_s = sorted(two_stage_runs)[len(two_stage_runs) // 2]
-        exhaustive_ranks, two_stage_ranks = t2v_ranks(scores, truth), t2v_ranks(merged, truth)
-        row = {
-            "gallery": size,
-            "queries": queries,
-            "exhaustive_ms": exhaustive_s / queries * 1e3,
-            "stage1_ms": stage1_s / queries * 1e3,
-            "stage2_ms": stage2_s / queries * 1e3,
-            "two_stage_ms": (stage1_s + stage2_s) / queries * 1e3,
-            "speedup": exhaustive_s / (stage1_s + stage2_s),
-            "exhaustive_R1": recall(exhaustive_ranks, 1),
-            "two_stage_R1": recall(two_stage_ranks, 1),
-            "exhaustive_recall_at_k": recall(exhaustive_ranks, args.topk),
-            "two_stage_recall_at_k": recall(two_stage_ranks, args.topk),  # stage 1's recall: stage 2 reorders
-        }
-        row["R1_difference"] = row["two_stage_R1"] - row["exhaustive_R1"]
-        rows.append(row)
+        if size <= args.in_memory_up_to:
+            row = measure_in_memory(model, text, truth, gallery.materialize(), args.topk, args.repeats)
+            in_memory.append(row)
+        else:
+            row = measure_at_scale(model, text, truth, gallery, args.topk, index_cfg, args.exhaustive_queries)
+            at_scale.append(row)
         print(json.dumps(row), flush=True)
 
     print(
         f"\nmodel {source.uri} ({source.name} version {source.version}), top-{args.topk}, "
-        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, "
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
     )
-    print(
-        "| gallery | queries | exhaustive ms/query | stage 1 ms/query | stage 2 ms/query | two-stage ms/query "
-        f"| speed-up | exhaustive R@1 | two-stage R@1 | difference | exhaustive R@{args.topk} "
-        f"| two-stage R@{args.topk} |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['gallery']:,} | {r['queries']:,} | {r['exhaustive_ms']:.2f} | {r['stage1_ms']:.3f} | "
-            f"{r['stage2_ms']:.2f} | {r['two_stage_ms']:.2f} | {r['speedup']:.1f}x | {r['exhaustive_R1']:.1f} | "
-            f"{r['two_stage_R1']:.1f} | {r['R1_difference']:+.1f} | {r['exhaustive_recall_at_k']:.1f} | "
-            f"{r['two_stage_recall_at_k']:.1f} |"
-        )
+    if in_memory:
+        print_in_memory(in_memory, args.topk)
+    if at_scale:
+        print_at_scale(at_scale, args.topk)
     if args.json:
         settings = {
             "model": source.uri,
@@ -223,8 +389,10 @@ def main() -> None:
             "topk": args.topk,
             "repeats": args.repeats,
             "threads": args.threads,
+            "ivf_from": args.ivf_from,
+            "nprobe": args.nprobe,
         }
-        args.json.write_text(json.dumps({**settings, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({**settings, "rows": in_memory + at_scale}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,15 @@ from hvd.model.heads import HCMIHead, HVDHead, XPoolHead
 from hvd.model.pfcm import PFCM
 from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri, version_model_id
 
-_CLI = importlib.util.spec_from_file_location(
-    "evaluate_cli", Path(__file__).parents[1] / "pipelines" / "evaluate.py"
-)
-evaluate_pipeline = importlib.util.module_from_spec(_CLI)
-_CLI.loader.exec_module(evaluate_pipeline)
+
+def load_pipeline(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", Path(__file__).parents[1] / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_pipeline, index_pipeline, search_pipeline = (load_pipeline(n) for n in ("evaluate", "index", "search"))
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +251,9 @@ def registered(tmp_path_factory):
     ray.shutdown()
 
 
-def run_pipeline(registered, capsys, *args: str) -> str:
+def run_pipeline(registered, capsys, *args: str, pipeline=evaluate_pipeline) -> str:
     cfg = registered["cfg"]
-    evaluate_pipeline.main(
+    pipeline.main(
         [
             *args,
             f"tracking.uri={cfg.tracking.uri}",
@@ -372,3 +376,48 @@ def test_broken_videos_are_excluded_and_reported(registered, capsys, tmp_path):
     )
     assert sorted(e["video_id"] for e in report["excluded"]) == ["bad_cut_mkv", "bad_missing"]
     assert report["metrics"]["videos"] == 4 and report["metrics"]["excluded_videos"] == 2
+
+
+@pytest.mark.slow
+def test_index_is_logged_tagged_reused_by_evaluation_and_searched(registered, capsys, tmp_path):
+    version = f"models:/hvd/{registered['version']}"
+    with pytest.raises(SystemExit):  # nothing indexed yet: the error says how to build an index
+        run_pipeline(registered, capsys, "--model", version, "a red circle", pipeline=search_pipeline)
+    assert "no gallery index yet; build one with python pipelines/index.py" in capsys.readouterr().err
+
+    out = run_pipeline(registered, capsys, "--model", version, "--manifest", str(registered["manifest"]),
+                       f"index.cache={tmp_path}/indexes", pipeline=index_pipeline)
+    assert "indexed    8 videos of the test split of bench (flat, exact" in out
+    client = MlflowClient(tracking_uri(registered["cfg"]))
+    location = client.get_model_version("hvd", registered["version"]).tags["index.bench.test"]
+    run_id = location.removeprefix("runs:/").removesuffix("/index")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["job"] == "index" and run.data.metrics["videos"] == 8
+    logged = {a.path for a in client.list_artifacts(run_id, "index")}
+    assert logged == {f"index/{name}" for name in
+                      ("index.json", "video_ids.parquet", "features.safetensors", "stage1.faiss")}
+
+    # evaluation takes the videos from the index (downloaded into an empty cache) and ranks as without it
+    runs = {}
+    for use in ("true", "false"):
+        out = run_pipeline(registered, capsys, "--model", version, "--manifest", str(registered["manifest"]),
+                           "eval.mode=two_stage", "eval.topk=3", f"index.use={use}",
+                           f"index.cache={tmp_path}/downloaded")
+        assert (f"stage 1 from index {run_id}" in out) == (use == "true")
+        report = Path(registered["cfg"].eval.out) / "bench" / "hvd-v1-two_stage" / "report.json"
+        runs[use] = json.loads(report.read_text())
+    assert (tmp_path / "downloaded" / run_id / "stage1.faiss").is_file()
+    assert runs["true"]["index"]["run_id"] == run_id and runs["false"]["index"] is None
+    for key in ("t2v/R1", "t2v/R5", "t2v/MnR", "v2t/R1", "v2t/MnR"):
+        assert runs["true"]["metrics"][key] == runs["false"]["metrics"][key], key
+
+    sheet = tmp_path / "sheet.png"
+    out = run_pipeline(registered, capsys, "--model", version, "--top", "3", "--sheet", str(sheet),
+                       "a red circle rises", f"index.cache={tmp_path}/downloaded", pipeline=search_pipeline)
+    lines = out.splitlines()
+    ranked = lines[lines.index(next(line for line in lines if line.strip().startswith("rank"))) + 1:][:3]
+    assert [line.split()[0] for line in ranked] == ["1", "2", "3"]
+    scores = [float(line.split()[1]) for line in ranked]
+    assert scores == sorted(scores, reverse=True)
+    width, height = png_size(sheet)
+    assert width > height > 0  # three rows of frames

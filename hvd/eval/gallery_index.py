@@ -155,7 +155,7 @@ def write_index(
     embedding = embeddings.detach().cpu().float().numpy()
     ann = build_ann(embedding, cfg)
     faiss.write_index(ann, str(staging / ANN_FILE))
-    arrays = {name: getattr(video, name).detach().cpu().numpy() for name in VIDEO_FIELDS}
+    arrays = {name: np.ascontiguousarray(getattr(video, name).detach().cpu().numpy()) for name in VIDEO_FIELDS}
     safetensors.numpy.save_file({**arrays, "embedding": embedding}, str(staging / FEATURES_FILE))
     pq.write_table(pa.table({"video_id": video_ids}), staging / IDS_FILE)
     meta = {

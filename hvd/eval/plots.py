@@ -1,4 +1,5 @@
-"""The evaluation report's pictures: recall@K curves, a similarity heat map, and FFSM / PFCM at work."""
+"""The evaluation report's pictures (recall@K curves, a similarity heat map, FFSM / PFCM at work) and a
+search's contact sheet."""
 
 from __future__ import annotations
 
@@ -146,3 +147,34 @@ def frame_selection_figure(pair: PairExplanation) -> plt.Figure:
 
 def frame_selection(pair: PairExplanation, path: Path) -> Path:
     return _save(frame_selection_figure(pair), path)
+
+
+def contact_sheet_figure(query: str, pairs: list[PairExplanation], scores: list[float]) -> plt.Figure:
+    """One row per search result (best first), its frames left to right: the frames the head kept for the
+    query framed green, the others dimmed."""
+    columns = max(len(pair.frames) for pair in pairs)
+    figure, axes = plt.subplots(
+        len(pairs), columns, figsize=(1.1 * columns + 1.2, 1.2 * len(pairs) + 0.8), squeeze=False, layout="constrained"
+    )
+    for row, (pair, score) in enumerate(zip(pairs, scores, strict=True)):
+        for column in range(columns):
+            ax = axes[row, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column >= len(pair.frames) or not pair.valid[column]:
+                ax.set_axis_off()
+                continue
+            kept = bool(pair.kept[column])
+            ax.imshow(pair.frames[column], alpha=1.0 if kept else 0.35)
+            for spine in ax.spines.values():
+                spine.set(edgecolor=KEPT_COLOUR if kept else "lightgrey", linewidth=3 if kept else 1)
+        axes[row, 0].set_axis_on()
+        axes[row, 0].set_ylabel(f"#{pair.rank} {pair.video_id}\n{score:.3f}", fontsize=8, rotation=0, ha="right",
+                                va="center")
+    title = textwrap.fill(f'"{query}": top {len(pairs)} by full-model score', 110)
+    figure.suptitle(f"{title}\nframes the head kept for the caption framed green, the others dimmed", fontsize=9)
+    return figure
+
+
+def contact_sheet(query: str, pairs: list[PairExplanation], scores: list[float], path: Path) -> Path:
+    return _save(contact_sheet_figure(query, pairs, scores), path)

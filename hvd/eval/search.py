@@ -1,0 +1,69 @@
+"""Search an indexed gallery with a caption: the index's top-k by first-stage embedding, rescored by the
+full model, best first; and what the user looks at next, each result's frames with those the head kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from hvd.data.shards import frame_mask, frames_uint8
+from hvd.eval.encode import Tokenizer
+from hvd.eval.explain import PairExplanation, can_explain, explain_pairs
+from hvd.eval.gallery_index import GalleryIndex
+from hvd.eval.retrieval import rescore_gathered
+from hvd.model import RetrievalModel
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    video_id: str
+    score: float  # the full model's
+    stage1_score: float  # the first stage's, which picked the candidates
+
+
+@torch.no_grad()
+def search(
+    model: RetrievalModel, tokenizer: Tokenizer, index: GalleryIndex, query: str, topk: int, top: int,
+    nprobe: int | None = None,
+) -> list[SearchHit]:
+    """The `top` best of the index's `topk` first-stage candidates for `query`, by the full score."""
+    text = model.encode_text(tokenizer([query]))
+    coarse, rows = index.search(model.text_embeddings(text), topk, nprobe)
+    found = rows[0] >= 0
+    coarse, rows = coarse[0][found], rows[0][found]
+    fine = rescore_gathered(model, text, index.features, rows[None].to(model.device))[0].cpu()
+    order = fine.argsort(descending=True, stable=True)[:top]
+    return [
+        SearchHit(rank + 1, index.video_ids[int(rows[i])], float(fine[i]), float(coarse[i]))
+        for rank, i in enumerate(order)
+    ]
+
+
+def hit_frames(
+    model: RetrievalModel, tokenizer: Tokenizer, shards: str | Path, split: str, query: str, hits: list[SearchHit]
+) -> list[PairExplanation]:
+    """Each hit's frames from the shards, with the frames the head kept for `query` where it can say
+    (`can_explain`); other heads weigh every frame alike, so all count as kept."""
+    if not Path(shards, split).is_dir():
+        raise FileNotFoundError(f"the contact sheet needs the gallery's frames: no {split} shards under {shards}")
+    pairs = [(query, hit.video_id, hit.rank) for hit in hits]
+    if can_explain(model):
+        return explain_pairs(model, tokenizer, shards, split, pairs)
+    table = pq.read_table(Path(shards) / split, filters=[("video_id", "in", [hit.video_id for hit in hits])])
+    rows = {row["video_id"]: row for row in table.to_pylist()}
+    explained = []
+    for hit in hits:
+        row = rows[hit.video_id]
+        valid = frame_mask([row])[0]
+        explained.append(PairExplanation(
+            caption=query, video_id=hit.video_id, rank=hit.rank, frames=frames_uint8(row), valid=valid,
+            frame_scores=np.zeros(len(valid), np.float32), kept=valid, entities=None,
+            legend=f"{model.head.__class__.__name__} weighs every frame alike",
+        ))
+    return explained

@@ -1,0 +1,106 @@
+"""Gallery indexes: the stored features and FAISS search, and two-stage retrieval through them."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hvd.config import IndexConfig, ModelConfig
+from hvd.eval.gallery_index import FEATURES_FILE, GalleryIndex, build_ann, ivf_lists, search_ann, write_index
+from hvd.eval.retrieval import rescore_gathered, rescore_videos, top_candidates, two_stage
+from hvd.model import VideoFeatures, build_model, build_tokenizer
+
+CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "white") for s in ("circle", "square", "bar")]
+
+
+def random_unit(rows: int, dim: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    """A tiny HVD model, 12 captions and 30 videos of random frames (one clip shorter than the rest)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        text = model.encode_text(build_tokenizer(cfg, max_words=16)(CAPTIONS))
+        mask = torch.ones(30, 6, dtype=torch.bool)
+        mask[3, 4:] = False
+        video = model.encode_video(torch.randn(30, 6, 3, 64, 64, generator=torch.Generator().manual_seed(1)), mask)
+    return model, text, video
+
+
+def test_index_round_trip_keeps_every_feature_and_reads_rows_in_any_order(gallery, tmp_path):
+    model, _, video = gallery
+    ids = [f"v{i:02d}" for i in range(len(video))]
+    index = write_index(tmp_path / "idx", ids, video, model.video_embeddings(video), IndexConfig(), {"note": "x"})
+    assert index.kind == "flat" and index.video_ids == ids and index.meta["note"] == "x"
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["videos"] == 30
+    assert not (tmp_path / "idx.tmp").exists()
+    reopened = GalleryIndex.open(tmp_path / "idx")
+    for name, value in vars(reopened.features()).items():
+        assert torch.equal(value, getattr(video, name)), name  # bit for bit, bools included
+    rows = torch.tensor([17, 3, 3, 0])
+    for name, value in vars(reopened.features(rows)).items():
+        assert torch.equal(value, getattr(video[rows], name)), name
+    assert torch.equal(reopened.embeddings(), model.video_embeddings(video))
+
+
+def test_fields_without_elements_are_kept_empty(tmp_path):
+    video = VideoFeatures(  # meanp's entities and most heads' frame views hold nothing
+        frames=torch.randn(4, 3, 8), frame_mask=torch.ones(4, 3, dtype=torch.bool), patches=torch.zeros(4, 0, 8),
+        patch_frames=torch.zeros(4, 0, 3, dtype=torch.bool), frame_views=torch.zeros(4, 0, 3, 8),
+    )
+    index = write_index(tmp_path / "idx", list("abcd"), video, random_unit(4, 8, 0), IndexConfig(), {})
+    assert index.features(torch.tensor([2, 1])).patches.shape == (2, 0, 8)
+
+
+def test_incomplete_index_folder_is_an_error_naming_what_is_missing(gallery, tmp_path):
+    model, _, video = gallery
+    write_index(tmp_path / "idx", [str(i) for i in range(30)], video, model.video_embeddings(video), IndexConfig(), {})
+    (tmp_path / "idx" / FEATURES_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'idx'}: missing {FEATURES_FILE}"):
+        GalleryIndex.open(tmp_path / "idx")
+    with pytest.raises(ValueError, match="3 video ids, 30 feature rows"):
+        write_index(tmp_path / "other", ["a", "b", "c"], video, model.video_embeddings(video), IndexConfig(), {})
+
+
+def test_flat_search_is_exact_and_ivf_past_the_threshold_finds_the_exact_neighbours():
+    gallery, queries = random_unit(3000, 16, 0), random_unit(50, 16, 1)
+    exact = top_candidates(queries @ gallery.T, 10)
+    flat = build_ann(gallery.numpy(), IndexConfig(ivf_from=3001))
+    assert isinstance(flat, faiss.IndexFlatIP)
+    assert torch.equal(search_ann(flat, queries, 10)[1], exact)
+
+    ivf = build_ann(gallery.numpy(), IndexConfig(ivf_from=3000, nprobe=4))
+    assert isinstance(ivf, faiss.IndexIVF) and ivf.nlist == ivf_lists(3000) == 219 and ivf.nprobe == 4
+    scores, rows = search_ann(ivf, queries, 10, nprobe=ivf.nlist)  # every list searched: exact again
+    assert torch.equal(rows, exact)
+    torch.testing.assert_close(scores, (queries @ gallery.T).gather(1, exact))
+    _, few = search_ann(ivf, queries, 10, nprobe=4)  # 4 of 219 lists: approximate, a real trade
+    found = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(few, exact, strict=True)]
+    assert 0 < sum(found) < exact.numel()
+
+
+def test_rescoring_gathered_rows_equals_rescoring_the_whole_gallery(gallery):
+    model, text, video = gallery
+    candidates = top_candidates(model.text_embeddings(text) @ model.video_embeddings(video).T, 5)
+    gathered = []
+    fine = rescore_gathered(model, text, lambda rows: gathered.append(rows) or video[rows], candidates)
+    assert torch.equal(gathered[0], candidates.unique())  # each video read once, in row order
+    torch.testing.assert_close(fine, rescore_videos(model, text, video, candidates), rtol=0, atol=1e-6)
+
+
+def test_two_stage_through_a_flat_index_ranks_as_without_it(gallery, tmp_path):
+    model, text, video = gallery
+    index = write_index(tmp_path / "idx", [str(i) for i in range(30)], video, model.video_embeddings(video),
+                        IndexConfig(), {})
+    plain, indexed = two_stage(model, text, video, topk=5), two_stage(model, text, video, topk=5, index=index)
+    assert torch.equal(indexed.rescored, plain.rescored)
+    assert torch.equal(indexed.t2v.argsort(dim=1), plain.t2v.argsort(dim=1))
+    assert torch.equal(indexed.v2t.argsort(dim=1), plain.v2t.argsort(dim=1))
