@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hvd.model.features import TextFeatures, VideoFeatures
-from hvd.model.heads.base import FLOAT_BYTES, Head
+from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
 
 
 def _identity_linear(dim: int) -> nn.Linear:
@@ -37,23 +37,44 @@ class XPoolHead(Head):
         self.residual = _identity_linear(dim)
         self.norm_out = nn.LayerNorm(dim)
 
+    scores_groups = True
+
     def attention(self, sentence: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """[Nt, Nv, T]: how much each caption's pooling weighs each frame of each video."""
-        query = self.query(self.norm_in(sentence))  # [Nt, D]
-        key = self.key(self.norm_in(frames))  # [Nv, T, D]
-        logits = torch.einsum("td,vkd->tvk", query, key) / math.sqrt(query.shape[-1])
-        return logits.masked_fill(~frame_mask, -math.inf).softmax(dim=-1)
+        query, key = self.query(self.norm_in(sentence)), self.key(self.norm_in(frames))  # [Nt, D], [Nv, T, D]
+        return masked_softmax(torch.einsum("td,vkd->tvk", query, key) / math.sqrt(query.shape[-1]), frame_mask)
 
     def pooled(self, sentence: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """[Nt, Nv, D] unit video feature pooled by each caption."""
         attended = torch.einsum("tvk,vkd->tvd", self.attention(sentence, frames, frame_mask),
                                 self.value(self.norm_in(frames)))
+        return self._project(attended)
+
+    def pair_pooled(self, sentence: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
+        """[P, D] unit video feature of P (caption, video) pairs: sentence [P, D], frames [P, T, D]."""
+        query, normed = self.query(self.norm_in(sentence)), self.norm_in(frames)
+        weights = masked_softmax(torch.einsum("pd,ptd->pt", query, self.key(normed)) / math.sqrt(query.shape[-1]),
+                                 frame_mask)
+        return self._project(torch.einsum("pt,ptd->pd", weights, self.value(normed)))
+
+    def _project(self, attended: Tensor) -> Tensor:
         pooled = self.norm_attended(self.out(attended))
         return F.normalize(self.norm_out(pooled + self.residual(pooled)), dim=-1)
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         pooled = self.pooled(text.sentence, video.frames, video.frame_mask)
         return {"sentence_pooled": torch.einsum("td,tvd->tv", text.sentence, pooled)}
+
+    def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        sentence, frames, mask = text.sentence, video.frames, video.frame_mask
+        if sentence.ndim == 2:  # each caption, its k videos
+            sentence = sentence[:, None].expand(-1, frames.shape[1], -1)
+        else:  # each video, its k captions
+            frames = frames[:, None].expand(-1, sentence.shape[1], -1, -1)
+            mask = mask[:, None].expand(-1, sentence.shape[1], -1)
+        pairs = sentence.flatten(0, 1)  # [Q * k, D], one (caption, video) pair each
+        pooled = self.pair_pooled(pairs, frames.flatten(0, 1), mask.flatten(0, 1))
+        return {"sentence_pooled": (pairs * pooled).sum(dim=-1).view(sentence.shape[:2])}
 
     @torch.no_grad()
     def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
