@@ -91,7 +91,7 @@ def test_meanp_two_stage_matches_exhaustive_at_any_k():
         assert retrieval_metrics(result.t2v, text_video, v2t_sim=result.v2t) == expected
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool"])
+@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp"])
 def test_batched_reranking_equals_one_query_at_a_time(head):
     """Heads that score groups rerank every query's candidates in chunked passes; the scores and rankings
     are those of one `score` call per query (the path of the other heads)."""

@@ -52,6 +52,18 @@ def trim_padding(words: Tensor, word_mask: Tensor) -> tuple[Tensor, Tensor]:
     return words[..., :length, :], word_mask[..., :length]
 
 
+def pair_up(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatures, VideoFeatures, tuple[int, int]]:
+    """Groups (text [Q] with video [Q, k, ...], or text [Q, k, ...] with video [Q]) as Q * k aligned pairs,
+    the single side repeated for each of its k candidates; and (Q, k)."""
+    if text.sentence.ndim == 2:  # each caption, its k videos
+        groups = tuple(video.frame_mask.shape[:2])
+        text = text.map(lambda t: t[:, None].expand(-1, groups[1], *t.shape[1:]))
+    else:  # each video, its k captions
+        groups = tuple(text.word_mask.shape[:2])
+        video = video.map(lambda t: t[:, None].expand(-1, groups[1], *t.shape[1:]))
+    return text.map(lambda t: t.flatten(0, 1)), video.map(lambda t: t.flatten(0, 1)), groups
+
+
 def words_entities(
     words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor
 ) -> Tensor:
@@ -136,8 +148,15 @@ class Head(nn.Module):
     def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         """[Q, k] similarities of each query with its own k candidates, for reranking many queries in one pass:
         text [Q] with video fields [Q, k, ...] (each caption's candidate videos), or text fields [Q, k, ...]
-        with video [Q] (each video's candidate captions). Heads without it (`scores_groups` False) rerank
-        one query at a time through `similarities`."""
+        with video [Q] (each video's candidate captions). By default the groups are laid out as Q * k aligned
+        pairs for `pair_similarities`. Heads without either (`scores_groups` False) rerank one query at a
+        time through `similarities`."""
+        texts, videos, groups = pair_up(text, video)
+        return {name: s.view(groups) for name, s in self.pair_similarities(texts, videos).items()}
+
+    def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """[P] similarities of P aligned (caption, video) pairs, text [P] with video [P]: the diagonal of
+        `similarities` without the rest of the matrix."""
         raise NotImplementedError(f"{type(self).__name__} scores whole matrices only")
 
     def contrastive_losses(self, text: TextFeatures, video: VideoFeatures, similarities: dict[str, Tensor],

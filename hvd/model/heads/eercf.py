@@ -48,6 +48,7 @@ def pearson_constraint(text: Tensor, video: Tensor) -> Tensor:
 
 
 class EERCFHead(Head):
+    scores_groups = True
     uses_patches = True
     part_weights = {"weak": 0.8, "strong": 0.2}
     explain_legend = ("frames: EERCF's text gate (softmax of caption-frame cosine / 0.1); frames gated above a "
@@ -101,6 +102,16 @@ class EERCFHead(Head):
         patches = self._softmax_pooled((sentence @ video.patches.reshape(-1, dim).T).view(len(sentence), count, slots),
                                        video.patch_frames.any(dim=-1))
         strong = torch.einsum("td,tvd->tv", sentence, self.gated_frames(sentence, video))
+        return {"weak": COARSE * coarse + FRAMES * frames + PATCHES * patches, "strong": strong}
+
+    def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        sentence, context = text.sentence, video.frame_views[:, 0]
+        coarse = ((sentence @ self.coarse_weight) * self.coarse_video(video)).sum(dim=-1)
+        frame_cosine = torch.einsum("pd,ptd->pt", sentence, video.frames)
+        frames = self._softmax_pooled(frame_cosine, video.frame_mask)
+        patches = self._softmax_pooled(torch.einsum("pd,ped->pe", sentence, video.patches), video.patch_frames.any(dim=-1))
+        gate = masked_softmax(frame_cosine / STRONG_TEMPERATURE, video.frame_mask)
+        strong = (sentence * F.normalize(torch.einsum("pt,ptd->pd", gate, context), dim=-1)).sum(dim=-1)
         return {"weak": COARSE * coarse + FRAMES * frames + PATCHES * patches, "strong": strong}
 
     @staticmethod

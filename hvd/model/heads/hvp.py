@@ -15,6 +15,8 @@ training (HVP-Net's public evaluation code weighs with the paired caption's word
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +31,7 @@ from hvd.model.heads.base import (
     trim_padding,
     words_entities,
     words_entities_bytes,
+    words_entities_grouped,
 )
 from hvd.model.pfcm import PFCM, video_entities
 
@@ -65,21 +68,30 @@ class BlockMatcher(nn.Module):
         return F.normalize(entities.float(), dim=-1), patch_frames
 
     def similarities(self, text: TextFeatures, frames: Tensor, frame_mask: Tensor, entities: Tensor,
-                     patch_frames: Tensor) -> dict[str, Tensor]:
+                     patch_frames: Tensor, paired: bool = False) -> dict[str, Tensor]:
+        """[Nt, Nv] similarities of every caption with every video (frames [Nv, T, D], entities [Nv, E, D]);
+        `paired`: [P] of P aligned pairs, text [P] with video [P]."""
         sentence = text.sentence
+        weighted_sum = "pd,pkd,pk->p" if paired else "td,vkd,vk->tv"  # k: a frame or an entity
         frame_weight = masked_softmax(self.frame_weight(frames), frame_mask)  # [Nv, T]
-        sentence_frames = torch.einsum("td,vkd,vk->tv", sentence, frames, frame_weight)
+        sentence_frames = torch.einsum(weighted_sum, sentence, frames, frame_weight)
         real = patch_frames.any(dim=-1)  # [Nv, E]
         entity_logits = self.patch_weight(entities)
-        sentence_patches = torch.einsum("td,ved,ve->tv", sentence, entities, masked_softmax(entity_logits, real))
+        sentence_patches = torch.einsum(weighted_sum, sentence, entities, masked_softmax(entity_logits, real))
         words, word_mask = trim_padding(text.words, text.word_mask)
-        seen = real[None].expand(len(sentence), -1, -1)
-        words_patches = words_entities(words, word_mask, self.word_weight(words), entities, seen, entity_logits)
+        word_logits = self.word_weight(words)
+        if paired:  # each pair a group of one
+            words_patches = words_entities_grouped(words, word_mask, word_logits, entities[:, None], real[:, None],
+                                                   entity_logits[:, None])[:, 0]
+        else:
+            seen = real[None].expand(len(sentence), -1, -1)
+            words_patches = words_entities(words, word_mask, word_logits, entities, seen, entity_logits)
         return {"sentence_frames": sentence_frames, "sentence_patches": sentence_patches, "words_patches": words_patches}
 
 
 class HVPHead(Head):
     uses_patches = True
+    scores_groups = True
 
     def __init__(self, dim: int, cfg: ModelConfig, depth: int):
         super().__init__()
@@ -112,9 +124,16 @@ class HVPHead(Head):
                  video.patch_frames[:, i * per_block : (i + 1) * per_block]) for i in range(len(self.blocks))]
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        return self._by_block(video, lambda matcher, *block: matcher.similarities(text, *block))
+
+    def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        return self._by_block(video, lambda matcher, *block: matcher.similarities(text, *block, paired=True))
+
+    def _by_block(self, video: VideoFeatures, score: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Every block's similarities (`score(matcher, frames, frame_mask, entities, patch_frames)`), named by block."""
         parts = {}
         for layer, matcher, (frames, entities, patch_frames) in zip(self.vision_layers, self.blocks, self._per_block(video), strict=True):
-            for name, similarity in matcher.similarities(text, frames, video.frame_mask, entities, patch_frames).items():
+            for name, similarity in score(matcher, frames, video.frame_mask, entities, patch_frames).items():
                 parts[f"block{layer}_{name}"] = similarity
         return parts
 

@@ -65,16 +65,9 @@ class XPoolHead(Head):
         pooled = self.pooled(text.sentence, video.frames, video.frame_mask)
         return {"sentence_pooled": torch.einsum("td,tvd->tv", text.sentence, pooled)}
 
-    def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        sentence, frames, mask = text.sentence, video.frames, video.frame_mask
-        if sentence.ndim == 2:  # each caption, its k videos
-            sentence = sentence[:, None].expand(-1, frames.shape[1], -1)
-        else:  # each video, its k captions
-            frames = frames[:, None].expand(-1, sentence.shape[1], -1, -1)
-            mask = mask[:, None].expand(-1, sentence.shape[1], -1)
-        pairs = sentence.flatten(0, 1)  # [Q * k, D], one (caption, video) pair each
-        pooled = self.pair_pooled(pairs, frames.flatten(0, 1), mask.flatten(0, 1))
-        return {"sentence_pooled": (pairs * pooled).sum(dim=-1).view(sentence.shape[:2])}
+    def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        pooled = self.pair_pooled(text.sentence, video.frames, video.frame_mask)
+        return {"sentence_pooled": (text.sentence * pooled).sum(dim=-1)}
 
     @torch.no_grad()
     def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
