@@ -17,6 +17,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) pipelines/train.py
+	$(PY) pipelines/index.py --model models:/hvd@latest --shards data/shards-demo
+	$(PY) pipelines/search.py --model models:/hvd@latest "a red square in the top left"
 
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check hvd pipelines benchmarks tests

@@ -39,6 +39,8 @@ def parse_args(
     args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"  # read by every process of the job: hvd.worker_setup
+    else:  # a model's files are downloaded in a blink from a local store: no bar per file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     overrides = (flag_overrides(args) if flag_overrides else []) + list(args.overrides)
     try:
         cfg = load_config(args.config, overrides)

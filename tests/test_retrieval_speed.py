@@ -50,7 +50,7 @@ def test_spliced_gallery_keeps_the_real_videos_and_splices_two_of_them_per_distr
     assert torch.equal(whole.frames[rows], spliced.frames) and torch.equal(whole.patches[rows], spliced.patches)
 
 
-def test_both_measurement_paths_report_consistent_numbers(real):
+def test_both_measurement_paths_report_consistent_numbers(real, capsys):
     model, text, video, truth = real
     torch.set_grad_enabled(False)
     try:
@@ -66,5 +66,10 @@ def test_both_measurement_paths_report_consistent_numbers(real):
         few_lists = retrieval_speed.measure_at_scale(model, text, truth, gallery, 20, IndexConfig(ivf_from=100, nprobe=1),
                                                      exhaustive_queries=6, chunk=128)
         assert few_lists["ann_recall_at_k"] < 100.0
+        assert large["top1_agreement"] == large["exact_top1_agreement"]
+        retrieval_speed.print_in_memory([small], 400)
+        retrieval_speed.print_at_scale([large, few_lists], 20)
+        tables = capsys.readouterr().out
+        assert tables.count("| 400 | 6 | two-stage, index |") == 2 and "IVF80, nprobe 1" in tables
     finally:
         torch.set_grad_enabled(True)
