@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hvd.config import IndexConfig, ModelConfig
+from hvd.eval import retrieval
 from hvd.eval.gallery_index import FEATURES_FILE, GalleryIndex, build_ann, ivf_lists, search_ann, write_index
 from hvd.eval.retrieval import rescore_gathered, rescore_videos, top_candidates, two_stage
 from hvd.model import VideoFeatures, build_model, build_tokenizer
@@ -87,13 +88,15 @@ def test_flat_search_is_exact_and_ivf_past_the_threshold_finds_the_exact_neighbo
     assert 0 < sum(found) < exact.numel()
 
 
-def test_rescoring_gathered_rows_equals_rescoring_the_whole_gallery(gallery):
+def test_rescoring_gathered_rows_equals_rescoring_the_whole_gallery(gallery, monkeypatch):
     model, text, video = gallery
     candidates = top_candidates(model.text_embeddings(text) @ model.video_embeddings(video).T, 5)
     gathered = []
     fine = rescore_gathered(model, text, lambda rows: gathered.append(rows) or video[rows], candidates)
-    assert torch.equal(gathered[0], candidates.unique())  # each video read once, in row order
+    assert len(gathered) == 2 and torch.equal(gathered[1], candidates.unique())  # a probe, then each video once
     torch.testing.assert_close(fine, rescore_videos(model, text, video, candidates), rtol=0, atol=1e-6)
+    monkeypatch.setattr(retrieval, "GATHER_BYTES", 1)  # one query's candidates per block
+    torch.testing.assert_close(rescore_gathered(model, text, video.__getitem__, candidates), fine, rtol=0, atol=1e-6)
 
 
 def test_two_stage_through_a_flat_index_ranks_as_without_it(gallery, tmp_path):

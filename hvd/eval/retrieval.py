@@ -19,6 +19,8 @@ from torch import Tensor
 from hvd.eval.gallery_index import GalleryIndex
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
 
+GATHER_BYTES = 256 * 2**20  # candidate features `rescore_gathered` holds at once
+
 
 @dataclass
 class Retrieval:
@@ -86,9 +88,15 @@ def rescore_gathered(
     model: RetrievalModel, text: TextFeatures, gather: Callable[[Tensor], VideoFeatures], candidates: Tensor
 ) -> Tensor:
     """`rescore_videos` reading only the candidates' features: `gather` maps sorted gallery rows to their
-    features (a memory-mapped index, a gallery built on the fly), so the gallery never has to be in memory."""
-    rows, local = candidates.unique(return_inverse=True)
-    return rescore_videos(model, text, gather(rows).to(model.device), local.to(model.device))
+    features (a memory-mapped index, a gallery built on the fly), so the gallery never has to be in memory;
+    blocks of queries whose candidates take at most GATHER_BYTES."""
+    row_bytes = gather(candidates[:1, 0].cpu()).row_bytes()
+    block = max(1, GATHER_BYTES // max(1, candidates.shape[1] * row_bytes))
+    scores = []
+    for start in range(0, len(candidates), block):
+        rows, local = candidates[start : start + block].unique(return_inverse=True)
+        scores.append(rescore_videos(model, text[start : start + block], gather(rows).to(model.device), local.to(model.device)))
+    return torch.cat(scores)
 
 
 def index_candidates(index: GalleryIndex, sentence: Tensor, coarse: Tensor, topk: int) -> Tensor:
