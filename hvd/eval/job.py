@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+from mlflow.entities import DatasetInput
 
 from hvd.config import Config
 from hvd.data.decode import FrameSpec
@@ -207,7 +208,8 @@ class JobInputs:
             **source_tags(description),
         }
 
-    def dataset(self) -> Any:
+    def dataset(self) -> DatasetInput:
+        """The benchmark split as the run's MLflow dataset input."""
         return benchmark_input(
             self.benchmark, self.dataset_fingerprint, str(self.manifest or self.shards), {}, self.cfg.eval.split
         )
