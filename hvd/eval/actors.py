@@ -8,7 +8,6 @@ same `EncodedSplit` that the single-process `encode_split` gives.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from hvd.data.shards import open_shards, read_shards
 from hvd.eval.encode import EncodedSplit, encode_rows
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer, rebuild_model
 
-VIDEO_FIELDS = tuple(field.name for field in dataclasses.fields(VideoFeatures))
+VIDEO_FIELDS = VideoFeatures.field_names()
 
 
 class _ModelActor:
@@ -100,7 +99,7 @@ def encode_texts_with_actors(model: RetrievalModel, cfg: Config, captions: list[
     )
     columns = _collect(texts, ("index", "sentence", "words", "word_mask"))
     order = torch.from_numpy(np.argsort(columns["index"], kind="stable"))
-    text = TextFeatures(**{name: torch.from_numpy(columns[name]) for name in ("sentence", "words", "word_mask")})
+    text = TextFeatures(**{name: torch.from_numpy(columns[name]) for name in TextFeatures.field_names()})
     return text[order]
 
 

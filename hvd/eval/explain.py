@@ -44,7 +44,8 @@ def pick_queries(num_captions: int, count: int) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, num_captions - 1, min(count, num_captions))})
 
 
-def _video_rows(shards: str | Path, split: str, video_ids: list[str]) -> dict[str, dict]:
+def video_rows(shards: str | Path, split: str, video_ids: list[str]) -> dict[str, dict]:
+    """The shard rows (frames included) of `video_ids` in one split, by video id."""
     table = pq.read_table(Path(shards) / split, filters=[("video_id", "in", video_ids)])
     return {row["video_id"]: row for row in table.to_pylist()}
 
@@ -58,7 +59,7 @@ def explain_pairs(
     pairs: list[tuple[str, str, int]],
 ) -> list[PairExplanation]:
     """`pairs`: (caption, video_id, rank) triples; the model must have an explaining head (`can_explain`)."""
-    rows = _video_rows(shards, split, sorted({video_id for _, video_id, _ in pairs}))
+    rows = video_rows(shards, split, sorted({video_id for _, video_id, _ in pairs}))
     explained = []
     for caption, video_id, rank in pairs:
         row = rows[video_id]

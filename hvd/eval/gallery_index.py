@@ -15,7 +15,6 @@ per query) trades a little recall for search time that grows with the cells sear
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from hvd.config import IndexConfig
 from hvd.model import VideoFeatures
 
 META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE = "index.json", "video_ids.parquet", "features.safetensors", "stage1.faiss"
-VIDEO_FIELDS = tuple(field.name for field in dataclasses.fields(VideoFeatures))
+VIDEO_FIELDS = VideoFeatures.field_names()
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I64": np.int64, "U8": np.uint8}
 
 

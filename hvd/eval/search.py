@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.encode import Tokenizer
-from hvd.eval.explain import PairExplanation, can_explain, explain_pairs
+from hvd.eval.explain import PairExplanation, can_explain, explain_pairs, video_rows
 from hvd.eval.gallery_index import GalleryIndex
 from hvd.eval.retrieval import rescore_gathered
 from hvd.model import RetrievalModel
@@ -55,8 +54,7 @@ def hit_frames(
     pairs = [(query, hit.video_id, hit.rank) for hit in hits]
     if can_explain(model):
         return explain_pairs(model, tokenizer, shards, split, pairs)
-    table = pq.read_table(Path(shards) / split, filters=[("video_id", "in", [hit.video_id for hit in hits])])
-    rows = {row["video_id"]: row for row in table.to_pylist()}
+    rows = video_rows(shards, split, [hit.video_id for hit in hits])
     explained = []
     for hit in hits:
         row = rows[hit.video_id]

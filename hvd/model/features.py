@@ -32,6 +32,10 @@ class Features:
     def __len__(self) -> int:
         return self._first().shape[0]
 
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
     def row_bytes(self) -> int:
         """Bytes one item takes, every field together."""
         return sum(math.prod(t.shape[1:]) * t.element_size() for t in (getattr(self, f.name) for f in dataclasses.fields(self)))
