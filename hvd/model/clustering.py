@@ -36,24 +36,24 @@ def tie_break_priority(n: int, seed: int = 0, device: torch.device | str = "cpu"
     return torch.randperm(n, generator=generator).to(device)
 
 
-def pairwise_distances(x: Tensor) -> Tensor:
-    """[B, N, N] Euclidean distances over sqrt(C) from one Gram matrix (`|x|^2 + |y|^2 - 2xy`), as HBI and
+def squared_distances(x: Tensor, valid: Tensor | None = None) -> Tensor:
+    """[B, N, N] squared Euclidean distances over C from one Gram matrix (`|x|^2 + |y|^2 - 2xy`), as HBI and
     HVP-Net compute them, instead of C-wide element-wise differences.
 
-    Exactly symmetric (`xy + yx` is the same float sum both ways round) and exactly zero on the diagonal
-    and between equal tokens: a squared distance within float error of zero (DUPLICATE_TOLERANCE of the
-    two squared norms) is zero, so duplicated tokens tie and the tie-break priority decides, as with
-    exact distances. Seven passes over [B, N, N], in place where possible: at N of a few hundred and
-    narrow channels these passes, not the matrix product, are the cost.
+    A squared distance within float error of zero (DUPLICATE_TOLERANCE of twice the item's largest squared
+    norm; padding, False in `valid`, does not count) is exactly zero, so duplicated tokens tie and the tie-break priority decides, as with exact
+    distances. Identical tokens get identical rows. Every pass over [B, N, N] is an in-place broadcast or
+    scalar operation: at N of a few hundred these passes, not the product, are the cost, and a boolean
+    mask costs ten times the scalar threshold used here (hence the per-item unit); no [B, N, C] temporary,
+    which at C = 512 costs more than the product.
     """
-    x = x / math.sqrt(x.shape[-1])
-    gram = x @ x.transpose(1, 2)
-    norms = gram.diagonal(dim1=1, dim2=2).contiguous()  # a strided diagonal broadcasts 4x slower
-    scale = norms[:, :, None] + norms[:, None, :]
-    squared = gram.transpose(1, 2).contiguous().add_(gram)  # a blocked transpose copy beats a strided add
-    torch.sub(scale, squared, out=squared)
-    duplicate = squared <= scale.mul_(DUPLICATE_TOLERANCE)
-    return squared.masked_fill_(duplicate, 0.0).sqrt_()
+    norms = torch.linalg.vector_norm(x, dim=-1).square()
+    largest = (norms if valid is None else norms.masked_fill(~valid, 0.0)).amax(dim=1)
+    unit = largest.mul_(2 * DUPLICATE_TOLERANCE).clamp_(min=torch.finfo(x.dtype).tiny)[:, None, None]
+    in_units = norms[:, None, :] / unit
+    squared = torch.bmm(x, x.transpose(1, 2)).mul_(-2 / unit)
+    squared.add_(in_units.transpose(1, 2)).add_(in_units)
+    return torch.threshold_(squared, 1.0, 0.0).mul_(unit / x.shape[-1])
 
 
 def _rank(value: Tensor, priority: Tensor) -> Tensor:
@@ -67,14 +67,18 @@ def _rank(value: Tensor, priority: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(1, order, places)
 
 
-def _knn_density(dist: Tensor, valid: Tensor, k: int, padded: bool) -> Tensor:
+def _knn_density(squared: Tensor, valid: Tensor, k: int) -> Tensor:
     """exp(-mean squared distance to the k nearest valid tokens, the token itself included)."""
-    candidates = dist.masked_fill(~valid[:, None, :], math.inf) if padded else dist
-    nearest = candidates.topk(min(k, dist.shape[-1]), dim=-1, largest=False)
+    nearest = squared.topk(min(k, squared.shape[-1]), dim=-1, largest=False).values
     k_valid = valid.sum(dim=1).clamp(max=k)  # fewer than k tokens: all of them
-    used = torch.arange(nearest.values.shape[-1], device=dist.device) < k_valid[:, None, None]
-    squared = torch.where(used, nearest.values.square(), 0.0).sum(dim=-1)
-    return torch.exp(-squared / k_valid[:, None])
+    used = torch.arange(nearest.shape[-1], device=squared.device) < k_valid[:, None, None]
+    return torch.exp(-torch.where(used, nearest, 0.0).sum(dim=-1) / k_valid[:, None])
+
+
+def _penalty(valid: Tensor, value: float) -> Tensor:
+    """0 for valid tokens and `value` for padding: added along a row or column, it masks in one broadcast
+    add, where a boolean mask over [B, N, N] costs several times more."""
+    return torch.where(valid, 0.0, value)
 
 
 @torch.no_grad()
@@ -84,7 +88,8 @@ def dpc_knn(x: Tensor, ratio: float, k: int, mask: Tensor | None = None, seed: i
     Distances are Euclidean over sqrt(C); a token's density comes from its k nearest neighbours; its
     delta is the distance to the nearest denser token (for the densest, the largest distance in the
     item); the tokens with the largest density * delta are the centres, ranked by that product; every
-    other token joins its nearest centre, the best-ranked one on a tie.
+    other token joins its nearest centre, the best-ranked one on a tie. All of it runs on squared
+    distances, so the only square roots are of the [B, N] deltas.
     """
     if x.ndim != 3:
         raise ValueError(f"dpc_knn expects tokens [batch, tokens, channels], got {list(x.shape)}")
@@ -98,17 +103,24 @@ def dpc_knn(x: Tensor, ratio: float, k: int, mask: Tensor | None = None, seed: i
             raise ValueError("dpc_knn: every item needs at least one token that is not padding")
     counts = keep_count(valid.sum(dim=1), ratio)
     priority = tie_break_priority(n, seed, x.device)
-
-    dist = pairwise_distances(x)
     padded = mask is not None  # without padding, the N x N masking below is skipped
-    density = _knn_density(dist, valid, k, padded).masked_fill(~valid, -math.inf)
-    density_rank = _rank(density, priority)
-    denser = density_rank[:, None, :] < density_rank[:, :, None]  # (b, i, j): token j is denser than i
+
+    squared = squared_distances(x, valid if padded else None)
     if padded:
-        dist = dist.masked_fill(~(valid[:, :, None] & valid[:, None, :]), 0.0)
-    largest = dist.amax(dim=(1, 2))
-    delta = torch.where(denser, dist, math.inf).amin(dim=-1)  # padding ranks last: never denser
-    delta = torch.where(torch.isinf(delta), largest[:, None], delta)
+        density = _knn_density(squared + _penalty(valid, math.inf)[:, None, :], valid, k)
+        excluded = _penalty(valid, -math.inf)
+        largest = (squared + excluded[:, None, :]).add_(excluded[:, :, None]).amax(dim=(1, 2))
+    else:
+        density = _knn_density(squared, valid, k)
+        largest = squared.amax(dim=(1, 2))
+    density_rank = _rank(density.masked_fill(~valid, -math.inf), priority).float()
+
+    # delta: the nearest token of a better density rank. Every other token is pushed beyond the largest
+    # distance by a penalty that is exactly 0 for the better-ranked ones (padding ranks last: never denser).
+    beyond = (4 * largest + 1)[:, None]
+    penalty = torch.sub(((density_rank + 0.5) * beyond)[:, None, :], (density_rank * beyond)[:, :, None])
+    nearest_denser = penalty.clamp_(min=0).add_(squared).amin(dim=-1)
+    delta = torch.where(nearest_denser > largest[:, None], largest[:, None], nearest_denser).sqrt()
 
     score = (density * delta).masked_fill(~valid, -math.inf)
     rank = _rank(score, priority)  # 0 = best centre candidate
@@ -121,10 +133,10 @@ def dpc_knn(x: Tensor, ratio: float, k: int, mask: Tensor | None = None, seed: i
     centres = centres.scatter(1, slot, positions)[:, :clusters]
     cluster_mask = torch.arange(clusters, device=x.device) < counts[:, None]
 
-    to_centre = dist.gather(2, centres[:, None, :].expand(batch, n, clusters))
-    assignment = to_centre.masked_fill(~cluster_mask[:, None, :], math.inf).argmin(
-        dim=-1
-    )  # first = best rank
+    to_centre = squared.gather(2, centres[:, None, :].expand(batch, n, clusters))
+    if padded:  # items with fewer clusters than the most: their spare columns never win
+        to_centre.add_(_penalty(cluster_mask, math.inf)[:, None, :])
+    assignment = to_centre.argmin(dim=-1)  # first = best rank
     assignment = torch.where(is_centre, rank, assignment).masked_fill(~valid, -1)
     return Clusters(assignment=assignment, centres=centres, mask=cluster_mask)
 
