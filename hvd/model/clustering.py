@@ -41,11 +41,11 @@ def squared_distances(x: Tensor, valid: Tensor | None = None) -> Tensor:
     HVP-Net compute them, instead of C-wide element-wise differences.
 
     A squared distance within float error of zero (DUPLICATE_TOLERANCE of twice the item's largest squared
-    norm; padding, False in `valid`, does not count) is exactly zero, so duplicated tokens tie and the tie-break priority decides, as with exact
-    distances. Identical tokens get identical rows. Every pass over [B, N, N] is an in-place broadcast or
-    scalar operation: at N of a few hundred these passes, not the product, are the cost, and a boolean
-    mask costs ten times the scalar threshold used here (hence the per-item unit); no [B, N, C] temporary,
-    which at C = 512 costs more than the product.
+    norm; padding, False in `valid`, does not count) is exactly zero, so duplicated tokens tie and the
+    tie-break priority decides, as with exact distances; identical tokens get identical rows. Every pass
+    over [B, N, N] is an in-place broadcast or scalar operation: at N of a few hundred these passes, not
+    the product, are the cost, and a boolean mask costs ten times the scalar threshold used here (hence
+    the per-item unit). No [B, N, C] temporary: at C = 512 one costs more than the product.
     """
     norms = torch.linalg.vector_norm(x, dim=-1).square()
     largest = (norms if valid is None else norms.masked_fill(~valid, 0.0)).amax(dim=1)
