@@ -47,6 +47,21 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def take_turns(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU (this process, all threads) seconds of every run, `repeats` times each after a warm-up,
+    taking turns in alternating order (ABBA) so that load from other processes hits all alike."""
+    times = {name: {"wall": [], "cpu": []} for name in runs}
+    for run in runs.values():
+        run()  # warm-up: allocator, oneDNN kernels
+    for repeat in range(repeats):
+        for name in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
 def reference_dpc_knn(x: torch.Tensor, clusters: int, k: int) -> torch.Tensor:
     """DPC-KNN written the way HBI's and HVP-Net's `cluster_dpc_knn` compute it (no padding, no tie rule,
     no noise), the speed to match: the centre token that every token joins [B, N]."""
@@ -69,14 +84,7 @@ def dpc_against_reference(shape: tuple[int, int, int], ratio: float, k: int, rep
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     clusters = keep_count(shape[1], ratio)
     runs = {"ours": lambda: dpc_knn(x, ratio, k), "reference": lambda: reference_dpc_knn(x, clusters, k)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()  # warm-up: allocator, oneDNN kernels
-    for repeat in range(repeats):
-        for name in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
-            started = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - started)
+    times = {name: clocks["wall"] for name, clocks in take_turns(runs, repeats).items()}
     ours, reference = (statistics.median(times[name]) for name in runs)
     ours_clusters = dpc_knn(x, ratio, k)
     same = torch.equal(ours_clusters.centres.gather(1, ours_clusters.assignment), reference_dpc_knn(x, clusters, k))
@@ -108,16 +116,8 @@ def training_steps(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    times: dict[str, list[float]] = {f"{head}_{clock}": [] for head in models for clock in ("wall", "cpu")}
-    for head in models:
-        step(head)  # warm-up
-    for repeat in range(repeats):
-        for head in list(models)[:: 1 if repeat % 2 == 0 else -1]:
-            wall, cpu = time.perf_counter(), time.process_time()
-            step(head)
-            times[f"{head}_wall"].append(time.perf_counter() - wall)
-            times[f"{head}_cpu"].append(time.process_time() - cpu)
-    return times
+    turns = take_turns({head: lambda head=head: step(head) for head in models}, repeats)
+    return {f"{head}_{clock}": seconds for head, clocks in turns.items() for clock, seconds in clocks.items()}
 
 
 def encoded_features(model: RetrievalModel, count: int, frames: int) -> tuple[TextFeatures, VideoFeatures]:
