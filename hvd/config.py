@@ -70,6 +70,10 @@ class DataConfig:
     decode_concurrency: int = 2  # decode tasks running at once
     decode_cpus: float = 1.0  # CPUs reserved by each decode task
     decode_timeout_s: float = 120.0  # a video still decoding after this is stopped and quarantined (timeout)
+    decode_memory_mb: int = 4096  # address-space limit of each decode child; a video that needs more is quarantined
+    max_video_frames: int = 1_000_000  # a video declaring more frames is quarantined (too_large) before decoding
+    max_video_pixels: int = 4096 * 4096  # width x height; larger frames are quarantined (too_large)
+    max_video_duration_s: float = 6 * 3600.0  # longer videos are quarantined (too_large)
     shard_videos: int = 256  # at most this many videos per decode task, so per Parquet shard file
     decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
     train_decode_cpus: float = 0.5  # CPUs per Ray Data task that decodes and tokenises training batches
@@ -217,6 +221,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.decode_concurrency": _COUNT,
     "data.decode_cpus": _POSITIVE,
     "data.decode_timeout_s": _POSITIVE,
+    "data.decode_memory_mb": _rule(lambda v: v >= 256, "at least 256"),
+    "data.max_video_frames": _COUNT,
+    "data.max_video_pixels": _COUNT,
+    "data.max_video_duration_s": _POSITIVE,
     "data.shard_videos": _COUNT,
     "data.train_decode_cpus": _POSITIVE,
     "model.frame_keep": _SHARE,
