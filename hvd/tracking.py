@@ -10,6 +10,7 @@ import contextlib
 import getpass
 import io
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlflow
+import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, SourceType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
@@ -227,6 +229,10 @@ class MetricLogger:
         self.last_step.update(dict.fromkeys(fresh, step))
 
 
+class NonFiniteModel(ValueError):
+    """Weights or metrics with NaN or infinity: such a model is never registered."""
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
@@ -241,8 +247,15 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
     `models:/NAME@latest` needs no alias of ours: MLflow reserves `latest` and resolves it to the
     newest version itself.
 
-    `metrics` (the chosen checkpoint's validation numbers) go on the version as tags.
+    `metrics` (the chosen checkpoint's validation numbers) go on the version as tags. A model with NaN or
+    infinite weights, or metrics, is refused: it must never become a version, let alone `champion`.
     """
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    broken += [key for key, value in metrics.items() if not math.isfinite(value)]
+    if broken:
+        raise NonFiniteModel(f"not registered: {len(broken)} weight tensor(s) or metric(s) hold NaN or infinity "
+                             f"({', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''})")
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     name = cfg.tracking.model_name

@@ -421,3 +421,22 @@ def test_index_is_logged_tagged_reused_by_evaluation_and_searched(registered, ca
     assert scores == sorted(scores, reverse=True)
     width, height = png_size(sheet)
     assert width > height > 0  # three rows of frames
+
+
+@pytest.mark.slow
+def test_a_model_with_non_finite_scores_fails_and_logs_no_metrics(registered, capsys, tmp_path):
+    cfg = registered["cfg"]
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        next(model.head.parameters()).fill_(float("nan"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save_state(tmp_path, model, optimizer, scheduler, step=1, epoch=1, best_score=100.0, config_yaml=to_yaml(cfg))
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline(registered, capsys, "--model", str(tmp_path), "--manifest", str(registered["manifest"]),
+                     "eval.benchmark=nan-model")
+    assert exit_info.value.code == 1
+    assert "scores are not finite" in capsys.readouterr().err
+    client = MlflowClient(cfg.tracking.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("eval/nan-model").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics == {}

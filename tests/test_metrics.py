@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvd.eval.metrics import dual_softmax, query_ranks, ranks_of_positives, retrieval_metrics
+from hvd.eval.metrics import NonFiniteScores, dual_softmax, query_ranks, ranks_of_positives, retrieval_metrics
 
 
 def test_single_caption_ranks_by_hand():
@@ -108,3 +108,19 @@ def test_dsl_v2t_normalises_over_the_video_queries():
     sim = torch.tensor([[0.50, 0.55, 0.56], [0.10, 0.52, 0.10], [0.10, 0.10, 0.53]])
     m = retrieval_metrics(sim, torch.tensor([0, 1, 2]), dsl=True)
     assert m["v2t/R1"] == pytest.approx(100 / 3) and m["v2t/dsl_R1"] == 100
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_refused_not_ranked(bad):
+    # `sim >= NaN` is false: an all-NaN matrix used to rank every positive first, R@1 100.
+    with pytest.raises(NonFiniteScores, match="not finite"):
+        retrieval_metrics(torch.full((3, 3), bad), torch.arange(3))
+    one_bad = torch.eye(3)
+    one_bad[2, 0] = bad
+    with pytest.raises(NonFiniteScores, match="1 NaN" if bad != bad else "1 infinite"):
+        retrieval_metrics(one_bad, torch.arange(3))
+
+
+def test_non_finite_video_to_text_scores_are_refused_too():
+    with pytest.raises(NonFiniteScores, match="video-to-text"):
+        retrieval_metrics(torch.eye(3), torch.arange(3), v2t_sim=torch.full((3, 3), float("nan")))

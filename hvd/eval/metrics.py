@@ -7,6 +7,8 @@
   query count); MnR their mean.
 - Ties are pessimistic: a negative that ties the ground truth ranks above it, so a model that scores
   everything equal gets the worst rank, never the best (CLIP4Clip's sort-based ranks are optimistic there).
+- Non-finite scores are refused (`NonFiniteScores`): `sim >= NaN` is false, so a NaN model would otherwise
+  rank every positive first and read as perfect retrieval.
 """
 
 from __future__ import annotations
@@ -19,6 +21,22 @@ CONVENTIONS = (
     "CLIP4Clip/X-Pool: t2v one query per caption; v2t one query per video over caption groups scored by "
     "their best caption; MdR np.median and MnR mean of 1-based ranks; ties pessimistic"
 )
+
+
+class NonFiniteScores(ValueError):
+    """A score matrix holding NaN or infinity: the model is broken, and no metric of it means anything."""
+
+
+def check_finite(scores: Tensor, what: str) -> None:
+    """Refuse a score matrix with any NaN or infinite entry, saying how many of each."""
+    finite = torch.isfinite(scores)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(scores).sum())
+    raise NonFiniteScores(
+        f"{what} scores are not finite ({nan} NaN, {int((~finite).sum()) - nan} infinite of {scores.numel()}): "
+        "the model's weights or outputs are broken (e.g. NaN weights from a diverged step); nothing is reported"
+    )
 
 
 def ranks_of_positives(sim: Tensor, positive: Tensor) -> Tensor:
@@ -54,6 +72,8 @@ def query_ranks(sim: Tensor, text_video: Tensor, v2t_sim: Tensor | None = None) 
     """
     sim, text_video = sim.float().cpu(), text_video.long().cpu()
     v2t = sim.T if v2t_sim is None else v2t_sim.float().cpu()
+    check_finite(sim, "text-to-video")
+    check_finite(v2t, "video-to-text")
     positive = torch.zeros(sim.shape, dtype=torch.bool)
     positive[torch.arange(len(text_video)), text_video] = True
     videos = sim.shape[1]

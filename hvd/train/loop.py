@@ -42,24 +42,32 @@ PROGRESS_LINES = 20  # about this many progress lines a run on the terminal, at 
 T = TypeVar("T")
 
 
+class NonFiniteTraining(FloatingPointError):
+    """Too many steps in a row had a non-finite loss or gradient: training has diverged."""
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: dict[str, Tensor],
     grad_clip: float,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, float], bool]:
     """One optimisation step on a `TrainingCollate` batch; `model` is the DDP-wrapped model when there are
-    several workers."""
+    several workers. Returns the loss, its parts (and the gradient norm) and whether the weights moved: a
+    step whose loss or gradient norm is not finite is skipped, so one bad batch never writes NaN weights.
+    The norm is of the all-reduced gradients, so every rank skips the same steps."""
     loss, parts = model(batch["tokens"], batch["frames"], batch["frame_mask"])
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {loss.item()}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # DDP all-reduces gradient buckets while the rest of backward runs
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
-    return loss.detach(), parts
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()  # the schedule follows the step count, skipped steps included
+    return loss.detach(), {**parts, "grad_norm": float(grad_norm)}, finite
 
 
 def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
@@ -146,7 +154,28 @@ class Worker:
     step: int = 0
     epoch: int = 0  # the epoch in progress
     best_score: float = -1.0
+    skipped_steps: int = 0  # non-finite steps skipped since this worker started
+    skipped_in_a_row: int = 0
     logger: MetricLogger | None = None
+
+    def count_step(self, stepped: bool, loss: float, grad_norm: float) -> None:
+        """Count a skipped (non-finite) step, warn, and stop the run after `train.max_skipped_steps` in a row."""
+        if stepped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        limit = self.plan.cfg.train.max_skipped_steps
+        if self.rank == 0:
+            print(f"warning: step {self.step}: loss {loss:g}, gradient norm {grad_norm:g}: not finite, step skipped "
+                  f"({self.skipped_in_a_row} in a row, {self.skipped_steps} in all; the run stops at {limit} in a row)",
+                  flush=True)
+        if self.skipped_in_a_row >= limit:
+            raise NonFiniteTraining(
+                f"{limit} steps in a row had a non-finite loss or gradient (last: loss {loss:g}, gradient norm "
+                f"{grad_norm:g}) at step {self.step}: training diverged; lower train.lr or train.backbone_lr, "
+                "or check the data"
+            )
 
     def state(self) -> dict[str, Any] | None:
         """What rank 0 checkpoints; None on other ranks."""
@@ -200,8 +229,9 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterat
         if index < done_in_epoch:
             continue
         inject_fault(cfg, worker.step, worker.rank, worker.world, Path(plan.fault_marker))
-        loss, parts = train_step(ddp_model, worker.optimizer, worker.scheduler, batch, cfg.train.grad_clip)
+        loss, parts, stepped = train_step(ddp_model, worker.optimizer, worker.scheduler, batch, cfg.train.grad_clip)
         worker.step += 1
+        worker.count_step(stepped, loss.item(), parts["grad_norm"])
         samples += cfg.train.batch_size
 
         if worker.logger is not None and (worker.step % LOG_EVERY_STEPS == 0 or worker.step in (1, plan.total_steps)):
@@ -210,6 +240,7 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterat
             eta_s = (plan.total_steps - worker.step) * cfg.train.batch_size / max(rate, 1e-9)
             worker.logger.log({"train/loss": loss.item(), "train/lr": worker.scheduler.get_last_lr()[0],
                                "train/samples_per_s": rate, "train/data_wait_s": waited / (index + 1),
+                               "train/skipped_steps": worker.skipped_steps,
                                **{f"train/{k}": v for k, v in parts.items()}}, worker.step)
             if worker.step % plan.print_every == 0 or worker.step in (1, plan.total_steps):
                 print(f"epoch {worker.epoch + 1}/{cfg.train.epochs} step {worker.step}/{plan.total_steps} "
