@@ -8,6 +8,7 @@ paths are made absolute under the project root (`HVD_ROOT`, see `hvd.paths`) as 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ class TrainConfig:
     weight_decay: float = 0.2
     warmup_fraction: float = 0.1
     grad_clip: float = 1.0
+    max_skipped_steps: int = 5  # steps in a row with a non-finite loss or gradient (skipped) before the run stops
     checkpoint_every_steps: int = 20  # also checkpoint every N steps (0 = only at epoch ends): what a restart redoes
     max_failures: int = 2  # worker group restarts from the last checkpoint before the run fails
     storage_path: str = "runs/ray"
@@ -197,67 +199,77 @@ def _rule(test: Callable[[Any], bool], text: str, optional: bool = False) -> tup
     return (lambda v: v is None or test(v), f"{text}, or unset") if optional else (test, text)
 
 
-_COUNT = _rule(lambda v: v >= 1, "at least 1")
+def _between(low: float, high: float, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
+    return _rule(lambda v: low <= v <= high, f"{low:,} to {high:,}", optional)
+
+
+# Sizes get upper bounds far past any real run but short of what exhausts a machine by a typo.
+MANY = 100_000_000  # videos, stills, steps
+_COUNT = _between(1, MANY)
 _NONNEGATIVE = _rule(lambda v: v >= 0, "at least 0")
 _POSITIVE = _rule(lambda v: v > 0, "above 0")
 _SHARE = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
+_CPUS = _rule(lambda v: 0 < v <= 1024, "above 0 and at most 1,024")
+_WORKERS = _between(1, 4096)
+_BATCH = _between(1, 65_536)
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "synthetic.num_train": _rule(lambda v: v >= 0, "at least 0", optional=True),
-    "synthetic.num_val": _rule(lambda v: v >= 0, "at least 0", optional=True),
-    "synthetic.num_test": _rule(lambda v: v >= 0, "at least 0", optional=True),
-    "synthetic.frame_size": _rule(lambda v: v >= 16 and v % 2 == 0, "even and at least 16", optional=True),
-    "synthetic.fps": _rule(lambda v: v >= 1, "at least 1", optional=True),
-    "synthetic.duration_s": _rule(lambda v: v > 0, "above 0", optional=True),
+    "synthetic.num_train": _between(0, MANY, optional=True),
+    "synthetic.num_val": _between(0, MANY, optional=True),
+    "synthetic.num_test": _between(0, MANY, optional=True),
+    "synthetic.frame_size": _rule(lambda v: 16 <= v <= 1024 and v % 2 == 0, "even and 16 to 1,024", optional=True),
+    "synthetic.fps": _between(1, 240, optional=True),
+    "synthetic.duration_s": _rule(lambda v: 0 < v <= 3600, "above 0 and at most 3,600", optional=True),
     "synthetic.event_fraction": _SHARE,
     "synthetic.entity_scale": _rule(lambda v: 0 < v <= 0.6, "in (0, 0.6]"),
     "synthetic.num_distractors": _rule(lambda v: 0 <= v <= 8, "0 to 8 (9 colours, one is the target's)"),
-    "synthetic.train_captions": _COUNT,
-    "synthetic.workers": _NONNEGATIVE,
-    "data.num_frames": _COUNT,
-    "data.frame_size": _rule(lambda v: v >= 8, "at least 8"),
+    "synthetic.train_captions": _between(1, 100),
+    "synthetic.workers": _between(0, 4096),
+    "data.num_frames": _between(1, 1024),
+    "data.frame_size": _between(8, 1024),
     "data.jpeg_quality": _rule(lambda v: 1 <= v <= 100, "1 to 100"),
     "data.min_duration_fraction": _rule(lambda v: 0 <= v <= 1, "in [0, 1] (0 turns the check off)"),
-    "data.max_words": _rule(lambda v: v >= 3, "at least 3 (start and end tokens take 2)"),
-    "data.decode_concurrency": _COUNT,
-    "data.decode_cpus": _POSITIVE,
-    "data.decode_timeout_s": _POSITIVE,
-    "data.decode_memory_mb": _rule(lambda v: v >= 256, "at least 256"),
+    "data.max_words": _rule(lambda v: 3 <= v <= 77, "3 to 77 (start and end tokens take 2; CLIP reads 77)"),
+    "data.decode_concurrency": _WORKERS,
+    "data.decode_cpus": _CPUS,
+    "data.decode_timeout_s": _rule(lambda v: 0 < v <= 86_400, "above 0 and at most a day (86,400)"),
+    "data.decode_memory_mb": _between(256, 1 << 20),
     "data.max_video_frames": _COUNT,
-    "data.max_video_pixels": _COUNT,
-    "data.max_video_duration_s": _POSITIVE,
-    "data.shard_videos": _COUNT,
-    "data.train_decode_cpus": _POSITIVE,
+    "data.max_video_pixels": _between(1, 1 << 30),
+    "data.max_video_duration_s": _rule(lambda v: 0 < v <= 7 * 86_400, "above 0 and at most a week (604,800)"),
+    "data.shard_videos": _between(1, 1_000_000),
+    "data.train_decode_cpus": _CPUS,
     "model.frame_keep": _SHARE,
-    "model.pfcm_steps": _NONNEGATIVE,
+    "model.pfcm_steps": _between(0, 16),
     "model.pfcm_ratio": _SHARE,
-    "model.dpc_k": _COUNT,
-    "model.score_budget_mb": _COUNT,
-    "model.temporal_layers": _COUNT,
+    "model.dpc_k": _between(1, 1024),
+    "model.score_budget_mb": _between(1, 1 << 20),
+    "model.temporal_layers": _between(1, 48),
     "model.pearson_weight": _NONNEGATIVE,
     "model.clip_ratio": _SHARE,
     "model.phrase_ratio": _SHARE,
     "pretrain.train_stills": _COUNT,
     "pretrain.val_stills": _COUNT,
-    "pretrain.epochs": _COUNT,
-    "pretrain.batch_size": _COUNT,
+    "pretrain.epochs": _between(1, 10_000),
+    "pretrain.batch_size": _BATCH,
     "pretrain.lr": _POSITIVE,
-    "train.num_workers": _COUNT,
-    "train.cpus_per_worker": _POSITIVE,
-    "train.epochs": _COUNT,
-    "train.batch_size": _COUNT,
+    "train.num_workers": _WORKERS,
+    "train.cpus_per_worker": _CPUS,
+    "train.epochs": _between(1, 10_000),
+    "train.batch_size": _BATCH,
     "train.lr": _POSITIVE,
     "train.backbone_lr": _NONNEGATIVE,
     "train.weight_decay": _NONNEGATIVE,
     "train.warmup_fraction": _rule(lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.grad_clip": _POSITIVE,
-    "train.checkpoint_every_steps": _NONNEGATIVE,
-    "train.max_failures": _NONNEGATIVE,
-    "eval.topk": _COUNT,
-    "eval.batch_size": _COUNT,
-    "eval.num_actors": _NONNEGATIVE,
-    "index.ivf_from": _COUNT,
-    "index.nprobe": _COUNT,
-    "eval.explain_queries": _NONNEGATIVE,
+    "train.max_skipped_steps": _between(1, 10_000),
+    "train.checkpoint_every_steps": _between(0, MANY),
+    "train.max_failures": _between(0, 1000),
+    "eval.topk": _between(1, 100_000),
+    "eval.batch_size": _BATCH,
+    "eval.num_actors": _between(0, 4096),
+    "index.ivf_from": _between(1, 1 << 40),
+    "index.nprobe": _between(1, 1 << 20),
+    "eval.explain_queries": _between(0, 100),
 }
 # Rules that tie two keys together: (key named in the error, test on the whole Config, what is wrong).
 JOINT_RULES: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
@@ -275,9 +287,20 @@ JOINT_RULES: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
 )
 
 
+def _not_finite(value: Any) -> bool:
+    """A float (alone, or in a list or dict of them) that is NaN or infinite: no rule of ours admits one."""
+    if isinstance(value, dict):
+        return any(_not_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_not_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def check_values(values: dict[str, Any]) -> None:
-    """Check `section.key -> value` pairs against CHOICES and RANGES; keys without a rule pass."""
+    """Check `section.key -> value` pairs: every number finite, then CHOICES and RANGES; keys without a rule pass."""
     for key, value in values.items():
+        if _not_finite(value):
+            raise ConfigError(f"bad value for '{key}': {value!r} (must be a finite number)")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"bad value for '{key}': {value!r} (choose one of {', '.join(CHOICES[key])})")
         if key in RANGES and not RANGES[key][0](value):
@@ -352,9 +375,25 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | tu
 RETIRED_KEYS = ("data.decode_batch_size",)
 
 
+def _interpolations(value: Any, key: str = "") -> list[str]:
+    """Keys whose values hold `${...}` (an OmegaConf interpolation or resolver call such as `oc.env`)."""
+    if isinstance(value, dict):
+        return [found for name, item in value.items() for found in _interpolations(item, f"{key}{name}.")]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _interpolations(item, f"{key}{index}.")]
+    return [key.rstrip(".")] if isinstance(value, str) and "${" in value else []
+
+
 def config_from_yaml(text: str) -> Config:
-    """The inverse of `to_yaml`, resolved and checked like any loaded config."""
+    """The inverse of `to_yaml`, checked like any loaded config.
+
+    A stored config (a checkpoint's, a registered model's) is data: one holding an interpolation is
+    refused, since resolving `${oc.env:NAME}` would copy the reader's environment (secrets included) into
+    run params, names and paths. Only a user's own `--config` files and overrides resolve them."""
     saved = OmegaConf.create(text)
+    if interpolated := _interpolations(OmegaConf.to_container(saved, resolve=False)):
+        raise ConfigError(f"stored config holds interpolations at {', '.join(interpolated)}: refused, a stored "
+                          "config is read as data and never resolves ${...}")
     for key in RETIRED_KEYS:
         section, name = key.split(".")
         if section in saved and name in saved[section]:

@@ -154,3 +154,47 @@ def test_a_config_saved_by_an_earlier_version_loads_without_its_retired_keys():
     assert config_from_yaml(saved).data.num_frames == 8  # a checkpoint or registered model from before still loads
     with pytest.raises(ConfigError, match="unknown config key 'data.decode_batch_size'"):
         load_config(None, ["data.decode_batch_size=4"])  # but nobody sets it anew
+
+
+FLOAT_KEYS = [key for key, value in flatten(load_config()).items() if isinstance(value, float)]
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "nan"])
+def test_no_float_key_takes_a_non_finite_value(bad):
+    assert {"train.lr", "train.grad_clip", "data.decode_timeout_s", "pretrain.lr"} <= set(FLOAT_KEYS)
+    for key in FLOAT_KEYS:
+        with pytest.raises(ConfigError, match=rf"bad value for '{key}'"):
+            load_config(None, [f"{key}={bad}"])
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, [f"train.worker_resources={{gpu_node: {bad}}}"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.num_frames=100000", "data.frame_size=100000", "train.num_workers=1000000", "data.decode_concurrency=100000",
+     "train.batch_size=10000000", "synthetic.num_train=10000000000", "data.max_words=500", "eval.topk=10000000"],
+)
+def test_sizes_have_upper_bounds(override):
+    with pytest.raises(ConfigError, match=rf"bad value for '{override.split('=')[0]}'.*to"):
+        load_config(None, [override])
+
+
+def test_train_refuses_lr_inf_before_ray_or_mlflow_start(tmp_path):
+    db = tmp_path / "mlflow.db"
+    result = _run("pipelines/train.py", "train.lr=inf", f"tracking.uri=sqlite:///{db}")
+    assert result.returncode == 2 and "bad value for 'train.lr': inf (must be a finite number)" in result.stderr
+    assert not db.exists()
+
+
+def test_a_stored_config_never_resolves_interpolations(monkeypatch):
+    monkeypatch.setenv("HVD_TEST_SECRET", "s3cr3t")
+    stored = to_yaml(load_config()).replace("name: hvd-tiny-demo", "name: ${oc.env:HVD_TEST_SECRET}")
+    with pytest.raises(ConfigError, match=r"interpolations at run\.name") as refused:
+        config_from_yaml(stored)
+    assert "s3cr3t" not in str(refused.value)
+    nested = to_yaml(load_config()).replace("experiment: hvd", "experiment: x-${run.name}")
+    with pytest.raises(ConfigError, match=r"tracking\.experiment"):
+        config_from_yaml(nested)
+    # A user's own config file still resolves them (configs/cluster.yaml reads HVD_BUCKET so).
+    monkeypatch.setenv("HVD_BUCKET", "s3://mine")
+    assert load_config(ROOT / "configs" / "cluster.yaml").train.storage_path == "s3://mine/checkpoints"
