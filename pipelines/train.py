@@ -14,7 +14,8 @@ import time
 from hvd.cli import fail, parse_args
 from hvd.data.prepare import PrepareError
 from hvd.data.shards import ShardError
-from hvd.tracking import RunConfigMismatch, ui_command
+from hvd.eval.metrics import NonFiniteScores
+from hvd.tracking import NonFiniteModel, RunConfigMismatch, ui_command
 from hvd.train.fit import fit
 from hvd.train.trainer import TrainingFailed
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         outcome = fit(cfg)
-    except (TrainingFailed, PrepareError, RunConfigMismatch, ShardError) as err:  # each says what to do
+    except (TrainingFailed, PrepareError, RunConfigMismatch, ShardError, NonFiniteModel, NonFiniteScores) as err:
         fail(str(err))
     model = outcome.model
     print(f"\nMLflow run      {outcome.run_id}")
