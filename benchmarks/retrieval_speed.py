@@ -67,7 +67,8 @@ def real_features(
     """The real clips, encoded once per model version and cached: every gallery is built from them."""
     path = cache / f"features-{source.label}-{source.source_run[:8]}-{clips}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=False)
+        with torch.serialization.safe_globals([EncodedSplit, TextFeatures, VideoFeatures]):  # our dataclasses only
+            return torch.load(path, weights_only=True)
     synthetic = SyntheticConfig(
         preset="demo", out=str(cache / f"clips-{clips}"), seed=1, num_train=0, num_val=0, num_test=clips
     )

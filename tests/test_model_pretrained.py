@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+import shlex
+import zipfile
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -114,3 +119,50 @@ def test_weights_are_written_as_safetensors_only(trained, tmp_path):
     with pytest.raises(ValueError, match=r"\.safetensors"):
         save_weights(model, tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+class WritesMarker:
+    """A pickle that, when loaded by a full unpickler, creates the file at `path`: what a hostile checkpoint does."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.path)}",))
+
+
+def hostile_zip(path, marker, members: dict[str, bytes]):
+    """A `torch.save` zip whose data.pkl runs a command on load, with extra `members` added beside it."""
+    torch.save({"visual.proj": WritesMarker(marker)}, path)
+    with zipfile.ZipFile(path, "a") as archive:
+        root = archive.namelist()[0].split("/")[0]
+        for name, data in members.items():
+            archive.writestr(f"{root}/{name}", data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "members",
+    [{}, {"extra/constants.pkl": pickle.dumps(())}, {"constants.pkl": pickle.dumps(()), "code/__torch__/m.py": b""}],
+    ids=["plain", "constants_pkl", "torchscript_layout"],
+)
+def test_a_hostile_pickle_is_refused_without_running(tmp_path, members):
+    """Whatever its members say, no code in the file runs. A member ending in constants.pkl (not the archive's
+    own, which torch.load would hand to TorchScript) once switched the loader to weights_only=False."""
+    marker = tmp_path / "pwned"
+    path = hostile_zip(tmp_path / "hostile.pt", marker, members)
+    with pytest.raises(ValueError, match=rf"model\.pretrained={re.escape(str(path))}: refused"):
+        build_model(ModelConfig(pretrained=str(path)))
+    assert not marker.exists()
+
+
+def test_no_code_loads_pickles_with_weights_only_false():
+    """torch.load(weights_only=False) runs whatever a file names; the repository never asks for it."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("hvd", "pipelines", "benchmarks")
+        for path in sorted((root / folder).rglob("*.py"))
+        if re.search(r"weights_only\s*=\s*False", path.read_text())
+    ]
+    assert not offenders

@@ -4,33 +4,97 @@ A file we write is an open_clip state dict (so open_clip can read its backbone a
 head's weights under `head.`; it loads back through `model.pretrained=PATH` like any CLIP checkpoint
 (an open_clip training checkpoint, an OpenAI TorchScript file, a safetensors file), which then leaves
 the head as initialised.
+
+A weights file may come from anywhere, and unpickling a file can run any code it names. So a file is read
+as tensors only: safetensors, or `torch.load(weights_only=True)`, which refuses any pickle that needs more
+than tensors and plain values. OpenAI's TorchScript files are read by TorchScript's own loader, which builds
+TorchScript modules and never imports Python objects; a file that looks like one and fails there is refused,
+never retried with a full unpickler.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import open_clip
+import torch
 from open_clip.factory import load_state_dict
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from safetensors.torch import save_file
 
 from hvd.model.model import RetrievalModel
 
 HEAD_PREFIX = "head."
+_TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # OpenAI's files keep these as buffers
 
 
-def _is_torchscript_archive(path: Path) -> bool:
-    """OpenAI's original CLIP files are TorchScript archives, which torch.load reads only with weights_only=False."""
+class RefusedWeightsError(ValueError):
+    """A weights file that is not read at all: reading it could run code it carries."""
+
+
+def _torchscript_layout(path: Path) -> bool | None:
+    """True for a zip holding, under one folder, TorchScript's `code/` sources beside its `constants.pkl`;
+    False for a zip with a `constants.pkl` but no such `code/` (anyone can add that member to a `torch.save`
+    zip, and torch.load takes it for TorchScript); None for anything else."""
     if not zipfile.is_zipfile(path):
-        return False
+        return None
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
+        names = archive.namelist()
+    roots = {name[: -len("constants.pkl")] for name in names if name.endswith("constants.pkl")}
+    if not roots:
+        return None
+    return any(name.startswith(root + "code/") for name in names for root in roots)
 
 
 def _short(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _torchscript_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    """An OpenAI CLIP file's weights, as open_clip's CLIP names them (OpenAI's names are the same)."""
+    try:
+        module = torch.jit.load(str(file), map_location="cpu")
+    except Exception as err:  # no fallback to a full unpickler: that is where a hostile archive would run code
+        raise RefusedWeightsError(
+            f"model.pretrained={file}: refused: it is laid out as a TorchScript archive, but TorchScript cannot "
+            f"load it ({_one_line(err)})"
+        ) from err
+    state = module.state_dict()
+    for key in _TORCHSCRIPT_EXTRAS:
+        state.pop(key, None)
+    return state
+
+
+def _load_backbone(clip: open_clip.CLIP, file: Path) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """Load `file` into `clip` (strict=False): the mismatched keys, and the file's state dict when read here."""
+    layout = _torchscript_layout(file)
+    if layout is False:
+        raise RefusedWeightsError(
+            f"model.pretrained={file}: refused: it holds a TorchScript constants.pkl but no TorchScript code/, so it "
+            "is neither a TorchScript archive nor a plain weights file"
+        )
+    if layout:
+        state = _torchscript_state_dict(file)
+        resize_pos_embed(state, clip)  # as open_clip's loader does, for a preset of another image size
+        resize_text_pos_embed(state, clip)
+        return clip.load_state_dict(state, strict=False), state
+    try:
+        return open_clip.load_checkpoint(clip, str(file), strict=False, weights_only=True), None
+    except pickle.UnpicklingError as err:
+        # torch's message opens with advice to load the file unsafely instead; the paragraph after it says why
+        paragraphs = [part for part in str(err).split("\n\n") if part.strip()]
+        raise RefusedWeightsError(
+            f"model.pretrained={file}: refused: its pickle holds more than tensors and plain values, and weights "
+            f"files are read with torch.load(weights_only=True) only ({_one_line(paragraphs[min(1, len(paragraphs) - 1)])})"
+        ) from err
 
 
 def load_pretrained(model: RetrievalModel, path: str | Path) -> None:
@@ -39,12 +103,11 @@ def load_pretrained(model: RetrievalModel, path: str | Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"model.pretrained: no such file: {file}")
     try:
-        incompatible = open_clip.load_checkpoint(
-            model.backbone.clip, str(file), strict=False, weights_only=not _is_torchscript_archive(file)
-        )
+        incompatible, state = _load_backbone(model.backbone.clip, file)
+    except RefusedWeightsError:
+        raise
     except Exception as err:  # whatever reading a foreign file raises, name the file
-        reason = " ".join(str(err).split())
-        raise ValueError(f"model.pretrained={file}: cannot load into this preset: {reason}") from err
+        raise ValueError(f"model.pretrained={file}: cannot load into this preset: {_one_line(err)}") from err
     # Buffers such as the causal mask are computed, not learned; TorchScript files carry them anyway.
     computed = dict(model.backbone.clip.named_buffers())
     unexpected = [
@@ -58,13 +121,12 @@ def load_pretrained(model: RetrievalModel, path: str | Path) -> None:
     model.head.init_from_clip(model.backbone.clip)  # e.g. EERCF's temporal blocks from CLIP's text blocks
     head_keys = [key for key in incompatible.unexpected_keys if key.startswith(HEAD_PREFIX)]
     if head_keys:  # a file with trained head weights overrides that seed
-        state = load_state_dict(str(file))
+        state = state if state is not None else load_state_dict(str(file), weights_only=True)
         try:
             model.head.load_state_dict({key[len(HEAD_PREFIX) :]: state[key] for key in head_keys})
         except RuntimeError as err:
-            reason = " ".join(str(err).split())
             raise ValueError(
-                f"model.pretrained={file}: head weights do not fit model.head: {reason}"
+                f"model.pretrained={file}: head weights do not fit model.head: {_one_line(err)}"
             ) from err
 
 
