@@ -122,7 +122,7 @@ def test_weights_are_written_as_safetensors_only(trained, tmp_path):
 
 
 class WritesMarker:
-    """A pickle that, when loaded by a full unpickler, creates the file at `path`: what a hostile checkpoint does."""
+    """A pickle that creates the file at `path` when a full unpickler loads it: a hostile checkpoint."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -143,7 +143,11 @@ def hostile_zip(path, marker, members: dict[str, bytes]):
 
 @pytest.mark.parametrize(
     "members",
-    [{}, {"extra/constants.pkl": pickle.dumps(())}, {"constants.pkl": pickle.dumps(()), "code/__torch__/m.py": b""}],
+    [
+        {},
+        {"extra/constants.pkl": pickle.dumps(())},
+        {"constants.pkl": pickle.dumps(()), "code/__torch__/m.py": b""},
+    ],
     ids=["plain", "constants_pkl", "torchscript_layout"],
 )
 def test_a_hostile_pickle_is_refused_without_running(tmp_path, members):

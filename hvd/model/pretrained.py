@@ -14,7 +14,6 @@ never retried with a full unpickler.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -26,10 +25,11 @@ from open_clip.factory import load_state_dict
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from safetensors.torch import save_file
 
+from hvd.durable import atomic_file
 from hvd.model.model import RetrievalModel
 
 HEAD_PREFIX = "head."
-_TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # OpenAI's files keep these as buffers
+_TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # OpenAI's files hold these too
 
 
 class RefusedWeightsError(ValueError):
@@ -62,10 +62,10 @@ def _torchscript_state_dict(file: Path) -> dict[str, torch.Tensor]:
     """An OpenAI CLIP file's weights, as open_clip's CLIP names them (OpenAI's names are the same)."""
     try:
         module = torch.jit.load(str(file), map_location="cpu")
-    except Exception as err:  # no fallback to a full unpickler: that is where a hostile archive would run code
+    except Exception as err:  # no fallback to a full unpickler: there a hostile archive would run code
         raise RefusedWeightsError(
-            f"model.pretrained={file}: refused: it is laid out as a TorchScript archive, but TorchScript cannot "
-            f"load it ({_one_line(err)})"
+            f"model.pretrained={file}: refused: it is laid out as a TorchScript archive, but TorchScript "
+            f"cannot load it ({_one_line(err)})"
         ) from err
     state = module.state_dict()
     for key in _TORCHSCRIPT_EXTRAS:
@@ -74,12 +74,12 @@ def _torchscript_state_dict(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_backbone(clip: open_clip.CLIP, file: Path) -> tuple[Any, dict[str, torch.Tensor] | None]:
-    """Load `file` into `clip` (strict=False): the mismatched keys, and the file's state dict when read here."""
+    """Load `file` into `clip` (strict=False): the mismatched keys, and the state dict when read here."""
     layout = _torchscript_layout(file)
     if layout is False:
         raise RefusedWeightsError(
-            f"model.pretrained={file}: refused: it holds a TorchScript constants.pkl but no TorchScript code/, so it "
-            "is neither a TorchScript archive nor a plain weights file"
+            f"model.pretrained={file}: refused: it holds a TorchScript constants.pkl but no TorchScript "
+            "code/, so it is neither a TorchScript archive nor a plain weights file"
         )
     if layout:
         state = _torchscript_state_dict(file)
@@ -91,9 +91,10 @@ def _load_backbone(clip: open_clip.CLIP, file: Path) -> tuple[Any, dict[str, tor
     except pickle.UnpicklingError as err:
         # torch's message opens with advice to load the file unsafely instead; the paragraph after it says why
         paragraphs = [part for part in str(err).split("\n\n") if part.strip()]
+        why = _one_line(paragraphs[min(1, len(paragraphs) - 1)])
         raise RefusedWeightsError(
-            f"model.pretrained={file}: refused: its pickle holds more than tensors and plain values, and weights "
-            f"files are read with torch.load(weights_only=True) only ({_one_line(paragraphs[min(1, len(paragraphs) - 1)])})"
+            f"model.pretrained={file}: refused: its pickle holds more than tensors and plain values, and "
+            f"weights files are read with torch.load(weights_only=True) only ({why})"
         ) from err
 
 
@@ -131,7 +132,7 @@ def load_pretrained(model: RetrievalModel, path: str | Path) -> None:
 
 
 def save_weights(model: RetrievalModel, path: str | Path) -> Path:
-    """Write backbone and head weights to a .safetensors file, atomically."""
+    """Write backbone and head weights to a .safetensors file, atomically and durably (`hvd.durable`)."""
     file = Path(path)
     if file.suffix != ".safetensors":
         raise ValueError(
@@ -139,8 +140,6 @@ def save_weights(model: RetrievalModel, path: str | Path) -> Path:
         )
     tensors = {key: value for key, value in model.backbone.clip.state_dict().items()}
     tensors.update({HEAD_PREFIX + key: value for key, value in model.head.state_dict().items()})
-    file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_name(file.name + ".partial")
-    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(partial))
-    os.replace(partial, file)
+    with atomic_file(file, suffix=".partial") as partial:
+        save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(partial))
     return file
