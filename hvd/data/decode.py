@@ -53,6 +53,12 @@ class NotAFileError(VideoDecodeError):
     reason = "not_a_file"
 
 
+class TooLargeVideoError(VideoDecodeError):
+    """More frames, pixels or seconds than `VideoLimits` allow: refused before any frame is decoded."""
+
+    reason = "too_large"
+
+
 class TruncatedVideoError(VideoDecodeError):
     """Decodable frames that cover much less than the container says the video lasts: a cut-off copy."""
 
@@ -80,6 +86,32 @@ class FrameSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """How large a video may be before it is decoded at all: a file's header or timestamps can claim sizes
+    that would make the decoder allocate gigabytes. Not part of the shard identity: changing a limit changes
+    which videos are refused, not the frames of those kept."""
+
+    max_video_frames: int = 1_000_000
+    max_video_pixels: int = 4096 * 4096  # width x height of one frame
+    max_video_duration_s: float = 6 * 3600.0
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> VideoLimits:
+        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
+
+    def check(self, path: Path, key: str, value: float, what: str) -> None:
+        """Refuse the video when `value`, its `what`, exceeds the limit `key` names."""
+        limit = getattr(self, key)
+        if not value <= limit:  # NaN too
+            over = f"its {what} is {_number(value)}, above data.{key}={_number(limit)}"
+            raise TooLargeVideoError(path, f"{over}; refused before decoding")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
 @dataclass
@@ -114,33 +146,45 @@ def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _diagnose(path: Path, decord_error: Exception) -> VideoDecodeError:
-    """decord's open errors say little ("Error reading ..."); PyAV names what is wrong with the file."""
-    try:
-        with av.open(str(path)) as container:
-            kinds = [stream.type for stream in container.streams]
-    except av.FFmpegError as err:
-        return CorruptVideoError(path, f"not a readable media file ({err})")
-    if "video" not in kinds:
-        return NoVideoStreamError(path, f"no video stream (streams: {', '.join(kinds) or 'none'})")
-    return CorruptVideoError(path, f"decord cannot open it ({_last_line(decord_error)})")
+@dataclass
+class _Probe:
+    """What the container says about its first video stream, read without decoding it."""
+
+    width: int
+    height: int
+    frames: int  # 0 where the container does not say
+    duration_s: float | None  # see `_declared_duration_s`
 
 
-def declared_duration_s(path: Path) -> float | None:
+def _declared_duration_s(container: av.container.InputContainer, stream: av.VideoStream) -> float | None:
     """How long the container says the video stream lasts, None where it says nothing.
 
     The stream's own duration (MP4, MPEG-TS), else Matroska's per-stream DURATION tag, else the container's
     duration. A cut-off Matroska file still declares the whole length while decord decodes what is left
     of it; an MPEG-TS file declares nothing but what is there, so a cut there cannot be told.
     """
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        if tag := stream.metadata.get("DURATION"):
-            hours, minutes, seconds = tag.split(":")
-            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-        return container.duration / av.time_base if container.duration else None
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if tag := stream.metadata.get("DURATION"):
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return container.duration / av.time_base if container.duration else None
+
+
+def _probe(path: Path) -> _Probe:
+    """The video stream's declared size; PyAV also names what is wrong with a file no decoder can open."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                kinds = ", ".join(stream.type for stream in container.streams) or "none"
+                raise NoVideoStreamError(path, f"no video stream (streams: {kinds})")
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            return _Probe(codec.width, codec.height, stream.frames, _declared_duration_s(container, stream))
+    except av.FFmpegError as err:
+        if isinstance(err, MemoryError):  # av.error.MemoryError is both: the memory limit, not the file
+            raise
+        raise CorruptVideoError(path, f"not a readable media file ({err})") from None
 
 
 def _last_line(err: Exception) -> str:
@@ -222,8 +266,12 @@ def _read_frames(reader: decord.VideoReader, indices: np.ndarray, path: Path) ->
         return np.stack(frames)
 
 
-def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
-    """Sample, resize and encode `spec.num_frames` frames of one video; every failure is a `VideoDecodeError`."""
+def decode_clip(path: str | Path, spec: FrameSpec, limits: VideoLimits = VideoLimits()) -> DecodedClip:
+    """Sample, resize and encode `spec.num_frames` frames of one video; every failure is a `VideoDecodeError`.
+
+    A video past `limits` is refused from its header, then from decord's frame index and timestamps,
+    before any frame is decoded.
+    """
     path = Path(path)
     if not path.exists():
         raise MissingVideoError(path, "file not found")
@@ -231,16 +279,26 @@ def decode_clip(path: str | Path, spec: FrameSpec) -> DecodedClip:
         raise NotAFileError(path, "not a file (a directory or a device)")
     if path.stat().st_size == 0:
         raise EmptyVideoError(path, "file is empty (0 bytes)")
+    probe = _probe(path)
+    size = f"frame size ({probe.width}x{probe.height})"
+    limits.check(path, "max_video_pixels", probe.width * probe.height, size)
+    limits.check(path, "max_video_frames", probe.frames, "declared frame count")
+    if probe.duration_s is not None:
+        limits.check(path, "max_video_duration_s", probe.duration_s, "declared duration in seconds")
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except (decord.DECORDError, RuntimeError) as err:
-        raise _diagnose(path, err) from None
+        raise CorruptVideoError(path, f"decord cannot open it ({_last_line(err)})") from None
     num_source = len(reader)
     if num_source == 0:
         raise CorruptVideoError(path, "video stream holds no frames")
+    limits.check(path, "max_video_frames", num_source, "frame count in decord's index")
     timestamps = reader.get_frame_timestamp(np.arange(num_source))
+    # What the timestamps span bounds the arrays `fps` sampling sizes from them (one entry per second).
+    span = float(timestamps.max() - timestamps.min())
+    limits.check(path, "max_video_duration_s", span, "timestamps' span in seconds")
     covered = float(timestamps[-1, 1] - timestamps[0, 0])
-    declared = declared_duration_s(path) if spec.min_duration_fraction > 0 else None  # 0: the check is off
+    declared = probe.duration_s if spec.min_duration_fraction > 0 else None  # 0: the check is off
     truncated = declared is not None and covered < spec.min_duration_fraction * declared
     if truncated and not spec.keep_truncated:
         raise TruncatedVideoError(

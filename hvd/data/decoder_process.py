@@ -7,6 +7,11 @@ over pipes; a child that dies is reported as `decoder_crash`, one that runs past
 killed and reported as `timeout`, and the next video gets a fresh child. The child keeps one call queued
 ahead, so it never idles waiting for the task between videos.
 
+The child's address space is capped (`RLIMIT_AS`, `data.decode_memory_mb`) once its imports are done: a file
+that makes the decoder allocate without bound fails that allocation instead of taking the node's memory. A
+`MemoryError` is reported as `out_of_memory` and the child goes on; native code that dies of a failed
+allocation is a `decoder_crash`.
+
 Messages on the pipes are 8-byte lengths followed by pickles. The decode function travels once, by
 value (cloudpickle), so a test or a user can hand in their own.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import select
 import signal
 import struct
@@ -44,7 +50,8 @@ class DecodeFailure:
 
 
 class DecoderStartError(RuntimeError):
-    """The child process could not start: a broken install, not a broken video, so the job stops."""
+    """The child process could not start: a broken install or a memory limit below its imports, not a broken
+    video, so the job stops."""
 
 
 def _write(stream: BinaryIO, message: Any) -> None:
@@ -80,26 +87,32 @@ def _read(fd: int, deadline: float | None = None) -> tuple[bool, Any]:
 
 
 class DecoderProcess:
-    """`decode(path, *args)` run by `fn` in a child process, at most `timeout_s` per call."""
+    """`decode(path, *args)` run by `fn` in a child process, at most `timeout_s` per call; the child's address
+    space is limited to `memory_mb` (None: no limit)."""
 
-    def __init__(self, fn: Callable[..., Any], timeout_s: float):
+    def __init__(self, fn: Callable[..., Any], timeout_s: float, memory_mb: int | None = None):
         self.fn_bytes = cloudpickle.dumps(fn)
         self.timeout_s = timeout_s
+        self.memory_mb = memory_mb
         self.child: subprocess.Popen | None = None
 
     def _start(self) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # OpenBLAS reserves memory per core at import; decoding uses none of it, and under an address-space
+        # limit that reservation would grow with the node's core count.
+        path = os.pathsep.join(p for p in sys.path if p)
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": path}
         child = subprocess.Popen(
             [sys.executable, "-m", "hvd.data.decoder_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
         )
-        _write(child.stdin, self.fn_bytes)
+        _write(child.stdin, (self.fn_bytes, self.memory_mb))
         try:
             ready, message = _read(child.stdout.fileno(), time.monotonic() + _START_TIMEOUT_S)
         except EOFError:
             ready, message = False, None
         if not ready or message != _READY:
             self._stop(child)
-            raise DecoderStartError(f"the decoder process did not start (exit code {child.returncode}); its stderr is above")
+            why = message if isinstance(message, str) else f"exit code {child.returncode}; stderr above"
+            raise DecoderStartError(f"the decoder process did not start ({why})")
         return child
 
     def decode(self, path: str | Path, *args: Any) -> Any:
@@ -145,7 +158,10 @@ class DecoderProcess:
             self.child = None
             code = child.wait()
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            return DecodeFailure("decoder_crash", f"{path}: the decoder process died ({how}) while decoding it")
+            error = f"{path}: the decoder process died ({how}) while decoding it"
+            if self.memory_mb is not None:
+                error += f"; native code past data.decode_memory_mb={self.memory_mb} can die so"
+            return DecodeFailure("decoder_crash", error)
         if not done:
             self.close()
             return DecodeFailure(
@@ -167,13 +183,32 @@ class DecoderProcess:
             self.child = None
 
 
+def _virtual_mb() -> float:
+    """This process's address space now (VmSize), what RLIMIT_AS bounds."""
+    with open(f"/proc/{os.getpid()}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) / 1024
+
+
+def _limit_memory(memory_mb: int) -> str | None:
+    """Cap the address space at `memory_mb`; why not, when the imports alone already take that much."""
+    used = _virtual_mb()
+    if used >= memory_mb:
+        return f"data.decode_memory_mb={memory_mb} is below the {used:.0f} MB the decoder holds after imports"
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return None
+
+
 def _serve() -> None:
     """The child's loop: decode each path it is sent until its input closes."""
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything the decoders print goes to stderr, never into the replies
     requests = sys.stdin.buffer
-    fn = cloudpickle.loads(_read(requests.fileno())[1])
-    _write(replies, _READY)
+    fn_bytes, memory_mb = _read(requests.fileno())[1]
+    fn = cloudpickle.loads(fn_bytes)  # imports the decoder's modules, before the limit
+    refusal = None if memory_mb is None else _limit_memory(memory_mb)
+    _write(replies, refusal or _READY)
+    if refusal:
+        return
     while True:
         try:
             _, (path, args) = _read(requests.fileno())
@@ -181,6 +216,9 @@ def _serve() -> None:
             return
         try:
             _write(replies, ("ok", fn(path, *args)))
+        except MemoryError as err:  # past the address-space limit: this video needs more than the others
+            detail = f"needs more than data.decode_memory_mb={memory_mb} allows ({type(err).__name__}: {err})"
+            _write(replies, ("error", ("out_of_memory", f"{path}: {detail}")))
         except Exception as err:  # any failure of one video is that video's; the child goes on
             _write(replies, ("error", (getattr(err, "reason", type(err).__name__), str(err))))
 

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import ray
 
 from hvd.config import Config, DataConfig
-from hvd.data.decode import DecodedClip, FrameSpec, decode_clip
+from hvd.data.decode import DecodedClip, FrameSpec, VideoLimits, decode_clip
 from hvd.data.decoder_process import DecodeFailure, DecoderProcess
 from hvd.data.folders import STAGING_IDENTITY, exclusive, publish, resumable_staging
 from hvd.data.manifest import (
@@ -87,7 +87,7 @@ QUARANTINE_SCHEMA = pa.schema(
         ("video_id", pa.string()),
         ("split", pa.string()),
         ("path", pa.string()),
-        ("reason", pa.string()),  # missing | not_a_file | empty | no_video_stream | corrupt | truncated | decoder_crash | timeout | <exception type>
+        ("reason", pa.string()),  # missing | not_a_file | empty | no_video_stream | corrupt | truncated | too_large | out_of_memory | decoder_crash | timeout | <exception type>
         ("error", pa.string()),
     ]
 )
@@ -205,17 +205,19 @@ class _Job:
     out: Path  # the staging folder
     spec: FrameSpec
     splits: tuple[str, ...]
-    decode: Callable[[Path, FrameSpec], DecodedClip]
+    decode: Callable[[Path, FrameSpec, VideoLimits], DecodedClip]
     timeout_s: float
     metadata: dict[bytes, bytes]
+    limits: VideoLimits  # not in `spec`: they decide which videos are refused, not the frames of the others
+    memory_mb: int  # each decode child's address space
 
 
-_decoders: dict[tuple[bytes, float], DecoderProcess] = {}  # per Ray worker process, reused by its tasks
+_decoders: dict[tuple[bytes, float, int], DecoderProcess] = {}  # per Ray worker process, reused by its tasks
 
 
 def _worker_decoder(job: _Job) -> DecoderProcess:
-    decoder = DecoderProcess(job.decode, job.timeout_s)
-    return _decoders.setdefault((decoder.fn_bytes, job.timeout_s), decoder)
+    decoder = DecoderProcess(job.decode, job.timeout_s, job.memory_mb)
+    return _decoders.setdefault((decoder.fn_bytes, job.timeout_s, job.memory_mb), decoder)
 
 
 def _part_name(part: int) -> str:
@@ -235,7 +237,7 @@ def _decode_part(part: int, start: int, end: int, job: _Job) -> None:
     marker, written last, says the part is done."""
     entries = read_manifest_range(job.manifest, start, end, job.splits)
     paths = [resolve_video_path(entry, job.manifest) for entry in entries]
-    clips = _worker_decoder(job).map((path, (job.spec,)) for path in paths)
+    clips = _worker_decoder(job).map((path, (job.spec, job.limits)) for path in paths)
     rows = [_row(entry, path, clip, job.spec) for entry, path, clip in zip(entries, paths, clips, strict=True)]
     table = pa.Table.from_pylist(rows, schema=_DECODED_SCHEMA)
     name = _part_name(part)
@@ -291,7 +293,7 @@ def prepare(
     out: Path,
     overwrite: bool = False,
     splits: tuple[str, ...] | None = None,
-    decode: Callable[[Path, FrameSpec], DecodedClip] = decode_clip,
+    decode: Callable[[Path, FrameSpec, VideoLimits], DecodedClip] = decode_clip,
 ) -> PrepareSummary:
     """Decode every video of `manifest` (of `splits` only, when given) once into shards under `out`, each
     by `decode` in a child process; see the module docstring for the layout."""
@@ -310,7 +312,8 @@ def prepare(
         require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
         staging, resumed = resumable_staging(out, identity)
         job = _Job(manifest, staging, spec, tuple(s for s in SPLITS if splits is None or s in splits), decode,
-                   cfg.data.decode_timeout_s, {METADATA_KEY: json.dumps(identity).encode()})
+                   cfg.data.decode_timeout_s, {METADATA_KEY: json.dumps(identity).encode()},
+                   VideoLimits.from_config(cfg.data), cfg.data.decode_memory_mb)
         _decode_missing_parts(index, job, cfg.data, resumed)
         summary = _finish(job, len(index), identity)
         publish(staging, out)
