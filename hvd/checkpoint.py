@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hvd.durable import atomic_file
+
 STATE_FILE = "state.pt"
 
 
@@ -25,21 +27,23 @@ def save_state(
     best_score: float,
     config_yaml: str,
 ) -> Path:
-    """`epoch` is the epoch in progress (finished epochs when saved at an epoch's end)."""
+    """`epoch` is the epoch in progress (finished epochs when saved at an epoch's end). The file is whole and
+    on disk before it has its name (`hvd.durable`)."""
     path = Path(directory) / STATE_FILE
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "epoch": epoch,
-            "best_score": best_score,
-            "torch_rng": torch.get_rng_state(),
-            "config_yaml": config_yaml,
-        },
-        path,
-    )
+    with atomic_file(path) as partial:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "best_score": best_score,
+                "torch_rng": torch.get_rng_state(),
+                "config_yaml": config_yaml,
+            },
+            partial,
+        )
     return path
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hvd.config import Config, ConfigError, describe, load_config
+from hvd.stopping import received_signal, stop_on_signals
 from hvd.worker_setup import VERBOSE_ENV
 
 
@@ -47,6 +49,19 @@ def parse_args(
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return cfg, args
+
+
+def run_pipeline(main: Callable[[list[str]], None]) -> None:
+    """Run a pipeline's `main` on the command line: SIGTERM and SIGINT raise KeyboardInterrupt, so the MLflow
+    run it opened ends KILLED and its locks and Ray are released on the way out; it then exits 128 + the
+    signal's number with one line instead of a traceback."""
+    stop_on_signals()
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        signum = received_signal() or signal.SIGINT
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -13,11 +13,16 @@ import json
 import math
 import os
 import shlex
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
 
 import mlflow
 import torch
@@ -34,7 +39,9 @@ from mlflow.utils.mlflow_tags import (
 
 from hvd import mlflow_flavor
 from hvd.config import Config, flatten, to_yaml
+from hvd.data.folders import LockHeld, exclusive, hold
 from hvd.paths import resolve_tracking_uri
+from hvd.stopping import stopped
 from hvd.worker_setup import verbose
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -169,30 +176,130 @@ def config_differences(logged: dict[str, str], cfg: Config) -> list[str]:
             if logged.get(key, defaults[key]) != value]
 
 
+class RunBusy(RuntimeError):
+    """The run `run.resume=auto` would resume is being trained by another live driver; the message names it."""
+
+
+DRIVER_LOCK = ".driver.lock"  # in the run's Ray storage folder, held by the driver training the run
+DRIVER_TAG = "driver"  # "pid N on HOST since ...": the driver that last trained the run
+HEARTBEAT_TAG = "driver_heartbeat"  # seconds since the epoch, refreshed while a driver trains (non-local storage)
+HEARTBEAT_S = 30.0
+HEARTBEAT_STALE_S = 3 * HEARTBEAT_S  # older than this, the driver is taken for dead
+
+
+def ray_name(run_name: str, run_id: str) -> str:
+    """Ray Train's name for an MLflow run, its folder under `train.storage_path`: one Ray run per MLflow run."""
+    return f"{run_name}-{run_id[:8]}"
+
+
+def _local_storage(storage: str) -> Path | None:
+    """`train.storage_path` as a local folder, None for a URI (`s3://...`) that `flock` cannot lock."""
+    parsed = urlparse(storage)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    return Path(storage) if not parsed.scheme else None
+
+
+class _Lease(Protocol):
+    def release(self) -> None: ...
+
+
+class _FileLease:
+    """An exclusive `flock` on the run's lock file: the kernel drops it when the driver dies, however it dies."""
+
+    def __init__(self, lock: Path, run_name: str, run_id: str):
+        try:
+            self.file = hold(lock)
+        except LockHeld as held:
+            raise RunBusy(_busy(run_name, run_id, f"{held}; lock {lock}")) from None
+
+    def release(self) -> None:
+        self.file.close()
+
+
+class _Heartbeat:
+    """A heartbeat tag on the run, refreshed from a daemon thread, where storage is not a local folder; a
+    driver killed outright stops beating, and its run is free again after `HEARTBEAT_STALE_S`."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.stop = threading.Event()
+        thread = threading.Thread(target=self._beat, args=(client, run_id), name="hvd-run-heartbeat", daemon=True)
+        thread.start()
+
+    def _beat(self, client: MlflowClient, run_id: str) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a beat lost to the network is retried at the next one
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+
+    def release(self) -> None:
+        self.stop.set()
+
+
+_leases: dict[str, _Lease] = {}  # run id -> this process's claim to drive it, released by `finish_run`
+
+
+def _busy(run_name: str, run_id: str, holder: str) -> str:
+    return (f"run.name={run_name}: its unfinished MLflow run {run_id} is being trained right now by another driver "
+            f"({holder}). Resuming it would make two drivers write one run: wait for that driver to end, stop it "
+            "(SIGTERM ends its run KILLED), or pass run.resume=never (or another run.name) to start a new run")
+
+
+def _driver_tags(heartbeat: bool) -> dict[str, str]:
+    tags = {DRIVER_TAG: f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"}
+    return tags | ({HEARTBEAT_TAG: f"{time.time():.0f}"} if heartbeat else {})
+
+
+def _lease(client: MlflowClient, cfg: Config, run: Any, storage: Path | None, new: bool) -> _Lease:
+    """Claim the run for this driver until `finish_run`, or raise `RunBusy` naming the live driver that has it."""
+    run_id = run.info.run_id
+    if storage is not None:
+        return _FileLease(storage / ray_name(cfg.run.name, run_id) / DRIVER_LOCK, cfg.run.name, run_id)
+    age = time.time() - float(run.data.tags.get(HEARTBEAT_TAG, 0))
+    if not new and run.info.status == "RUNNING" and age < HEARTBEAT_STALE_S:
+        driver = run.data.tags.get(DRIVER_TAG, "a driver")
+        raise RunBusy(_busy(cfg.run.name, run_id, f"{driver}, heartbeat {age:.0f} s ago"))
+    return _Heartbeat(client, run_id)
+
+
 def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput | None = None) -> TrackedRun:
     """The unfinished run named `cfg.run.name` if there is one and it started with this config (a resume),
     else a new run with params, `tags` and the benchmark as its dataset input. `run.resume=never` always
-    starts a new run; an unfinished run with other settings is refused, never resumed under them."""
+    starts a new run; an unfinished run with other settings is refused, never resumed under them, and so is
+    one that another live driver is training (`RunBusy`).
+
+    The driver keeps the run until `finish_run`: with local `train.storage_path`, by an exclusive lock on
+    `DRIVER_LOCK` in the run's Ray storage folder (choosing a run and locking it happen under a lock of
+    the run name, so two drivers starting at once cannot both take one run); with a URI, by a heartbeat tag.
+    """
     client = MlflowClient(tracking_uri(cfg))
     experiment = experiment_id(client, cfg.tracking.experiment)
-    unfinished = [] if cfg.run.resume == "never" else client.search_runs(
-        [experiment],
-        filter_string=f"tags.mlflow.runName = '{cfg.run.name}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if unfinished:
-        run = unfinished[0]
-        if differing := config_differences(run.data.params, cfg):
-            raise RunConfigMismatch(
-                f"run.name={cfg.run.name}: its unfinished MLflow run {run.info.run_id} ({run.info.status}) started "
-                f"with other settings ({'; '.join(differing)}). Resuming it would train with one config while MLflow "
-                "records another: run it with its own settings to resume it, or pass run.resume=never (or another "
-                "run.name) to start a new run"
-            )
-        client.update_run(run.info.run_id, status="RUNNING")
-        return TrackedRun(run.info.run_id, experiment, resumed=True)
-    run = client.create_run(experiment, run_name=cfg.run.name, tags=tags)
+    storage = _local_storage(cfg.train.storage_path)
+    choosing = exclusive(storage / cfg.run.name, "driver choosing a run") if storage else contextlib.nullcontext()
+    with choosing:
+        unfinished = [] if cfg.run.resume == "never" else client.search_runs(
+            [experiment],
+            filter_string=f"tags.mlflow.runName = '{cfg.run.name}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if unfinished:
+            run = unfinished[0]
+            lease = _lease(client, cfg, run, storage, new=False)
+            if differing := config_differences(run.data.params, cfg):
+                lease.release()
+                raise RunConfigMismatch(
+                    f"run.name={cfg.run.name}: its unfinished MLflow run {run.info.run_id} ({run.info.status}) started "
+                    f"with other settings ({'; '.join(differing)}). Resuming it would train with one config while "
+                    "MLflow records another: run it with its own settings to resume it, or pass run.resume=never (or "
+                    "another run.name) to start a new run"
+                )
+            client.update_run(run.info.run_id, status="RUNNING")
+            for key, value in _driver_tags(storage is None).items():
+                client.set_tag(run.info.run_id, key, value)
+            _leases[run.info.run_id] = lease
+            return TrackedRun(run.info.run_id, experiment, resumed=True)
+        run = client.create_run(experiment, run_name=cfg.run.name, tags={**tags, **_driver_tags(storage is None)})
+        _leases[run.info.run_id] = _lease(client, cfg, run, storage, new=True)
     if dataset is not None:
         client.log_inputs(run.info.run_id, datasets=[dataset])
     log_params(client, run.info.run_id, flatten(cfg))
@@ -201,8 +308,17 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput
 
 
 def finish_run(uri: str, run_id: str, failed: bool = False) -> None:
-    status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-    MlflowClient(uri).set_terminated(run_id, status=status)
+    """End a run FINISHED, or with `failed` FAILED, or KILLED when called while handling what a stop signal
+    raises (`hvd.stopping`: every `except BaseException` that closes a run then records why it ended). Frees
+    the run for the next driver."""
+    error = sys.exception()
+    status = RunStatus.KILLED if failed and error is not None and stopped(error) else (
+        RunStatus.FAILED if failed else RunStatus.FINISHED)
+    try:
+        MlflowClient(uri).set_terminated(run_id, status=RunStatus.to_string(status))
+    finally:
+        if (lease := _leases.pop(run_id, None)) is not None:
+            lease.release()
 
 
 class MetricLogger:

@@ -33,9 +33,7 @@ eval.benchmark, else the manifest's folder name) tagged with model_name, model_v
 
 from __future__ import annotations
 
-import sys
-
-from hvd.cli import add_job_flags, fail, parse_args
+from hvd.cli import add_job_flags, fail, parse_args, run_pipeline
 from hvd.data.prepare import PrepareError
 from hvd.eval.job import evaluate, summary_text
 from hvd.eval.source import ModelSourceError
@@ -53,4 +51,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

@@ -16,9 +16,7 @@ and stage 1 from it instead of encoding them, and `pipelines/search.py` searches
 
 from __future__ import annotations
 
-import sys
-
-from hvd.cli import add_job_flags, fail, parse_args
+from hvd.cli import add_job_flags, fail, parse_args, run_pipeline
 from hvd.data.prepare import PrepareError
 from hvd.eval.index_job import IndexOutcome, build_index
 from hvd.eval.source import ModelSourceError
@@ -50,4 +48,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

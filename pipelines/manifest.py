@@ -6,9 +6,8 @@ python pipelines/manifest.py msrvtt --annotations DIR --videos DIR --out FILE.js
 from __future__ import annotations
 
 import argparse
-import sys
 
-from hvd.cli import fail
+from hvd.cli import fail, run_pipeline
 from hvd.data.importers import IMPORTERS, BenchmarkError, describe_importers, import_benchmark
 
 
@@ -55,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

@@ -11,10 +11,9 @@ video at all was written.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from hvd.cli import fail, parse_args
+from hvd.cli import fail, parse_args, run_pipeline
 from hvd.data.prepare import QUARANTINE_FILE, PrepareError, prepare
 
 
@@ -47,4 +46,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

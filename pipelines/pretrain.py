@@ -10,12 +10,10 @@ fingerprint of its settings. `pipelines/train.py` does the same first when `mode
 
 from __future__ import annotations
 
-import sys
-
-from hvd.cli import fail, parse_args
+from hvd.cli import fail, parse_args, run_pipeline
 from hvd.data.prepare import PrepareError
 from hvd.data.shards import ShardError
-from hvd.tracking import RunConfigMismatch
+from hvd.tracking import RunBusy, RunConfigMismatch
 from hvd.train.trainer import TrainingFailed
 from hvd.train.warm_start import pretrain
 
@@ -26,10 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         weights = pretrain(cfg)
-    except (TrainingFailed, PrepareError, RunConfigMismatch, ShardError) as err:  # each says what to do
+    except (TrainingFailed, PrepareError, RunConfigMismatch, RunBusy, ShardError) as err:  # each says what to do
         fail(str(err))
     print(f"\nload it with    model.pretrained={weights}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
-from hvd.cli import fail, parse_args
+from hvd.cli import fail, parse_args, run_pipeline
 from hvd.config import Config
 from hvd.eval import plots
 from hvd.eval.gallery_index import GalleryIndex
@@ -90,4 +89,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

@@ -15,11 +15,10 @@ finished trials onto its parent run again, running nothing.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mlflow.tracking import MlflowClient
 
-from hvd.cli import parse_args
+from hvd.cli import parse_args, run_pipeline
 from hvd.tracking import tracking_uri, ui_command
 from hvd.train.study import GRIDS, report, run_study, summary_table
 
@@ -45,4 +44,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
 
-from hvd.cli import parse_args
+from hvd.cli import parse_args, run_pipeline
 from hvd.data.manifest import read_manifest
 from hvd.data.synthetic import generate, read_ceiling
 
@@ -42,4 +41,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

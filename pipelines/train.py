@@ -8,14 +8,13 @@ With no arguments it runs the embedded default end to end on the synthetic demo 
 
 from __future__ import annotations
 
-import sys
 import time
 
-from hvd.cli import fail, parse_args
+from hvd.cli import fail, parse_args, run_pipeline
 from hvd.data.prepare import PrepareError
 from hvd.data.shards import ShardError
 from hvd.eval.metrics import NonFiniteScores
-from hvd.tracking import NonFiniteModel, RunConfigMismatch, ui_command
+from hvd.tracking import NonFiniteModel, RunBusy, RunConfigMismatch, ui_command
 from hvd.train.fit import fit
 from hvd.train.trainer import TrainingFailed
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         outcome = fit(cfg)
-    except (TrainingFailed, PrepareError, RunConfigMismatch, ShardError, NonFiniteModel, NonFiniteScores) as err:
+    except (TrainingFailed, PrepareError, RunConfigMismatch, RunBusy, ShardError, NonFiniteModel, NonFiniteScores) as err:
         fail(str(err))
     model = outcome.model
     print(f"\nMLflow run      {outcome.run_id}")
@@ -45,4 +44,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_pipeline(main)

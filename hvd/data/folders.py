@@ -15,15 +15,51 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from hvd.durable import fsync_path, write_text
+from hvd.durable import publish as publish_durably
 
 STAGING_IDENTITY = "_identity.json"  # in a resumable staging folder: what its contents were made for
 
 
 def _sibling(folder: Path, suffix: str) -> Path:
     return folder.parent / f".{folder.name}.{suffix}"
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; the message says which (pid, host, since when)."""
+
+
+def _sign(file: TextIO) -> None:
+    """Write who holds the lock into its file, for whoever finds it held."""
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    file.flush()
+
+
+def _holder(file: TextIO) -> str:
+    file.seek(0)
+    return file.read().strip() or "another process"
+
+
+def hold(lock: Path) -> TextIO:
+    """The exclusive lock on file `lock`, taken now or refused with `LockHeld`: held until the returned file
+    is closed or this process dies (the kernel releases `flock` locks of dead processes)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    file = open(lock, "a+")  # noqa: SIM115 - the open file is the lock, closed by the caller
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(file)
+        file.close()
+        raise LockHeld(holder) from None
+    _sign(file)
+    return file
 
 
 @contextlib.contextmanager
@@ -39,14 +75,9 @@ def exclusive(folder: Path, what: str = "writer") -> Iterator[None]:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            print(f"{folder}: waiting for the {what} that holds it ({holder}) to finish", flush=True)
+            print(f"{folder}: waiting for the {what} that holds it ({_holder(file)}) to finish", flush=True)
             fcntl.flock(file, fcntl.LOCK_EX)
-        file.seek(0)
-        file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        file.flush()
+        _sign(file)
         try:
             yield
         finally:
@@ -64,29 +95,34 @@ def fresh_staging(folder: Path) -> Path:
     return staging
 
 
-def resumable_staging(folder: Path, identity: dict[str, Any]) -> tuple[Path, bool]:
+def resumable_staging(folder: Path, identity: dict[str, Any], resume: bool = True) -> tuple[Path, bool]:
     """A hidden sibling to build `folder` in, and whether it resumes an interrupted run: one made for the
-    same `identity` is kept as it is, any other leftover removed. Call while holding `exclusive(folder)`."""
+    same `identity` is kept as it is unless `resume` is false, any other leftover removed. Call while
+    holding `exclusive(folder)`."""
     staging = _sibling(folder, "partial")
     stamp = staging / STAGING_IDENTITY
-    if stamp.is_file() and json.loads(stamp.read_text()) == identity:
+    same = stamp.is_file() and json.loads(stamp.read_text()) == identity
+    if same and resume:
         return staging, True
     if staging.exists():
-        print(f"{folder}: removing what an interrupted run with other settings left in {staging.name}", flush=True)
+        why = "overwrite: starting from the beginning" if same else "it had other settings"
+        print(f"{folder}: removing what an interrupted run left in {staging.name} ({why})", flush=True)
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    stamp.write_text(json.dumps(identity) + "\n")
+    fsync_path(staging.parent)
+    write_text(stamp, json.dumps(identity) + "\n")
     return staging, False
 
 
 def publish(staging: Path, folder: Path) -> None:
-    """Put the finished `staging` folder in place of `folder`, replacing whatever `folder` held."""
+    """Put the finished `staging` folder in place of `folder`, replacing whatever `folder` held; every file
+    in it reaches the disk before the rename does (`hvd.durable`)."""
     if folder.exists():
         replaced = _sibling(folder, "replaced")
         if replaced.exists():
             shutil.rmtree(replaced)
         os.rename(folder, replaced)
-        os.rename(staging, folder)
+        publish_durably(staging, folder)
         shutil.rmtree(replaced)
     else:
-        os.rename(staging, folder)
+        publish_durably(staging, folder)

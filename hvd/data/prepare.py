@@ -51,6 +51,7 @@ from hvd.data.manifest import (
     resolve_video_path,
 )
 from hvd.data.shards import SUMMARY_FILE
+from hvd.durable import atomic_file, write_text
 from hvd.paths import require_shared_paths
 from hvd.reaper import watch_descendants
 from hvd.worker_setup import quiet_logs, runtime_env, verbose
@@ -225,11 +226,10 @@ def _part_name(part: int) -> str:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    """A file that is whole or absent: a task killed mid-write leaves only a `.tmp` that resume ignores."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    pq.write_table(table, partial)
-    os.replace(partial, path)
+    """A file that is whole or absent, on disk before its name is (`hvd.durable`): a task killed mid-write
+    leaves only a `.tmp` that resume ignores."""
+    with atomic_file(path) as partial:
+        pq.write_table(table, partial)
 
 
 def _decode_part(part: int, start: int, end: int, job: _Job) -> None:
@@ -246,9 +246,7 @@ def _decode_part(part: int, start: int, end: int, job: _Job) -> None:
         if shard.num_rows:
             _write_atomic(shard.replace_schema_metadata(job.metadata), job.out / split / f"{name}.parquet")
     _write_atomic(_quarantine_rows(table), job.out / PARTS / f"{name}.parquet")
-    marker = job.out / PARTS / f"{name}.done"
-    marker.with_name(marker.name + ".tmp").write_text(f"{len(entries)}\n")
-    os.replace(marker.with_name(marker.name + ".tmp"), marker)
+    write_text(job.out / PARTS / f"{name}.done", f"{len(entries)}\n")
 
 
 def decode_parts(batch: dict[str, np.ndarray], job: _Job) -> dict[str, np.ndarray]:
@@ -310,7 +308,7 @@ def prepare(
             return previous
         ensure_ray()
         require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
-        staging, resumed = resumable_staging(out, identity)
+        staging, resumed = resumable_staging(out, identity, resume=not overwrite)
         job = _Job(manifest, staging, spec, tuple(s for s in SPLITS if splits is None or s in splits), decode,
                    cfg.data.decode_timeout_s, {METADATA_KEY: json.dumps(identity).encode()},
                    VideoLimits.from_config(cfg.data), cfg.data.decode_memory_mb)
@@ -327,11 +325,11 @@ def _decode_missing_parts(index: ManifestIndex, job: _Job, data: DataConfig, res
         per_part = json.loads(plan.read_text())["videos_per_part"]
     else:  # at least two parts per concurrent task, so the last parts do not run alone
         per_part = min(data.shard_videos, math.ceil(len(index) / (2 * data.decode_concurrency)))
-        plan.write_text(json.dumps({"videos_per_part": per_part}) + "\n")
+        write_text(plan, json.dumps({"videos_per_part": per_part}) + "\n")
     ranges = index.ranges(per_part)
-    done = {int(marker.name.split("-")[1].split(".")[0]) for marker in (job.out / PARTS).glob("part-*.done")}
     for leftover in job.out.rglob("*.tmp"):  # a task killed mid-write
         leftover.unlink()
+    done = _verified_parts(job, [min(per_part, len(index) - part * per_part) for part in range(len(ranges))])
     if resumed:
         print(f"{job.out.name}: resuming an interrupted run, {len(done)} of {len(ranges)} parts already written", flush=True)
     todo = [{"part": part, "start": start, "end": end} for part, (start, end) in enumerate(ranges) if part not in done]
@@ -357,6 +355,42 @@ def _decode_missing_parts(index: ManifestIndex, job: _Job, data: DataConfig, res
             last_report = time.monotonic()
             rate = count * per_part / (last_report - started)
             print(f"{job.out.name}: {len(done) + count} of {len(ranges)} parts written, about {rate:.1f} videos/s", flush=True)
+
+
+def _verified_parts(job: _Job, videos: list[int]) -> set[int]:
+    """The parts marked done whose files hold them whole: every parquet footer reads and their rows add up
+    to the part's `videos`. A part that fails (a file damaged by a power loss or a disk error) is removed,
+    saying so, to be decoded again: otherwise every re-run would fail on it."""
+    done = set()
+    for marker in sorted((job.out / PARTS).glob("part-*.done")):
+        part = int(marker.name.split("-")[1].split(".")[0])
+        name = _part_name(part)
+        files = [job.out / PARTS / f"{name}.parquet", *(job.out / split / f"{name}.parquet" for split in job.splits)]
+        problem = _part_problem(marker, files, videos[part]) if part < len(videos) else "not in the plan"
+        if problem is None:
+            done.add(part)
+            continue
+        print(f"{job.out.name}: part {part} failed verification ({problem}); decoding it again", flush=True)
+        for path in (marker, *files):
+            path.unlink(missing_ok=True)
+    return done
+
+
+def _part_problem(marker: Path, files: list[Path], videos: int) -> str | None:
+    """What is wrong with a done part's files, or None."""
+    try:
+        count = int(marker.read_text())
+    except ValueError:
+        return f"its marker {marker.name} is unreadable"
+    if count != videos:
+        return f"its marker says {count} videos where the part has {videos}"
+    rows = 0
+    for path in (path for path in files if path.is_file()):
+        try:
+            rows += pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as err:
+            return f"{path.parent.name}/{path.name} is unreadable: {err}"
+    return None if rows == count else f"{rows} rows on disk where its marker says {count}"
 
 
 def _finish(job: _Job, expected: int, identity: dict[str, Any]) -> PrepareSummary:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from hvd.config import IndexConfig
+from hvd.durable import publish
 from hvd.model import VideoFeatures
 
 META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE = "index.json", "video_ids.parquet", "features.safetensors", "stage1.faiss"
@@ -146,7 +147,8 @@ def write_index(
     folder: Path, video_ids: list[str], video: VideoFeatures, embeddings: Tensor, cfg: IndexConfig,
     meta: dict[str, Any],
 ) -> GalleryIndex:
-    """Write the index files into `folder` (created; a partial write is left under `<folder>.tmp`)."""
+    """Write the index files into `folder` (created; a partial write is left under `<folder>.tmp`), each on
+    disk before the folder has its name (`hvd.durable`)."""
     if not (len(video_ids) == len(video) == len(embeddings)):
         raise ValueError(f"{len(video_ids)} video ids, {len(video)} feature rows, {len(embeddings)} embeddings")
     staging = folder.with_name(folder.name + ".tmp")
@@ -168,5 +170,5 @@ def write_index(
         "features_bytes": os.path.getsize(staging / FEATURES_FILE),
     }
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    staging.rename(folder)
+    publish(staging, folder)
     return GalleryIndex.open(folder)

@@ -21,6 +21,7 @@ from hvd.eval.index_registry import ARTIFACT_PATH, index_tag, link_index
 from hvd.eval.job import JobInputs, open_job, ready_shards
 from hvd.eval.report import finish_eval_run, start_eval_run
 from hvd.model import RetrievalModel, VideoFeatures
+from hvd.stopping import stop_on_signals
 from hvd.tracking import finish_run, run_url
 
 EMBEDDING_CHUNK = 4096  # videos per first-stage embedding call
@@ -50,6 +51,7 @@ def build_index(cfg: Config, model_uri: str, manifest: Path | None = None, shard
     cfg, source = job.cfg, job.source
     tags = job.tags("index", f"Gallery index of the {cfg.eval.split} split of {job.benchmark} for "
                              f"{source.name} version {source.version} ({cfg.model.head} head).")
+    stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     run = start_eval_run(job.tracking_uri, cfg, f"{source.label}-index", tags, {"eval.model": model_uri},
                          job.dataset())
     try:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from hvd.config import Config
 from hvd.data.shards import shard_summary
+from hvd.durable import publish
 from hvd.eval.gallery_index import GalleryIndex
 from hvd.eval.source import ModelSource
 from hvd.tracking import active_tracking_uri
@@ -62,7 +63,7 @@ def open_index(location: str, cfg: Config, tracking_uri: str) -> GalleryIndex:
         staging.mkdir(parents=True)
         with active_tracking_uri(tracking_uri):
             downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging))
-        Path(downloaded).rename(folder)
+        publish(downloaded, folder)
         shutil.rmtree(staging)
     return GalleryIndex.open(folder)
 

@@ -39,6 +39,7 @@ from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, build_tokenizer
 from hvd.paths import require_shared_paths, resolve_path
+from hvd.stopping import stop_on_signals
 from hvd.tracking import active_tracking_uri, benchmark_input, finish_run, run_url, source_tags, tracking_uri
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
@@ -257,6 +258,7 @@ def evaluate(
     tags = job.tags("evaluation", f"{source.name} version {source.version} ({cfg.model.head} head) on the "
                     f"{cfg.eval.split} split of {job.benchmark}, {cfg.eval.mode} scoring.")
     tags |= {"mode": cfg.eval.mode, "metric_conventions": METRIC_CONVENTIONS}
+    stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     run = start_eval_run(job.tracking_uri, cfg, f"{source.label}-{cfg.eval.mode}", tags,
                          {"eval.model": model_uri}, job.dataset())
     try:

@@ -28,11 +28,14 @@ from hvd.data.synthetic import generate, read_ceiling
 from hvd.eval.encode import evaluate_split
 from hvd.model import RetrievalModel, build_model, build_tokenizer
 from hvd.paths import require_shared_paths
+from hvd.stopping import stop_on_signals
 from hvd.tracking import (
     RegisteredModel,
+    TrackedRun,
     benchmark_input,
     finish_run,
     log_metrics,
+    ray_name,
     register_model,
     run_url,
     source_tags,
@@ -143,12 +146,25 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
     )
     tags = {"dataset_fingerprint": digest, "head": cfg.model.head, "preset": cfg.model.preset,
             "val_split": val_split, **source_tags(description), **(tags or {})}
+    stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, data.source, splits, "train"))
+    try:
+        return _train_in_run(cfg, data, tracked, splits, val_split, steps)
+    except BaseException:
+        finish_run(tracking_uri(cfg), tracked.run_id, failed=True)  # or KILLED: the same command resumes it
+        raise
+
+
+def _train_in_run(
+    cfg: Config, data: TrainingData, tracked: TrackedRun, splits: dict[str, int], val_split: str, steps: int
+) -> TrainOutcome:
+    """Fit, test and register in the open MLflow run `tracked`, and end it FINISHED."""
+    shards = data.shards
     uri = tracking_uri(cfg)
     how = f"resumed: the unfinished run named {cfg.run.name}, from its last checkpoint" if tracked.resumed else "new"
     print(f"MLflow run {tracked.run_id} ({how}) at {uri}", flush=True)
     storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
-    ray_run_name = f"{cfg.run.name}-{tracked.run_id[:8]}"  # one Ray run per MLflow run: resume finds both
+    ray_run_name = ray_name(cfg.run.name, tracked.run_id)  # one Ray run per MLflow run: resume finds both
 
     # Ray Train also copies each print of a worker to its logger, so every line would reach the terminal twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -186,16 +202,12 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
     fit_started_ms = int(time.time() * 1000)
     try:
         result = trainer.fit()
-    except TrainingFailedError as err:
-        finish_run(uri, tracked.run_id, failed=True)  # FAILED, not FINISHED: the same command resumes it
+    except TrainingFailedError as err:  # `train` marks the run FAILED
         raise TrainingFailed(
             f"training failed: {failure_summary(err)}.\n"
             f"MLflow run {tracked.run_id} is marked FAILED; every worker's full log is under {ray_log_dir()}.\n"
             f"The same command (run.name={cfg.run.name}) resumes it from its last checkpoint."
         ) from err
-    except BaseException:
-        finish_run(uri, tracked.run_id, failed=True)
-        raise
 
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1].get(SCORE_KEY, -1.0))
     with best_checkpoint.as_directory() as directory:

@@ -18,6 +18,7 @@ from hvd.config import WARM_START, Config
 from hvd.data.prepare import ensure_ray
 from hvd.data.stills import digest, stills_identity, write_stills
 from hvd.data.synthetic import Settings, resolve
+from hvd.durable import write_text
 from hvd.model import save_weights
 from hvd.model.presets import preset_config
 from hvd.paths import require_shared_paths
@@ -90,7 +91,7 @@ def pretrain(cfg: Config) -> Path:
     outcome = train(run_cfg, TrainingData(stills, f"synthetic-stills-{settings.frame_size}px", fingerprint, str(stills)))
     save_weights(outcome.network, weights)
     model_uri = f"models:/{outcome.model.name}/{outcome.model.version}"
-    record.write_text(json.dumps({"model_uri": model_uri, "run_id": outcome.run_id, "val": outcome.val}, indent=2) + "\n")
+    write_text(record, json.dumps({"model_uri": model_uri, "run_id": outcome.run_id, "val": outcome.val}, indent=2) + "\n")
     print(f"warm start      {weights} ({model_uri}: val stills t2i R@1 {outcome.val.get('t2v/R1', float('nan')):.1f})",
           flush=True)
     return weights
