@@ -1,27 +1,38 @@
 """The `hvd` MLflow model flavor: a logged model is tensors and YAML, and loading one never unpickles.
 
 MLflow's PyTorch flavor pickles the module, and unpickling runs whatever code the file names: a model
-version planted in a shared registry (an MLflow server has no authentication of its own) would run on
-every machine that evaluates it. A model in this flavor is the `RetrievalModel` state dict as
-safetensors plus the resolved training config; `load_model` reads those two files and nothing else, and
-refuses a model stored any other way with a message that says why.
+version planted in a shared registry would run on every machine that evaluates it. A model in this
+flavor is the `RetrievalModel` state dict as safetensors plus the resolved training config; `load_model`
+reads those two files and nothing else, and refuses a model stored any other way with a message that
+says why.
+
+Whoever can write the artifact store (a bucket, a shared folder) can still swap one model's weights for
+other valid ones. So `log_model` records each file's sha256 as a tag of the logged model, in the
+tracking store, and `load_model` refuses files whose hash is not the recorded one. A model logged before
+hashes were recorded has no such tags: it loads, with a warning that its files went unchecked.
 
 The logged model's folder:
-    MLmodel              flavors.hvd: the format, the two file names, the hvd version that wrote them
+    MLmodel              flavors.hvd: the format, the two file names and their sha256, the hvd version
+                         that wrote them (the hashes that count are the logged model's tags)
     model.safetensors    backbone and head weights
     config.yaml          the training config: which preset and head to build, how frames were sampled
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import LoggedModel
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
+from mlflow.store.artifact.utils.models import get_model_name_and_version
+from mlflow.tracking import MlflowClient
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -32,10 +43,31 @@ FLAVOR = "hvd"
 FORMAT = "safetensors"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+HASH_TAG = "sha256."  # logged-model tags sha256.model.safetensors and sha256.config.yaml
 
 
 class ModelFormatError(ValueError):
-    """A logged model that is not in the hvd flavor, or whose files do not make a model; names the URI."""
+    """A logged model that is not in the hvd flavor, whose files do not make a model, or whose files are not
+    the ones logged; names the URI."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def changed_files(files: dict[str, Path], recorded: dict[str, str]) -> list[str]:
+    """`NAME: sha256 X when logged, Y now` for each file whose content is not the recorded one; a file with
+    no record, or none on disk, counts as changed."""
+    changed = []
+    for name, path in files.items():
+        found = sha256_file(path) if path.is_file() else "no such file"
+        if recorded.get(name) != found:
+            changed.append(f"{name}: sha256 {recorded.get(name, '(none recorded)')} when logged, {found} now")
+    return changed
 
 
 def save_model(model: RetrievalModel, cfg: Config, path: str, mlflow_model: Model | None = None) -> None:
@@ -45,25 +77,43 @@ def save_model(model: RetrievalModel, cfg: Config, path: str, mlflow_model: Mode
     save_file({key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
               str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(to_yaml(cfg))
+    hashes = {name: sha256_file(folder / name) for name in (WEIGHTS_FILE, CONFIG_FILE)}
     mlflow_model = mlflow_model or Model()
-    mlflow_model.add_flavor(FLAVOR, format=FORMAT, weights=WEIGHTS_FILE, config=CONFIG_FILE, hvd_version=version("hvd"))
+    mlflow_model.add_flavor(FLAVOR, format=FORMAT, weights=WEIGHTS_FILE, config=CONFIG_FILE, sha256=hashes,
+                            hvd_version=version("hvd"))
     mlflow_model.save(str(folder / MLMODEL_FILE_NAME))
 
 
 def log_model(model: RetrievalModel, cfg: Config, registered_model_name: str) -> ModelInfo:
-    """Log the model to the active run as `model` and register it as a new version of `registered_model_name`."""
-    return Model.log(artifact_path=None, name="model", flavor=sys.modules[__name__], flavor_name=FLAVOR, model=model, cfg=cfg,
-                     registered_model_name=registered_model_name)
+    """Log the model to the active run as `model`, register it as a new version of `registered_model_name`,
+    and tag the logged model with its files' sha256 (see the module's docstring)."""
+    info = Model.log(artifact_path=None, name="model", flavor=sys.modules[__name__], flavor_name=FLAVOR,
+                     model=model, cfg=cfg, registered_model_name=registered_model_name)
+    tags = {HASH_TAG + name: digest for name, digest in info.flavors[FLAVOR]["sha256"].items()}
+    MlflowClient().set_logged_model_tags(info.model_id, tags)
+    return info
 
 
 def load_model(model_uri: str) -> tuple[RetrievalModel, Config]:
-    """The model at `model_uri` (any MLflow model URI) in eval mode, and its training config."""
+    """The model at `model_uri` (any MLflow model URI) in eval mode, and its training config; refused when
+    the tracking store records other sha256 for its files than the artifact store now holds."""
+    logged = _logged_model(model_uri)
+    source = logged.artifact_location if logged else model_uri  # the files of the model the store names
+    tags = logged.tags if logged else {}
+    recorded = {key.removeprefix(HASH_TAG): value for key, value in tags.items() if key.startswith(HASH_TAG)}
     with tempfile.TemporaryDirectory() as tmp:
-        flavor = _hvd_flavor(model_uri, tmp)
+        flavor = _hvd_flavor(model_uri, source, tmp)
         if flavor.get("format") != FORMAT or flavor.get("weights") != WEIGHTS_FILE or flavor.get("config") != CONFIG_FILE:
             raise ModelFormatError(f"{model_uri}: its hvd flavor names other files or formats than hvd writes: {flavor}")
-        weights = mlflow.artifacts.download_artifacts(f"{model_uri}/{WEIGHTS_FILE}", dst_path=tmp)
-        config = mlflow.artifacts.download_artifacts(f"{model_uri}/{CONFIG_FILE}", dst_path=tmp)
+        weights = mlflow.artifacts.download_artifacts(f"{source}/{WEIGHTS_FILE}", dst_path=tmp)
+        config = mlflow.artifacts.download_artifacts(f"{source}/{CONFIG_FILE}", dst_path=tmp)
+        if not recorded:
+            warnings.warn(f"{model_uri}: the tracking store records no sha256 of its files (logged before "
+                          "hvd recorded them), so nothing checks that they are the files logged",
+                          stacklevel=2)
+        elif changed := changed_files({WEIGHTS_FILE: Path(weights), CONFIG_FILE: Path(config)}, recorded):
+            raise ModelFormatError(f"{model_uri}: its files are not the ones logged ({'; '.join(changed)}); "
+                                   "the artifact store's copy was replaced, so it is not loaded")
         try:
             state = load_file(weights)
         except (SafetensorError, OSError) as err:
@@ -81,8 +131,30 @@ def load_model(model_uri: str) -> tuple[RetrievalModel, Config]:
     return model, cfg
 
 
-def _hvd_flavor(model_uri: str, tmp: str) -> dict:
-    meta = Model.load(mlflow.artifacts.download_artifacts(f"{model_uri}/{MLMODEL_FILE_NAME}", dst_path=tmp))
+def _logged_model(model_uri: str) -> LoggedModel | None:
+    """The logged model that `model_uri` names, looked up in the tracking store (MLmodel names one too, but
+    whoever can replace the files can rewrite it); None for plain run artifacts or a path."""
+    client = MlflowClient()
+    if model_uri.startswith("models:/"):
+        found = get_model_name_and_version(client, model_uri)
+        if len(found) == 1:  # models:/<model id>
+            return client.get_logged_model(found[0])
+        registered = client.get_model_version(*found)
+        origin = registered.source or ""  # SQLite stores leave model_id empty; source is models:/<id>
+        from_source = origin.removeprefix("models:/") if origin.startswith("models:/m-") else None
+        model_id = registered.model_id or from_source
+        return client.get_logged_model(model_id) if model_id else None
+    if model_uri.startswith("runs:/"):
+        run_id, _, name = model_uri.removeprefix("runs:/").rstrip("/").partition("/")
+        experiment = client.get_run(run_id).info.experiment_id
+        logged = client.search_logged_models(
+            [experiment], filter_string=f"name = '{name}' AND source_run_id = '{run_id}'", max_results=1)
+        return logged[0] if logged else None
+    return None
+
+
+def _hvd_flavor(model_uri: str, source: str, tmp: str) -> dict:
+    meta = Model.load(mlflow.artifacts.download_artifacts(f"{source}/{MLMODEL_FILE_NAME}", dst_path=tmp))
     if FLAVOR not in meta.flavors:
         stored = ", ".join(sorted(meta.flavors)) or "no flavor"
         raise ModelFormatError(

@@ -1,18 +1,35 @@
-"""Gallery indexes: the stored features and FAISS search, and two-stage retrieval through them."""
+"""Gallery indexes: the stored features and FAISS search, two-stage retrieval through them, and the check
+that an index read from MLflow (or its cached copy) holds the files its run logged."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import faiss
 import pytest
+import safetensors.numpy
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 
-from hvd.config import IndexConfig, ModelConfig
+from hvd.config import IndexConfig, ModelConfig, load_config
 from hvd.eval import retrieval
-from hvd.eval.gallery_index import FEATURES_FILE, GalleryIndex, build_ann, ivf_lists, search_ann, write_index
+from hvd.eval.gallery_index import (
+    ANN_FILE,
+    FEATURES_FILE,
+    INDEX_FILES,
+    GalleryIndex,
+    build_ann,
+    ivf_lists,
+    search_ann,
+    write_index,
+)
+from hvd.eval.index_registry import HASH_PARAM, IndexIntegrityError, log_index, open_index
 from hvd.eval.retrieval import rescore_gathered, rescore_videos, top_candidates, two_stage
+from hvd.mlflow_flavor import sha256_file
 from hvd.model import VideoFeatures, build_model, build_tokenizer
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "white") for s in ("circle", "square", "bar")]
@@ -107,3 +124,75 @@ def test_two_stage_through_a_flat_index_ranks_as_without_it(gallery, tmp_path):
     assert torch.equal(indexed.rescored, plain.rescored)
     assert torch.equal(indexed.t2v.argsort(dim=1), plain.t2v.argsort(dim=1))
     assert torch.equal(indexed.v2t.argsort(dim=1), plain.v2t.argsort(dim=1))
+
+
+@pytest.fixture
+def logged_index(gallery, tmp_path):
+    """An index logged as an MLflow run's artifacts, as pipelines/index.py logs it: (cfg, location, the
+    run's artifact folder, the tracking URI)."""
+    model, _, video = gallery
+    folder = tmp_path / "built"
+    write_index(folder, [str(i) for i in range(30)], video, model.video_embeddings(video), IndexConfig(), {})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("eval/bench", str(tmp_path / "artifacts")))
+    location = log_index(client, run.info.run_id, folder)
+    artifacts = Path(local_file_uri_to_path(run.info.artifact_uri)) / "index"
+    cfg = load_config(None, [f"index.cache={tmp_path}/cache"])
+    return cfg, location, artifacts, uri
+
+
+def plant(folder: Path, name: str) -> str:
+    """Replace one index file with another valid one, as whoever can write the artifact store could; returns
+    its sha256."""
+    other = F.normalize(torch.randn(30, 8), dim=-1).numpy()
+    if name == ANN_FILE:
+        faiss.write_index(build_ann(other, IndexConfig()), str(folder / name))
+    else:
+        arrays = safetensors.numpy.load_file(str(folder / name))
+        arrays["embedding"] = arrays["embedding"][::-1].copy()  # every video's embedding moved to another row
+        safetensors.numpy.save_file(arrays, str(folder / name))
+    return sha256_file(folder / name)
+
+
+def test_a_logged_index_records_its_files_hashes_and_opens_from_mlflow_and_its_cache(logged_index):
+    cfg, location, artifacts, uri = logged_index
+    run_id = location.removeprefix("runs:/").split("/")[0]
+    params = MlflowClient(uri).get_run(run_id).data.params
+    assert {key: value for key, value in params.items() if key.startswith(HASH_PARAM)} == {
+        HASH_PARAM + name: sha256_file(artifacts / name) for name in INDEX_FILES}
+    downloaded = open_index(location, cfg, uri)
+    assert downloaded.folder == Path(cfg.index.cache) / run_id and len(downloaded) == 30
+    assert len(open_index(location, cfg, uri)) == 30  # the cached copy
+
+
+@pytest.mark.parametrize("name", [ANN_FILE, FEATURES_FILE])
+def test_an_index_file_replaced_in_the_artifact_store_is_refused_naming_it(logged_index, name):
+    cfg, location, artifacts, uri = logged_index
+    logged = sha256_file(artifacts / name)
+    planted = plant(artifacts, name)
+    changed = f"{name}: sha256 {logged} when logged, {planted} now"
+    with pytest.raises(IndexIntegrityError, match=f"index {location}: .*{changed}"):
+        open_index(location, cfg, uri)
+    assert not any(Path(cfg.index.cache).glob("*/" + name))  # the planted copy never entered the cache
+
+
+@pytest.mark.parametrize("name", [ANN_FILE, FEATURES_FILE])
+def test_a_cached_copy_changed_after_download_is_refused_naming_it(logged_index, name):
+    cfg, location, _, uri = logged_index
+    cached = open_index(location, cfg, uri).folder
+    logged = sha256_file(cached / name)
+    planted = plant(cached, name)
+    changed = f"{name}: sha256 {logged} when logged, {planted} now"
+    with pytest.raises(IndexIntegrityError, match=f"its copy in {cached}.*{changed}"):
+        open_index(location, cfg, uri)
+
+
+def test_an_index_run_that_records_no_hashes_is_refused(logged_index, tmp_path):
+    cfg, _, artifacts, uri = logged_index
+    client = MlflowClient(uri)
+    run = client.create_run(client.get_experiment_by_name("eval/bench").experiment_id)
+    client.log_artifacts(run.info.run_id, str(artifacts), "index")  # as hvd logged indexes before hashes
+    shutil.rmtree(cfg.index.cache, ignore_errors=True)
+    with pytest.raises(IndexIntegrityError, match="records no sha256 of its files"):
+        open_index(f"runs:/{run.info.run_id}/index", cfg, uri)

@@ -35,6 +35,7 @@ from hvd.durable import publish
 from hvd.model import VideoFeatures
 
 META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE = "index.json", "video_ids.parquet", "features.safetensors", "stage1.faiss"
+INDEX_FILES = (META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE)
 VIDEO_FIELDS = VideoFeatures.field_names()
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I64": np.int64, "U8": np.uint8}
 
@@ -107,7 +108,7 @@ class GalleryIndex:
     @classmethod
     def open(cls, folder: str | Path) -> GalleryIndex:
         folder = Path(folder)
-        missing = [name for name in (META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE) if not (folder / name).is_file()]
+        missing = [name for name in INDEX_FILES if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"gallery index {folder}: missing {', '.join(missing)}")
         ann = faiss.read_index(str(folder / ANN_FILE))

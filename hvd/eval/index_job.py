@@ -17,7 +17,7 @@ from hvd.config import Config
 from hvd.data.shards import shard_summary
 from hvd.eval.actors import encode_videos_with_actors
 from hvd.eval.gallery_index import GalleryIndex, write_index
-from hvd.eval.index_registry import ARTIFACT_PATH, index_tag, link_index
+from hvd.eval.index_registry import index_tag, link_index, log_index
 from hvd.eval.job import JobInputs, open_job, ready_shards
 from hvd.eval.report import finish_eval_run, start_eval_run
 from hvd.model import RetrievalModel, VideoFeatures
@@ -87,8 +87,7 @@ def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
     build_s = time.perf_counter() - started
 
     client = MlflowClient(job.tracking_uri)
-    client.log_artifacts(run_id, str(folder), ARTIFACT_PATH)
-    artifact_uri = f"runs:/{run_id}/{ARTIFACT_PATH}"
+    artifact_uri = log_index(client, run_id, folder)
     metrics = {
         "videos": len(index),
         "time/encode_s": encode_s,

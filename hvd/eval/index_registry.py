@@ -3,6 +3,10 @@
 `pipelines/index.py` logs an index folder (see `hvd.eval.gallery_index`) as the `index/` artifacts of
 its run and tags the model version `index.<benchmark>.<split>` with their URI (a runs:/ model: its
 training run). Evaluations and searches look the tag up and keep a copy under `index.cache`/<run id>.
+
+The index run's params record each file's sha256 (`sha256.<file>`; MLflow never lets a logged param
+change), so the tracking store vouches for what the artifact store holds: `open_index` refuses a
+download, or a cached copy, whose files hash otherwise, and an index run without that record.
 """
 
 from __future__ import annotations
@@ -16,15 +20,29 @@ from mlflow.tracking import MlflowClient
 from hvd.config import Config
 from hvd.data.shards import shard_summary
 from hvd.durable import publish
-from hvd.eval.gallery_index import GalleryIndex
+from hvd.eval.gallery_index import INDEX_FILES, GalleryIndex
 from hvd.eval.source import ModelSource
-from hvd.tracking import active_tracking_uri
+from hvd.mlflow_flavor import changed_files, sha256_file
+from hvd.tracking import active_tracking_uri, log_params
 
 ARTIFACT_PATH = "index"
+HASH_PARAM = "sha256."  # the index run's params sha256.index.json, sha256.stage1.faiss, ...
+
+
+class IndexIntegrityError(ValueError):
+    """An index whose files are not the ones its run logged, or whose run records none; says which and why."""
 
 
 def index_tag(benchmark: str, split: str) -> str:
     return f"index.{benchmark}.{split}"
+
+
+def log_index(client: MlflowClient, run_id: str, folder: Path) -> str:
+    """Record the index folder's sha256 as the run's params, then log its files as the run's `index/`
+    artifacts; returns their URI."""
+    log_params(client, run_id, {HASH_PARAM + name: sha256_file(folder / name) for name in INDEX_FILES})
+    client.log_artifacts(run_id, str(folder), ARTIFACT_PATH)
+    return f"runs:/{run_id}/{ARTIFACT_PATH}"
 
 
 def link_index(client: MlflowClient, source: ModelSource, tag: str, artifact_uri: str) -> str:
@@ -51,21 +69,45 @@ def linked_indexes(source: ModelSource, tracking_uri: str) -> dict[str, str]:
 
 
 def open_index(location: str, cfg: Config, tracking_uri: str) -> GalleryIndex:
-    """An index from its artifact URI (downloaded once into `index.cache`/<run id>) or a local folder."""
+    """An index from its artifact URI (downloaded once into `index.cache`/<run id>) or a local folder (yours:
+    opened unchecked). A download, and the cached copy at every open, must hash as its run recorded."""
     if Path(location).is_dir():
         return GalleryIndex.open(location)
     if not location.startswith("runs:/"):
         raise ValueError(f"index {location!r}: neither a folder nor a runs:/RUN_ID/{ARTIFACT_PATH} URI")
-    folder = Path(cfg.index.cache) / location.removeprefix("runs:/").split("/", 1)[0]
-    if not folder.is_dir():
+    run_id = location.removeprefix("runs:/").split("/", 1)[0]
+    recorded = _recorded_hashes(location, run_id, tracking_uri)
+    folder = Path(cfg.index.cache) / run_id
+    if folder.is_dir():
+        _check(folder, recorded, f"index {location} (its copy in {folder}; delete it to download again)")
+    else:
         staging = folder.with_name(folder.name + ".download")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with active_tracking_uri(tracking_uri):
             downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging))
+        _check(Path(downloaded), recorded, f"index {location}")  # before it enters the cache
         publish(downloaded, folder)
         shutil.rmtree(staging)
     return GalleryIndex.open(folder)
+
+
+def _recorded_hashes(location: str, run_id: str, tracking_uri: str) -> dict[str, str]:
+    params = MlflowClient(tracking_uri).get_run(run_id).data.params
+    recorded = {key.removeprefix(HASH_PARAM): value for key, value in params.items()
+                if key.startswith(HASH_PARAM)}
+    if not recorded:
+        raise IndexIntegrityError(
+            f"index {location}: run {run_id} records no sha256 of its files (built before hvd recorded "
+            "them), so nothing shows they are the files it logged; build it again with pipelines/index.py"
+        )
+    return recorded
+
+
+def _check(folder: Path, recorded: dict[str, str], what: str) -> None:
+    if changed := changed_files({name: folder / name for name in INDEX_FILES}, recorded):
+        raise IndexIntegrityError(f"{what}: its files are not the ones logged ({'; '.join(changed)}); "
+                                  "the stored copy was replaced, so it is not used")
 
 
 def matching_index(
