@@ -116,10 +116,14 @@ class LocalCluster:
 def cluster():
     workdir = Path(tempfile.mkdtemp(prefix="hvdmn", dir="/tmp"))  # short: Ray's socket paths live under it
     local = LocalCluster(workdir)
+    credentials = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     try:
         local.up()
+        os.environ.update({name: local.env[name] for name in credentials})  # the test's own MLflow clients
         yield local
     finally:
+        for name in credentials:
+            os.environ.pop(name, None)
         local.script("down")
         shutil.rmtree(workdir, ignore_errors=True)
 
