@@ -3,6 +3,7 @@
 # without a cloud.
 #
 #   eval "$(cluster/local.sh up)"   start whatever is not running; print the variables to export
+#   eval "$(cluster/local.sh mlflow)"   the MLflow server alone, and its variables
 #   cluster/local.sh status         which of our processes run, and the cluster's nodes
 #   cluster/local.sh env            print the variables to export again
 #   cluster/local.sh down           stop exactly the processes `up` started (never `ray stop`)
@@ -12,10 +13,15 @@
 # The dashboard and MLflow listen on 127.0.0.1 only. Ray's own gRPC ports listen on every interface
 # whatever --node-ip-address says (Ray maps 127.0.0.1 to the routable address), so Ray token
 # authentication stays on, with a token private to this cluster.
+# MLflow runs its basic-auth app: every request but /health needs a user's password. Its one user here is
+# `admin`, with a random password made on the first `up`; `up` and `env` print it as
+# MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and both nodes carry them, so every job logs in.
 # HVD_CLUSTER_DIR (default /tmp/hvd-cluster-$UID; keep it short, Ray's socket paths live under it) holds
-# pids, ports, logs and the token. HVD_MLFLOW_DIR (default runs/mlflow-server) keeps MLflow's SQLite store
-# and artifacts across down and up. HVD_ROOT (default this checkout), fixed when the head starts, is every
-# node's project root: relative data, shard and checkpoint paths of every job resolve against it.
+# pids, ports, logs and the token. HVD_MLFLOW_DIR (default runs/mlflow-server, made private to you) keeps
+# MLflow's SQLite store, artifacts, users (basic_auth.db) and the admin password across down and up: the
+# password lives as long as the user database that holds its hash. HVD_ROOT (default this checkout), fixed
+# when the head starts, is every node's project root: relative data, shard and checkpoint paths of every
+# job resolve against it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +31,7 @@ NODE_CPUS="${HVD_NODE_CPUS:-2}"
 OBJECT_STORE_BYTES=$((${HVD_OBJECT_STORE_MB:-256} * 1024 * 1024))
 BIN="${HVD_VENV:-$ROOT/.venv}/bin"
 START_TIMEOUT_S="${HVD_START_TIMEOUT_S:-300}"
+MLFLOW_USER=admin
 
 log() { echo "[local.sh] $*" >&2; }
 die() {
@@ -101,11 +108,25 @@ spawn() { # spawn NAME COMMAND...
     echo $! >"$STATE/$name.pid"
 }
 
+new_secret() { # new_secret FILE: a random hex secret in FILE, readable by us only, unless FILE holds one
+    [[ -s "$1" ]] || (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32), end="")' \
+        >"$1")
+}
+
+# Basic auth: users and permissions in basic_auth.db beside the store; the admin account is created from
+# MLFLOW_AUTH_ADMIN_* on the first start (later starts keep the stored one). A user without a grant sees
+# nothing (NO_PERMISSIONS); a request without credentials gets 401, except /health. The Flask secret key
+# signs the sign-up form's CSRF token: one per start serves the single server process.
 start_mlflow() {
     local port
     if [[ -f "$STATE/mlflow.port" ]]; then port=$(cat "$STATE/mlflow.port"); else port=$(free_ports 1); fi
     mkdir -p "$MLFLOW_DIR/artifacts"
-    spawn mlflow "$BIN/mlflow" server --host 127.0.0.1 --port "$port" --workers 1 \
+    printf '%s\n' "[mlflow]" "default_permission = NO_PERMISSIONS" \
+        "database_uri = sqlite:///${MLFLOW_DIR//%/%%}/basic_auth.db" >"$STATE/basic_auth.ini"
+    MLFLOW_AUTH_CONFIG_PATH="$STATE/basic_auth.ini" MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_TRACKING_USERNAME" \
+        MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
+        MLFLOW_FLASK_SERVER_SECRET_KEY="$("$BIN/python" -c 'import secrets; print(secrets.token_hex(32))')" \
+        spawn mlflow "$BIN/mlflow" server --app-name basic-auth --host 127.0.0.1 --port "$port" --workers 1 \
         --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" --artifacts-destination "$MLFLOW_DIR/artifacts"
     echo "$port" >"$STATE/mlflow.port"
     wait_for "MLflow server" mlflow curl -sf "http://127.0.0.1:$port/health"
@@ -128,8 +149,8 @@ node_args() { # node_args NAME
 
 # RAY_ADDRESS in each node's environment points Ray's own helpers that look the cluster up (Ray Train's
 # placement group cleaner, the state API) at this cluster rather than at another one on the machine.
-# MLFLOW_TRACKING_URI and HVD_ROOT there reach every job's driver: jobs run in a copy of the working
-# directory, so relative paths resolve against HVD_ROOT, one folder for both nodes.
+# MLFLOW_TRACKING_URI, HVD_ROOT and the MLflow credentials `up` exports reach every job's driver: jobs run
+# in a copy of the working directory, so relative paths resolve against HVD_ROOT, one folder for both nodes.
 start_node() { # start_node NAME [ENV=VALUE...] RAY_COMMAND... -- RAY_START_FLAGS...: start it, wait until the cluster lists it ALIVE
     local name="$1" args node_env=() command=()
     shift
@@ -188,8 +209,14 @@ exports() {
     echo "export RAY_AUTH_MODE=token"
     echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" # clients too: 127.0.0.1 is where this cluster listens
     echo "export RAY_AUTH_TOKEN_PATH=$STATE/auth_token"
-    echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")"
+    mlflow_exports
     printf 'export HVD_ROOT=%q\n' "$(cat "$STATE/hvd_root")"
+}
+
+mlflow_exports() {
+    echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$STATE/mlflow.port")"
+    echo "export MLFLOW_TRACKING_USERNAME=$MLFLOW_USER"
+    echo "export MLFLOW_TRACKING_PASSWORD=$(cat "$MLFLOW_DIR/admin_password")"
 }
 
 stop() { # stop NAME: its process group, politely, then firmly after 30 s
@@ -208,12 +235,19 @@ stop() { # stop NAME: its process group, politely, then firmly after 30 s
     rm -f "$STATE/$name.pid"
 }
 
-up() {
-    mkdir -p -m 700 "$STATE"
-    if [[ ! -s "$STATE/auth_token" ]]; then
-        (umask 077 && "$BIN/python" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$STATE/auth_token")
-    fi
+mlflow_up() {
+    mkdir -p -m 700 "$STATE" "$MLFLOW_DIR"
+    chmod 700 "$MLFLOW_DIR" # its files are the store itself: whoever reads them needs no password
+    new_secret "$MLFLOW_DIR/admin_password"
+    # the server's admin account, and what the nodes `up` starts next (environment inherited) log in with
+    MLFLOW_TRACKING_USERNAME=$MLFLOW_USER MLFLOW_TRACKING_PASSWORD=$(cat "$MLFLOW_DIR/admin_password")
+    export MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD
     alive mlflow || start_mlflow
+}
+
+up() {
+    mlflow_up
+    new_secret "$STATE/auth_token"
     if alive head; then
         # shellcheck disable=SC1091
         . "$STATE/head.ports"
@@ -255,11 +289,12 @@ status() {
 
 case "${1:-}" in
 up) up ;;
+mlflow) mlflow_up && mlflow_exports ;;
 down) down ;;
 status) status ;;
 env) exports ;;
 *)
-    echo "usage: $0 up|down|status|env" >&2
+    echo "usage: $0 up|mlflow|down|status|env" >&2
     exit 2
     ;;
 esac

@@ -5,6 +5,8 @@ import json
 import math
 import re
 import shlex
+import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,5 +203,73 @@ def test_nothing_listens_beyond_the_cluster_and_token_auth_stays_on():
     assert guarded == {("app", "hvd-mlflow"), ("ray.io/is-ray-node", "yes")}
 
     local = (ROOT / "cluster" / "local.sh").read_text()
-    assert "--dashboard-host=127.0.0.1" in local and "server --host 127.0.0.1" in local
+    assert "--dashboard-host=127.0.0.1" in local and "server --app-name basic-auth --host 127.0.0.1" in local
     assert "RAY_AUTH_MODE=token" in local and "ray stop" not in local.replace("never `ray stop`", "")
+
+
+def mlflow_servers() -> dict[str, str]:
+    """Every shipped MLflow server's start command, by where it is."""
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    (vm,) = [c for c in launcher["head_start_ray_commands"] if "mlflow server" in c]
+    (deployment,) = kuberay_documents("Deployment")
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+    local = (ROOT / "cluster" / "local.sh").read_text()
+    start = local[local.index("start_mlflow() {"):]
+    local = start[: start.index("\n}\n")]
+    return {"ray_cluster.yaml": vm, "kuberay": container["args"][0], "local.sh": local}
+
+
+def test_every_mlflow_server_runs_basic_auth_with_credentials_from_secrets():
+    for where, command in mlflow_servers().items():
+        assert "server --app-name basic-auth" in command, where
+        assert "MLFLOW_AUTH_CONFIG_PATH=" in command, where
+        assert "default_permission = NO_PERMISSIONS" in command, where
+        # the admin account is the one the clients log in with, read from the environment, never written out
+        assert re.search(r'MLFLOW_AUTH_ADMIN_USERNAME="?\$MLFLOW_TRACKING_USERNAME"?', command), where
+        assert re.search(r'MLFLOW_AUTH_ADMIN_PASSWORD="?\$MLFLOW_TRACKING_PASSWORD"?', command), where
+        assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in command, where
+    for path in [LAUNCHER, *sorted(KUBERAY.glob("*.yaml")), ROOT / "cluster" / "local.sh"]:
+        text = path.read_text()
+        assert not re.search(r"admin_password\s*=", text) and "password1234" not in text, path  # ini keys
+        assert not re.search(r"MLFLOW_(AUTH_ADMIN|TRACKING)_PASSWORD=[^$\"(]", text), path  # no literal value
+
+    lines = (ROOT / "cluster" / "cluster.env.example").read_text().splitlines()
+    example = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_AUTH_DATABASE_URI"} <= set(example)
+    assert len(example["MLFLOW_TRACKING_PASSWORD"]) < 12  # a placeholder MLflow refuses: it must be filled in
+
+    # the clients: every launcher node sources cluster.env (set -a), every KubeRay container reads the Secret
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    commands = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    starts = [command for command in commands if "ray start" in command]
+    assert all("set -a && . ~/hvd-secrets/cluster.env && set +a" in command for command in starts)
+    specs = [cluster["spec"] for cluster in kuberay_documents("RayCluster")]
+    specs += [job["spec"]["rayClusterSpec"] for job in kuberay_documents("RayJob")]
+    for spec in specs:
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            (container,) = group["template"]["spec"]["containers"]
+            env = {var["name"]: var.get("valueFrom") for var in container["env"]}
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[key] == {"secretKeyRef": {"name": "hvd-cluster", "key": key}}, group
+    (deployment,) = kuberay_documents("Deployment")
+    (server,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "mlflow"]
+    assert {"secretRef": {"name": "hvd-cluster"}} in server["envFrom"]
+    assert "/health" in " ".join(server["readinessProbe"]["exec"]["command"])  # /health needs no login
+
+
+@pytest.mark.parametrize("where", ["ray_cluster.yaml", "kuberay"])
+def test_the_auth_config_the_cloud_servers_write_is_what_mlflow_reads(where, tmp_path, monkeypatch):
+    """The printf that writes basic_auth.ini, run as the server's shell runs it, with a database URI holding
+    a percent-encoded password (configparser would read a bare % as interpolation)."""
+    from mlflow.server.auth.config import read_auth_config
+
+    (write,) = re.findall(r"\(umask 077 && printf .*?> (\S+)\)", mlflow_servers()[where], re.S)
+    command = re.search(r"\(umask 077 && printf .*?\)", mlflow_servers()[where], re.S).group(0)
+    config = tmp_path / "basic_auth.ini"
+    uri = "postgresql://mlflow:p%40ss%25word@db.internal:5432/mlflow_auth"
+    subprocess.run(["bash", "-c", command.replace(write, str(config))], check=True,
+                   env={"MLFLOW_AUTH_DATABASE_URI": uri, "PATH": "/usr/bin:/bin"})
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(config))
+    read = read_auth_config()
+    assert (read.database_uri, read.default_permission) == (uri, "NO_PERMISSIONS")
