@@ -11,7 +11,7 @@ HVD = Path(__file__).resolve().parents[1] / "hvd"
 # Lowest first. Packages on one layer are siblings and do not import each other.
 LAYERS: list[set[str]] = [
     {"hvd.paths", "hvd.worker_setup", "hvd.reaper", "hvd.durable", "hvd.stopping"},
-    {"hvd.config"},
+    {"hvd.config", "hvd.ray_runtime"},
     {"hvd.data", "hvd.model", "hvd.checkpoint"},
     {"hvd.mlflow_flavor"},
     {"hvd.tracking"},

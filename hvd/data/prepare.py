@@ -21,11 +21,8 @@ file appears whole, its part's marker last) and decodes only the rest.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -53,8 +50,7 @@ from hvd.data.manifest import (
 from hvd.data.shards import SUMMARY_FILE
 from hvd.durable import atomic_file, write_text
 from hvd.paths import require_shared_paths
-from hvd.reaper import watch_descendants
-from hvd.worker_setup import quiet_logs, runtime_env, verbose
+from hvd.ray_runtime import ensure_ray
 
 SHARD_FORMAT = 3  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
@@ -255,25 +251,6 @@ def decode_parts(batch: dict[str, np.ndarray], job: _Job) -> dict[str, np.ndarra
     for part, start, end in zip(batch["part"], batch["start"], batch["end"], strict=True):
         _decode_part(int(part), int(start), int(end), job)
     return {"part": batch["part"]}
-
-
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray; an already running Ray is kept.
-
-    Every worker process runs `hvd.worker_setup.setup_worker` first. Ray's info logs and Ray Data's
-    progress bars (hundreds of redrawn lines a run) stay off unless `--verbose` on a terminal: each
-    pipeline prints its own summary.
-    """
-    ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
-    quiet_logs()
-    if ray.is_initialized():
-        return
-    level = logging.INFO if verbose() else logging.WARNING
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env(), logging_level=level)
-    else:
-        watch_descendants()  # a killed pipeline leaves no Ray daemons behind
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env(), logging_level=level)
 
 
 def _written(folder: Path) -> tuple[int, int]:

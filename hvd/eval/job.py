@@ -16,7 +16,7 @@ from mlflow.entities import DatasetInput
 from hvd.config import Config
 from hvd.data.decode import FrameSpec
 from hvd.data.manifest import fingerprint
-from hvd.data.prepare import QUARANTINE_FILE, ensure_ray, prepare
+from hvd.data.prepare import QUARANTINE_FILE, prepare
 from hvd.data.shards import shard_summary
 from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
@@ -39,6 +39,7 @@ from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
 from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import RetrievalModel, build_tokenizer
 from hvd.paths import require_shared_paths, resolve_path
+from hvd.ray_runtime import ensure_ray
 from hvd.stopping import stop_on_signals
 from hvd.tracking import active_tracking_uri, benchmark_input, finish_run, run_url, source_tags, tracking_uri
 

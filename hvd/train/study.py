@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from hvd.config import Config, config_from_yaml, to_yaml
-from hvd.data.prepare import ensure_ray
+from hvd.ray_runtime import ensure_ray
 from hvd.tracking import (
     RunConfigMismatch,
     config_differences,

@@ -17,17 +17,18 @@ from ray.train import (
     ScalingConfig,
     TrainingFailedError,
 )
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from hvd.checkpoint import load_state
 from hvd.config import WARM_START, Config
 from hvd.data.manifest import fingerprint
-from hvd.data.prepare import ensure_ray, prepare
+from hvd.data.prepare import prepare
 from hvd.data.shards import read_shards, shard_summary
 from hvd.data.synthetic import generate, read_ceiling
 from hvd.eval.encode import evaluate_split
 from hvd.model import RetrievalModel, build_model, build_tokenizer
 from hvd.paths import require_shared_paths
+from hvd.ray_runtime import ensure_ray
 from hvd.stopping import stop_on_signals
 from hvd.tracking import (
     RegisteredModel,
@@ -45,6 +46,7 @@ from hvd.tracking import (
 from hvd.train.inputs import training_dataset
 from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per_worker
 from hvd.train.plots import log_training_curves
+from hvd.train.rendezvous import LoopbackTorchConfig
 from hvd.worker_setup import verbose
 
 
@@ -187,7 +189,7 @@ def _train_in_run(
             },
             placement_strategy=cfg.train.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
             name=ray_run_name,
             storage_path=storage,

@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 from hvd.config import WARM_START, Config
-from hvd.data.prepare import ensure_ray
 from hvd.data.stills import digest, stills_identity, write_stills
 from hvd.data.synthetic import Settings, resolve
 from hvd.durable import write_text
 from hvd.model import save_weights
 from hvd.model.presets import preset_config
 from hvd.paths import require_shared_paths
+from hvd.ray_runtime import ensure_ray
 from hvd.train.trainer import TrainingData, train
 
 EXPERIMENT = "pretrain"

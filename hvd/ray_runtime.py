@@ -1,0 +1,43 @@
+"""Ray for a pipeline: the cluster named by RAY_ADDRESS, else a local Ray that listens on loopback only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import ray
+import ray._private.ray_constants as ray_constants
+import ray.data
+
+from hvd.reaper import watch_descendants
+from hvd.worker_setup import quiet_logs, runtime_env, verbose
+
+LOOPBACK = "127.0.0.1"
+# What a local Ray's daemons and workers inherit, as `cluster/local.sh` sets it. Ray's one-machine mode
+# keeps 127.0.0.1 as the node's address (otherwise Ray swaps in the machine's routable one, and GCS, raylet,
+# workers and agents listen on every interface); with it, the dashboard's and autoscaler's metrics servers
+# bind loopback too. No Prometheus exports: nothing scrapes them, and each node's agent would open a port.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_metrics_collection": "0"}
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray on loopback; a running Ray is kept.
+
+    Every worker process runs `hvd.worker_setup.setup_worker` first. Ray's info logs and Ray Data's
+    progress bars (hundreds of redrawn lines a run) stay off unless `--verbose` on a terminal: each
+    pipeline prints its own summary. A local Ray keeps Ray's default token authentication.
+    """
+    ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
+    quiet_logs()
+    if ray.is_initialized():
+        return
+    level = logging.INFO if verbose() else logging.WARNING
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env(), logging_level=level)
+        return
+    watch_descendants()  # a killed pipeline leaves no Ray daemons behind
+    os.environ.update(LOCAL_RAY_ENV)  # before ray.init starts the daemons, which inherit it
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported Ray
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOOPBACK,
+             runtime_env=runtime_env(), logging_level=level)

@@ -1,0 +1,102 @@
+"""What a training run listens on: loopback only, on the default local Ray (no RAY_ADDRESS).
+
+The end-to-end run is a subprocess, so one-machine mode and the other settings `ensure_ray` puts in its
+environment stay out of this test process. Every listening socket of it and of its descendants (Ray's
+daemons, agents and workers, the Ray Train workers with torch.distributed's store and gloo's sockets) is
+sampled until it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from hvd.train.rendezvous import join_process_group, listen_on_loopback
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def listening(root: psutil.Process) -> set[tuple[int, str, str, int]]:
+    """(pid, command, address, port) of every listening inet socket of `root` and its descendants."""
+    found = set()
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for process in processes:
+        try:
+            command = " ".join(process.cmdline())
+            connections = process.net_connections(kind="inet")
+            sockets = [c.laddr for c in connections if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+        found.update((process.pid, command[:100], address.ip, address.port) for address in sockets)
+    return found
+
+
+def documented_training_ports(workers: int) -> int:
+    """Ports the README's "What listens where" table gives the training workers, beyond Ray's one each."""
+    section = (ROOT / "README.md").read_text().split("What listens where", 1)[1].split("\n\n**", 1)[0]
+    rows = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| (\d+) \|$", section, re.M)
+    return sum(int(count) * (workers if where.startswith("each") else 1) for _, where, count in rows
+               if "training" in where)
+
+
+def test_the_process_group_listens_on_loopback(monkeypatch):
+    """The loopback set-up alone, one gloo rank: its store and gloo's socket are on 127.0.0.1."""
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(variable, raising=False)  # restored afterwards: the set-up sets them
+    me = psutil.Process()
+    before = listening(me)
+    port = listen_on_loopback()
+    join_process_group("gloo", world_rank=0, world_size=1, port=port, timeout_s=30)
+    try:
+        dist.all_reduce(torch.ones(1))
+        opened = {(address, at) for _, _, address, at in listening(me) - before}
+    finally:
+        dist.destroy_process_group()
+    assert ("127.0.0.1", port) in opened and {address for address, _ in opened} <= set(LOOPBACK)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_training_run_on_the_default_local_ray_listens_on_loopback_only(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_", "HVD_"))}
+    command = [
+        sys.executable, str(ROOT / "pipelines" / "train.py"), "synthetic.preset=tiny",
+        "model.pretrained=null", "train.epochs=1", "train.batch_size=8",
+        f"synthetic.out={tmp_path}/synth", f"data.shards={tmp_path}/shards",
+        f"train.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+    log = tmp_path / "train.log"
+    seen: set[tuple[int, str, str, int]] = set()
+    with log.open("w") as out:
+        run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            driver = psutil.Process(run.pid)
+            while run.poll() is None:
+                seen |= listening(driver)
+                time.sleep(0.2)
+        finally:
+            run.kill()  # a no-op once it has exited; if the test failed first, its reaper stops its Ray
+            run.wait()
+    assert run.returncode == 0, log.read_text()[-3000:]
+
+    elsewhere = sorted({(command, address, port) for _, command, address, port in seen
+                        if address not in LOOPBACK})
+    assert not elsewhere, "\n".join(map(str, elsewhere))
+    # Sampled while it trained: each training worker's Ray port, then the store and gloo as documented.
+    trainers = {pid for pid, command, _, _ in seen if command.startswith("ray::RayTrainWorker")}
+    ports = {(pid, port) for pid, _, _, port in seen if pid in trainers}
+    assert len(trainers) == 2
+    assert len(ports) == len(trainers) + documented_training_ports(len(trainers)), ports
