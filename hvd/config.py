@@ -232,7 +232,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.decode_concurrency": _WORKERS,
     "data.decode_cpus": _CPUS,
     "data.decode_timeout_s": _rule(lambda v: 0 < v <= 86_400, "above 0 and at most a day (86,400)"),
-    "data.decode_memory_mb": _between(256, 1 << 20),
+    "data.decode_memory_mb": _between(1024, 1 << 20),
     "data.max_video_frames": _COUNT,
     "data.max_video_pixels": _between(1, 1 << 30),
     "data.max_video_duration_s": _rule(lambda v: 0 < v <= 7 * 86_400, "above 0 and at most a week (604,800)"),
