@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from unittest.mock import patch
 
 import ray
 import ray._private.ray_constants as ray_constants
@@ -37,7 +38,9 @@ def ensure_ray() -> None:
         ray.init(runtime_env=runtime_env(), logging_level=level)
         return
     watch_descendants()  # a killed pipeline leaves no Ray daemons behind
-    os.environ.update(LOCAL_RAY_ENV)  # before ray.init starts the daemons, which inherit it
-    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported Ray
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOOPBACK,
-             runtime_env=runtime_env(), logging_level=level)
+    # The daemons ray.init starts inherit LOCAL_RAY_ENV; this process read the one-machine switch when it
+    # imported Ray, so it is set here too. Both only while ray.init runs: later Rays of this process (and its
+    # subprocesses) start as they would have.
+    with patch.dict(os.environ, LOCAL_RAY_ENV), patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOOPBACK,
+                 runtime_env=runtime_env(), logging_level=level)

@@ -1,9 +1,8 @@
 """What a training run listens on: loopback only, on the default local Ray (no RAY_ADDRESS).
 
-The end-to-end run is a subprocess, so one-machine mode and the other settings `ensure_ray` puts in its
-environment stay out of this test process. Every listening socket of it and of its descendants (Ray's
-daemons, agents and workers, the Ray Train workers with torch.distributed's store and gloo's sockets) is
-sampled until it exits.
+The end-to-end run is the real command in a subprocess, which starts its own Ray as a user's would. Every
+listening socket of it and of its descendants (Ray's daemons, agents and workers, the Ray Train workers
+with torch.distributed's store and gloo's sockets) is sampled until it exits.
 """
 
 from __future__ import annotations
