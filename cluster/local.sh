@@ -10,9 +10,8 @@
 #
 # Nodes: the head advertises {"cpu_node": 1}, the second node {"train_node": 1}; each has HVD_NODE_CPUS
 # CPUs (default 2), HVD_OBJECT_STORE_MB of object store (default 256), its own ports and temp dir.
-# The dashboard and MLflow listen on 127.0.0.1 only. Ray's own gRPC ports listen on every interface
-# whatever --node-ip-address says (Ray maps 127.0.0.1 to the routable address), so Ray token
-# authentication stays on, with a token private to this cluster.
+# Every process listens on 127.0.0.1 only (Ray in its one-machine mode, see CLUSTER_ENV); Ray token
+# authentication stays on all the same, with a token private to this cluster.
 # MLflow runs its basic-auth app: every request but /health needs a user's password. Its one user here is
 # `admin`, with a random password made on the first `up`; `up` and `env` print it as
 # MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and both nodes carry them, so every job logs in.
