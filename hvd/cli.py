@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from hvd.config import Config, ConfigError, describe, load_config
+from hvd.config import Config, ConfigError, describe, load_config, to_yaml
 from hvd.stopping import received_signal, stop_on_signals
 from hvd.worker_setup import VERBOSE_ENV
 
@@ -31,7 +31,13 @@ def parse_args(
         epilog=describe(sections),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML file merged over the defaults")
+    parser.add_argument(
+        "--config", action="append", default=[], metavar="FILE",
+        help="YAML file merged over the defaults; repeat it to compose files, a later one over an earlier one",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML) and exit, starting nothing"
+    )
     parser.add_argument(
         "--verbose", action="store_true", help="Ray's and MLflow's own logs, and Ray Data's progress bars on a terminal"
     )
@@ -48,6 +54,9 @@ def parse_args(
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        parser.exit(0)
     return cfg, args
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,11 +355,15 @@ def _resolve_paths(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, resolved)
 
 
-def load_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then a YAML file, then `key=value` overrides, paths made absolute; every error names its key."""
+def load_config(
+    config_files: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """Defaults, then each YAML file in order (a later file over an earlier one), then `key=value`
+    overrides, paths made absolute; every error names its key and file."""
     cfg = OmegaConf.structured(Config)
-    if config_file is not None:
-        path = Path(config_file)
+    files = [] if config_files is None else [config_files] if isinstance(config_files, str | Path) else config_files
+    for file in files:
+        path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         cfg = _merge(cfg, OmegaConf.load(path), str(path))

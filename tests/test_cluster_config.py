@@ -3,10 +3,12 @@ asks for, on shared storage, and secure by default."""
 
 import json
 import math
+import os
 import re
 import shlex
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from hvd.cli import parse_args
-from hvd.config import Config, load_config
+from hvd.config import Config, config_from_yaml, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "ray_cluster.yaml"
@@ -273,3 +275,25 @@ def test_the_auth_config_the_cloud_servers_write_is_what_mlflow_reads(where, tmp
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(config))
     read = read_auth_config()
     assert (read.database_uri, read.default_permission) == (uri, "NO_PERMISSIONS")
+
+
+def test_the_readme_real_cluster_command_keeps_the_recipe():
+    """The README's real-data command, as written, run up to `--print-config`: the recipe's sampling, text
+    length and learning rates survive, the cluster's layout fills in the rest, paths land under HVD_ROOT."""
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("ray job submit") and "vit_b32_msrvtt" in line)
+    argv = shlex.split(line.split(" -- ", 1)[1])
+    assert argv[:2] == ["python", "pipelines/train.py"]
+    env = {**os.environ, "HVD_ROOT": "/mnt/hvd", "HVD_BUCKET": "s3://test-bucket/hvd"}
+    result = subprocess.run([sys.executable, *argv[1:], "--print-config"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    cfg = config_from_yaml(result.stdout)
+    assert (cfg.data.sample_mode, cfg.data.max_words, cfg.data.frame_size) == ("fps", 24, 224)
+    assert (cfg.train.lr, cfg.train.backbone_lr, cfg.train.batch_size) == (1e-4, 1e-7, 32)
+    assert (cfg.model.preset, cfg.run.name) == ("ViT-B-32", "hvd-vitb32-msrvtt")
+    assert (cfg.data.manifest, cfg.model.pretrained) == ("/mnt/hvd/data/msrvtt/manifest.jsonl",
+                                                        "/mnt/hvd/weights/ViT-B-32.pt")
+    assert cfg.data.decode_resources == {"cpu_node": 0.001} and cfg.train.worker_resources == {"train_node": 0.001}
+    assert cfg.train.storage_path == "s3://test-bucket/hvd/checkpoints"
+    assert "ray" not in result.stderr.lower()

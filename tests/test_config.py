@@ -198,3 +198,13 @@ def test_a_stored_config_never_resolves_interpolations(monkeypatch):
     # A user's own config file still resolves them (configs/cluster.yaml reads HVD_BUCKET so).
     monkeypatch.setenv("HVD_BUCKET", "s3://mine")
     assert load_config(ROOT / "configs" / "cluster.yaml").train.storage_path == "s3://mine/checkpoints"
+
+
+def test_config_files_compose_later_over_earlier(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("train:\n  epochs: 3\n  lr: 0.002\nmodel:\n  head: meanp\n")
+    second.write_text("train:\n  epochs: 4\n")
+    cfg = load_config([first, second], ["model.head=xpool"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.head) == (4, 0.002, "xpool")
+    result = _run("pipelines/train.py", "--config", str(first), "--config", str(second), "--print-config")
+    assert result.returncode == 0 and config_from_yaml(result.stdout).train.epochs == 4
