@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from hvd.cli import fail, parse_args, run_pipeline
+from hvd.data.manifest import ManifestError
 from hvd.data.prepare import PrepareError
 from hvd.data.shards import ShardError
 from hvd.eval.metrics import NonFiniteScores
@@ -25,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         outcome = fit(cfg)
-    except (TrainingFailed, PrepareError, RunConfigMismatch, RunBusy, ShardError, NonFiniteModel, NonFiniteScores) as err:
+    except (TrainingFailed, PrepareError, ManifestError, FileNotFoundError, RunConfigMismatch, RunBusy, ShardError,
+            NonFiniteModel, NonFiniteScores) as err:
         fail(str(err))
     model = outcome.model
     print(f"\nMLflow run      {outcome.run_id}")

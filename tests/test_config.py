@@ -208,3 +208,14 @@ def test_config_files_compose_later_over_earlier(tmp_path):
     assert (cfg.train.epochs, cfg.train.lr, cfg.model.head) == (4, 0.002, "xpool")
     result = _run("pipelines/train.py", "--config", str(first), "--config", str(second), "--print-config")
     assert result.returncode == 0 and config_from_yaml(result.stdout).train.epochs == 4
+
+
+def test_train_refuses_a_broken_manifest_or_missing_weights_before_ray_or_mlflow_start(tmp_path):
+    db, manifest = tmp_path / "mlflow.db", tmp_path / "manifest.jsonl"
+    manifest.write_text('{"video_id": "a", "path": "a.mp4", "captions": ["x"], "split": "train"}\nnot json\n')
+    for bad in (f"data.manifest={manifest}", f"model.pretrained={tmp_path}/absent.pt"):
+        result = _run("pipelines/train.py", bad, f"tracking.uri=sqlite:///{db}", f"pretrain.out={tmp_path}/pre")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert ("manifest.jsonl:2" in result.stderr) if "manifest" in bad else ("absent.pt" in result.stderr)
+        assert not db.exists() and not (tmp_path / "pre").exists() and "ray" not in result.stderr.lower()
