@@ -8,8 +8,10 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from hvd.config import Config, ConfigError, describe, load_config, to_yaml
+from hvd.errors import HvdError
 from hvd.stopping import received_signal, stop_on_signals
 from hvd.worker_setup import VERBOSE_ENV
 
@@ -61,21 +63,24 @@ def parse_args(
 
 
 def run_pipeline(main: Callable[[list[str]], None]) -> None:
-    """Run a pipeline's `main` on the command line: SIGTERM and SIGINT raise KeyboardInterrupt, so the MLflow
-    run it opened ends KILLED and its locks and Ray are released on the way out; it then exits 128 + the
-    signal's number with one line instead of a traceback."""
+    """Run a pipeline's `main` on the command line. An `HvdError` ends it with one line and its exit code (2
+    for bad input). SIGTERM and SIGINT raise KeyboardInterrupt, so the MLflow run it opened ends KILLED and its
+    locks and Ray are released on the way out; it then exits 128 + the signal's number with one line."""
     stop_on_signals()
     try:
         main(sys.argv[1:])
+    except HvdError as err:
+        fail(err)
     except KeyboardInterrupt:
         signum = received_signal() or signal.SIGINT
         print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
 
 
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+def fail(error: str | Exception) -> NoReturn:
+    """Print `error` as one line and exit: with its `exit_code` for an `HvdError` (2: bad input), else 1."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(error.exit_code if isinstance(error, HvdError) else 1)
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:

@@ -17,12 +17,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from hvd.errors import InputError
 from hvd.paths import resolve_path, resolve_tracking_uri
 
 WARM_START = "synthetic"  # model.pretrained: the preset's CLIP pretrained on synthetic stills (hvd.train.warm_start)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
 

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hvd.config import Config, ConfigError, config_from_yaml, to_yaml
+from hvd.errors import InputError
 from hvd.model import RetrievalModel, rebuild_model
 
 FLAVOR = "hvd"
@@ -46,7 +47,7 @@ CONFIG_FILE = "config.yaml"
 HASH_TAG = "sha256."  # logged-model tags sha256.model.safetensors and sha256.config.yaml
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(InputError, ValueError):
     """A logged model that is not in the hvd flavor, whose files do not make a model, or whose files are not
     the ones logged; names the URI."""
 

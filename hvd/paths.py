@@ -14,11 +14,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from hvd.errors import InputError
+
 ROOT_ENV = "HVD_ROOT"
 SQLITE = "sqlite:///"
 
 
-class UnsharedPathError(ValueError):
+class UnsharedPathError(InputError, ValueError):
     """Config paths the nodes of this cluster would not share; the message names the keys and the fix."""
 
 

@@ -40,6 +40,7 @@ from mlflow.utils.mlflow_tags import (
 from hvd import mlflow_flavor
 from hvd.config import Config, flatten, to_yaml
 from hvd.data.folders import LockHeld, exclusive, hold
+from hvd.errors import HvdError, InputError
 from hvd.paths import resolve_tracking_uri
 from hvd.stopping import stopped
 from hvd.worker_setup import verbose
@@ -156,7 +157,7 @@ def log_metrics(
         client.log_batch(run_id, metrics=values[start : start + BATCH_LIMIT])
 
 
-class RunConfigMismatch(ValueError):
+class RunConfigMismatch(InputError, ValueError):
     """Resuming would train with one config while MLflow records another; the message lists the keys."""
 
 
@@ -176,7 +177,7 @@ def config_differences(logged: dict[str, str], cfg: Config) -> list[str]:
             if logged.get(key, defaults[key]) != value]
 
 
-class RunBusy(RuntimeError):
+class RunBusy(HvdError, RuntimeError):
     """The run `run.resume=auto` would resume is being trained by another live driver; the message names it."""
 
 
@@ -345,7 +346,7 @@ class MetricLogger:
         self.last_step.update(dict.fromkeys(fresh, step))
 
 
-class NonFiniteModel(ValueError):
+class NonFiniteModel(HvdError, ValueError):
     """Weights or metrics with NaN or infinity: such a model is never registered."""
 
 

@@ -34,9 +34,8 @@ eval.benchmark, else the manifest's folder name) tagged with model_name, model_v
 from __future__ import annotations
 
 from hvd.cli import add_job_flags, fail, parse_args, run_pipeline
-from hvd.data.prepare import PrepareError
+from hvd.errors import HvdError
 from hvd.eval.job import evaluate, summary_text
-from hvd.eval.source import ModelSourceError
 
 SECTIONS = ("eval", "index", "data", "tracking")
 
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_job_flags)
     try:
         outcome = evaluate(cfg, args.model, manifest=args.manifest, shards=args.shards)
-    except (ModelSourceError, PrepareError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
+    except (HvdError, FileNotFoundError, ValueError) as err:
+        fail(err)
     print(summary_text(outcome, cfg))
 
 

@@ -17,9 +17,8 @@ and stage 1 from it instead of encoding them, and `pipelines/search.py` searches
 from __future__ import annotations
 
 from hvd.cli import add_job_flags, fail, parse_args, run_pipeline
-from hvd.data.prepare import PrepareError
+from hvd.errors import HvdError
 from hvd.eval.index_job import IndexOutcome, build_index
-from hvd.eval.source import ModelSourceError
 
 SECTIONS = ("eval", "index", "data", "tracking")
 
@@ -42,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_job_flags)
     try:
         outcome = build_index(cfg, args.model, manifest=args.manifest, shards=args.shards)
-    except (ModelSourceError, PrepareError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
+    except (HvdError, FileNotFoundError, ValueError) as err:
+        fail(err)
     print(summary_text(outcome))
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             args.benchmark, args.annotations, args.videos, args.out, dict(args.option), args.drop_missing
         )
     except BenchmarkError as err:
-        fail(str(err))
+        fail(err)
     print(report.summary())
 
 

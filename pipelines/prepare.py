@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 from hvd.cli import fail, parse_args, run_pipeline
-from hvd.data.prepare import QUARANTINE_FILE, PrepareError, prepare
+from hvd.data.prepare import QUARANTINE_FILE, prepare
+from hvd.errors import HvdError
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.data.shards)
     try:
         summary = prepare(cfg, manifest, out, overwrite=cfg.data.overwrite)
-    except (PrepareError, ValueError) as err:  # ManifestError is a ValueError
-        fail(str(err))
+    except (HvdError, ValueError) as err:
+        fail(err)
     print(summary)
     if summary.quarantined:
         print(f"quarantined videos and their errors: {out / QUARANTINE_FILE}")

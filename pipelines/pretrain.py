@@ -11,10 +11,7 @@ fingerprint of its settings. `pipelines/train.py` does the same first when `mode
 from __future__ import annotations
 
 from hvd.cli import fail, parse_args, run_pipeline
-from hvd.data.prepare import PrepareError
-from hvd.data.shards import ShardError
-from hvd.tracking import RunBusy, RunConfigMismatch
-from hvd.train.trainer import TrainingFailed
+from hvd.errors import HvdError
 from hvd.train.warm_start import pretrain
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "tracking")
@@ -24,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         weights = pretrain(cfg)
-    except (TrainingFailed, PrepareError, RunConfigMismatch, RunBusy, ShardError) as err:  # each says what to do
-        fail(str(err))
+    except HvdError as err:  # each says what went wrong and what to do
+        fail(err)
     print(f"\nload it with    model.pretrained={weights}")
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from hvd.cli import fail, parse_args, run_pipeline
 from hvd.config import Config
+from hvd.errors import HvdError
 from hvd.eval import plots
 from hvd.eval.gallery_index import GalleryIndex
 from hvd.eval.index_registry import index_tag, linked_indexes, open_index
 from hvd.eval.search import hit_frames, search
-from hvd.eval.source import ModelSource, ModelSourceError, load_model_source
+from hvd.eval.source import ModelSource, load_model_source
 from hvd.model import build_tokenizer
 from hvd.tracking import active_tracking_uri, tracking_uri
 
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = build_tokenizer(trained.model, trained.data.max_words)
         hits = search(model, tokenizer, index, args.query, max(cfg.eval.topk, args.top), args.top, cfg.index.nprobe)
         pairs = hit_frames(model, tokenizer, index.meta["shards"], index.meta["split"], args.query, hits)
-    except (ModelSourceError, FileNotFoundError, ValueError) as err:
-        fail(str(err))
+    except (HvdError, FileNotFoundError, ValueError) as err:
+        fail(err)
     sheet = plots.contact_sheet(args.query, pairs, [hit.score for hit in hits], args.sheet or sheet_path(cfg, args.query))
 
     meta = index.meta

@@ -11,13 +11,9 @@ from __future__ import annotations
 import time
 
 from hvd.cli import fail, parse_args, run_pipeline
-from hvd.data.manifest import ManifestError
-from hvd.data.prepare import PrepareError
-from hvd.data.shards import ShardError
-from hvd.eval.metrics import NonFiniteScores
-from hvd.tracking import NonFiniteModel, RunBusy, RunConfigMismatch, ui_command
+from hvd.errors import HvdError
+from hvd.tracking import ui_command
 from hvd.train.fit import fit
-from hvd.train.trainer import TrainingFailed
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")
 
@@ -26,9 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
     try:
         outcome = fit(cfg)
-    except (TrainingFailed, PrepareError, ManifestError, FileNotFoundError, RunConfigMismatch, RunBusy, ShardError,
-            NonFiniteModel, NonFiniteScores) as err:
-        fail(str(err))
+    except HvdError as err:  # each says what went wrong and what to do
+        fail(err)
     model = outcome.model
     print(f"\nMLflow run      {outcome.run_id}")
     print(f"registered      {model.name} version {model.version}"

@@ -215,7 +215,25 @@ def test_train_refuses_a_broken_manifest_or_missing_weights_before_ray_or_mlflow
     manifest.write_text('{"video_id": "a", "path": "a.mp4", "captions": ["x"], "split": "train"}\nnot json\n')
     for bad in (f"data.manifest={manifest}", f"model.pretrained={tmp_path}/absent.pt"):
         result = _run("pipelines/train.py", bad, f"tracking.uri=sqlite:///{db}", f"pretrain.out={tmp_path}/pre")
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr  # bad input
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
         assert ("manifest.jsonl:2" in result.stderr) if "manifest" in bad else ("absent.pt" in result.stderr)
         assert not db.exists() and not (tmp_path / "pre").exists() and "ray" not in result.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "args", "says"),
+    [
+        ("pipelines/prepare.py", ["--manifest", "MISSING", "--out", "OUT"], "manifest not found"),
+        ("pipelines/evaluate.py", ["--model", "nowhere/at/all", "--shards", "OUT"], "nowhere/at/all"),
+        ("pipelines/index.py", ["--model", "nowhere/at/all", "--shards", "OUT"], "nowhere/at/all"),
+        ("pipelines/search.py", ["--model", "nowhere/at/all", "a red square"], "nowhere/at/all"),
+        ("pipelines/manifest.py", ["msrvtt", "--annotations", "MISSING", "--videos", "MISSING", "--out", "OUT/m.jsonl"],
+         "not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(pipeline, args, says, tmp_path):
+    args = [arg.replace("MISSING", str(tmp_path / "missing")).replace("OUT", str(tmp_path / "out")) for arg in args]
+    result = _run(pipeline, *args, *([] if "manifest.py" in pipeline else [f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and says in result.stderr and "Traceback" not in result.stderr

@@ -468,7 +468,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     base = ["msrvtt", "--annotations", str(tmp_path), "--videos", str(videos), "--out"]
     with pytest.raises(SystemExit) as exit_info:
         main([*base, str(tmp_path / "m.jsonl")])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # bad input
     assert "error: annotation file not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([*base, "m.jsonl", "--option", "7k"])

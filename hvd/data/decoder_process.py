@@ -35,6 +35,8 @@ from typing import Any, BinaryIO
 
 import cloudpickle
 
+from hvd.errors import HvdError
+
 _LENGTH = struct.Struct("<Q")
 _READY = "ready"
 _START_TIMEOUT_S = 120.0
@@ -49,7 +51,7 @@ class DecodeFailure:
     error: str
 
 
-class DecoderStartError(RuntimeError):
+class DecoderStartError(HvdError, RuntimeError):
     """The child process could not start: a broken install or a memory limit below its imports, not a broken
     video, so the job stops."""
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hvd.data.manifest import SPLITS, ManifestEntry, write_manifest
+from hvd.errors import InputError
 
 # Preference order when one video exists in several encodings (a .webm re-encoded to .mp4).
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
@@ -26,7 +27,7 @@ Captions = dict[str, list[str]]  # video id -> captions, in annotation order
 Layout = Callable[[str], tuple[str, tuple[str, ...]]]  # video id -> (usual relative path, file stems to try)
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError, ValueError):
     """Annotations, options or folders an importer cannot use; the message names the file or option."""
 
 

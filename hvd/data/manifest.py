@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from hvd.errors import InputError
+
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError, ValueError):
     """A manifest line that breaks the format; the message names the file and line."""
 
 

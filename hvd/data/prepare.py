@@ -49,6 +49,7 @@ from hvd.data.manifest import (
 )
 from hvd.data.shards import SUMMARY_FILE
 from hvd.durable import atomic_file, write_text
+from hvd.errors import InputError
 from hvd.paths import require_shared_paths
 from hvd.ray_runtime import ensure_ray
 
@@ -92,7 +93,7 @@ QUARANTINE_SCHEMA = pa.schema(
 _DECODED_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [QUARANTINE_SCHEMA.field("reason"), QUARANTINE_SCHEMA.field("error")])
 
 
-class PrepareError(RuntimeError):
+class PrepareError(InputError, RuntimeError):
     """The output folder cannot take this run (other settings, unfinished run) or rows went missing."""
 
 

@@ -19,11 +19,12 @@ import ray
 from PIL import Image
 
 from hvd.data.manifest import SPLITS
+from hvd.errors import InputError
 
 SUMMARY_FILE = "_summary.json"  # written last by prepare: its presence marks a finished folder
 
 
-class ShardError(ValueError):
+class ShardError(InputError, ValueError):
     """Shards that are missing or unfinished; the message names the folder."""
 
 

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from hvd.config import Config
 from hvd.data.shards import shard_summary
 from hvd.durable import publish
+from hvd.errors import HvdError
 from hvd.eval.gallery_index import INDEX_FILES, GalleryIndex
 from hvd.eval.source import ModelSource
 from hvd.mlflow_flavor import changed_files, sha256_file
@@ -29,7 +30,7 @@ ARTIFACT_PATH = "index"
 HASH_PARAM = "sha256."  # the index run's params sha256.index.json, sha256.stage1.faiss, ...
 
 
-class IndexIntegrityError(ValueError):
+class IndexIntegrityError(HvdError, ValueError):
     """An index whose files are not the ones its run logged, or whose run records none; says which and why."""
 
 

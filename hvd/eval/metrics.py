@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hvd.errors import HvdError
+
 RECALL_AT = (1, 5, 10)
 CONVENTIONS = (
     "CLIP4Clip/X-Pool: t2v one query per caption; v2t one query per video over caption groups scored by "
@@ -23,7 +25,7 @@ CONVENTIONS = (
 )
 
 
-class NonFiniteScores(ValueError):
+class NonFiniteScores(HvdError, ValueError):
     """A score matrix holding NaN or infinity: the model is broken, and no metric of it means anything."""
 
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from hvd.checkpoint import STATE_FILE, load_state
 from hvd.config import Config, config_from_yaml
+from hvd.errors import InputError
 from hvd.mlflow_flavor import ModelFormatError
 from hvd.model import RetrievalModel, rebuild_model
 from hvd.tracking import load_model, version_model_id
@@ -23,7 +24,7 @@ from hvd.tracking import load_model, version_model_id
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError, ValueError):
     """A model URI that names nothing loadable; the message names the URI."""
 
 

@@ -26,13 +26,14 @@ from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from safetensors.torch import save_file
 
 from hvd.durable import atomic_file
+from hvd.errors import InputError
 from hvd.model.model import RetrievalModel
 
 HEAD_PREFIX = "head."
 _TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # OpenAI's files hold these too
 
 
-class RefusedWeightsError(ValueError):
+class RefusedWeightsError(InputError, ValueError):
     """A weights file that is not read at all: reading it could run code it carries."""
 
 

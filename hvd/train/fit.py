@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hvd.config import WARM_START, Config
+from hvd.config import WARM_START, Config, ConfigError
 from hvd.data.manifest import index_manifest
 from hvd.train.trainer import TrainOutcome, prepare_data, train
 from hvd.train.warm_start import provenance, warm_start
@@ -24,4 +24,4 @@ def check_inputs(cfg: Config) -> None:
     if cfg.data.manifest:
         index_manifest(cfg.data.manifest)
     if cfg.model.pretrained not in (None, WARM_START) and not Path(cfg.model.pretrained).is_file():
-        raise FileNotFoundError(f"model.pretrained: no such file: {cfg.model.pretrained}")
+        raise ConfigError(f"model.pretrained: no such file: {cfg.model.pretrained}")

@@ -25,6 +25,7 @@ from hvd.data.manifest import fingerprint
 from hvd.data.prepare import prepare
 from hvd.data.shards import read_shards, shard_summary
 from hvd.data.synthetic import generate, read_ceiling
+from hvd.errors import HvdError
 from hvd.eval.encode import evaluate_split
 from hvd.model import RetrievalModel, build_model, build_tokenizer
 from hvd.paths import require_shared_paths
@@ -80,7 +81,7 @@ class TrainingData:
     ceiling: float | None = None  # a synthetic benchmark's oracle test t2v R@1
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(HvdError, RuntimeError):
     """Training stopped after its restarts ran out; the message names the cause on each failed worker."""
 
 
