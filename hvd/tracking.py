@@ -322,6 +322,18 @@ def finish_run(uri: str, run_id: str, failed: bool = False) -> None:
             lease.release()
 
 
+@contextlib.contextmanager
+def closing_run(uri: str, run_id: str) -> Iterator[None]:
+    """The one way a run ends: FINISHED when the block completes, FAILED when it raises, KILLED when a stop
+    signal ends it (`finish_run`); no exit leaves a run RUNNING."""
+    try:
+        yield
+    except BaseException:
+        finish_run(uri, run_id, failed=True)
+        raise
+    finish_run(uri, run_id)
+
+
 class MetricLogger:
     """Appends metrics to a run from a training worker, never twice for the same key and step.
 

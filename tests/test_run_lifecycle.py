@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, load_config
-from hvd.tracking import HEARTBEAT_TAG, RunBusy, finish_run, start_or_resume_run, tracking_uri
+from hvd.tracking import HEARTBEAT_TAG, RunBusy, closing_run, finish_run, start_or_resume_run, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,19 +68,19 @@ def test_without_a_local_storage_folder_a_fresh_heartbeat_marks_the_live_driver(
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
-def test_a_run_ends_killed_when_a_signal_stops_it_and_failed_when_an_error_does(tmp_path):
+def test_a_run_ends_killed_when_a_signal_stops_it_failed_when_an_error_does_finished_otherwise(tmp_path):
     cfg = config(tmp_path, "run.resume=never")
     client = MlflowClient(tracking_uri(cfg))
     for error, status in [
         (KeyboardInterrupt("SIGTERM"), "KILLED"),  # what hvd.stopping turns SIGTERM and SIGINT into
         (SystemExit(15), "KILLED"),  # what Ray's own SIGTERM handler raises
         (ValueError("a bug"), "FAILED"),
+        (None, "FINISHED"),
     ]:
         run = start_or_resume_run(cfg, {})
-        try:
-            raise error
-        except BaseException:
-            finish_run(tracking_uri(cfg), run.run_id, failed=True)
+        with contextlib.suppress(BaseException), closing_run(tracking_uri(cfg), run.run_id):
+            if error is not None:
+                raise error
         assert client.get_run(run.run_id).info.status == status, error
 
 

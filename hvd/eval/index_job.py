@@ -19,10 +19,10 @@ from hvd.eval.actors import encode_videos_with_actors
 from hvd.eval.gallery_index import GalleryIndex, write_index
 from hvd.eval.index_registry import index_tag, link_index, log_index
 from hvd.eval.job import JobInputs, open_job, ready_shards
-from hvd.eval.report import finish_eval_run, start_eval_run
+from hvd.eval.report import log_eval_results, start_eval_run
 from hvd.model import RetrievalModel, VideoFeatures
 from hvd.stopping import stop_on_signals
-from hvd.tracking import finish_run, run_url
+from hvd.tracking import closing_run, run_url
 
 EMBEDDING_CHUNK = 4096  # videos per first-stage embedding call
 
@@ -54,12 +54,8 @@ def build_index(cfg: Config, model_uri: str, manifest: Path | None = None, shard
     stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     run = start_eval_run(job.tracking_uri, cfg, f"{source.label}-index", tags, {"eval.model": model_uri},
                          job.dataset())
-    try:
-        outcome = _build(job, run.run_id, run_url(job.tracking_uri, run.experiment_id, run.run_id))
-    except BaseException:
-        finish_run(job.tracking_uri, run.run_id, failed=True)
-        raise
-    return outcome
+    with closing_run(job.tracking_uri, run.run_id):
+        return _build(job, run.run_id, run_url(job.tracking_uri, run.experiment_id, run.run_id))
 
 
 def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
@@ -96,6 +92,6 @@ def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
         "features_bytes": index.meta["features_bytes"],
     }
     client.set_tag(run_id, "index_kind", index.kind)
-    finish_eval_run(job.tracking_uri, run_id, metrics, [], None)
+    log_eval_results(job.tracking_uri, run_id, metrics, [], None)
     linked_to = link_index(client, source, index_tag(job.benchmark, cfg.eval.split), artifact_uri)
     return IndexOutcome(index, artifact_uri, run_id, url, linked_to, {"encode_s": encode_s, "build_s": build_s})

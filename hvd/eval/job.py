@@ -29,7 +29,7 @@ from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.report import (
     EvalRun,
     experiment_name,
-    finish_eval_run,
+    log_eval_results,
     metric_table,
     mlflow_metric_names,
     start_eval_run,
@@ -41,7 +41,7 @@ from hvd.model import RetrievalModel, build_tokenizer
 from hvd.paths import require_shared_paths, resolve_path
 from hvd.ray_runtime import ensure_ray
 from hvd.stopping import stop_on_signals
-from hvd.tracking import active_tracking_uri, benchmark_input, finish_run, run_url, source_tags, tracking_uri
+from hvd.tracking import active_tracking_uri, benchmark_input, closing_run, run_url, source_tags, tracking_uri
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
 MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jpeg_quality", "max_words")
@@ -262,12 +262,8 @@ def evaluate(
     stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     run = start_eval_run(job.tracking_uri, cfg, f"{source.label}-{cfg.eval.mode}", tags,
                          {"eval.model": model_uri}, job.dataset())
-    try:
-        outcome = _run_evaluation(job, run)
-    except BaseException:
-        finish_run(job.tracking_uri, run.run_id, failed=True)
-        raise
-    return outcome
+    with closing_run(job.tracking_uri, run.run_id):
+        return _run_evaluation(job, run)
 
 
 def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
@@ -319,7 +315,7 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
         "excluded": excluded,
     }
     artifacts.insert(0, write_report(report, out))
-    finish_eval_run(uri, run.run_id, mlflow_metric_names(metrics, cfg.eval.split), artifacts, source.model_id)
+    log_eval_results(uri, run.run_id, mlflow_metric_names(metrics, cfg.eval.split), artifacts, source.model_id)
     return EvalOutcome(run.run_id, uri, run_url(uri, run.experiment_id, run.run_id), benchmark, source, metrics,
                        excluded, out, artifacts)
 

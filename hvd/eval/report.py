@@ -12,7 +12,7 @@ from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten
-from hvd.tracking import experiment_id, finish_run, log_metrics, log_params
+from hvd.tracking import experiment_id, log_metrics, log_params
 
 COLUMNS = ("R1", "R5", "R10", "MdR", "MnR")
 REPORT_FILE = "report.json"
@@ -67,12 +67,11 @@ def start_eval_run(
     return EvalRun(run.info.run_id, experiment)
 
 
-def finish_eval_run(
+def log_eval_results(
     uri: str, run_id: str, metrics: dict[str, float], artifacts: Iterable[Path], model_id: str | None
 ) -> None:
-    """Metrics (on the evaluated model's page too, when it is a logged model), artifacts, FINISHED."""
+    """Metrics (on the evaluated model's page too, when it is a logged model) and artifacts of a job's run."""
     client = MlflowClient(uri)
     log_metrics(client, run_id, metrics, step=0, model_id=model_id)
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    finish_run(uri, run_id)

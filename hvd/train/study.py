@@ -25,9 +25,9 @@ from hvd.config import Config, config_from_yaml, to_yaml
 from hvd.ray_runtime import ensure_ray
 from hvd.tracking import (
     RunConfigMismatch,
+    closing_run,
     config_differences,
     experiment_id,
-    finish_run,
     log_metrics,
     log_params,
     source_tags,
@@ -198,7 +198,7 @@ def run_study(base: Config, study: str, resume: str | None = None) -> tuple[str,
     space = {"config": to_yaml(base), "study": study, "parent_run_id": parent, "trial": tune.grid_search(trials)}
     # a resume is its own Tune experiment beside the first one, named by what it had left to run
     name = f"study-{study}-{parent[:8]}" + (f"-resumed-{len(trials)}-left" if resume else "")
-    try:
+    with closing_run(uri, parent):
         if trials:
             ensure_ray()
             tuner = tune.Tuner(
@@ -211,11 +211,7 @@ def run_study(base: Config, study: str, resume: str | None = None) -> tuple[str,
             failed = [r.error for r in tuner.fit() if r.error is not None]
             if failed:
                 raise RuntimeError(f"{len(failed)} of {len(trials)} study trials failed; the first: {failed[0]}")
-    except BaseException:
-        finish_run(uri, parent, failed=True)
-        raise
-    cells = report(client, parent)
-    finish_run(uri, parent)
+        cells = report(client, parent)
     return parent, cells
 
 

@@ -35,7 +35,7 @@ from hvd.tracking import (
     RegisteredModel,
     TrackedRun,
     benchmark_input,
-    finish_run,
+    closing_run,
     log_metrics,
     ray_name,
     register_model,
@@ -151,17 +151,14 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
             "val_split": val_split, **source_tags(description), **(tags or {})}
     stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, data.source, splits, "train"))
-    try:
+    with closing_run(tracking_uri(cfg), tracked.run_id):  # not FINISHED: the same command resumes it
         return _train_in_run(cfg, data, tracked, splits, val_split, steps)
-    except BaseException:
-        finish_run(tracking_uri(cfg), tracked.run_id, failed=True)  # or KILLED: the same command resumes it
-        raise
 
 
 def _train_in_run(
     cfg: Config, data: TrainingData, tracked: TrackedRun, splits: dict[str, int], val_split: str, steps: int
 ) -> TrainOutcome:
-    """Fit, test and register in the open MLflow run `tracked`, and end it FINISHED."""
+    """Fit, test and register in the open MLflow run `tracked`."""
     shards = data.shards
     uri = tracking_uri(cfg)
     how = f"resumed: the unfinished run named {cfg.run.name}, from its last checkpoint" if tracked.resumed else "new"
@@ -229,7 +226,6 @@ def _train_in_run(
     log_training_curves(uri, tracked.run_id)
     resumed = restarts(uri, tracked.run_id, fit_started_ms)
     MlflowClient(uri).set_tag(tracked.run_id, "restarts", str(len(resumed)))
-    finish_run(uri, tracked.run_id)
     return TrainOutcome(tracked.run_id, uri, run_url(uri, tracked.experiment_id, tracked.run_id), registered, val, test,
                         resumed, model, data.ceiling)
 
