@@ -44,8 +44,8 @@ def listening(root: psutil.Process) -> set[tuple[int, str, str, int]]:
 
 
 def documented_training_ports(workers: int) -> int:
-    """Ports the README's "What listens where" table gives the training workers, beyond Ray's one each."""
-    section = (ROOT / "README.md").read_text().split("What listens where", 1)[1].split("\n\n**", 1)[0]
+    """Ports docs/security.md's "What listens where" table gives the training workers, beyond Ray's one each."""
+    section = (ROOT / "docs" / "security.md").read_text().split("What listens where", 1)[1].split("\n\n**", 1)[0]
     rows = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| (\d+) \|$", section, re.M)
     return sum(int(count) * (workers if where.startswith("each") else 1) for _, where, count in rows
                if "training" in where)

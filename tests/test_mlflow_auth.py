@@ -57,7 +57,7 @@ def test_the_tracking_server_refuses_requests_without_the_admin_password(local_s
     server = psutil.Process(int((tmp_path / "c" / "mlflow.pid").read_text()))
     listening = {c.laddr for p in [server, *server.children(recursive=True)]
                  for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
-    assert [address.ip for address in listening] == ["127.0.0.1"]  # README: MLflow server, 1 port
+    assert [address.ip for address in listening] == ["127.0.0.1"]  # docs/security.md: MLflow server, 1 port
 
     # `down` and up again: the stored admin account still takes the stored password, and a client with it
     # logs runs and artifacts (proxied into the store) as every job does.

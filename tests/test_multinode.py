@@ -133,7 +133,7 @@ def manifest(cluster) -> Path:
     return generate(SyntheticConfig(preset="tiny", out=str(cluster.workdir / "synth"), workers=1), progress=False)
 
 
-# How each listening process of the cluster is told apart (its command line) and its name in the README.
+# How each listening process of the cluster is told apart (its command line) and its name in docs/security.md.
 LISTENERS = {
     "uvicorn": "MLflow server", "gcs_server": "GCS server", "ray/dashboard/dashboard.py": "dashboard",
     "autoscaler/_private/monitor.py": "autoscaler monitor", "ray.util.client.server": "Ray client server",
@@ -142,9 +142,9 @@ LISTENERS = {
 
 
 def documented_listeners() -> dict[str, int]:
-    """The README's table of what `local.sh up` listens on with no job running: process -> ports, per node
+    """docs/security.md's table of what `local.sh up` listens on with no job running: process -> ports, per node
     where it says so. Its training rows are checked by `tests/test_listeners.py`."""
-    section = (ROOT / "README.md").read_text().split("What listens where", 1)[1].split("\n\n**", 1)[0]
+    section = (ROOT / "docs" / "security.md").read_text().split("What listens where", 1)[1].split("\n\n**", 1)[0]
     rows = re.findall(r"^\| ([^|]+?) \| ([^|]+?) \| (\d+) \|$", section, re.M)
     return {name: int(count) * (2 if where == "each node" else 1) for name, where, count in rows
             if "training" not in where}
