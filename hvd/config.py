@@ -27,79 +27,198 @@ class ConfigError(InputError, ValueError):
     """A config key or value that cannot be used; the message names the key."""
 
 
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def key(
+    default: Any, help: str, *, choices: tuple[str, ...] = (), rule: Rule | None = None, path: bool = False,
+    resume_free: bool = False,
+) -> Any:
+    """A config key with every fact about it in one place: its default, what it does (`--help`), its choices or
+    range (checked at load), whether it names a file or folder (made absolute under the project root), and
+    whether a resume may change it (it says how to run, not what is trained)."""
+    facts = {"help": help, "choices": choices, "rule": rule, "path": path, "resume_free": resume_free}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=facts)
+    return field(default=default, metadata=facts)
+
+
+def _rule(test: Callable[[Any], bool], text: str, optional: bool = False) -> Rule:
+    """A range check; `optional`: None (take the preset's value) passes too."""
+    return (lambda v: v is None or test(v), f"{text}, or unset") if optional else (test, text)
+
+
+def _between(low: float, high: float, optional: bool = False) -> Rule:
+    return _rule(lambda v: low <= v <= high, f"{low:,} to {high:,}", optional)
+
+
+# Sizes get upper bounds far past any real run but short of what exhausts a machine by a typo.
+MANY = 100_000_000  # videos, stills, steps
+_COUNT = _between(1, MANY)
+_NONNEGATIVE = _rule(lambda v: v >= 0, "at least 0")
+_POSITIVE = _rule(lambda v: v > 0, "above 0")
+_SHARE = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
+_CPUS = _rule(lambda v: 0 < v <= 1024, "above 0 and at most 1,024")
+_WORKERS = _between(1, 4096)
+_BATCH = _between(1, 65_536)
 @dataclass
 class RunConfig:
-    name: str = "hvd-tiny-demo"  # run name in MLflow and Ray Train; reusing it resumes the run
-    seed: int = 0
-    resume: str = "auto"  # auto: an unfinished run of this name resumes if its config is this one; never: a new run
+    name: str = key("hvd-tiny-demo", "run name in MLflow and Ray Train; reusing it resumes the run")
+    seed: int = key(0, "seed of weight initialisation and data order")
+    resume: str = key(
+        "auto",
+        "auto: an unfinished run of this name resumes if its config is this one; never: a new run",
+        choices=("auto", "never"),
+        resume_free=True,
+    )
 
 
 @dataclass
 class SyntheticConfig:
     """The synthetic benchmark; `None` fields take the preset's value."""
 
-    preset: str = "demo"  # tiny | demo | full | long
-    out: str = "data/synthetic-demo"
-    seed: int = 0
-    num_train: int | None = None
-    num_val: int | None = None
-    num_test: int | None = None
-    frame_size: int | None = None  # pixels, square frames
-    fps: int | None = None
-    duration_s: float | None = None
-    event_fraction: float = 0.5  # share of the clip in which the described event happens
-    entity_scale: float = 0.3  # target object size relative to the frame side
-    num_distractors: int = 2
-    train_captions: int = 5  # captions per train video; val/test videos get one
-    temporal: bool = False  # the target moves and captions name the motion (order matters: temporal heads)
-    workers: int = 0  # generator processes; 0 = one per CPU
+    preset: str = key(
+        "demo",
+        "sizes of the generated benchmark (hvd.data.synthetic.PRESETS)",
+        choices=("tiny", "demo", "full", "long"),
+    )
+    out: str = key(
+        "data/synthetic-demo", "folder of the generated benchmark (videos and manifest)", path=True
+    )
+    seed: int = key(0, "seed of the generated world")
+    num_train: int | None = key(None, "train videos", rule=_between(0, MANY, optional=True))
+    num_val: int | None = key(None, "validation videos", rule=_between(0, MANY, optional=True))
+    num_test: int | None = key(None, "test videos", rule=_between(0, MANY, optional=True))
+    frame_size: int | None = key(
+        None,
+        "pixels, square frames",
+        rule=_rule(lambda v: 16 <= v <= 1024 and v % 2 == 0, "even and 16 to 1,024", optional=True),
+    )
+    fps: int | None = key(
+        None, "frames per second of the generated clips", rule=_between(1, 240, optional=True)
+    )
+    duration_s: float | None = key(
+        None,
+        "seconds per clip",
+        rule=_rule(lambda v: 0 < v <= 3600, "above 0 and at most 3,600", optional=True),
+    )
+    event_fraction: float = key(0.5, "share of the clip in which the described event happens", rule=_SHARE)
+    entity_scale: float = key(
+        0.3,
+        "target object size relative to the frame side",
+        rule=_rule(lambda v: 0 < v <= 0.6, "in (0, 0.6]"),
+    )
+    num_distractors: int = key(
+        2,
+        "objects besides the target in each clip",
+        rule=_rule(lambda v: 0 <= v <= 8, "0 to 8 (9 colours, one is the target's)"),
+    )
+    train_captions: int = key(5, "captions per train video; val/test videos get one", rule=_between(1, 100))
+    temporal: bool = key(
+        False, "the target moves and captions name the motion (order matters: temporal heads)"
+    )
+    workers: int = key(0, "generator processes; 0 = one per CPU", rule=_between(0, 4096))
 
 
 @dataclass
 class DataConfig:
-    manifest: str | None = None  # benchmark manifest (JSONL); the synthetic one when None
-    shards: str = "data/shards-demo"  # Parquet shard directory written by prepare
-    overwrite: bool = False  # replace shards prepared with other settings
-    num_frames: int = 12
-    sample_mode: str = "uniform"  # uniform | fps
-    frame_size: int = 64  # short side resize, then centre crop to a square
-    frame_codec: str = "jpeg"  # jpeg | raw
-    jpeg_quality: int = 90
-    min_duration_fraction: float = 0.9  # decodable frames must cover this share of the declared duration
-    keep_truncated: bool = False  # keep (flagged) instead of quarantining a clip that covers less
-    max_words: int = 32  # caption tokens, including start and end tokens
-    expand_captions: bool = False  # every caption a sample, instead of one random caption per epoch
-    decode_concurrency: int = 2  # decode tasks running at once
-    decode_cpus: float = 1.0  # CPUs reserved by each decode task
-    decode_timeout_s: float = 120.0  # a video still decoding after this is stopped and quarantined (timeout)
-    decode_memory_mb: int = 4096  # address-space limit of each decode child; a video that needs more is quarantined
-    max_video_frames: int = 1_000_000  # a video declaring more frames is quarantined (too_large) before decoding
-    max_video_pixels: int = 4096 * 4096  # width x height; larger frames are quarantined (too_large)
-    max_video_duration_s: float = 6 * 3600.0  # longer videos are quarantined (too_large)
-    shard_videos: int = 256  # at most this many videos per decode task, so per Parquet shard file
-    decode_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per decode task
-    train_decode_cpus: float = 0.5  # CPUs per Ray Data task that decodes and tokenises training batches
+    manifest: str | None = key(None, "benchmark manifest (JSONL); the synthetic one when None", path=True)
+    shards: str = key("data/shards-demo", "Parquet shard directory written by prepare", path=True)
+    overwrite: bool = key(False, "replace shards prepared with other settings", resume_free=True)
+    num_frames: int = key(12, "frames sampled per video", rule=_between(1, 1024))
+    sample_mode: str = key(
+        "uniform",
+        "uniform: evenly over the clip; fps: one frame a second, padded when the clip is shorter",
+        choices=("uniform", "fps"),
+    )
+    frame_size: int = key(64, "short side resize, then centre crop to a square", rule=_between(8, 1024))
+    frame_codec: str = key("jpeg", "how frames are stored in the shards", choices=("jpeg", "raw"))
+    jpeg_quality: int = key(
+        90, "JPEG quality of stored frames", rule=_rule(lambda v: 1 <= v <= 100, "1 to 100")
+    )
+    min_duration_fraction: float = key(
+        0.9,
+        "decodable frames must cover this share of the declared duration",
+        rule=_rule(lambda v: 0 <= v <= 1, "in [0, 1] (0 turns the check off)"),
+    )
+    keep_truncated: bool = key(False, "keep (flagged) instead of quarantining a clip that covers less")
+    max_words: int = key(
+        32,
+        "caption tokens, including start and end tokens",
+        rule=_rule(lambda v: 3 <= v <= 77, "3 to 77 (start and end tokens take 2; CLIP reads 77)"),
+    )
+    expand_captions: bool = key(False, "every caption a sample, instead of one random caption per epoch")
+    decode_concurrency: int = key(2, "decode tasks running at once", rule=_WORKERS)
+    decode_cpus: float = key(1.0, "CPUs reserved by each decode task", rule=_CPUS)
+    decode_timeout_s: float = key(
+        120.0,
+        "a video still decoding after this is stopped and quarantined (timeout)",
+        rule=_rule(lambda v: 0 < v <= 86_400, "above 0 and at most a day (86,400)"),
+    )
+    decode_memory_mb: int = key(
+        4096,
+        "address-space limit of each decode child; a video that needs more is quarantined",
+        rule=_between(1024, 1 << 20),
+    )
+    max_video_frames: int = key(
+        1_000_000, "a video declaring more frames is quarantined (too_large) before decoding", rule=_COUNT
+    )
+    max_video_pixels: int = key(
+        4096 * 4096, "width x height; larger frames are quarantined (too_large)", rule=_between(1, 1 << 30)
+    )
+    max_video_duration_s: float = key(
+        6 * 3600.0,
+        "longer videos are quarantined (too_large)",
+        rule=_rule(lambda v: 0 < v <= 7 * 86_400, "above 0 and at most a week (604,800)"),
+    )
+    shard_videos: int = key(
+        256,
+        "at most this many videos per decode task, so per Parquet shard file",
+        rule=_between(1, 1_000_000),
+    )
+    decode_resources: dict[str, float] = key({}, "custom Ray resources per decode task")
+    train_decode_cpus: float = key(
+        0.5, "CPUs per Ray Data task that decodes and tokenises training batches", rule=_CPUS
+    )
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | tiny-p8 | ViT-B-32 | ViT-B-16
-    head: str = "hvd"  # hvd | meanp | xpool | eercf | hvp | hcmi (README: "Heads")
-    pretrained: str | None = None  # local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start
-    quick_gelu: bool = True  # OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not
-    frame_keep: float = 0.5  # FFSM: share of frames kept per (text, video) pair
-    pfcm_steps: int = 3  # PFCM: rounds of density-peak compression
-    pfcm_scope: str = "video"  # PFCM clusters all the video's patches together (video, as HVP-Net) or each frame's (frame)
-    pfcm_ratio: float = 0.5  # PFCM: share of tokens kept per round
-    dpc_k: int = 3  # DPC-KNN neighbours, the token itself included
-    score_budget_mb: int = 512  # memory cap for one chunk of pairwise scoring
-    layers: list[int] = field(default_factory=list)  # hvp: ViT blocks matched with the caption; empty: first, middle, last
-    temporal_layers: int = 4  # eercf, hcmi: blocks of the transformer over frames (CLIP4Clip's seqTransf)
-    pearson_weight: float = 0.001  # eercf: weight of the Pearson constraint in the loss (EERCF's)
-    clip_ratio: float = 0.25  # hcmi: clips per real frame (12 frames -> 3 clips)
-    phrase_ratio: float = 0.25  # hcmi: phrases per word token
-    label_denoising: bool = True  # hcmi: soft InfoNCE targets shared with near-duplicate captions of the batch
-    sample_enhancement: bool = True  # hcmi: negatives near the positive's score count twice in the InfoNCE
+    preset: str = key(
+        "tiny", "CLIP backbone (tiny ones for CPUs)", choices=("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16")
+    )
+    head: str = key(
+        "hvd", "similarity head (README: Heads)", choices=("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi")
+    )
+    pretrained: str | None = key(
+        None, "local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start", path=True
+    )
+    quick_gelu: bool = key(True, "OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not")
+    frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair", rule=_SHARE)
+    pfcm_steps: int = key(3, "PFCM: rounds of density-peak compression", rule=_between(0, 16))
+    pfcm_scope: str = key(
+        "video",
+        "PFCM clusters all the video's patches together (video, as HVP-Net) or each frame's (frame)",
+        choices=("frame", "video"),
+    )
+    pfcm_ratio: float = key(0.5, "PFCM: share of tokens kept per round", rule=_SHARE)
+    dpc_k: int = key(3, "DPC-KNN neighbours, the token itself included", rule=_between(1, 1024))
+    score_budget_mb: int = key(512, "memory cap for one chunk of pairwise scoring", rule=_between(1, 1 << 20))
+    layers: list[int] = key([], "hvp: ViT blocks matched with the caption; empty: first, middle, last")
+    temporal_layers: int = key(
+        4, "eercf, hcmi: blocks of the transformer over frames (CLIP4Clip's seqTransf)", rule=_between(1, 48)
+    )
+    pearson_weight: float = key(
+        0.001, "eercf: weight of the Pearson constraint in the loss (EERCF's)", rule=_NONNEGATIVE
+    )
+    clip_ratio: float = key(0.25, "hcmi: clips per real frame (12 frames -> 3 clips)", rule=_SHARE)
+    phrase_ratio: float = key(0.25, "hcmi: phrases per word token", rule=_SHARE)
+    label_denoising: bool = key(
+        True, "hcmi: soft InfoNCE targets shared with near-duplicate captions of the batch"
+    )
+    sample_enhancement: bool = key(
+        True, "hcmi: negatives near the positive's score count twice in the InfoNCE"
+    )
 
 
 @dataclass
@@ -107,63 +226,127 @@ class PretrainConfig:
     """`model.pretrained=synthetic`: the preset's CLIP trained image-text on stills of the synthetic world first
     (pipelines/pretrain.py), cached by fingerprint under `out` and registered in MLflow as clip-<preset>-synthetic."""
 
-    train_stills: int = 20000
-    val_stills: int = 500
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 5e-4  # 1e-3 and 2e-3 learn the stills more slowly in the same three epochs (docs/benchmarks.md)
-    out: str = "data/pretrained"
+    train_stills: int = key(20000, "captioned stills to train on", rule=_COUNT)
+    val_stills: int = key(500, "held-out stills for validation", rule=_COUNT)
+    epochs: int = key(3, "epochs over the stills", rule=_between(1, 10_000))
+    batch_size: int = key(128, "global batch", rule=_BATCH)
+    lr: float = key(
+        5e-4,
+        "AdamW learning rate (1e-3 and 2e-3 learn the stills more slowly in three epochs: docs/benchmarks.md)",
+        rule=_POSITIVE,
+    )
+    out: str = key("data/pretrained", "where warm starts are cached, by fingerprint", path=True)
 
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5
-    epochs: int = 5
-    batch_size: int = 32  # global batch, split across workers
-    lr: float = 1e-3  # new modules, and the backbone when training from scratch (the tiny demo)
-    backbone_lr: float = 2e-4  # a pretrained backbone (the tiny warm start; real CLIP: 1e-7); from scratch it uses `lr`
-    weight_decay: float = 0.2
-    warmup_fraction: float = 0.1
-    grad_clip: float = 1.0
-    max_skipped_steps: int = 5  # steps in a row with a non-finite loss or gradient (skipped) before the run stops
-    checkpoint_every_steps: int = 20  # also checkpoint every N steps (0 = only at epoch ends): what a restart redoes
-    max_failures: int = 2  # worker group restarts from the last checkpoint before the run fails
-    storage_path: str = "runs/ray"
-    fail_at_step: int = -1  # test-only fault injection: a worker exits at this global step
-    placement_strategy: str = "PACK"  # how workers spread over nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
+    num_workers: int = key(2, "Ray Train workers (one per GPU with train.use_gpu)", rule=_WORKERS)
+    use_gpu: bool = key(False, "train on GPUs (NCCL) instead of CPUs (gloo)")
+    cpus_per_worker: float = key(0.5, "CPUs reserved by each training worker", rule=_CPUS)
+    epochs: int = key(5, "passes over the training split", rule=_between(1, 10_000))
+    batch_size: int = key(32, "global batch, split across workers", rule=_BATCH)
+    lr: float = key(
+        1e-3, "new modules, and the backbone when training from scratch (the tiny demo)", rule=_POSITIVE
+    )
+    backbone_lr: float = key(
+        2e-4,
+        "a pretrained backbone (the tiny warm start; real CLIP: 1e-7); from scratch it uses `lr`",
+        rule=_NONNEGATIVE,
+    )
+    weight_decay: float = key(0.2, "AdamW weight decay", rule=_NONNEGATIVE)
+    warmup_fraction: float = key(
+        0.1,
+        "share of steps of linear warmup before cosine decay",
+        rule=_rule(lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+    grad_clip: float = key(1.0, "gradient norm clip", rule=_POSITIVE)
+    max_skipped_steps: int = key(
+        5,
+        "steps in a row with a non-finite loss or gradient (skipped) before the run stops",
+        rule=_between(1, 10_000),
+    )
+    checkpoint_every_steps: int = key(
+        20,
+        "also checkpoint every N steps (0 = only at epoch ends): what a restart redoes",
+        rule=_between(0, MANY),
+    )
+    max_failures: int = key(
+        2, "worker group restarts from the last checkpoint before the run fails", rule=_between(0, 1000)
+    )
+    storage_path: str = key(
+        "runs/ray", "Ray Train's checkpoints and run state (a folder or a URI)", path=True
+    )
+    fail_at_step: int = key(-1, "test-only fault injection: a worker exits at this global step")
+    placement_strategy: str = key(
+        "PACK", "how workers spread over nodes", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    )
+    worker_resources: dict[str, float] = key({}, "custom Ray resources per worker")
 
 
 @dataclass
 class EvalConfig:
-    mode: str = "exhaustive"  # exhaustive | two_stage
-    topk: int = 50  # two_stage: candidates per query that stage 2 rescores with the full model
-    dsl: bool = False  # also report dual-softmax (dsl_) metrics; needs every pair's score (exhaustive)
-    compare: bool = False  # two_stage: also run exhaustive and report it beside
-    batch_size: int = 64
-    split: str = "test"  # which split of the benchmark to evaluate
-    benchmark: str | None = None  # MLflow experiment eval/<benchmark>; default: the manifest's folder name
-    out: str = "runs/eval"  # JSON report and pictures go to <out>/<benchmark>/<model>-v<version>/
-    cache: str = "data/eval-shards"  # where --manifest benchmarks are prepared (reused when unchanged)
-    num_actors: int = 0  # encoding actors; 0 = one per GPU, or one CPU actor without GPUs
-    explain_queries: int = 3  # queries drawn with what the head weighed each frame by (hvd: FFSM, PFCM clusters)
+    mode: str = key(
+        "exhaustive",
+        "exhaustive: every pair through the full model; two_stage: rescore the top-k of a global-embedding search",
+        choices=("exhaustive", "two_stage"),
+    )
+    topk: int = key(
+        50,
+        "two_stage: candidates per query that stage 2 rescores with the full model",
+        rule=_between(1, 100_000),
+    )
+    dsl: bool = key(False, "also report dual-softmax (dsl_) metrics; needs every pair's score (exhaustive)")
+    compare: bool = key(False, "two_stage: also run exhaustive and report it beside")
+    batch_size: int = key(64, "videos (and captions) encoded per batch", rule=_BATCH)
+    split: str = key("test", "which split of the benchmark to evaluate")
+    benchmark: str | None = key(
+        None, "MLflow experiment eval/<benchmark>; default: the manifest's folder name"
+    )
+    out: str = key(
+        "runs/eval", "JSON report and pictures go to <out>/<benchmark>/<model>-v<version>/", path=True
+    )
+    cache: str = key(
+        "data/eval-shards", "where --manifest benchmarks are prepared (reused when unchanged)", path=True
+    )
+    num_actors: int = key(
+        0, "encoding actors; 0 = one per GPU, or one CPU actor without GPUs", rule=_between(0, 4096)
+    )
+    explain_queries: int = key(
+        3,
+        "queries drawn with what the head weighed each frame by (hvd: FFSM, PFCM clusters)",
+        rule=_between(0, 100),
+    )
 
 
 @dataclass
 class IndexConfig:
-    ivf_from: int = 100_000  # galleries of at least this many videos get an IVF index (approximate); smaller: flat, exact
-    nprobe: int = 32  # IVF: inverted lists searched per query (more: nearer exact search, slower)
-    use: bool = True  # eval.mode=two_stage reuses the model version's index of the benchmark when one matches
-    cache: str = "data/indexes"  # indexes downloaded from MLflow (and built here) are kept under <cache>/<run id>
+    ivf_from: int = key(
+        100_000,
+        "galleries of at least this many videos get an IVF index (approximate); smaller: flat, exact",
+        rule=_between(1, 1 << 40),
+    )
+    nprobe: int = key(
+        32,
+        "IVF: inverted lists searched per query (more: nearer exact search, slower)",
+        rule=_between(1, 1 << 20),
+    )
+    use: bool = key(
+        True, "eval.mode=two_stage reuses the model version's index of the benchmark when one matches"
+    )
+    cache: str = key(
+        "data/indexes",
+        "indexes downloaded from MLflow (and built here) are kept under <cache>/<run id>",
+        path=True,
+    )
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db under the project root
-    experiment: str = "hvd"
-    model_name: str = "hvd"  # registered model name
+    uri: str | None = key(
+        None, "MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db under the project root"
+    )
+    experiment: str = key("hvd", "MLflow experiment of training runs")
+    model_name: str = key("hvd", "registered model name")
 
 
 @dataclass
@@ -180,98 +363,21 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-# What each value may be, declared once: load_config checks a whole Config, and the library checks the
-# pieces it is handed directly (`check_values`), both from these tables.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.resume": ("auto", "never"),
-    "synthetic.preset": ("tiny", "demo", "full", "long"),
-    "data.sample_mode": ("uniform", "fps"),
-    "data.frame_codec": ("jpeg", "raw"),
-    "model.preset": ("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16"),
-    "model.head": ("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"),
-    "model.pfcm_scope": ("frame", "video"),
-    "eval.mode": ("exhaustive", "two_stage"),
-    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-}
+def _declared() -> dict[str, dataclasses.Field]:
+    defaults = Config()
+    return {f"{section.name}.{item.name}": item for section in dataclasses.fields(Config)
+            for item in dataclasses.fields(getattr(defaults, section.name))}
 
 
-def _rule(test: Callable[[Any], bool], text: str, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
-    """A range check; `optional`: None (take the preset's value) passes too."""
-    return (lambda v: v is None or test(v), f"{text}, or unset") if optional else (test, text)
+# Every table below is read off the keys' own declarations (`key`): load_config checks a whole Config, and
+# the library checks the pieces it is handed directly (`check_values`), both from them.
+KEYS: dict[str, dataclasses.Field] = _declared()
+CHOICES: dict[str, tuple[str, ...]] = {name: f.metadata["choices"] for name, f in KEYS.items() if f.metadata["choices"]}
+RANGES: dict[str, Rule] = {name: f.metadata["rule"] for name, f in KEYS.items() if f.metadata["rule"]}
+PATH_KEYS: tuple[str, ...] = tuple(name for name, f in KEYS.items() if f.metadata["path"])
+RESUME_FREE_KEYS: frozenset[str] = frozenset(name for name, f in KEYS.items() if f.metadata["resume_free"])
 
 
-def _between(low: float, high: float, optional: bool = False) -> tuple[Callable[[Any], bool], str]:
-    return _rule(lambda v: low <= v <= high, f"{low:,} to {high:,}", optional)
-
-
-# Sizes get upper bounds far past any real run but short of what exhausts a machine by a typo.
-MANY = 100_000_000  # videos, stills, steps
-_COUNT = _between(1, MANY)
-_NONNEGATIVE = _rule(lambda v: v >= 0, "at least 0")
-_POSITIVE = _rule(lambda v: v > 0, "above 0")
-_SHARE = _rule(lambda v: 0 < v <= 1, "in (0, 1]")
-_CPUS = _rule(lambda v: 0 < v <= 1024, "above 0 and at most 1,024")
-_WORKERS = _between(1, 4096)
-_BATCH = _between(1, 65_536)
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "synthetic.num_train": _between(0, MANY, optional=True),
-    "synthetic.num_val": _between(0, MANY, optional=True),
-    "synthetic.num_test": _between(0, MANY, optional=True),
-    "synthetic.frame_size": _rule(lambda v: 16 <= v <= 1024 and v % 2 == 0, "even and 16 to 1,024", optional=True),
-    "synthetic.fps": _between(1, 240, optional=True),
-    "synthetic.duration_s": _rule(lambda v: 0 < v <= 3600, "above 0 and at most 3,600", optional=True),
-    "synthetic.event_fraction": _SHARE,
-    "synthetic.entity_scale": _rule(lambda v: 0 < v <= 0.6, "in (0, 0.6]"),
-    "synthetic.num_distractors": _rule(lambda v: 0 <= v <= 8, "0 to 8 (9 colours, one is the target's)"),
-    "synthetic.train_captions": _between(1, 100),
-    "synthetic.workers": _between(0, 4096),
-    "data.num_frames": _between(1, 1024),
-    "data.frame_size": _between(8, 1024),
-    "data.jpeg_quality": _rule(lambda v: 1 <= v <= 100, "1 to 100"),
-    "data.min_duration_fraction": _rule(lambda v: 0 <= v <= 1, "in [0, 1] (0 turns the check off)"),
-    "data.max_words": _rule(lambda v: 3 <= v <= 77, "3 to 77 (start and end tokens take 2; CLIP reads 77)"),
-    "data.decode_concurrency": _WORKERS,
-    "data.decode_cpus": _CPUS,
-    "data.decode_timeout_s": _rule(lambda v: 0 < v <= 86_400, "above 0 and at most a day (86,400)"),
-    "data.decode_memory_mb": _between(1024, 1 << 20),
-    "data.max_video_frames": _COUNT,
-    "data.max_video_pixels": _between(1, 1 << 30),
-    "data.max_video_duration_s": _rule(lambda v: 0 < v <= 7 * 86_400, "above 0 and at most a week (604,800)"),
-    "data.shard_videos": _between(1, 1_000_000),
-    "data.train_decode_cpus": _CPUS,
-    "model.frame_keep": _SHARE,
-    "model.pfcm_steps": _between(0, 16),
-    "model.pfcm_ratio": _SHARE,
-    "model.dpc_k": _between(1, 1024),
-    "model.score_budget_mb": _between(1, 1 << 20),
-    "model.temporal_layers": _between(1, 48),
-    "model.pearson_weight": _NONNEGATIVE,
-    "model.clip_ratio": _SHARE,
-    "model.phrase_ratio": _SHARE,
-    "pretrain.train_stills": _COUNT,
-    "pretrain.val_stills": _COUNT,
-    "pretrain.epochs": _between(1, 10_000),
-    "pretrain.batch_size": _BATCH,
-    "pretrain.lr": _POSITIVE,
-    "train.num_workers": _WORKERS,
-    "train.cpus_per_worker": _CPUS,
-    "train.epochs": _between(1, 10_000),
-    "train.batch_size": _BATCH,
-    "train.lr": _POSITIVE,
-    "train.backbone_lr": _NONNEGATIVE,
-    "train.weight_decay": _NONNEGATIVE,
-    "train.warmup_fraction": _rule(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.grad_clip": _POSITIVE,
-    "train.max_skipped_steps": _between(1, 10_000),
-    "train.checkpoint_every_steps": _between(0, MANY),
-    "train.max_failures": _between(0, 1000),
-    "eval.topk": _between(1, 100_000),
-    "eval.batch_size": _BATCH,
-    "eval.num_actors": _between(0, 4096),
-    "index.ivf_from": _between(1, 1 << 40),
-    "index.nprobe": _between(1, 1 << 20),
-    "eval.explain_queries": _between(0, 100),
-}
 # Rules that tie two keys together: (key named in the error, test on the whole Config, what is wrong).
 JOINT_RULES: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     (
@@ -320,13 +426,6 @@ def check(cfg: Config) -> None:
         if not test(cfg):
             section, name = key.split(".")
             raise ConfigError(f"bad value for '{key}': {getattr(getattr(cfg, section), name)!r} ({text})")
-
-
-# Keys naming a file or folder: a relative value is joined onto the project root (hvd.paths) when loaded.
-PATH_KEYS = (
-    "synthetic.out", "data.manifest", "data.shards", "model.pretrained", "pretrain.out", "train.storage_path",
-    "eval.out", "eval.cache", "index.cache",
-)
 
 
 def _error_key(err: OmegaConfBaseException) -> str:
@@ -380,13 +479,13 @@ def load_config(
 RETIRED_KEYS = ("data.decode_batch_size",)
 
 
-def _interpolations(value: Any, key: str = "") -> list[str]:
+def _interpolations(value: Any, prefix: str = "") -> list[str]:
     """Keys whose values hold `${...}` (an OmegaConf interpolation or resolver call such as `oc.env`)."""
     if isinstance(value, dict):
-        return [found for name, item in value.items() for found in _interpolations(item, f"{key}{name}.")]
+        return [found for name, item in value.items() for found in _interpolations(item, f"{prefix}{name}.")]
     if isinstance(value, list):
-        return [found for index, item in enumerate(value) for found in _interpolations(item, f"{key}{index}.")]
-    return [key.rstrip(".")] if isinstance(value, str) and "${" in value else []
+        return [found for index, item in enumerate(value) for found in _interpolations(item, f"{prefix}{index}.")]
+    return [prefix.rstrip(".")] if isinstance(value, str) and "${" in value else []
 
 
 def config_from_yaml(text: str) -> Config:
@@ -399,8 +498,8 @@ def config_from_yaml(text: str) -> Config:
     if interpolated := _interpolations(OmegaConf.to_container(saved, resolve=False)):
         raise ConfigError(f"stored config holds interpolations at {', '.join(interpolated)}: refused, a stored "
                           "config is read as data and never resolves ${...}")
-    for key in RETIRED_KEYS:
-        section, name = key.split(".")
+    for retired in RETIRED_KEYS:
+        section, name = retired.split(".")
         if section in saved and name in saved[section]:
             del saved[section][name]
     return _finish(_merge(OmegaConf.structured(Config), saved, "config YAML"))
@@ -423,25 +522,31 @@ def to_yaml(cfg: Config) -> str:
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """`section.key -> value`, the form MLflow params take."""
-    return {f"{section}.{key}": value for section, fields in to_dict(cfg).items() for key, value in fields.items()}
+    return {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()}
 
 
 def describe(sections: tuple[str, ...]) -> str:
-    """The `--help` text for the given sections: every key, its type and its default."""
+    """The `--help` text for the given sections: every key with its type, default, what it does and what it
+    may be, read off its declaration."""
     defaults = Config()
     lines = ["config keys (override with key=value; relative paths are under HVD_ROOT, else the cwd):"]
     for section in sections:
-        obj = getattr(defaults, section)
         lines.append(f"  {section}:")
-        for f in dataclasses.fields(obj):
-            type_name = str(f.type).replace("typing.", "")
-            lines.append(f"    {section}.{f.name}: {type_name} = {getattr(obj, f.name)!r}")
+        for item in dataclasses.fields(getattr(defaults, section)):
+            name, facts = f"{section}.{item.name}", item.metadata
+            type_name = str(item.type).replace("typing.", "")
+            allowed = f"one of {', '.join(facts['choices'])}" if facts["choices"] else RANGES.get(name, (0, ""))[1]
+            lines.append(f"    {name}: {type_name} = {getattr(getattr(defaults, section), item.name)!r}")
+            lines.append(f"        {facts['help']}" + (f" ({allowed})" if allowed else ""))
     return "\n".join(lines)
 
 
 __all__ = [
     "CHOICES",
+    "KEYS",
     "PATH_KEYS",
+    "RANGES",
+    "RESUME_FREE_KEYS",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -38,7 +38,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from hvd import mlflow_flavor
-from hvd.config import Config, flatten, to_yaml
+from hvd.config import RESUME_FREE_KEYS, Config, flatten, to_yaml
 from hvd.data.folders import LockHeld, exclusive, hold
 from hvd.errors import HvdError, InputError
 from hvd.paths import resolve_tracking_uri
@@ -159,10 +159,6 @@ def log_metrics(
 
 class RunConfigMismatch(InputError, ValueError):
     """Resuming would train with one config while MLflow records another; the message lists the keys."""
-
-
-# Keys that say how to run a command, not what it trains: a resume may change them.
-RESUME_FREE_KEYS = frozenset({"run.resume", "data.overwrite"})
 
 
 def config_differences(logged: dict[str, str], cfg: Config) -> list[str]:

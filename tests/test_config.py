@@ -5,7 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from hvd.config import CHOICES, RANGES, ConfigError, config_from_yaml, flatten, load_config, to_yaml
+from hvd.config import (
+    CHOICES,
+    KEYS,
+    PATH_KEYS,
+    RANGES,
+    RESUME_FREE_KEYS,
+    ConfigError,
+    config_from_yaml,
+    flatten,
+    load_config,
+    to_yaml,
+)
 from hvd.data import synthetic
 from hvd.model import presets
 from hvd.tracking import config_differences
@@ -237,3 +248,26 @@ def test_bad_input_is_one_line_and_exit_2(pipeline, args, says, tmp_path):
     result = _run(pipeline, *args, *([] if "manifest.py" in pipeline else [f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_key_declares_its_help_and_the_tables_are_read_off_the_declarations():
+    assert all(facts.metadata["help"] for facts in KEYS.values())
+    assert CHOICES["model.head"] == ("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi")
+    assert "data.manifest" in PATH_KEYS and "train.lr" in RANGES and RESUME_FREE_KEYS == {"run.resume", "data.overwrite"}
+    result = _run("pipelines/train.py", "--help")
+    assert "share of steps of linear warmup before cosine decay (in [0, 1))" in result.stdout
+    assert "one of hvd, meanp, xpool, eercf, hvp, hcmi" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["data.frame_size=224"], "'data.frame_size': 224 (model.preset=tiny takes 64 px frames)"),
+        (["model.head=hcmi", "data.num_frames=40"], "'data.num_frames': 40 (model.head=hcmi has a position for at most 32"),
+    ],
+)
+def test_what_the_model_cannot_take_fails_before_ray_or_mlflow_start(overrides, says, tmp_path):
+    db = tmp_path / "mlflow.db"
+    result = _run("pipelines/train.py", *overrides, f"tracking.uri=sqlite:///{db}", f"pretrain.out={tmp_path}/pre")
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert not db.exists() and not (tmp_path / "pre").exists()

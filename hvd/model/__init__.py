@@ -1,6 +1,6 @@
 """The HVD text-video retrieval model: CLIP tokens, FFSM frame selection, PFCM patch compression."""
 
-from hvd.model.factory import build_model, build_tokenizer, rebuild_model
+from hvd.model.factory import build_model, build_tokenizer, check_inputs, rebuild_model
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.model import IMAGE_MEAN, IMAGE_STD, RetrievalModel
 from hvd.model.pretrained import load_pretrained, save_weights
@@ -13,6 +13,7 @@ __all__ = [
     "VideoFeatures",
     "build_model",
     "build_tokenizer",
+    "check_inputs",
     "load_pretrained",
     "rebuild_model",
     "save_weights",

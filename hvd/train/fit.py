@@ -6,6 +6,7 @@ from pathlib import Path
 
 from hvd.config import WARM_START, Config, ConfigError
 from hvd.data.manifest import index_manifest
+from hvd.model import check_inputs as check_model_inputs
 from hvd.train.trainer import TrainOutcome, prepare_data, train
 from hvd.train.warm_start import provenance, warm_start
 
@@ -19,8 +20,9 @@ def fit(cfg: Config, tags: dict[str, str] | None = None) -> TrainOutcome:
 
 
 def check_inputs(cfg: Config) -> None:
-    """The files a run reads, checked before Ray, MLflow or the warm start spend minutes: a broken manifest
-    names its line, a missing weights file its path."""
+    """What a run reads, checked before Ray, MLflow or the warm start spend minutes: settings the model cannot
+    take, a broken manifest (naming its line), a missing weights file."""
+    check_model_inputs(cfg.model, cfg.data)
     if cfg.data.manifest:
         index_manifest(cfg.data.manifest)
     if cfg.model.pretrained not in (None, WARM_START) and not Path(cfg.model.pretrained).is_file():
