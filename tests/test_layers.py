@@ -19,6 +19,7 @@ LAYERS: list[set[str]] = [
     {"hvd.eval"},
     {"hvd.train"},
     {"hvd.cli"},
+    {"hvd.commands"},
 ]
 
 

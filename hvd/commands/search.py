@@ -1,0 +1,90 @@
+r"""Search an indexed gallery with a caption: the best videos, their scores, and a contact sheet.
+
+    python pipelines/search.py --model models:/hvd@champion "a red square in the top left"
+    python pipelines/search.py --model models:/hvd/3 --top 10 "a man plays a guitar" eval.benchmark=msrvtt
+
+The gallery is an index that pipelines/index.py built for this model version: the version's only one,
+or the one of eval.benchmark and eval.split when it has several; --index runs:/RUN_ID/index or a
+folder names one directly. Stage 1 takes the index's eval.topk nearest videos (an IVF index searches
+index.nprobe lists), stage 2 rescores them with the full model; the --top best are printed, and drawn
+one row of frames each (the frames the head kept for the caption framed green) into --sheet, by default
+<eval.out>/search/<caption>.png. The frames come from the shards the index was built from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from hvd.cli import fail, parse_args
+from hvd.config import Config
+from hvd.errors import HvdError
+from hvd.eval import plots
+from hvd.eval.gallery_index import GalleryIndex
+from hvd.eval.index_registry import index_tag, linked_indexes, open_index
+from hvd.eval.search import hit_frames, search
+from hvd.eval.source import ModelSource, load_model_source
+from hvd.model import build_tokenizer
+from hvd.tracking import active_tracking_uri, tracking_uri
+
+SECTIONS = ("eval", "index", "tracking")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, ...")
+    parser.add_argument("query", help="the caption to search for")
+    parser.add_argument("--index", metavar="URI|DIR", help="runs:/RUN_ID/index or an index folder")
+    parser.add_argument("--top", type=int, default=5, help="results printed and drawn")
+    parser.add_argument("--sheet", type=Path, metavar="PNG", help="where the contact sheet goes")
+
+
+def find_index(cfg: Config, source: ModelSource, uri: str, given: str | None) -> GalleryIndex:
+    """--index, else the model version's index of eval.benchmark/eval.split, else its only one."""
+    if given:
+        return open_index(given, cfg, uri)
+    linked = linked_indexes(source, uri)
+    if cfg.eval.benchmark:
+        tag = index_tag(cfg.eval.benchmark, cfg.eval.split)
+        if tag not in linked:
+            raise ValueError(f"--model {source.uri}: no index of {cfg.eval.benchmark}/{cfg.eval.split} "
+                             f"(it has: {', '.join(sorted(linked)) or 'none'})")
+        return open_index(linked[tag], cfg, uri)
+    if not linked:
+        raise ValueError(f"--model {source.uri}: no gallery index yet; build one with "
+                         f"python pipelines/index.py --model {source.uri} --shards DIR")
+    if len(linked) > 1:
+        raise ValueError(f"--model {source.uri} has {len(linked)} indexes ({', '.join(sorted(linked))}): "
+                         "choose one with eval.benchmark=NAME (and eval.split)")
+    return open_index(next(iter(linked.values())), cfg, uri)
+
+
+def sheet_path(cfg: Config, query: str) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", query.lower()).strip("-")[:60] or "query"
+    return Path(cfg.eval.out) / "search" / f"{slug}.png"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags)
+    if args.top < 1:
+        fail(f"--top {args.top}: must be at least 1")
+    uri = tracking_uri(cfg)
+    try:
+        with active_tracking_uri(uri):
+            model, trained, source = load_model_source(args.model)
+        index = find_index(cfg, source, uri, args.index)
+        tokenizer = build_tokenizer(trained.model, trained.data.max_words)
+        hits = search(model, tokenizer, index, args.query, max(cfg.eval.topk, args.top), args.top, cfg.index.nprobe)
+        pairs = hit_frames(model, tokenizer, index.meta["shards"], index.meta["split"], args.query, hits)
+    except (HvdError, FileNotFoundError, ValueError) as err:
+        fail(err)
+    sheet = plots.contact_sheet(args.query, pairs, [hit.score for hit in hits], args.sheet or sheet_path(cfg, args.query))
+
+    meta = index.meta
+    print(f"gallery    {len(index)} videos of {meta['benchmark']}/{meta['split']} ({index.kind} index {meta['run_id']})")
+    print(f'query      "{args.query}": top {len(hits)} of {min(max(cfg.eval.topk, args.top), len(index))} candidates')
+    print(f"{'rank':>4}  {'score':>7}  {'stage 1':>7}  video")
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.score:7.3f}  {hit.stage1_score:7.3f}  {hit.video_id}")
+    print(f"sheet      {sheet}")
+
