@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from hvd.config import Config, ConfigError, describe, load_config, to_yaml
 from hvd.errors import HvdError
+from hvd.logs import show_logs
 from hvd.stopping import received_signal, stop_on_signals
 from hvd.worker_setup import VERBOSE_ENV
 
@@ -26,8 +27,9 @@ def parse_args(
     """Parse a pipeline's command line into the one `Config`; a bad key exits with status 2 before any work.
 
     `flag_overrides` turns pipeline-specific flags (`--out DIR`) into `key=value` overrides, so the
-    flags and the config can never disagree.
+    flags and the config can never disagree. The library's progress lines show from here on (`hvd.logs`).
     """
+    show_logs()
     parser = argparse.ArgumentParser(
         description=description,
         epilog=describe(sections),
@@ -66,6 +68,7 @@ def run_pipeline(main: Callable[[list[str]], None]) -> None:
     """Run a pipeline's `main` on the command line. An `HvdError` ends it with one line and its exit code (2
     for bad input). SIGTERM and SIGINT raise KeyboardInterrupt, so the MLflow run it opened ends KILLED and its
     locks and Ray are released on the way out; it then exits 128 + the signal's number with one line."""
+    show_logs()
     stop_on_signals()
     try:
         main(sys.argv[1:])

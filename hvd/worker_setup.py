@@ -11,6 +11,8 @@ import warnings
 
 import ray
 
+from hvd.logs import show_logs
+
 # Ray Train's placement-group cleaner asks the state API every second whether the controller lives;
 # with no dashboard (a local Ray) every ask fails and warns, hundreds of lines a run.
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -81,6 +83,7 @@ class OncePer(logging.Filter):
 
 def setup_worker() -> None:
     faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack, not one
+    show_logs()  # progress lines (an epoch's loss) on the worker's stdout, which Ray forwards to the driver
     quiet_logs()
     # Ray's in-cluster helpers that look the cluster up (the placement-group cleaner's state queries) find
     # several when other Ray instances run on the machine, and die with a traceback: name ours.

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from hvd.config import ModelConfig
+from hvd.logs import show_logs
 from hvd.model import build_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _library_lines():
+    """The library's progress and warning lines on stdout, as a command shows them, for tests that call it directly."""
+    show_logs()
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """HVD text-video retrieval: every pipeline as one command.
 
-`hvd COMMAND --help` lists its flags and config keys; `hvd train ...` runs what `python pipelines/train.py ...` runs.
+`hvd COMMAND --help` lists its flags and config keys; `hvd train ...` runs what
+`python pipelines/train.py ...` runs.
 """
 
 from __future__ import annotations

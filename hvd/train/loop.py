@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import functools
+import logging
 import os
 import tempfile
 import time
@@ -34,6 +35,8 @@ from hvd.tracking import MetricLogger
 from hvd.train.inputs import epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
 from hvd.worker_setup import quiet_logs
+
+logger = logging.getLogger(__name__)
 
 SCORE_KEY = "val_score"  # what the best checkpoint is chosen by: val t2v R@1, -1 for mid-epoch saves
 RESUMED_METRIC = "train/resumed_from_step"  # logged by rank 0 each time the worker group resumes
@@ -92,7 +95,7 @@ def inject_fault(cfg: Config, step: int, rank: int, world_size: int, marker: Pat
     if cfg.train.fail_at_step == step and rank == world_size - 1 and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        print(f"[fault injection] worker {rank} exits at step {step}", flush=True)
+        logger.info(f"[fault injection] worker {rank} exits at step {step}")
         os._exit(1)
 
 
@@ -167,9 +170,10 @@ class Worker:
         self.skipped_in_a_row += 1
         limit = self.plan.cfg.train.max_skipped_steps
         if self.rank == 0:
-            print(f"warning: step {self.step}: loss {loss:g}, gradient norm {grad_norm:g}: not finite, step skipped "
-                  f"({self.skipped_in_a_row} in a row, {self.skipped_steps} in all; the run stops at {limit} in a row)",
-                  flush=True)
+            logger.warning(
+                f"step {self.step}: loss {loss:g}, gradient norm {grad_norm:g}: not finite, step skipped "
+                f"({self.skipped_in_a_row} in a row, {self.skipped_steps} in all; the run stops at {limit} in a row)"
+            )
         if self.skipped_in_a_row >= limit:
             raise NonFiniteTraining(
                 f"{limit} steps in a row had a non-finite loss or gradient (last: loss {loss:g}, gradient norm "
@@ -209,7 +213,8 @@ def start_worker(plan: WorkerPlan) -> Worker:
     if worker.rank == 0:
         worker.logger = MetricLogger(plan.tracking_uri, plan.run_id)
         if checkpoint is not None:
-            print(f"resumed from checkpoint: epoch {worker.epoch}, step {worker.step}/{plan.total_steps}", flush=True)
+            logger.info(f"resumed from checkpoint: epoch {worker.epoch}, "
+                        f"step {worker.step}/{plan.total_steps}")
             worker.logger.client.log_metric(plan.run_id, RESUMED_METRIC, worker.step, step=worker.step)
     return worker
 
@@ -243,9 +248,11 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterat
                                "train/skipped_steps": worker.skipped_steps,
                                **{f"train/{k}": v for k, v in parts.items()}}, worker.step)
             if worker.step % plan.print_every == 0 or worker.step in (1, plan.total_steps):
-                print(f"epoch {worker.epoch + 1}/{cfg.train.epochs} step {worker.step}/{plan.total_steps} "
-                      f"loss {loss.item():.4f} {rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, "
-                      f"ETA {eta_s / 60:.1f} min", flush=True)
+                logger.info(
+                    f"epoch {worker.epoch + 1}/{cfg.train.epochs} step {worker.step}/{plan.total_steps} "
+                    f"loss {loss.item():.4f} {rate:.1f} samples/s, data wait {100 * waited / elapsed:.0f}%, "
+                    f"ETA {eta_s / 60:.1f} min"
+                )
         every = cfg.train.checkpoint_every_steps
         if every and worker.step % every == 0 and index + 1 < plan.steps_per_epoch:
             report({"epoch": worker.epoch, "step": worker.step, SCORE_KEY: -1.0}, worker.state())
@@ -259,7 +266,7 @@ def end_epoch(worker: Worker, val_table: Any, tokenizer: Any) -> None:
         val = evaluate_split(worker.model, val_table, tokenizer, worker.plan.cfg.eval.batch_size)
         worker.best_score = max(worker.best_score, val["t2v/R1"])
         worker.logger.log({f"val/{k}": v for k, v in val.items()} | {"epoch": worker.epoch}, worker.step)
-        print(f"epoch {worker.epoch} val " + " ".join(f"{k} {v:.1f}" for k, v in val.items()), flush=True)
+        logger.info(f"epoch {worker.epoch} val " + " ".join(f"{k} {v:.1f}" for k, v in val.items()))
         metrics |= {SCORE_KEY: val["t2v/R1"], **{f"val/{k}": v for k, v in val.items()}}
     report(metrics, worker.state())
 

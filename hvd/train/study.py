@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import statistics
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from hvd.tracking import (
 from hvd.train.fit import fit
 from hvd.train.plots import plt, study_figure
 from hvd.train.warm_start import warm_start
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ def run_study(base: Config, study: str, resume: str | None = None) -> tuple[str,
         trials = missing_trials(client, base, study, resume)
         parent = resume
         client.update_run(parent, status="RUNNING")
-        print(f"study: resuming parent run {parent}: {len(trials)} of {len(GRIDS[study].trials)} trials to run")
+        logger.info(f"study: resuming parent run {parent}: {len(trials)} of {len(GRIDS[study].trials)} trials to run")
     else:
         trials, parent = GRIDS[study].trials, start_parent(client, study)
     space = {"config": to_yaml(base), "study": study, "parent_run_id": parent, "trial": tune.grid_search(trials)}

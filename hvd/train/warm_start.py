@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from hvd.config import WARM_START, Config
@@ -23,6 +24,8 @@ from hvd.model.presets import preset_config
 from hvd.paths import require_shared_paths
 from hvd.ray_runtime import ensure_ray
 from hvd.train.trainer import TrainingData, train
+
+logger = logging.getLogger(__name__)
 
 EXPERIMENT = "pretrain"
 
@@ -78,7 +81,7 @@ def pretrain(cfg: Config) -> Path:
     weights = out / f"{model_name(cfg)}-{fingerprint}.safetensors"
     record = weights.with_suffix(".json")
     if weights.is_file() and record.is_file():
-        print(f"warm start      {weights} (cached: {json.loads(record.read_text())['model_uri']})", flush=True)
+        logger.info(f"warm start      {weights} (cached: {json.loads(record.read_text())['model_uri']})")
         return weights
     ensure_ray()
     require_shared_paths({"pretrain.out": out})
@@ -86,14 +89,14 @@ def pretrain(cfg: Config) -> Path:
     stills = write_stills(settings, counts, out / f"stills-{digest(stills_identity(settings, counts))}",
                           workers=cfg.synthetic.workers)
     run_cfg = pretrain_config(cfg, fingerprint, stills)
-    print(f"warm start      training {model_name(cfg)} on {counts['train']} captioned stills "
-          f"({cfg.pretrain.epochs} epochs)", flush=True)
+    logger.info(f"warm start      training {model_name(cfg)} on {counts['train']} captioned stills "
+                f"({cfg.pretrain.epochs} epochs)")
     outcome = train(run_cfg, TrainingData(stills, f"synthetic-stills-{settings.frame_size}px", fingerprint, str(stills)))
     save_weights(outcome.network, weights)
     model_uri = f"models:/{outcome.model.name}/{outcome.model.version}"
     write_text(record, json.dumps({"model_uri": model_uri, "run_id": outcome.run_id, "val": outcome.val}, indent=2) + "\n")
-    print(f"warm start      {weights} ({model_uri}: val stills t2i R@1 {outcome.val.get('t2v/R1', float('nan')):.1f})",
-          flush=True)
+    r1 = outcome.val.get("t2v/R1", float("nan"))
+    logger.info(f"warm start      {weights} ({model_uri}: val stills t2i R@1 {r1:.1f})")
     return weights
 
 
