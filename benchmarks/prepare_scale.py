@@ -27,7 +27,7 @@ from ray._private.internal_api import get_memory_info_reply, get_state_from_addr
 from hvd.config import SyntheticConfig, load_config
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path
 from hvd.data.prepare import prepare
-from hvd.data.shards import shard_summary
+from hvd.data.shards import ShardSummary
 from hvd.data.synthetic import generate
 
 
@@ -83,7 +83,7 @@ def main() -> None:
         summary = prepare(cfg, manifest, Path(scratch) / "shards")
         seconds = time.perf_counter() - started
         monitor.stop()
-        recorded = shard_summary(Path(scratch) / "shards")
+        recorded = ShardSummary.read(Path(scratch) / "shards")
     results = {
         "rows": args.rows,
         "workers": args.workers,
@@ -94,8 +94,8 @@ def main() -> None:
         "peak_object_store_mb": round(monitor.peak_used / 2**20, 1),
         "spilled_mb": round(monitor.spilled / 2**20, 1),
         "store_samples": monitor.samples,
-        "input_written_quarantined": [recorded["input"], recorded["written"], recorded["quarantined"]],
-        "invariant_holds": recorded["input"] == recorded["written"] + recorded["quarantined"] == args.rows,
+        "input_written_quarantined": [recorded.input, recorded.written, recorded.quarantined],
+        "invariant_holds": recorded.input == recorded.written + recorded.quarantined == args.rows,
         "load": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "summary": str(summary),
     }

@@ -20,7 +20,7 @@ from PIL import Image
 from hvd.checkpoint import save_state
 from hvd.config import ModelConfig, load_config, to_yaml
 from hvd.data.manifest import ManifestEntry, read_manifest, write_manifest
-from hvd.data.shards import read_shards, shard_summary
+from hvd.data.shards import ShardSummary, read_shards
 from hvd.data.synthetic import generate
 from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
@@ -332,7 +332,7 @@ def test_registered_model_by_alias_end_to_end(registered, capsys):
         job_config(registered["cfg"], registered["cfg"]), registered["manifest"], "bench"
     )
     assert cached.parent == Path(registered["cfg"].eval.cache) and (cached / "_summary.json").is_file()
-    assert shard_summary(cached)["splits"] == {"test": 8} and not (cached / "train").exists()
+    assert ShardSummary.read(cached).splits == {"test": 8} and not (cached / "train").exists()
 
 
 @pytest.mark.slow

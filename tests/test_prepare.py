@@ -24,7 +24,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from hvd.config import Config, SyntheticConfig, load_config
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
-from hvd.data.shards import ShardError, frame_mask, frames_uint8, read_shards, shard_summary
+from hvd.data.shards import ShardError, ShardSummary, frame_mask, frames_uint8, read_shards
 from hvd.data.synthetic import generate
 from hvd.model import build_model, build_tokenizer
 from hvd.train.inputs import caption_choice, epoch_batches, training_dataset
@@ -109,14 +109,14 @@ def test_shards_hold_exactly_the_frames_decord_gives(tiny, raw_shards):
 
 
 def test_summary_and_metadata_record_counts_and_settings(tiny, raw_shards):
-    summary = shard_summary(raw_shards)
-    assert (summary["input"], summary["written"], summary["quarantined"]) == (40, 40, 0)
-    assert summary["splits"] == {"train": 24, "val": 8, "test": 8}
-    assert summary["frame_spec"]["frame_codec"] == "raw" and summary["frame_spec"]["num_frames"] == 12
+    summary = ShardSummary.read(raw_shards)
+    assert (summary.input, summary.written, summary.quarantined) == (40, 40, 0)
+    assert summary.splits == {"train": 24, "val": 8, "test": 8}
+    assert summary.frame_spec["frame_codec"] == "raw" and summary.frame_spec["num_frames"] == 12
     for shard in (raw_shards / "train").glob("*.parquet"):
         stored = json.loads(pq.read_schema(shard).metadata[b"hvd"])
-        assert stored["frame_spec"] == summary["frame_spec"]
-        assert stored["manifest_fingerprint"] == summary["manifest_fingerprint"]
+        assert stored["frame_spec"] == summary.frame_spec
+        assert stored["manifest_fingerprint"] == summary.manifest_fingerprint
     assert pq.read_table(raw_shards / QUARANTINE_FILE).num_rows == 0
 
 
@@ -161,7 +161,7 @@ def test_two_prepares_into_one_folder_at_once_leave_one_complete_copy(tiny, tmp_
 
     assert not results["first"].skipped and results["second"].skipped
     assert "waiting for the prepare run that holds it (pid" in capsys.readouterr().out
-    counts = shard_summary(out)["splits"]
+    counts = ShardSummary.read(out).splits
     for split in SPLITS:
         ids = read_shards(out, split)["video_id"].to_pylist()
         assert len(ids) == len(set(ids)) == counts[split]
@@ -270,8 +270,8 @@ def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):
     assert frame_mask([rows["short"], rows["good_a"]]).sum(axis=1).tolist() == [valid, 12]
     for frame in frames_uint8(rows["rotated"]):  # upright: the white marker is in the top-left quarter
         assert frame[:32, :32].mean() > frame[32:, 32:].mean() + 40 and frame[:32, :32].mean() > frame[:32, 32:].mean() + 40
-    recorded = shard_summary(tmp_path / "out")
-    assert recorded["input"] == recorded["written"] + recorded["quarantined"] == 11
+    recorded = ShardSummary.read(tmp_path / "out")
+    assert recorded.input == recorded.written + recorded.quarantined == 11
 
 
 def test_same_input_same_rows_and_overwrite_replaces(messy, tmp_path):

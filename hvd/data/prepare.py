@@ -47,7 +47,7 @@ from hvd.data.manifest import (
     read_manifest_range,
     resolve_video_path,
 )
-from hvd.data.shards import SUMMARY_FILE
+from hvd.data.shards import SUMMARY_FILE, ShardSummary
 from hvd.durable import atomic_file, write_text
 from hvd.errors import InputError
 from hvd.paths import require_shared_paths
@@ -108,6 +108,12 @@ class PrepareSummary:
     skipped: bool = False  # the folder already held these shards; nothing was decoded
     elapsed_s: float = 0.0
 
+    @classmethod
+    def of(cls, summary: ShardSummary, out: Path, skipped: bool = False) -> PrepareSummary:
+        """The run's outcome, from what the folder's summary records."""
+        return cls(summary.input, summary.written, summary.quarantined, summary.short_clips, summary.splits, str(out),
+                   skipped)
+
     def __str__(self) -> str:
         head = f"{self.out}: already prepared with these settings, nothing to do. " if self.skipped else ""
         return (
@@ -146,16 +152,15 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> Pre
                            "give the shards a folder of their own")
     if overwrite or not any(out.iterdir()):
         return None
-    summary_path = out / SUMMARY_FILE
-    if not summary_path.is_file():
+    if not (out / SUMMARY_FILE).is_file():
         raise PrepareError(f"{out} holds an unfinished prepare run (no {SUMMARY_FILE}); pass --overwrite to redo it")
-    previous = json.loads(summary_path.read_text())
-    before, now = _flat(previous), _flat(identity)
+    previous = ShardSummary.read(out)
+    before, now = _flat(previous.record()), _flat(identity)
     differing = [key for key, value in now.items() if before.get(key) != value]
-    if before.get("shard_format", 0) < SHARD_FORMAT and all(k == "shard_format" or k not in before for k in differing):
+    if previous.shard_format < SHARD_FORMAT and all(k == "shard_format" or k not in before for k in differing):
         # The same videos and settings in an older layout (which may lack settings added since): derived
         # data, so it is redone rather than refused.
-        print(f"{out}: shards of format {before.get('shard_format')} are re-prepared as format {SHARD_FORMAT}", flush=True)
+        print(f"{out}: shards of format {previous.shard_format} are re-prepared as format {SHARD_FORMAT}", flush=True)
         return None
     if differing:
         changed = "; ".join(f"{key}: {before.get(key)!r} -> {now[key]!r}" for key in differing)
@@ -163,8 +168,7 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> Pre
             f"{out} holds shards prepared with other settings ({changed}); "
             "pass --overwrite (data.overwrite=true for train.py) to replace them"
         )
-    counts = {key: previous[key] for key in ("input", "written", "quarantined", "short_clips", "splits")}
-    return PrepareSummary(**counts, out=str(out), skipped=True)
+    return PrepareSummary.of(previous, out, skipped=True)
 
 
 def _row(entry: ManifestEntry, path: Path, clip: DecodedClip | DecodeFailure, spec: FrameSpec) -> dict[str, Any]:
@@ -386,8 +390,7 @@ def _finish(job: _Job, expected: int, identity: dict[str, Any]) -> PrepareSummar
     if written + quarantined != expected:
         raise PrepareError(f"{job.out}: {expected} videos in, but {written} written + {quarantined} quarantined")
     short = sum(count for _, count in stats.values())
-    summary = PrepareSummary(expected, written, quarantined, short, split_counts, str(job.out))
-    record = {**asdict(summary), **identity, "manifest": str(job.manifest.resolve())}
-    del record["skipped"], record["out"], record["elapsed_s"]
-    (job.out / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return summary
+    summary = ShardSummary(expected, written, quarantined, short, split_counts, **identity,
+                           manifest=str(job.manifest.resolve()))
+    summary.write(job.out)
+    return PrepareSummary.of(summary, job.out)

@@ -6,9 +6,11 @@ exposes open_clip's), so the same shards serve any backbone.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import ray
 from PIL import Image
 
 from hvd.data.manifest import SPLITS
+from hvd.durable import write_text
 from hvd.errors import InputError
 
 SUMMARY_FILE = "_summary.json"  # written last by prepare: its presence marks a finished folder
@@ -28,18 +31,50 @@ class ShardError(InputError, ValueError):
     """Shards that are missing or unfinished; the message names the folder."""
 
 
-def shard_summary(shards: str | Path) -> dict[str, Any]:
-    """The `_summary.json` of a finished prepare run: counts, frame settings, manifest fingerprint."""
-    path = Path(shards) / SUMMARY_FILE
-    if not path.is_file():
-        raise ShardError(f"{shards}: no {SUMMARY_FILE}; run pipelines/prepare.py first (or let it finish)")
-    return json.loads(path.read_text())
+@dataclass(frozen=True)
+class ShardSummary:
+    """A finished shard folder's `_summary.json`, the one reader and writer of it: prepare's folders record
+    their settings (format, frame spec, manifest), the stills their own `identity`. A field at its default
+    is left out of the file, so folders of either writer, and of older versions lacking a field, read back."""
+
+    input: int
+    written: int
+    quarantined: int
+    short_clips: int
+    splits: dict[str, int]  # rows written per split
+    shard_format: int = 0  # prepare's SHARD_FORMAT; 0 in the stills and the oldest folders
+    frame_spec: dict[str, Any] | None = None  # FrameSpec.to_dict() of prepare's decode
+    manifest_fingerprint: str = ""
+    only_splits: list[str] | None = None  # the splits prepare was limited to, when it was
+    manifest: str | None = None  # the manifest's resolved path
+    identity: dict[str, Any] | None = None  # the stills': everything that decides their bytes
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ShardSummary:
+        """The summary of a finished folder; `ShardError` when it has none (unfinished) or it does not read."""
+        path = Path(folder) / SUMMARY_FILE
+        if not path.is_file():
+            raise ShardError(f"{folder}: no {SUMMARY_FILE}; run pipelines/prepare.py first (or let it finish)")
+        try:
+            record = json.loads(path.read_text())
+            return cls(**{field.name: record[field.name] for field in dataclasses.fields(cls) if field.name in record})
+        except (ValueError, TypeError) as err:
+            raise ShardError(f"{path} is not a shard summary ({err}); prepare the folder again with --overwrite") from err
+
+    def record(self) -> dict[str, Any]:
+        """What `_summary.json` holds: every field not at its default."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if getattr(self, field.name) != field.default}
+
+    def write(self, folder: str | Path) -> Path:
+        """`folder`'s `_summary.json`, whole or absent and on disk before the folder is published."""
+        return write_text(Path(folder) / SUMMARY_FILE, json.dumps(self.record(), indent=2) + "\n")
 
 
 def _split_dir(shards: str | Path, split: str) -> Path:
     if split not in SPLITS:
         raise ShardError(f"unknown split {split!r} (choose one of {', '.join(SPLITS)})")
-    counts = shard_summary(shards)["splits"]
+    counts = ShardSummary.read(shards).splits
     if not counts.get(split):
         raise ShardError(f"{shards}: no videos of split {split!r} were written (written: {counts})")
     folder = Path(shards) / split

@@ -23,7 +23,7 @@ from PIL import Image
 
 from hvd.data.folders import exclusive, fresh_staging, publish
 from hvd.data.prepare import SHARD_SCHEMA
-from hvd.data.shards import SUMMARY_FILE
+from hvd.data.shards import SUMMARY_FILE, ShardSummary
 from hvd.data.synthetic import ATTRIBUTES, ClipSpec, Settings, captions_for, in_processes, render_still
 
 STILLS_FORMAT = 1  # bump when what a still shows or how it is stored changes: cached warm starts are redone
@@ -75,7 +75,7 @@ def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, wo
     identity = stills_identity(settings, counts)
     summary = out / SUMMARY_FILE
     with exclusive(out, "stills writer"):
-        if summary.is_file() and json.loads(summary.read_text()).get("identity") == identity:
+        if summary.is_file() and ShardSummary.read(out).identity == identity:
             return out
         staging = fresh_staging(out)
         jobs, first = [], 0
@@ -87,8 +87,6 @@ def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, wo
         written = sum(in_processes(_write_part, jobs, workers))
         if written != sum(counts.values()):
             raise RuntimeError(f"{out}: {sum(counts.values())} stills planned, {written} written")
-        record = {"input": written, "written": written, "quarantined": 0, "short_clips": 0, "splits": counts,
-                  "identity": identity}
-        (staging / SUMMARY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        ShardSummary(written, written, 0, 0, counts, identity=identity).write(staging)
         publish(staging, out)
     return out

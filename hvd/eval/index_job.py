@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config
-from hvd.data.shards import shard_summary
+from hvd.data.shards import ShardSummary
 from hvd.eval.actors import encode_videos_with_actors
 from hvd.eval.gallery_index import GalleryIndex, write_index
 from hvd.eval.index_registry import index_tag, link_index, log_index
@@ -75,7 +75,7 @@ def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
         "split": cfg.eval.split,
         "shards": str(shards),
         "dataset_fingerprint": job.dataset_fingerprint,
-        "frame_spec": shard_summary(shards)["frame_spec"],
+        "frame_spec": ShardSummary.read(shards).frame_spec,
         "run_id": run_id,
     }
     folder = Path(cfg.index.cache) / run_id

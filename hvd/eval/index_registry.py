@@ -18,7 +18,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config
-from hvd.data.shards import shard_summary
+from hvd.data.shards import ShardSummary
 from hvd.durable import publish
 from hvd.errors import HvdError
 from hvd.eval.gallery_index import INDEX_FILES, GalleryIndex
@@ -120,11 +120,11 @@ def matching_index(
     if location is None:
         return None
     index = open_index(location, cfg, tracking_uri)
-    summary = shard_summary(shards)
-    if index.meta["dataset_fingerprint"] != summary.get("manifest_fingerprint", ""):
+    summary = ShardSummary.read(shards)
+    if index.meta["dataset_fingerprint"] != summary.manifest_fingerprint:
         print(f"index {location} not used: it indexes another version of {benchmark}", flush=True)
         return None
-    if index.meta["frame_spec"] != summary["frame_spec"]:
+    if index.meta["frame_spec"] != summary.frame_spec:
         print(f"index {location} not used: its frames were sampled otherwise", flush=True)
         return None
     return index

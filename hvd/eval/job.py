@@ -17,7 +17,7 @@ from hvd.config import Config
 from hvd.data.decode import FrameSpec
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import QUARANTINE_FILE, prepare
-from hvd.data.shards import shard_summary
+from hvd.data.shards import ShardSummary
 from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import EncodedSplit
@@ -71,7 +71,7 @@ def benchmark_name(cfg: Config, manifest: Path | None, shards: Path | None) -> s
     if cfg.eval.benchmark:
         return cfg.eval.benchmark
     if manifest is None:
-        recorded = shard_summary(shards).get("manifest")
+        recorded = ShardSummary.read(shards).manifest
         if not recorded:
             return shards.resolve().name
         manifest = Path(recorded)
@@ -94,7 +94,7 @@ def prepared_shards(cfg: Config, manifest: Path, benchmark: str) -> Path:
 
 
 def check_frames(shards: Path, model: RetrievalModel) -> None:
-    size = shard_summary(shards)["frame_spec"]["frame_size"]
+    size = ShardSummary.read(shards).frame_spec["frame_size"]
     if size != model.image_size:
         raise ValueError(
             f"--shards {shards}: frames are {size} px but the model takes {model.image_size} px; "
@@ -239,7 +239,7 @@ def open_job(cfg: Config, model_uri: str, manifest: Path | None, shards: Path | 
     benchmark = benchmark_name(cfg, manifest, shards)
     folder = cached_shards(cfg, manifest, benchmark) if manifest is not None else shards
     cfg = replace(cfg, data=replace(cfg.data, manifest=str(manifest) if manifest else None, shards=str(folder)))
-    digest = fingerprint(manifest) if manifest else shard_summary(shards).get("manifest_fingerprint", "")
+    digest = fingerprint(manifest) if manifest else ShardSummary.read(shards).manifest_fingerprint
     return JobInputs(cfg, model, source, benchmark, manifest, folder, digest, uri)
 
 
@@ -293,12 +293,11 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
 
     out = Path(cfg.eval.out) / benchmark / f"{source.label}-{cfg.eval.mode}"
     artifacts = draw(model, cfg, shards, encoded, results, out)
-    summary = shard_summary(shards)
     report: dict[str, Any] = {
         "benchmark": benchmark,
         "split": cfg.eval.split,
         "shards": str(shards),
-        "dataset_fingerprint": summary.get("manifest_fingerprint", ""),
+        "dataset_fingerprint": ShardSummary.read(shards).manifest_fingerprint,
         "model": {
             "uri": source.uri,
             "name": source.name,

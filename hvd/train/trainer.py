@@ -23,7 +23,7 @@ from hvd.checkpoint import load_state
 from hvd.config import WARM_START, Config
 from hvd.data.manifest import fingerprint
 from hvd.data.prepare import prepare
-from hvd.data.shards import read_shards, shard_summary
+from hvd.data.shards import ShardSummary, read_shards
 from hvd.data.synthetic import generate, read_ceiling
 from hvd.errors import HvdError
 from hvd.eval.encode import evaluate_split
@@ -135,7 +135,7 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
     if cfg.model.pretrained == WARM_START:
         raise ValueError("model.pretrained=synthetic is made by hvd.train.warm_start before training; use hvd.train.fit")
     shards = data.shards
-    splits = shard_summary(shards)["splits"]
+    splits = ShardSummary.read(shards).splits
     val_split = "val" if splits.get("val") else "test"
     train_samples = splits["train"]
     if cfg.data.expand_captions:
