@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -126,3 +126,22 @@ def publish(staging: Path, folder: Path) -> None:
         shutil.rmtree(replaced)
     else:
         publish_durably(staging, folder)
+
+
+@contextlib.contextmanager
+def building(folder: Path, what: str, built: Callable[[Path], bool] | None = None) -> Iterator[Path | None]:
+    """Build `folder` once, whole: under its lock, None when `built(folder)` says it already holds what is
+    wanted (a concurrent writer may just have made it), else an empty staging folder to fill, published in
+    place of `folder` when the block succeeds and removed when it fails (a killed writer's is removed by
+    the next writer)."""
+    with exclusive(folder, what):
+        if built is not None and built(folder):
+            yield None
+            return
+        staging = fresh_staging(folder)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        publish(staging, folder)

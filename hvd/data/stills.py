@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from hvd.data.folders import exclusive, fresh_staging, publish
+from hvd.data.folders import building
 from hvd.data.prepare import SHARD_SCHEMA
 from hvd.data.shards import SUMMARY_FILE, ShardSummary
 from hvd.data.synthetic import ATTRIBUTES, ClipSpec, Settings, captions_for, in_processes, render_still
@@ -73,11 +73,9 @@ def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, wo
     folder renamed into place, `_summary.json` last."""
     out = Path(out)
     identity = stills_identity(settings, counts)
-    summary = out / SUMMARY_FILE
-    with exclusive(out, "stills writer"):
-        if summary.is_file() and ShardSummary.read(out).identity == identity:
+    with building(out, "stills writer", lambda folder: _holds(folder, identity)) as staging:
+        if staging is None:
             return out
-        staging = fresh_staging(out)
         jobs, first = [], 0
         for split, count in counts.items():
             (staging / split).mkdir()
@@ -88,5 +86,9 @@ def write_stills(settings: Settings, counts: dict[str, int], out: str | Path, wo
         if written != sum(counts.values()):
             raise RuntimeError(f"{out}: {sum(counts.values())} stills planned, {written} written")
         ShardSummary(written, written, 0, 0, counts, identity=identity).write(staging)
-        publish(staging, out)
     return out
+
+
+def _holds(folder: Path, identity: dict) -> bool:
+    """Whether `folder` is a finished stills folder of `identity`."""
+    return (folder / SUMMARY_FILE).is_file() and ShardSummary.read(folder).identity == identity

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from hvd.config import IndexConfig
-from hvd.durable import publish
+from hvd.data.folders import building
 from hvd.model import VideoFeatures
 
 META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE = "index.json", "video_ids.parquet", "features.safetensors", "stage1.faiss"
@@ -148,28 +148,26 @@ def write_index(
     folder: Path, video_ids: list[str], video: VideoFeatures, embeddings: Tensor, cfg: IndexConfig,
     meta: dict[str, Any],
 ) -> GalleryIndex:
-    """Write the index files into `folder` (created; a partial write is left under `<folder>.tmp`), each on
-    disk before the folder has its name (`hvd.durable`)."""
+    """Write the index files into `folder` (its run's own, so never found built), published whole
+    (`hvd.data.folders.building`)."""
     if not (len(video_ids) == len(video) == len(embeddings)):
         raise ValueError(f"{len(video_ids)} video ids, {len(video)} feature rows, {len(embeddings)} embeddings")
-    staging = folder.with_name(folder.name + ".tmp")
-    staging.mkdir(parents=True, exist_ok=True)
     embedding = embeddings.detach().cpu().float().numpy()
-    ann = build_ann(embedding, cfg)
-    faiss.write_index(ann, str(staging / ANN_FILE))
-    arrays = {name: np.ascontiguousarray(getattr(video, name).detach().cpu().numpy()) for name in VIDEO_FIELDS}
-    safetensors.numpy.save_file({**arrays, "embedding": embedding}, str(staging / FEATURES_FILE))
-    pq.write_table(pa.table({"video_id": video_ids}), staging / IDS_FILE)
-    meta = {
-        **meta,
-        "videos": len(video_ids),
-        "dim": int(embedding.shape[1]),
-        "kind": ann_kind(ann),
-        "ivf_lists": ann.nlist if isinstance(ann, faiss.IndexIVF) else None,
-        "nprobe": cfg.nprobe if isinstance(ann, faiss.IndexIVF) else None,
-        "ann_bytes": ann_bytes(ann),
-        "features_bytes": os.path.getsize(staging / FEATURES_FILE),
-    }
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    publish(staging, folder)
+    with building(folder, "index build") as staging:
+        ann = build_ann(embedding, cfg)
+        faiss.write_index(ann, str(staging / ANN_FILE))
+        arrays = {name: np.ascontiguousarray(getattr(video, name).detach().cpu().numpy()) for name in VIDEO_FIELDS}
+        safetensors.numpy.save_file({**arrays, "embedding": embedding}, str(staging / FEATURES_FILE))
+        pq.write_table(pa.table({"video_id": video_ids}), staging / IDS_FILE)
+        meta = {
+            **meta,
+            "videos": len(video_ids),
+            "dim": int(embedding.shape[1]),
+            "kind": ann_kind(ann),
+            "ivf_lists": ann.nlist if isinstance(ann, faiss.IndexIVF) else None,
+            "nprobe": cfg.nprobe if isinstance(ann, faiss.IndexIVF) else None,
+            "ann_bytes": ann_bytes(ann),
+            "features_bytes": os.path.getsize(staging / FEATURES_FILE),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return GalleryIndex.open(folder)

@@ -11,15 +11,14 @@ download, or a cached copy, whose files hash otherwise, and an index run without
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config
+from hvd.data.folders import building
 from hvd.data.shards import ShardSummary
-from hvd.durable import publish
 from hvd.errors import HvdError
 from hvd.eval.gallery_index import INDEX_FILES, GalleryIndex
 from hvd.eval.source import ModelSource
@@ -79,17 +78,16 @@ def open_index(location: str, cfg: Config, tracking_uri: str) -> GalleryIndex:
     run_id = location.removeprefix("runs:/").split("/", 1)[0]
     recorded = _recorded_hashes(location, run_id, tracking_uri)
     folder = Path(cfg.index.cache) / run_id
-    if folder.is_dir():
-        _check(folder, recorded, f"index {location} (its copy in {folder}; delete it to download again)")
-    else:
-        staging = folder.with_name(folder.name + ".download")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        with active_tracking_uri(tracking_uri):
-            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging))
-        _check(Path(downloaded), recorded, f"index {location}")  # before it enters the cache
-        publish(downloaded, folder)
-        shutil.rmtree(staging)
+    with building(folder, "index download", Path.is_dir) as staging:
+        if staging is None:
+            _check(folder, recorded, f"index {location} (its copy in {folder}; delete it to download again)")
+        else:
+            with active_tracking_uri(tracking_uri):
+                downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(staging)))
+            for file in downloaded.iterdir():  # out of the artifact path's own folder, up into the staging folder
+                file.rename(staging / file.name)
+            downloaded.rmdir()
+            _check(staging, recorded, f"index {location}")  # before it enters the cache
     return GalleryIndex.open(folder)
 
 
