@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,8 @@ from typing import Any, TextIO
 
 from hvd.durable import fsync_path, write_text
 from hvd.durable import publish as publish_durably
+
+logger = logging.getLogger(__name__)
 
 STAGING_IDENTITY = "_identity.json"  # in a resumable staging folder: what its contents were made for
 
@@ -75,7 +78,7 @@ def exclusive(folder: Path, what: str = "writer") -> Iterator[None]:
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"{folder}: waiting for the {what} that holds it ({_holder(file)}) to finish", flush=True)
+            logger.info(f"{folder}: waiting for the {what} that holds it ({_holder(file)}) to finish")
             fcntl.flock(file, fcntl.LOCK_EX)
         _sign(file)
         try:
@@ -89,7 +92,8 @@ def fresh_staging(folder: Path) -> Path:
     any staging folder already there a dead writer's leftover."""
     staging = _sibling(folder, "partial")
     if staging.exists():
-        print(f"{folder}: removing what an interrupted run left in {staging.name}; starting from the beginning", flush=True)
+        logger.info(f"{folder}: removing what an interrupted run left in {staging.name}; "
+                    "starting from the beginning")
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
@@ -106,7 +110,7 @@ def resumable_staging(folder: Path, identity: dict[str, Any], resume: bool = Tru
         return staging, True
     if staging.exists():
         why = "overwrite: starting from the beginning" if same else "it had other settings"
-        print(f"{folder}: removing what an interrupted run left in {staging.name} ({why})", flush=True)
+        logger.info(f"{folder}: removing what an interrupted run left in {staging.name} ({why})")
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     fsync_path(staging.parent)

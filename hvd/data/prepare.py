@@ -21,6 +21,7 @@ file appears whole, its part's marker last) and decodes only the rest.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -52,6 +53,8 @@ from hvd.durable import atomic_file, write_text
 from hvd.errors import InputError
 from hvd.paths import require_shared_paths
 from hvd.ray_runtime import ensure_ray
+
+logger = logging.getLogger(__name__)
 
 SHARD_FORMAT = 3  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
@@ -160,7 +163,8 @@ def _check_existing(out: Path, identity: dict[str, Any], overwrite: bool) -> Pre
     if previous.shard_format < SHARD_FORMAT and all(k == "shard_format" or k not in before for k in differing):
         # The same videos and settings in an older layout (which may lack settings added since): derived
         # data, so it is redone rather than refused.
-        print(f"{out}: shards of format {previous.shard_format} are re-prepared as format {SHARD_FORMAT}", flush=True)
+        logger.info(f"{out}: shards of format {previous.shard_format} are re-prepared as format "
+                    f"{SHARD_FORMAT}")
         return None
     if differing:
         changed = "; ".join(f"{key}: {before.get(key)!r} -> {now[key]!r}" for key in differing)
@@ -313,7 +317,8 @@ def _decode_missing_parts(index: ManifestIndex, job: _Job, data: DataConfig, res
         leftover.unlink()
     done = _verified_parts(job, [min(per_part, len(index) - part * per_part) for part in range(len(ranges))])
     if resumed:
-        print(f"{job.out.name}: resuming an interrupted run, {len(done)} of {len(ranges)} parts already written", flush=True)
+        logger.info(f"{job.out.name}: resuming an interrupted run, "
+                    f"{len(done)} of {len(ranges)} parts already written")
     todo = [{"part": part, "start": start, "end": end} for part, (start, end) in enumerate(ranges) if part not in done]
     if not todo:
         return
@@ -336,7 +341,8 @@ def _decode_missing_parts(index: ManifestIndex, job: _Job, data: DataConfig, res
         if time.monotonic() - last_report > PROGRESS_EVERY_S:
             last_report = time.monotonic()
             rate = count * per_part / (last_report - started)
-            print(f"{job.out.name}: {len(done) + count} of {len(ranges)} parts written, about {rate:.1f} videos/s", flush=True)
+            logger.info(f"{job.out.name}: {len(done) + count} of {len(ranges)} parts written, "
+                        f"about {rate:.1f} videos/s")
 
 
 def _verified_parts(job: _Job, videos: list[int]) -> set[int]:
@@ -352,7 +358,7 @@ def _verified_parts(job: _Job, videos: list[int]) -> set[int]:
         if problem is None:
             done.add(part)
             continue
-        print(f"{job.out.name}: part {part} failed verification ({problem}); decoding it again", flush=True)
+        logger.info(f"{job.out.name}: part {part} failed verification ({problem}); decoding it again")
         for path in (marker, *files):
             path.unlink(missing_ok=True)
     return done

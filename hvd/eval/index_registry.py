@@ -11,6 +11,7 @@ download, or a cached copy, whose files hash otherwise, and an index run without
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -24,6 +25,8 @@ from hvd.eval.gallery_index import INDEX_FILES, GalleryIndex
 from hvd.eval.source import ModelSource
 from hvd.mlflow_flavor import changed_files, sha256_file
 from hvd.tracking import active_tracking_uri, log_params
+
+logger = logging.getLogger(__name__)
 
 ARTIFACT_PATH = "index"
 HASH_PARAM = "sha256."  # the index run's params sha256.index.json, sha256.stage1.faiss, ...
@@ -120,9 +123,9 @@ def matching_index(
     index = open_index(location, cfg, tracking_uri)
     summary = ShardSummary.read(shards)
     if index.meta["dataset_fingerprint"] != summary.manifest_fingerprint:
-        print(f"index {location} not used: it indexes another version of {benchmark}", flush=True)
+        logger.info(f"index {location} not used: it indexes another version of {benchmark}")
         return None
     if index.meta["frame_spec"] != summary.frame_spec:
-        print(f"index {location} not used: its frames were sampled otherwise", flush=True)
+        logger.info(f"index {location} not used: its frames were sampled otherwise")
         return None
     return index

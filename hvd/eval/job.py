@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,8 @@ from hvd.paths import require_shared_paths, resolve_path
 from hvd.ray_runtime import ensure_ray
 from hvd.stopping import stop_on_signals
 from hvd.tracking import active_tracking_uri, benchmark_input, closing_run, run_url, source_tags, tracking_uri
+
+logger = logging.getLogger(__name__)
 
 # How the model saw its training clips: evaluation samples and tokenizes the benchmark the same way.
 MODEL_DATA_KEYS = ("num_frames", "sample_mode", "frame_size", "frame_codec", "jpeg_quality", "max_words")
@@ -89,7 +92,7 @@ def cached_shards(cfg: Config, manifest: Path, benchmark: str) -> Path:
 def prepared_shards(cfg: Config, manifest: Path, benchmark: str) -> Path:
     """Decode the split under evaluation (only it) once per manifest contents and frame settings."""
     out = cached_shards(cfg, manifest, benchmark)
-    print(prepare(cfg, manifest, out, splits=(cfg.eval.split,)), flush=True)
+    logger.info("%s", prepare(cfg, manifest, out, splits=(cfg.eval.split,)))
     return out
 
 
@@ -226,10 +229,8 @@ def open_job(cfg: Config, model_uri: str, manifest: Path | None, shards: Path | 
     with active_tracking_uri(uri):
         model, trained, source = load_model_source(model_uri)
     cfg = job_config(cfg, trained)
-    print(
-        f"model {source.uri}: {source.name} version {source.version}, {cfg.model.preset}/{cfg.model.head}",
-        flush=True,
-    )
+    logger.info(f"model {source.uri}: {source.name} version {source.version}, "
+                f"{cfg.model.preset}/{cfg.model.head}")
 
     ensure_ray()
     require_shared_paths({
@@ -274,7 +275,8 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
         matching_index(cfg, source, benchmark, shards, uri) if cfg.eval.mode == "two_stage" and cfg.index.use else None
     )
     if index is not None:
-        print(f"gallery: {len(index)} videos and stage 1 from index {index.meta['run_id']} ({index.kind})", flush=True)
+        logger.info(f"gallery: {len(index)} videos and stage 1 from index {index.meta['run_id']} "
+                    f"({index.kind})")
 
     started = time.perf_counter()
     videos = None if index is None else (index.video_ids, index.features())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per
 from hvd.train.plots import log_training_curves
 from hvd.train.rendezvous import LoopbackTorchConfig
 from hvd.worker_setup import verbose
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, order=True)
@@ -115,7 +118,7 @@ def prepare_data(cfg: Config) -> TrainingData:
         "train.storage_path": cfg.train.storage_path, "tracking.uri": tracking_uri(cfg),
     })
     manifest = Path(cfg.data.manifest) if cfg.data.manifest else generate(cfg.synthetic)
-    print(prepare(cfg, manifest, Path(cfg.data.shards), overwrite=cfg.data.overwrite), flush=True)
+    logger.info("%s", prepare(cfg, manifest, Path(cfg.data.shards), overwrite=cfg.data.overwrite))
     return TrainingData(Path(cfg.data.shards), manifest.resolve().parent.name, fingerprint(manifest), str(manifest),
                         read_ceiling(manifest).get("test"))
 
@@ -162,7 +165,7 @@ def _train_in_run(
     shards = data.shards
     uri = tracking_uri(cfg)
     how = f"resumed: the unfinished run named {cfg.run.name}, from its last checkpoint" if tracked.resumed else "new"
-    print(f"MLflow run {tracked.run_id} ({how}) at {uri}", flush=True)
+    logger.info(f"MLflow run {tracked.run_id} ({how}) at {uri}")
     storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
     ray_run_name = ray_name(cfg.run.name, tracked.run_id)  # one Ray run per MLflow run: resume finds both
 
