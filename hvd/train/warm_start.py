@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from hvd.config import WARM_START, Config
+from hvd.data.folders import exclusive
 from hvd.data.stills import digest, stills_identity, write_stills
 from hvd.data.synthetic import Settings, resolve
 from hvd.durable import write_text
@@ -75,26 +76,30 @@ def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
 
 
 def pretrain(cfg: Config) -> Path:
-    """The warm start's weights file for `cfg`, trained now unless a run with the same fingerprint made it."""
+    """The warm start's weights file for `cfg`, trained now unless a run with the same fingerprint made it. Runs
+    that start together train it once: the others wait on its lock, then find the file."""
     fingerprint = warm_start_fingerprint(cfg)
     out = Path(cfg.pretrain.out)
     weights = out / f"{model_name(cfg)}-{fingerprint}.safetensors"
     record = weights.with_suffix(".json")
-    if weights.is_file() and record.is_file():
-        logger.info(f"warm start      {weights} (cached: {json.loads(record.read_text())['model_uri']})")
-        return weights
-    ensure_ray()
-    require_shared_paths({"pretrain.out": out})
-    settings, counts = stills_plan(cfg)
-    stills = write_stills(settings, counts, out / f"stills-{digest(stills_identity(settings, counts))}",
-                          workers=cfg.synthetic.workers)
-    run_cfg = pretrain_config(cfg, fingerprint, stills)
-    logger.info(f"warm start      training {model_name(cfg)} on {counts['train']} captioned stills "
-                f"({cfg.pretrain.epochs} epochs)")
-    outcome = train(run_cfg, TrainingData(stills, f"synthetic-stills-{settings.frame_size}px", fingerprint, str(stills)))
-    save_weights(outcome.network, weights)
-    model_uri = f"models:/{outcome.model.name}/{outcome.model.version}"
-    write_text(record, json.dumps({"model_uri": model_uri, "run_id": outcome.run_id, "val": outcome.val}, indent=2) + "\n")
+    with exclusive(weights, "warm start"):
+        if weights.is_file() and record.is_file():
+            logger.info(f"warm start      {weights} (cached: {json.loads(record.read_text())['model_uri']})")
+            return weights
+        ensure_ray()
+        require_shared_paths({"pretrain.out": out})
+        settings, counts = stills_plan(cfg)
+        stills = write_stills(settings, counts, out / f"stills-{digest(stills_identity(settings, counts))}",
+                              workers=cfg.synthetic.workers)
+        run_cfg = pretrain_config(cfg, fingerprint, stills)
+        logger.info(f"warm start      training {model_name(cfg)} on {counts['train']} captioned stills "
+                    f"({cfg.pretrain.epochs} epochs)")
+        data = TrainingData(stills, f"synthetic-stills-{settings.frame_size}px", fingerprint, str(stills))
+        outcome = train(run_cfg, data)
+        save_weights(outcome.network, weights)
+        model_uri = f"models:/{outcome.model.name}/{outcome.model.version}"
+        write_text(record, json.dumps({"model_uri": model_uri, "run_id": outcome.run_id, "val": outcome.val},
+                                      indent=2) + "\n")
     r1 = outcome.val.get("t2v/R1", float("nan"))
     logger.info(f"warm start      {weights} ({model_uri}: val stills t2i R@1 {r1:.1f})")
     return weights
