@@ -145,7 +145,7 @@ class DataConfig:
     max_words: int = key(
         32,
         "caption tokens, including start and end tokens",
-        rule=_rule(lambda v: 3 <= v <= 77, "3 to 77 (start and end tokens take 2; CLIP reads 77)"),
+        rule=_rule(lambda v: 3 <= v <= 512, "3 to 512 (start and end tokens take 2; the preset's context caps it)"),
     )
     expand_captions: bool = key(False, "every caption a sample, instead of one random caption per epoch")
     decode_concurrency: int = key(2, "decode tasks running at once", rule=_WORKERS)

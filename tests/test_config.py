@@ -183,7 +183,7 @@ def test_no_float_key_takes_a_non_finite_value(bad):
 @pytest.mark.parametrize(
     "override",
     ["data.num_frames=100000", "data.frame_size=100000", "train.num_workers=1000000", "data.decode_concurrency=100000",
-     "train.batch_size=10000000", "synthetic.num_train=10000000000", "data.max_words=500", "eval.topk=10000000"],
+     "train.batch_size=10000000", "synthetic.num_train=10000000000", "data.max_words=5000", "eval.topk=10000000"],
 )
 def test_sizes_have_upper_bounds(override):
     with pytest.raises(ConfigError, match=rf"bad value for '{override.split('=')[0]}'.*to"):
