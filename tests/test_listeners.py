@@ -72,8 +72,8 @@ def test_the_process_group_listens_on_loopback(monkeypatch):
 def test_a_training_run_on_the_default_local_ray_listens_on_loopback_only(tmp_path):
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_", "HVD_"))}
     command = [
-        sys.executable, str(ROOT / "pipelines" / "train.py"), "synthetic.preset=tiny",
-        "model.pretrained=null", "train.epochs=1", "train.batch_size=8",
+        sys.executable, str(ROOT / "pipelines" / "train.py"), "synthetic.preset=tiny", "synthetic.num_train=32",
+        "synthetic.num_val=8", "synthetic.num_test=8", "model.pretrained=null", "train.epochs=1", "train.batch_size=8",
         f"synthetic.out={tmp_path}/synth", f"data.shards={tmp_path}/shards",
         f"train.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
     ]
