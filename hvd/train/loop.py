@@ -12,6 +12,7 @@ import dataclasses
 import faulthandler
 import functools
 import logging
+import math
 import os
 import tempfile
 import time
@@ -64,13 +65,14 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # DDP all-reduces gradient buckets while the rest of backward runs
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    loss_value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one device sync
+    finite = math.isfinite(loss_value) and math.isfinite(norm)
     if finite:
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # the schedule follows the step count, skipped steps included
-    return loss.detach(), {**parts, "grad_norm": float(grad_norm)}, finite
+    return loss.detach(), {**parts, "grad_norm": norm}, finite
 
 
 def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
