@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,43 +182,95 @@ class DataConfig:
     )
 
 
+def _dpc_k() -> Any:
+    return key(3, "DPC-KNN neighbours, the token itself included", rule=_between(1, 1024))
+
+
+def _temporal_layers() -> Any:
+    return key(4, "blocks of the transformer over frames (CLIP4Clip's seqTransf)", rule=_between(1, 48))
+
+
 @dataclass
-class ModelConfig:
-    preset: str = key(
-        "tiny", "CLIP backbone (tiny ones for CPUs)", choices=("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16")
-    )
-    head: str = key(
-        "hvd", "similarity head (README: Heads)", choices=("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi")
-    )
-    pretrained: str | None = key(
-        None, "local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start", path=True
-    )
-    quick_gelu: bool = key(True, "OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not")
-    frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair", rule=_SHARE)
+class PFCMKeys:
+    """Density-peak patch compression, shared by the heads that cluster patches (HVD, HVP-Net)."""
+
     pfcm_steps: int = key(3, "PFCM: rounds of density-peak compression", rule=_between(0, 16))
+    pfcm_ratio: float = key(0.5, "PFCM: share of tokens kept per round", rule=_SHARE)
+    dpc_k: int = _dpc_k()
+
+
+@dataclass
+class HVDHeadConfig(PFCMKeys):
+    frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair", rule=_SHARE)
     pfcm_scope: str = key(
         "video",
         "PFCM clusters all the video's patches together (video, as HVP-Net) or each frame's (frame)",
         choices=("frame", "video"),
     )
-    pfcm_ratio: float = key(0.5, "PFCM: share of tokens kept per round", rule=_SHARE)
-    dpc_k: int = key(3, "DPC-KNN neighbours, the token itself included", rule=_between(1, 1024))
+
+
+@dataclass
+class HVPHeadConfig(PFCMKeys):
+    layers: list[int] = key([], "ViT blocks matched with the caption; empty: first, middle, last")
+
+
+@dataclass
+class EERCFHeadConfig:
+    temporal_layers: int = _temporal_layers()
+    pearson_weight: float = key(0.001, "weight of the Pearson constraint in the loss (EERCF's)", rule=_NONNEGATIVE)
+
+
+@dataclass
+class HCMIHeadConfig:
+    temporal_layers: int = _temporal_layers()
+    dpc_k: int = _dpc_k()
+    clip_ratio: float = key(0.25, "clips per real frame (12 frames -> 3 clips)", rule=_SHARE)
+    phrase_ratio: float = key(0.25, "phrases per word token", rule=_SHARE)
+    label_denoising: bool = key(True, "soft InfoNCE targets shared with near-duplicate captions of the batch")
+    sample_enhancement: bool = key(True, "negatives near the positive's score count twice in the InfoNCE")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A similarity head: the class that builds it (`module:Class`, imported by `hvd.model.factory` only when
+    built, so configs load without torch) and whether it runs a transformer over frames seeded from CLIP's text
+    tower (one position per frame). Its knobs, if any, are `ModelConfig`'s section of the head's name."""
+
+    builder: str
+    frame_transformer: bool = False
+
+
+# The one list of heads: `model.head`'s choices, the factory and the docs read it.
+HEADS: dict[str, HeadSpec] = {
+    "hvd": HeadSpec("hvd.model.heads.hvd:HVDHead"),
+    "meanp": HeadSpec("hvd.model.heads.meanp:MeanPoolHead"),
+    "xpool": HeadSpec("hvd.model.heads.xpool:XPoolHead"),
+    "eercf": HeadSpec("hvd.model.heads.eercf:EERCFHead", frame_transformer=True),
+    "hvp": HeadSpec("hvd.model.heads.hvp:HVPHead"),
+    "hcmi": HeadSpec("hvd.model.heads.hcmi:HCMIHead", frame_transformer=True),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: str = key(
+        "tiny", "CLIP backbone (tiny ones for CPUs)", choices=("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16")
+    )
+    head: str = key("hvd", "similarity head (docs/heads.md)", choices=tuple(HEADS))
+    pretrained: str | None = key(
+        None, "local CLIP checkpoint file (nothing is downloaded); synthetic: the warm start", path=True
+    )
+    quick_gelu: bool = key(True, "OpenAI CLIP weights use QuickGELU; most LAION open_clip weights do not")
     score_budget_mb: int = key(512, "memory cap for one chunk of pairwise scoring", rule=_between(1, 1 << 20))
-    layers: list[int] = key([], "hvp: ViT blocks matched with the caption; empty: first, middle, last")
-    temporal_layers: int = key(
-        4, "eercf, hcmi: blocks of the transformer over frames (CLIP4Clip's seqTransf)", rule=_between(1, 48)
-    )
-    pearson_weight: float = key(
-        0.001, "eercf: weight of the Pearson constraint in the loss (EERCF's)", rule=_NONNEGATIVE
-    )
-    clip_ratio: float = key(0.25, "hcmi: clips per real frame (12 frames -> 3 clips)", rule=_SHARE)
-    phrase_ratio: float = key(0.25, "hcmi: phrases per word token", rule=_SHARE)
-    label_denoising: bool = key(
-        True, "hcmi: soft InfoNCE targets shared with near-duplicate captions of the batch"
-    )
-    sample_enhancement: bool = key(
-        True, "hcmi: negatives near the positive's score count twice in the InfoNCE"
-    )
+    # One section per head with knobs, named as the head; only the chosen head's section is read.
+    hvd: HVDHeadConfig = field(default_factory=HVDHeadConfig)
+    hvp: HVPHeadConfig = field(default_factory=HVPHeadConfig)
+    eercf: EERCFHeadConfig = field(default_factory=EERCFHeadConfig)
+    hcmi: HCMIHeadConfig = field(default_factory=HCMIHeadConfig)
+
+    def head_config(self) -> Any:
+        """The chosen head's section, None for a head without knobs."""
+        return getattr(self, self.head, None)
 
 
 @dataclass
@@ -363,15 +415,19 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def _declared() -> dict[str, dataclasses.Field]:
-    defaults = Config()
-    return {f"{section.name}.{item.name}": item for section in dataclasses.fields(Config)
-            for item in dataclasses.fields(getattr(defaults, section.name))}
+def _leaves(values: Any, prefix: str) -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(`section.key`, its declaration, its value) for every key under a config dataclass, head sections too."""
+    for item in dataclasses.fields(values):
+        value = getattr(values, item.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{item.name}.")
+        else:
+            yield f"{prefix}{item.name}", item, value
 
 
 # Every table below is read off the keys' own declarations (`key`): load_config checks a whole Config, and
 # the library checks the pieces it is handed directly (`check_values`), both from them.
-KEYS: dict[str, dataclasses.Field] = _declared()
+KEYS: dict[str, dataclasses.Field] = {name: item for name, item, _ in _leaves(Config(), "")}
 CHOICES: dict[str, tuple[str, ...]] = {name: f.metadata["choices"] for name, f in KEYS.items() if f.metadata["choices"]}
 RANGES: dict[str, Rule] = {name: f.metadata["rule"] for name, f in KEYS.items() if f.metadata["rule"]}
 PATH_KEYS: tuple[str, ...] = tuple(name for name, f in KEYS.items() if f.metadata["path"])
@@ -403,6 +459,19 @@ def _not_finite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+def replace_keys(values: Any, changes: dict[str, Any]) -> Any:
+    """A config dataclass (a whole `Config` or a section) with dotted keys under it set, e.g.
+    `replace_keys(model, {"head": "hcmi", "hcmi.label_denoising": False})`; sections it changes are copies."""
+    direct = {name: value for name, value in changes.items() if "." not in name}
+    nested: dict[str, dict[str, Any]] = {}
+    for name, value in changes.items():
+        if "." in name:
+            section, _, rest = name.partition(".")
+            nested.setdefault(section, {})[rest] = value
+    sections = {name: replace_keys(getattr(values, name), inner) for name, inner in nested.items()}
+    return dataclasses.replace(values, **direct, **sections)
+
+
 def check_values(values: dict[str, Any]) -> None:
     """Check `section.key -> value` pairs: every number finite, then CHOICES and RANGES; keys without a rule pass."""
     for key, value in values.items():
@@ -416,7 +485,7 @@ def check_values(values: dict[str, Any]) -> None:
 
 def check_section(section: str, values: Any) -> None:
     """Check one section's dataclass (e.g. `check_section("model", ModelConfig(...))`)."""
-    check_values({f"{section}.{f.name}": getattr(values, f.name) for f in dataclasses.fields(values)})
+    check_values({name: value for name, _, value in _leaves(values, f"{section}.")})
 
 
 def check(cfg: Config) -> None:
@@ -438,7 +507,8 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         key = _error_key(err)
-        raise ConfigError(f"{source}: unknown config key '{key}' (see --help for the valid keys)") from None
+        hint = f"now {' and '.join(moved)}" if (moved := moved_to(key)) else "see --help for the valid keys"
+        raise ConfigError(f"{source}: unknown config key '{key}' ({hint})") from None
     except ValidationError as err:
         key = _error_key(err)
         raise ConfigError(f"{source}: bad value for '{key}': {err.msg.splitlines()[0]}") from None
@@ -479,6 +549,38 @@ def load_config(
 RETIRED_KEYS = ("data.decode_batch_size",)
 
 
+def moved_to(old: str) -> list[str]:
+    """Where a key of the earlier flat model section lives now: `model.frame_keep` -> `model.hvd.frame_keep`,
+    and into every head section that has the name (the one value applied to every head then)."""
+    section, _, name = old.rpartition(".")
+    return [new for new in KEYS if new.rpartition(".")[0].rpartition(".")[0] == section and new.endswith(f".{name}")]
+
+
+def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """`section.key -> value` pairs recorded by an earlier version (MLflow params), under today's names."""
+    upgraded = {key: value for key, value in values.items() if key in KEYS or not moved_to(key)}
+    for old in values.keys() - upgraded.keys():
+        for new in moved_to(old):
+            upgraded.setdefault(new, values[old])
+    return upgraded
+
+
+def _upgrade(saved: DictConfig) -> None:
+    """A stored config of an earlier version under today's names, in place: retired keys dropped, moved ones moved."""
+    for retired in RETIRED_KEYS:
+        section, name = retired.split(".")
+        if section in saved and name in saved[section]:
+            del saved[section][name]
+    for section in [s for s in saved if isinstance(saved[s], DictConfig)]:
+        for name in list(saved[section]):
+            old = f"{section}.{name}"
+            if old not in KEYS and (targets := moved_to(old)):
+                for new in targets:
+                    if OmegaConf.select(saved, new) is None:
+                        OmegaConf.update(saved, new, saved[section][name], force_add=True)
+                del saved[section][name]
+
+
 def _interpolations(value: Any, prefix: str = "") -> list[str]:
     """Keys whose values hold `${...}` (an OmegaConf interpolation or resolver call such as `oc.env`)."""
     if isinstance(value, dict):
@@ -498,10 +600,7 @@ def config_from_yaml(text: str) -> Config:
     if interpolated := _interpolations(OmegaConf.to_container(saved, resolve=False)):
         raise ConfigError(f"stored config holds interpolations at {', '.join(interpolated)}: refused, a stored "
                           "config is read as data and never resolves ${...}")
-    for retired in RETIRED_KEYS:
-        section, name = retired.split(".")
-        if section in saved and name in saved[section]:
-            del saved[section][name]
+    _upgrade(saved)
     return _finish(_merge(OmegaConf.structured(Config), saved, "config YAML"))
 
 
@@ -512,17 +611,13 @@ def _finish(cfg: DictConfig) -> Config:
     return config
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """`section.key -> value`, the form MLflow params take."""
-    return {f"{section}.{name}": value for section, fields in to_dict(cfg).items() for name, value in fields.items()}
+    return {name: value for name, _, value in _leaves(cfg, "")}
 
 
 def describe(sections: tuple[str, ...]) -> str:
@@ -530,13 +625,16 @@ def describe(sections: tuple[str, ...]) -> str:
     may be, read off its declaration."""
     defaults = Config()
     lines = ["config keys (override with key=value; relative paths are under HVD_ROOT, else the cwd):"]
+    group = None
     for section in sections:
-        lines.append(f"  {section}:")
-        for item in dataclasses.fields(getattr(defaults, section)):
-            name, facts = f"{section}.{item.name}", item.metadata
+        for name, item, value in _leaves(getattr(defaults, section), f"{section}."):
+            if (parent := name.rpartition(".")[0]) != group:
+                group = parent
+                lines.append(f"  {group}:")
+            facts = item.metadata
             type_name = str(item.type).replace("typing.", "")
             allowed = f"one of {', '.join(facts['choices'])}" if facts["choices"] else RANGES.get(name, (0, ""))[1]
-            lines.append(f"    {name}: {type_name} = {getattr(getattr(defaults, section), item.name)!r}")
+            lines.append(f"    {name}: {type_name} = {value!r}")
             lines.append(f"        {facts['help']}" + (f" ({allowed})" if allowed else ""))
     return "\n".join(lines)
 
@@ -550,6 +648,12 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EERCFHeadConfig",
+    "HCMIHeadConfig",
+    "HEADS",
+    "HVDHeadConfig",
+    "HVPHeadConfig",
+    "HeadSpec",
     "EvalConfig",
     "IndexConfig",
     "ModelConfig",
@@ -566,5 +670,8 @@ __all__ = [
     "describe",
     "flatten",
     "load_config",
+    "moved_to",
+    "replace_keys",
     "to_yaml",
+    "upgrade_keys",
 ]

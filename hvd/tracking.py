@@ -38,7 +38,7 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from hvd import mlflow_flavor
-from hvd.config import RESUME_FREE_KEYS, Config, flatten, to_yaml
+from hvd.config import RESUME_FREE_KEYS, Config, flatten, to_yaml, upgrade_keys
 from hvd.data.folders import LockHeld, exclusive, hold
 from hvd.errors import HvdError, InputError
 from hvd.paths import resolve_tracking_uri
@@ -169,6 +169,7 @@ def config_differences(logged: dict[str, str], cfg: Config) -> list[str]:
     """
     defaults = {key: str(value) for key, value in flatten(Config()).items()}
     now = {key: str(value) for key, value in flatten(cfg).items() if key not in RESUME_FREE_KEYS}
+    logged = upgrade_keys(logged)  # a run started by an earlier version logged some keys under older names
     return [f"{key}: {logged.get(key, '(absent)')} -> {value}" for key, value in now.items()
             if logged.get(key, defaults[key]) != value]
 

@@ -11,6 +11,7 @@ from hvd.config import (
     PATH_KEYS,
     RANGES,
     RESUME_FREE_KEYS,
+    HEADS,
     ConfigError,
     config_from_yaml,
     flatten,
@@ -56,9 +57,9 @@ def test_bad_overrides_name_the_key(overrides, key):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["model.frame_keep=1.5"],
-        ["model.pfcm_ratio=0"],
-        ["model.pfcm_scope=clip"],
+        ["model.hvd.frame_keep=1.5"],
+        ["model.hvp.pfcm_ratio=0"],
+        ["model.hvd.pfcm_scope=clip"],
         ["train.warmup_fraction=1.0"],
         ["train.batch_size=33"],  # over 2 workers
         ["data.num_frames=0"],
@@ -125,9 +126,9 @@ def test_cli_help_lists_config_fields():
 
 def test_train_rejects_a_bad_value_before_ray_or_mlflow_start(tmp_path):
     db = tmp_path / "mlflow.db"
-    result = _run("pipelines/train.py", "model.frame_keep=2", f"tracking.uri=sqlite:///{db}")
+    result = _run("pipelines/train.py", "model.hvd.frame_keep=2", f"tracking.uri=sqlite:///{db}")
     assert result.returncode == 2
-    assert "bad value for 'model.frame_keep': 2.0 (must be in (0, 1])" in result.stderr
+    assert "bad value for 'model.hvd.frame_keep': 2.0 (must be in (0, 1])" in result.stderr
     assert not db.exists() and "ray" not in result.stderr.lower()
 
 
@@ -165,6 +166,54 @@ def test_a_config_saved_by_an_earlier_version_loads_without_its_retired_keys():
     assert config_from_yaml(saved).data.num_frames == 8  # a checkpoint or registered model from before still loads
     with pytest.raises(ConfigError, match="unknown config key 'data.decode_batch_size'"):
         load_config(None, ["data.decode_batch_size=4"])  # but nobody sets it anew
+
+
+# The model section as configs saved before per-head sections held it: every head's knobs side by side.
+FLAT_MODEL_SECTION = """model:
+  preset: tiny
+  head: hvp
+  pretrained: null
+  quick_gelu: true
+  frame_keep: 0.25
+  pfcm_steps: 2
+  pfcm_scope: frame
+  pfcm_ratio: 0.5
+  dpc_k: 5
+  score_budget_mb: 512
+  layers: [0, 2]
+  temporal_layers: 4
+  pearson_weight: 0.001
+  clip_ratio: 0.25
+  phrase_ratio: 0.25
+  label_denoising: false
+  sample_enhancement: true
+"""
+
+
+def test_a_config_saved_with_the_flat_model_section_loads_into_the_head_sections():
+    saved = to_yaml(load_config()).split("model:\n")[0] + FLAT_MODEL_SECTION
+    model = config_from_yaml(saved).model
+    assert (model.head, model.hvd.frame_keep, model.hvd.pfcm_scope, model.hvp.layers) == ("hvp", 0.25, "frame", [0, 2])
+    # a knob of several heads held the one value every head used then
+    assert model.hvd.dpc_k == model.hvp.dpc_k == model.hcmi.dpc_k == 5 and model.hvp.pfcm_steps == 2
+    assert not model.hcmi.label_denoising
+    # a run that logged the flat names resumes under today's names, and a change still shows
+    logged = {key: str(value) for key, value in flatten(load_config()).items() if key != "model.hvd.frame_keep"}
+    logged["model.frame_keep"] = "0.25"
+    assert config_differences(logged, load_config(None, ["model.hvd.frame_keep=0.25"])) == []
+    assert config_differences(logged, load_config()) == ["model.hvd.frame_keep: 0.25 -> 0.5"]
+    # typed anew, an old name is refused with its new place
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.dpc_k' \(now model.hvd.dpc_k and "
+                                          r"model.hvp.dpc_k and model.hcmi.dpc_k\)"):
+        load_config(None, ["model.dpc_k=5"])
+
+
+def test_every_head_is_registered_once_with_its_section():
+    sections = {name for name, item in KEYS.items() if name.count(".") == 2 and name.startswith("model.")}
+    assert {name.split(".")[1] for name in sections} <= set(HEADS), "a model section named after no head"
+    assert CHOICES["model.head"] == tuple(HEADS)
+    help_text = _run("pipelines/train.py", "--help").stdout
+    assert "model.hcmi:" in help_text and "model.hcmi.clip_ratio: float = 0.25" in help_text
 
 
 FLOAT_KEYS = [key for key, value in flatten(load_config()).items() if isinstance(value, float)]

@@ -171,7 +171,7 @@ def test_bad_model_uris_are_errors_naming_them(tmp_path):
 
 
 def test_checkpoint_directory_loads_with_its_config(tmp_path, tiny_model):
-    cfg = load_config(None, ["data.num_frames=8", "model.frame_keep=0.25", "model.pretrained=null"])
+    cfg = load_config(None, ["data.num_frames=8", "model.hvd.frame_keep=0.25", "model.pretrained=null"])
     model = build_model(cfg.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

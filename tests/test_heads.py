@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import MODEL_FRAMES as FRAMES
 
-from hvd.config import ConfigError, ModelConfig, load_config
+from hvd.config import ConfigError, ModelConfig, load_config, replace_keys
 from hvd.model import build_model
 from hvd.model.heads.eercf import pearson_constraint
 from hvd.model.heads.hcmi import ENHANCE, MARGIN, denoised_targets, hierarchical_infonce
@@ -21,9 +21,12 @@ from hvd.model.heads.hvp import default_layers
 from hvd.model.losses import symmetric_infonce
 
 
-def tiny_model(head: str, **overrides):
+def tiny_model(head: str, **knobs):
+    """A tiny model of `head`; each knob a `ModelConfig` field or one of the head's own (`pfcm_scope=...`)."""
     torch.manual_seed(0)
-    return build_model(ModelConfig(head=head, **overrides)).eval()
+    top = {name: value for name, value in knobs.items() if hasattr(ModelConfig, name)}
+    own = {f"{head}.{name}": value for name, value in knobs.items() if name not in top}
+    return build_model(replace_keys(ModelConfig(head=head), top | own)).eval()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +91,7 @@ def test_frame_transformer_starts_as_clips_text_blocks(head, tmp_path):
     clip = build_model(ModelConfig(head="meanp")).backbone.clip
     path = tmp_path / "clip.pt"
     torch.save(clip.state_dict(), path)
-    temporal = build_model(ModelConfig(head=head, pretrained=str(path), temporal_layers=2)).head.temporal
+    temporal = tiny_model(head, pretrained=str(path), temporal_layers=2).head.temporal
     assert len(temporal.blocks) == 2
     for block, text_block in zip(temporal.blocks, clip.transformer.resblocks, strict=False):
         for (name, value), (_, expected) in zip(block.state_dict().items(), text_block.state_dict().items(), strict=True):
@@ -220,14 +223,14 @@ def test_hcmi_switches_change_only_the_loss(denoising, enhancement, tokens, fram
 
 
 def test_bad_head_settings_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"model.layers=\[0, 4\]: distinct ViT block indices in \[0, 3\]"):
-        build_model(ModelConfig(head="hvp", layers=[0, 4]))
+    with pytest.raises(ValueError, match=r"model.hvp.layers=\[0, 4\]: distinct ViT block indices in \[0, 3\]"):
+        tiny_model("hvp", layers=[0, 4])
     with pytest.raises(ConfigError, match="model.head"):
         load_config(None, ["model.head=xclip"])
-    with pytest.raises(ConfigError, match="model.clip_ratio"):
-        load_config(None, ["model.head=hcmi", "model.clip_ratio=0"])
-    with pytest.raises(ConfigError, match="model.temporal_layers"):
-        load_config(None, ["model.temporal_layers=0"])
+    with pytest.raises(ConfigError, match="model.hcmi.clip_ratio"):
+        load_config(None, ["model.head=hcmi", "model.hcmi.clip_ratio=0"])
+    with pytest.raises(ConfigError, match="model.eercf.temporal_layers"):
+        load_config(None, ["model.eercf.temporal_layers=0"])
     model = tiny_model("eercf")
     with pytest.raises(ValueError, match="at most 32 frames, got 40"):
         model.encode_video(torch.randn(1, 40, 3, 64, 64))

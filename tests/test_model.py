@@ -10,16 +10,19 @@ import torch.nn.functional as F
 from conftest import MODEL_CAPTIONS as CAPTIONS
 from conftest import MODEL_FRAMES as FRAMES
 
-from hvd.config import ModelConfig
+from hvd.config import ModelConfig, replace_keys
 from hvd.model import TextFeatures, VideoFeatures, build_model, build_tokenizer
 from hvd.model.clustering import keep_count
 from hvd.model.ffsm import select_frames
 from hvd.model.pfcm import PFCM
 
 
-def tiny_model(head: str = "hvd", seed: int = 0, **overrides):
+def tiny_model(head: str = "hvd", seed: int = 0, **knobs):
+    """A tiny model of `head`; each knob a `ModelConfig` field or one of the head's own (`pfcm_scope=...`)."""
     torch.manual_seed(seed)
-    return build_model(ModelConfig(head=head, **overrides))
+    top = {name: value for name, value in knobs.items() if hasattr(ModelConfig, name)}
+    own = {f"{head}.{name}": value for name, value in knobs.items() if name not in top}
+    return build_model(replace_keys(ModelConfig(head=head), top | own))
 
 
 def test_features_have_the_documented_shapes_and_unit_norms(tokens, frames):
@@ -193,10 +196,10 @@ HEAD_LOSSES = {
 }
 
 
-@pytest.mark.parametrize(("head", "scope"), [("hvd", "frame"), ("hvd", "video"), ("meanp", "frame"), ("xpool", "video"),
-                                             ("eercf", "video"), ("hvp", "video"), ("hcmi", "video")])
-def test_gradients_reach_the_backbone_and_every_new_module(head, scope, tokens, frames):
-    model = tiny_model(head, pfcm_scope=scope)
+@pytest.mark.parametrize(("head", "knobs"), [("hvd", {"pfcm_scope": "frame"}), ("hvd", {"pfcm_scope": "video"}),
+                                             *((head, {}) for head in ("meanp", "xpool", "eercf", "hvp", "hcmi"))])
+def test_gradients_reach_the_backbone_and_every_new_module(head, knobs, tokens, frames):
+    model = tiny_model(head, **knobs)
     pixels = torch.randint(0, 256, (len(CAPTIONS), FRAMES, 64, 64, 3), dtype=torch.uint8)
     mask = torch.arange(FRAMES) < torch.tensor([[6], [3], [6], [5]])
     loss, metrics = model(tokens, pixels, mask)  # forward: the loss from uint8 frames, as DDP calls it
@@ -244,13 +247,13 @@ def test_bad_input_is_a_clear_error(tokens, frames):
         model.encode_video(frames.to(torch.uint8))
     with pytest.raises(ValueError, match="frame_mask must be bool \\[4, 6\\] with a valid frame per video"):
         model.encode_video(frames, torch.arange(FRAMES) < torch.tensor([[6], [0], [6], [6]]))
-    with pytest.raises(ValueError, match="model.pfcm_scope.*'clip'.*frame, video"):
+    with pytest.raises(ValueError, match="model.hvd.pfcm_scope.*'clip'.*frame, video"):
         tiny_model(pfcm_scope="clip")
     with pytest.raises(ValueError, match="at least one token"):
         model.encode_text(torch.cat([tokens[:1], torch.zeros_like(tokens[:1])]))
     with pytest.raises(ValueError, match="length <= 32"):
         model.encode_text(torch.ones(2, 40, dtype=torch.long))
-    with pytest.raises(ValueError, match="model.frame_keep"):
-        build_model(ModelConfig(frame_keep=0.0))
+    with pytest.raises(ValueError, match="model.hvd.frame_keep"):
+        tiny_model(frame_keep=0.0)
     with pytest.raises(ValueError, match="model.preset"):
         build_model(ModelConfig(preset="ViT-H-14"))

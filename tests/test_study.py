@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_head_variants_set_their_switches_and_plain_heads_only_the_head():
     knobs = {"event_fraction": 0.3, "entity_scale": 0.3, "seed": 1}
     plain = trial_config(Config(), "hcmi", knobs | {"head": "hcmi-plain"})
-    assert (plain.model.head, plain.model.label_denoising, plain.model.sample_enhancement) == ("hcmi", False, False)
+    assert (plain.model.head, plain.model.hcmi.label_denoising, plain.model.hcmi.sample_enhancement) == ("hcmi", False, False)
     assert plain.run.name == "hcmi-ef0.3-es0.3-hcmi-plain-s1"
     only = trial_config(Config(), "hcmi", knobs | {"head": "hcmi-no-enhancement"})
-    assert (only.model.label_denoising, only.model.sample_enhancement) == (True, False)
+    assert (only.model.hcmi.label_denoising, only.model.hcmi.sample_enhancement) == (True, False)
     full = trial_config(Config(), "hcmi", knobs | {"head": "hcmi"})
-    assert (full.model.head, full.model.label_denoising, full.model.sample_enhancement) == ("hcmi", True, True)
+    assert (full.model.head, full.model.hcmi.label_denoising, full.model.hcmi.sample_enhancement) == ("hcmi", True, True)
     assert len(GRIDS["hcmi"].trials) == 12
 
 

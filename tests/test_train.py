@@ -138,14 +138,14 @@ def test_rerun_of_a_failed_run_resumes_it(workdir):
     assert [step for step, _ in _history(client, failed.info.run_id, "val/t2v/R1")] == [3]
 
     # Other settings never resume it: refused, naming the key, before any training ...
-    changed = tiny(workdir, "resume", "train.fail_at_step=4", "train.max_failures=0", "model.frame_keep=0.25")
-    with pytest.raises(RunConfigMismatch, match=rf"{failed.info.run_id} \(FAILED\).*model.frame_keep: 0.5 -> 0.25\)"):
+    changed = tiny(workdir, "resume", "train.fail_at_step=4", "train.max_failures=0", "model.hvd.frame_keep=0.25")
+    with pytest.raises(RunConfigMismatch, match=rf"{failed.info.run_id} \(FAILED\).*model.hvd.frame_keep: 0.5 -> 0.25\)"):
         fit(changed)
     assert client.get_run(failed.info.run_id).info.status == "FAILED"
     # ... or, with run.resume=never, start a run of their own that records what it trains with.
     fresh = start_or_resume_run(replace(changed, run=replace(changed.run, resume="never")), {})
     assert not fresh.resumed and fresh.run_id != failed.info.run_id
-    assert client.get_run(fresh.run_id).data.params["model.frame_keep"] == "0.25"
+    assert client.get_run(fresh.run_id).data.params["model.hvd.frame_keep"] == "0.25"
     finish_run(tracking_uri(cfg), fresh.run_id)
 
     outcome = fit(cfg)  # same command again: the fault fired once already

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import open_clip
 from torch import Tensor
 
-from hvd.config import WARM_START, ConfigError, DataConfig, ModelConfig, check_section, check_values
+from hvd.config import HEADS, WARM_START, ConfigError, DataConfig, ModelConfig, check_section, check_values
 from hvd.model.backbone import ClipBackbone
-from hvd.model.heads import EERCFHead, HCMIHead, Head, HVDHead, HVPHead, MeanPoolHead, XPoolHead
+from hvd.model.heads import Head
 from hvd.model.model import RetrievalModel
 from hvd.model.presets import preset_config
 from hvd.model.pretrained import load_pretrained
 
-# Heads with a transformer over frames seeded from CLIP's text tower: one position per frame, as many as the
-# text context has (CLIP4Clip's seqTransf).
-FRAME_TRANSFORMER_HEADS = ("eercf", "hcmi")
-HEADS: dict[str, Callable[[ClipBackbone, ModelConfig], Head]] = {
-    "hvd": lambda backbone, cfg: HVDHead(backbone.embed_dim, cfg),
-    "meanp": lambda backbone, cfg: MeanPoolHead(),
-    "xpool": lambda backbone, cfg: XPoolHead(backbone.embed_dim),
-    "eercf": lambda backbone, cfg: EERCFHead(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length),
-    "hvp": lambda backbone, cfg: HVPHead(backbone.embed_dim, cfg, backbone.vision_depth),
-    "hcmi": lambda backbone, cfg: HCMIHead(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length),
-}
+
+def head_class(name: str) -> type[Head]:
+    """The class `hvd.config.HEADS` names for head `name`, imported now (configs load without torch)."""
+    module, _, cls = HEADS[name].builder.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def check_inputs(cfg: ModelConfig, data: DataConfig) -> None:
@@ -36,7 +31,7 @@ def check_inputs(cfg: ModelConfig, data: DataConfig) -> None:
     if data.frame_size != size:
         raise ConfigError(f"bad value for 'data.frame_size': {data.frame_size} (model.preset={cfg.preset} takes "
                           f"{size} px frames)")
-    if cfg.head in FRAME_TRANSFORMER_HEADS and data.num_frames > context:
+    if HEADS[cfg.head].frame_transformer and data.num_frames > context:
         raise ConfigError(f"bad value for 'data.num_frames': {data.num_frames} (model.head={cfg.head} has a "
                           f"position for at most {context} frames on model.preset={cfg.preset})")
 
@@ -47,7 +42,7 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.pretrained == WARM_START:
         raise ValueError("model.pretrained=synthetic names a warm start that hvd.train.warm_start makes; pass its file")
     backbone = ClipBackbone(open_clip.CLIP(**preset_config(cfg.preset, cfg.quick_gelu)))
-    model = RetrievalModel(backbone, HEADS[cfg.head](backbone, cfg), cfg.score_budget_mb)
+    model = RetrievalModel(backbone, head_class(cfg.head).build(backbone, cfg.head_config()), cfg.score_budget_mb)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model

@@ -22,7 +22,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from hvd.config import Config, config_from_yaml, to_yaml
+from hvd.config import Config, config_from_yaml, replace_keys, to_yaml
 from hvd.ray_runtime import ensure_ray
 from hvd.tracking import (
     RunConfigMismatch,
@@ -77,9 +77,9 @@ GRIDS: dict[str, Grid] = {
 }
 # Head variants a grid may name besides the heads themselves: a head with some of its switches off.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "hcmi-no-denoising": {"head": "hcmi", "label_denoising": False},
-    "hcmi-no-enhancement": {"head": "hcmi", "sample_enhancement": False},
-    "hcmi-plain": {"head": "hcmi", "label_denoising": False, "sample_enhancement": False},
+    "hcmi-no-denoising": {"head": "hcmi", "hcmi.label_denoising": False},
+    "hcmi-no-enhancement": {"head": "hcmi", "hcmi.sample_enhancement": False},
+    "hcmi-plain": {"head": "hcmi", "hcmi.label_denoising": False, "hcmi.sample_enhancement": False},
 }
 # What a trial's own process reserves: no CPU (it only waits on its Ray Train run, whose workers and Ray Data
 # tasks need every CPU of a small machine) but some memory, as Tune refuses an empty request.
@@ -98,7 +98,7 @@ def trial_config(base: Config, study: str, params: dict[str, Any]) -> Config:
         run=dataclasses.replace(base.run, name=f"{study}-{cell}-{params['head']}-s{params['seed']}", seed=params["seed"]),
         synthetic=dataclasses.replace(base.synthetic, event_fraction=ef, entity_scale=es, out=str(root / f"bench-{cell}")),
         data=dataclasses.replace(base.data, shards=str(root / f"shards-{cell}")),
-        model=dataclasses.replace(base.model, **VARIANTS.get(params["head"], {"head": params["head"]})),
+        model=replace_keys(base.model, VARIANTS.get(params["head"], {"head": params["head"]})),
         tracking=dataclasses.replace(base.tracking, experiment=f"study-{study}", model_name=f"study-{study}"),
     )
 

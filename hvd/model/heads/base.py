@@ -11,12 +11,14 @@ how many bytes one (caption, video) pair costs while scoring (`pair_bytes`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from open_clip import CLIP
 from torch import Tensor, nn
 
+from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.losses import symmetric_infonce
 
@@ -128,6 +130,12 @@ class Head(nn.Module):
     vision_layers: tuple[int, ...] = ()  # ViT blocks whose tokens `video_features` also reads (HVP-Net)
     part_weights: dict[str, float] = {}  # weight of each similarity in the loss and the score; absent: 1
     scores_groups = False  # has `grouped_similarities`
+
+    @classmethod
+    def build(cls, backbone: ClipBackbone, cfg: Any) -> Head:
+        """The head on top of `backbone`, from its section of `ModelConfig` (None for a head without knobs):
+        how `hvd.model.factory` builds every head named in `hvd.config.HEADS`."""
+        return cls()
 
     def video_features(
         self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]

@@ -28,7 +28,8 @@ from open_clip import CLIP
 from open_clip.transformer import Transformer
 from torch import Tensor, nn
 
-from hvd.config import ModelConfig
+from hvd.config import EERCFHeadConfig
+from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
 from hvd.model.temporal import FrameTransformer
@@ -54,11 +55,15 @@ class EERCFHead(Head):
     explain_legend = ("frames: EERCF's text gate (softmax of caption-frame cosine / 0.1); frames gated above a "
                       "uniform weight framed green")
 
-    def __init__(self, dim: int, cfg: ModelConfig, text: Transformer, max_frames: int):
+    def __init__(self, dim: int, cfg: EERCFHeadConfig, text: Transformer, max_frames: int):
         super().__init__()
         self.pearson_weight = cfg.pearson_weight
         self.temporal = FrameTransformer(dim, cfg.temporal_layers, text, max_frames)
         self.coarse_weight = nn.Parameter(torch.eye(dim))
+
+    @classmethod
+    def build(cls, backbone: ClipBackbone, cfg: EERCFHeadConfig) -> EERCFHead:
+        return cls(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length)
 
     def init_from_clip(self, clip: CLIP) -> None:
         self.temporal.init_from_clip(clip)

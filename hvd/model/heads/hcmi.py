@@ -35,7 +35,8 @@ from open_clip import CLIP
 from open_clip.transformer import Transformer
 from torch import Tensor, nn
 
-from hvd.config import ModelConfig
+from hvd.config import HCMIHeadConfig
+from hvd.model.backbone import ClipBackbone
 from hvd.model.clustering import dpc_knn, merge_clusters
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import (
@@ -103,7 +104,7 @@ class HCMIHead(Head):
     explain_legend = ("frames: caption cosine of the clip each frame was clustered into (HCMI's clip tokens); "
                       "the best clip's frames framed green")
 
-    def __init__(self, dim: int, cfg: ModelConfig, text: Transformer, max_frames: int):
+    def __init__(self, dim: int, cfg: HCMIHeadConfig, text: Transformer, max_frames: int):
         super().__init__()
         self.label_denoising, self.sample_enhancement = cfg.label_denoising, cfg.sample_enhancement
         self.temporal = FrameTransformer(dim, cfg.temporal_layers, text, max_frames)
@@ -112,6 +113,10 @@ class HCMIHead(Head):
         self.video_weight = zero_linear(dim)
         self.frame_weight, self.word_weight = zero_linear(dim), zero_linear(dim)
         self.clip_weight, self.phrase_weight = zero_linear(dim), zero_linear(dim)
+
+    @classmethod
+    def build(cls, backbone: ClipBackbone, cfg: HCMIHeadConfig) -> HCMIHead:
+        return cls(backbone.embed_dim, cfg, backbone.clip.transformer, backbone.context_length)
 
     def init_from_clip(self, clip: CLIP) -> None:
         self.temporal.init_from_clip(clip)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hvd.config import ModelConfig
+from hvd.config import HVDHeadConfig
+from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.ffsm import select_frames, select_frames_grouped
 from hvd.model.heads.base import (
@@ -37,13 +38,17 @@ class HVDHead(Head):
     explain_legend = ("frames: caption-frame cosine, FFSM's kept frames framed green; under each kept frame its "
                       "patches coloured by PFCM entity")
 
-    def __init__(self, dim: int, cfg: ModelConfig):
+    def __init__(self, dim: int, cfg: HVDHeadConfig):
         super().__init__()
         self.frame_keep = cfg.frame_keep
         self.scope = cfg.pfcm_scope
         self.pfcm = PFCM(dim, cfg.pfcm_steps, cfg.pfcm_ratio, cfg.dpc_k)
         # Softmax logits of the query side: words, and patches for the symmetric term.
         self.word_weight, self.patch_weight = zero_linear(dim), zero_linear(dim)
+
+    @classmethod
+    def build(cls, backbone: ClipBackbone, cfg: HVDHeadConfig) -> HVDHead:
+        return cls(backbone.embed_dim, cfg)
 
     def compress_patches(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T, P, D] patch features, [B, T] frame mask -> [B, E, D] unit entities and [B, E, T] the frames

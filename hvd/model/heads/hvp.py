@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hvd.config import ModelConfig
+from hvd.config import HVPHeadConfig
+from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import (
     FLOAT_BYTES,
@@ -57,7 +58,7 @@ class WeightMLP(nn.Module):
 class BlockMatcher(nn.Module):
     """One ViT block's PFCM and its word, patch and frame weights."""
 
-    def __init__(self, dim: int, cfg: ModelConfig):
+    def __init__(self, dim: int, cfg: HVPHeadConfig):
         super().__init__()
         self.pfcm = PFCM(dim, cfg.pfcm_steps, cfg.pfcm_ratio, cfg.dpc_k)
         self.word_weight, self.patch_weight, self.frame_weight = WeightMLP(dim), WeightMLP(dim), WeightMLP(dim)
@@ -93,13 +94,17 @@ class HVPHead(Head):
     uses_patches = True
     scores_groups = True
 
-    def __init__(self, dim: int, cfg: ModelConfig, depth: int):
+    def __init__(self, dim: int, cfg: HVPHeadConfig, depth: int):
         super().__init__()
         layers = tuple(cfg.layers) or default_layers(depth)
         if any(not 0 <= layer < depth for layer in layers) or len(set(layers)) != len(layers):
-            raise ValueError(f"model.layers={list(cfg.layers)}: distinct ViT block indices in [0, {depth - 1}] expected")
+            raise ValueError(f"model.hvp.layers={list(cfg.layers)}: distinct ViT block indices in [0, {depth - 1}] expected")
         self.vision_layers = tuple(sorted(layers))
         self.blocks = nn.ModuleList(BlockMatcher(dim, cfg) for _ in self.vision_layers)
+
+    @classmethod
+    def build(cls, backbone: ClipBackbone, cfg: HVPHeadConfig) -> HVPHead:
+        return cls(backbone.embed_dim, cfg, backbone.vision_depth)
 
     def video_features(
         self, frames: Tensor, frame_mask: Tensor, patches: Tensor | None, layers: list[tuple[Tensor, Tensor]]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
 
@@ -36,6 +37,10 @@ class XPoolHead(Head):
         self.norm_attended = nn.LayerNorm(dim)
         self.residual = _identity_linear(dim)
         self.norm_out = nn.LayerNorm(dim)
+
+    @classmethod
+    def build(cls, backbone: ClipBackbone, cfg: None) -> XPoolHead:
+        return cls(backbone.embed_dim)
 
     scores_groups = True
 
