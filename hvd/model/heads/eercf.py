@@ -12,7 +12,7 @@ and every patch of every frame. Per pair, the text-gated interaction block (TIB)
 The loss is EERCF's: InfoNCE on the weak sum (weight 0.8) and the strong score (0.2), plus the Pearson
 constraint: text and video features standardised over the gathered batch, and the squared distance of each
 dimension's correlation from 1, summed (EERCF's 0.14 on the diagonal, 0 off it), on the video-level and the
-gated frame-level features, times `model.pearson_weight` (EERCF's 0.001).
+gated frame-level features, times `model.eercf.pearson_weight` (EERCF's 0.001).
 
 Two departures, both stated: the strong score gates each video by the query's own caption in training as
 at evaluation (EERCF's training gates each video by its paired caption only); EERCF's per-frame-slot weight

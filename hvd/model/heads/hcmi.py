@@ -2,10 +2,10 @@
 Representations", arXiv 2204.03382): frame-clip-video met by word-phrase-sentence, one InfoNCE per level.
 
 Video, per clip once: the frames attend to each other (`FrameTransformer`, as EERCF's), the contextualised
-frames are clustered into clips by DPC-KNN (`model.clip_ratio` of the real frames), each clip the
+frames are clustered into clips by DPC-KNN (`model.hcmi.clip_ratio` of the real frames), each clip the
 exp(score)-weighted mean of its frames, and the video token the softmax(score)-weighted mean of the clips.
 Text: the words (CLIP's token features), phrases by the same clustering and merge over the words
-(`model.phrase_ratio`), and the sentence (CLIP's end-of-text feature).
+(`model.hcmi.phrase_ratio`), and the sentence (CLIP's end-of-text feature).
 Scores: frame-word and clip-phrase by token-wise matching (each word to its best frame and each frame to
 its best word, each side weighted by a learned softmax, averaged: HVD's word-patch matching), and
 video-sentence by cosine. The loss is an InfoNCE per level; the retrieval score is their sum.
@@ -13,14 +13,14 @@ video-sentence by cosine. The loss is an InfoNCE per level; the retrieval score 
 Where the paper's description leaves a choice open (its code is not public), this reads it so:
 - phrases are grouped as clips are (density-peak clusters merged by learned attention weights), so both
   sides of the clip-phrase level come from one operator; a cluster need not be contiguous in time or text;
-- `model.label_denoising`: in-batch InfoNCE labels say a caption matches only its own video, which is
+- `model.hcmi.label_denoising`: in-batch InfoNCE labels say a caption matches only its own video, which is
   wrong when another caption of the batch says the same thing. The targets become
   (1 - 0.5) one-hot + 0.5 softmax(caption-caption cosine / 0.02) over the batch, from the model's own
   detached sentence features: a caption's label spreads to the videos of the captions it encodes nearly
   alike (adaptively: as the text encoder learns, the set narrows), and stays one-hot where none is close.
   Targets from the model's own cross-modal predictions would add no gradient (the soft-target term's
   gradient is zero at its own prediction), hence the caption side;
-- `model.sample_enhancement`: a negative scored within 0.1 (cosine) of the positive, or above it, is a
+- `model.hcmi.sample_enhancement`: a negative scored within 0.1 (cosine) of the positive, or above it, is a
   marginal sample; its term in the InfoNCE denominator counts twice (log 2 added to its logit, selected
   without gradient), so the loss concentrates on the pairs at the decision margin.
 """

@@ -26,7 +26,7 @@ class HVDHead(Head):
     """FFSM picks each pair's frames; PFCM-compressed patches of those frames meet the caption's words.
 
     PFCM runs once per video, not per pair (`compress_patches`), over each frame's patches on its own
-    (`model.pfcm_scope=frame`: clusters never span frames) or over all the video's patches together
+    (`model.hvd.pfcm_scope=frame`: clusters never span frames) or over all the video's patches together
     (`video`, as HVP-Net: one entity can span frames). Every entity records the frames its patches came
     from; a pair's word-patch score uses the entities drawn from at least one frame FFSM kept for it. With
     frame scope that is exactly the kept frames compressed on their own, the paper's "patch features of

@@ -1,7 +1,7 @@
 """HVP-Net ("Delving Deeper: Hierarchical Visual Perception for Robust Video-Text Retrieval"): frames and
 patches of several ViT blocks, each compressed by PFCM and each matched with the caption.
 
-Every block in `model.layers` (default the first, the middle and the last, as HVP-Net) gives frame and patch
+Every block in `model.hvp.layers` (default the first, the middle and the last, as HVP-Net) gives frame and patch
 tokens through CLIP's own ln_post and projection; the block's patches of the whole video go through that
 block's PFCM (one entity can span frames), and the block scores three similarities, each side weighted by a
 learned MLP (a near-zero last layer, so training starts from plain means):
