@@ -65,17 +65,21 @@ class TruncatedVideoError(VideoDecodeError):
     reason = "truncated"
 
 
+_DATA = DataConfig()  # the defaults below are the data keys' own
+
+
 @dataclass(frozen=True)
 class FrameSpec:
-    """Everything that decides a shard's frames: stored with the shards and compared on a re-run."""
+    """Everything that decides a shard's frames (the `data.*` keys of the same names): stored with the shards
+    and compared on a re-run."""
 
-    num_frames: int = 12
-    sample_mode: str = "uniform"
-    frame_size: int = 64
-    frame_codec: str = "jpeg"
-    jpeg_quality: int = 90
-    min_duration_fraction: float = 0.9  # of the declared duration the frames must cover; 0 turns the check off
-    keep_truncated: bool = False  # keep a truncated clip (flagged) instead of quarantining it
+    num_frames: int = _DATA.num_frames
+    sample_mode: str = _DATA.sample_mode
+    frame_size: int = _DATA.frame_size
+    frame_codec: str = _DATA.frame_codec
+    jpeg_quality: int = _DATA.jpeg_quality
+    min_duration_fraction: float = _DATA.min_duration_fraction
+    keep_truncated: bool = _DATA.keep_truncated
 
     def __post_init__(self) -> None:
         check_values({f"data.{key}": value for key, value in self.to_dict().items()})
@@ -94,9 +98,9 @@ class VideoLimits:
     that would make the decoder allocate gigabytes. Not part of the shard identity: changing a limit changes
     which videos are refused, not the frames of those kept."""
 
-    max_video_frames: int = 1_000_000
-    max_video_pixels: int = 4096 * 4096  # width x height of one frame
-    max_video_duration_s: float = 6 * 3600.0
+    max_video_frames: int = _DATA.max_video_frames
+    max_video_pixels: int = _DATA.max_video_pixels  # width x height of one frame
+    max_video_duration_s: float = _DATA.max_video_duration_s
 
     @classmethod
     def from_config(cls, data: DataConfig) -> VideoLimits:
