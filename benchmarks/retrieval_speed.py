@@ -50,13 +50,13 @@ from hvd.data.prepare import prepare
 from hvd.data.shards import read_shards
 from hvd.data.synthetic import generate
 from hvd.eval.encode import EncodedSplit, encode_split
-from hvd.eval.gallery_index import ann_bytes, ann_kind, build_ann, search_ann
 from hvd.eval.job import job_config
 from hvd.eval.metrics import ranks_of_positives
 from hvd.eval.retrieval import merge_reranked, rescore_gathered, rescore_videos, top_candidates
-from hvd.eval.source import ModelSource, load_model_source
+from hvd.gallery import ann_bytes, ann_kind, build_ann, search_ann
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
-from hvd.tracking import tracking_uri
+from hvd.registry.runs import tracking_uri
+from hvd.registry.sources import ModelSource, load_model_source
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@
 
 Each run is `python pipelines/train.py train.epochs=1 run.name=stress-<i> [key=value ...]` in its own
 process (generation and prepare are cached after the first), with `PYTHONFAULTHANDLER=1` in every
-process it starts (Ray workers also enable it in `hvd.worker_setup`), so a native crash leaves every
+process it starts (Ray workers also enable it in `hvd.runtime.worker_setup`), so a native crash leaves every
 thread's Python stack in that run's log under `--logs`. Prints one JSON object; exits 1 when a run failed.
 """
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hvd.durable import atomic_file
+from hvd.runtime.durable import atomic_file
 
 STATE_FILE = "state.pt"
 
@@ -28,7 +28,7 @@ def save_state(
     config_yaml: str,
 ) -> Path:
     """`epoch` is the epoch in progress (finished epochs when saved at an epoch's end). The file is whole and
-    on disk before it has its name (`hvd.durable`)."""
+    on disk before it has its name (`hvd.runtime.durable`)."""
     path = Path(directory) / STATE_FILE
     with atomic_file(path) as partial:
         torch.save(

@@ -12,9 +12,9 @@ from typing import NoReturn
 
 from hvd.config import Config, ConfigError, describe, load_config, to_yaml
 from hvd.errors import HvdError
-from hvd.logs import show_logs
-from hvd.stopping import received_signal, stop_on_signals
-from hvd.worker_setup import VERBOSE_ENV
+from hvd.runtime.logs import show_logs
+from hvd.runtime.stopping import received_signal, stop_on_signals
+from hvd.runtime.worker_setup import VERBOSE_ENV
 
 
 def parse_args(
@@ -27,7 +27,7 @@ def parse_args(
     """Parse a pipeline's command line into the one `Config`; a bad key exits with status 2 before any work.
 
     `flag_overrides` turns pipeline-specific flags (`--out DIR`) into `key=value` overrides, so the
-    flags and the config can never disagree. The library's progress lines show from here on (`hvd.logs`).
+    flags and the config can never disagree. The library's progress lines show from here on (`hvd.runtime.logs`).
     """
     show_logs()
     parser = argparse.ArgumentParser(
@@ -50,7 +50,7 @@ def parse_args(
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.head=meanp")
     args = parser.parse_intermixed_args(argv)  # flags and key=value in any order
     if args.verbose:
-        os.environ[VERBOSE_ENV] = "1"  # read by every process of the job: hvd.worker_setup
+        os.environ[VERBOSE_ENV] = "1"  # read by every process of the job: hvd.runtime.worker_setup
     else:  # a model's files are downloaded in a blink from a local store: no bar per file
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     overrides = (flag_overrides(args) if flag_overrides else []) + list(args.overrides)

@@ -2,7 +2,7 @@
 
 The same `Config` object travels from the command line to data preparation, training, evaluation
 and, flattened, into MLflow params, so a run is reproducible from what MLflow recorded. Its relative
-paths are made absolute under the project root (`HVD_ROOT`, see `hvd.paths`) as it is loaded.
+paths are made absolute under the project root (`HVD_ROOT`, see `hvd.runtime.paths`) as it is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from hvd.errors import InputError
-from hvd.paths import resolve_path, resolve_tracking_uri
+from hvd.runtime.paths import resolve_path, resolve_tracking_uri
 
 WARM_START = "synthetic"  # model.pretrained: the preset's CLIP pretrained on synthetic stills (hvd.train.warm_start)
 

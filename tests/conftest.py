@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from hvd.config import ModelConfig
-from hvd.logs import show_logs
 from hvd.model import build_tokenizer
+from hvd.runtime.logs import show_logs
 
 
 @pytest.fixture(autouse=True, scope="session")

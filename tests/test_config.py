@@ -7,11 +7,11 @@ import pytest
 
 from hvd.config import (
     CHOICES,
+    HEADS,
     KEYS,
     PATH_KEYS,
     RANGES,
     RESUME_FREE_KEYS,
-    HEADS,
     ConfigError,
     config_from_yaml,
     flatten,
@@ -20,7 +20,7 @@ from hvd.config import (
 )
 from hvd.data import synthetic
 from hvd.model import presets
-from hvd.tracking import config_differences
+from hvd.registry.runs import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,13 +28,14 @@ from hvd.eval.encode import encode_split
 from hvd.eval.explain import PairExplanation
 from hvd.eval.job import job_config, prepared_shards
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
-from hvd.eval.source import ModelSourceError, load_model_source
 from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
 from hvd.model.heads import HCMIHead, HVDHead, XPoolHead
 from hvd.model.pfcm import PFCM
-from hvd.tracking import finish_run, register_model, start_or_resume_run, tracking_uri, version_model_id
+from hvd.registry.models import register_model, version_model_id
+from hvd.registry.runs import finish_run, start_or_resume_run, tracking_uri
+from hvd.registry.sources import ModelSourceError, load_model_source
 
 
 def load_pipeline(name: str):

@@ -17,7 +17,8 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 
 from hvd.config import IndexConfig, ModelConfig, load_config
 from hvd.eval import retrieval
-from hvd.eval.gallery_index import (
+from hvd.eval.retrieval import rescore_gathered, rescore_videos, top_candidates, two_stage
+from hvd.gallery import (
     ANN_FILE,
     FEATURES_FILE,
     INDEX_FILES,
@@ -27,10 +28,9 @@ from hvd.eval.gallery_index import (
     search_ann,
     write_index,
 )
-from hvd.eval.index_registry import HASH_PARAM, IndexIntegrityError, log_index, open_index
-from hvd.eval.retrieval import rescore_gathered, rescore_videos, top_candidates, two_stage
-from hvd.mlflow_flavor import sha256_file
 from hvd.model import VideoFeatures, build_model, build_tokenizer
+from hvd.registry.flavor import sha256_file
+from hvd.registry.index_links import HASH_PARAM, IndexIntegrityError, log_index, open_index
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "white") for s in ("circle", "square", "bar")]
 

@@ -6,7 +6,7 @@ import io
 import logging
 import sys
 
-from hvd.logs import LOGGER, CurrentStdout, show_logs
+from hvd.runtime.logs import LOGGER, CurrentStdout, show_logs
 
 
 def test_progress_is_a_plain_line_and_a_warning_says_so(capsys):

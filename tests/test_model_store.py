@@ -13,10 +13,11 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 from safetensors.torch import save_file
 
 from hvd.config import load_config, to_yaml
-from hvd.eval.source import ModelSourceError, load_model_source
-from hvd.mlflow_flavor import CONFIG_FILE, FLAVOR, HASH_TAG, WEIGHTS_FILE, sha256_file
 from hvd.model import build_model
-from hvd.tracking import active_tracking_uri, finish_run, load_model, register_model, start_or_resume_run
+from hvd.registry.flavor import CONFIG_FILE, FLAVOR, HASH_TAG, WEIGHTS_FILE, sha256_file
+from hvd.registry.models import load_model, register_model
+from hvd.registry.runs import active_tracking_uri, finish_run, start_or_resume_run
+from hvd.registry.sources import ModelSourceError, load_model_source
 
 
 class Planted(torch.nn.Module):

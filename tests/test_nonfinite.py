@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from hvd.config import ModelConfig, TrainConfig, load_config
 from hvd.model import build_model, build_tokenizer
-from hvd.tracking import NonFiniteModel, register_model, start_or_resume_run, tracking_uri
+from hvd.registry.models import NonFiniteModel, register_model
+from hvd.registry.runs import start_or_resume_run, tracking_uri
 from hvd.train.loop import NonFiniteTraining, Worker, WorkerPlan, train_step
 from hvd.train.optim import build_optimizer, build_scheduler
 

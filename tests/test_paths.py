@@ -6,7 +6,8 @@ import pytest
 import ray
 
 from hvd.config import PATH_KEYS, flatten, load_config
-from hvd.paths import (
+from hvd.registry.runs import tracking_uri
+from hvd.runtime.paths import (
     ROOT_ENV,
     UnsharedPathError,
     project_root,
@@ -14,7 +15,6 @@ from hvd.paths import (
     resolve_path,
     resolve_tracking_uri,
 )
-from hvd.tracking import tracking_uri
 
 
 @pytest.fixture

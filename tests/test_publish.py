@@ -14,9 +14,9 @@ from hvd.checkpoint import STATE_FILE, save_state
 from hvd.config import IndexConfig, ModelConfig
 from hvd.data.folders import STAGING_IDENTITY, publish, resumable_staging
 from hvd.data.prepare import _write_atomic
-from hvd.durable import write_text
-from hvd.eval.gallery_index import ANN_FILE, FEATURES_FILE, IDS_FILE, META_FILE, write_index
+from hvd.gallery import ANN_FILE, FEATURES_FILE, IDS_FILE, META_FILE, write_index
 from hvd.model import VideoFeatures, build_model, save_weights
+from hvd.runtime.durable import write_text
 
 Events = list[tuple[str, ...]]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hvd.config import IndexConfig, ModelConfig
-from hvd.eval.gallery_index import ivf_lists
+from hvd.gallery import ivf_lists
 from hvd.model import build_model, build_tokenizer
 
 _SPEC = importlib.util.spec_from_file_location(

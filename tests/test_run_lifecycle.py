@@ -17,7 +17,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, load_config
-from hvd.tracking import HEARTBEAT_TAG, RunBusy, closing_run, finish_run, start_or_resume_run, tracking_uri
+from hvd.registry.runs import (
+    HEARTBEAT_TAG,
+    RunBusy,
+    closing_run,
+    finish_run,
+    start_or_resume_run,
+    tracking_uri,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +39,7 @@ def test_a_run_that_a_live_driver_trains_is_refused_until_that_driver_dies(tmp_p
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
             from hvd.config import load_config
-            from hvd.tracking import start_or_resume_run
+            from hvd.registry.runs import start_or_resume_run
             cfg = load_config(None, ["tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                                      "train.storage_path={tmp_path}/ray", "run.name=shared"])
             print(start_or_resume_run(cfg, {{}}).run_id, flush=True)
@@ -72,7 +79,7 @@ def test_a_run_ends_killed_when_a_signal_stops_it_failed_when_an_error_does_fini
     cfg = config(tmp_path, "run.resume=never")
     client = MlflowClient(tracking_uri(cfg))
     for error, status in [
-        (KeyboardInterrupt("SIGTERM"), "KILLED"),  # what hvd.stopping turns SIGTERM and SIGINT into
+        (KeyboardInterrupt("SIGTERM"), "KILLED"),  # what hvd.runtime.stopping turns SIGTERM and SIGINT into
         (SystemExit(15), "KILLED"),  # what Ray's own SIGTERM handler raises
         (ValueError("a bug"), "FAILED"),
         (None, "FINISHED"),

@@ -13,14 +13,8 @@ from hvd.config import ModelConfig, load_config
 from hvd.data.shards import read_shards
 from hvd.eval.encode import encode_split
 from hvd.model import build_model, build_tokenizer
-from hvd.tracking import (
-    RunConfigMismatch,
-    finish_run,
-    load_model,
-    start_or_resume_run,
-    tracking_uri,
-    version_model_id,
-)
+from hvd.registry.models import load_model, version_model_id
+from hvd.registry.runs import RunConfigMismatch, finish_run, start_or_resume_run, tracking_uri
 from hvd.train.fit import fit
 from hvd.train.warm_start import warm_start
 

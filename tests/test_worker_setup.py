@@ -4,12 +4,12 @@ import logging
 import subprocess
 import sys
 
-from hvd.worker_setup import OncePer
+from hvd.runtime.worker_setup import OncePer
 
 
 def test_once_per_lets_the_first_record_through_then_one_per_interval(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("hvd.worker_setup.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("hvd.runtime.worker_setup.time.monotonic", lambda: clock[0])
     limit = OncePer(60.0)
 
     def record() -> logging.LogRecord:

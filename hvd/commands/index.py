@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from hvd.cli import add_job_flags, fail, parse_args
 from hvd.errors import HvdError
-from hvd.eval.index_job import IndexOutcome, build_index
+from hvd.search.index_job import IndexOutcome, build_index
 
 SECTIONS = ("eval", "index", "data", "tracking")
 

@@ -21,12 +21,12 @@ from hvd.cli import fail, parse_args
 from hvd.config import Config
 from hvd.errors import HvdError
 from hvd.eval import plots
-from hvd.eval.gallery_index import GalleryIndex
-from hvd.eval.index_registry import index_tag, linked_indexes, open_index
-from hvd.eval.search import hit_frames, search
-from hvd.eval.source import ModelSource, load_model_source
+from hvd.gallery import GalleryIndex
 from hvd.model import build_tokenizer
-from hvd.tracking import active_tracking_uri, tracking_uri
+from hvd.registry.index_links import index_tag, linked_indexes, open_index
+from hvd.registry.runs import active_tracking_uri, tracking_uri
+from hvd.registry.sources import ModelSource, load_model_source
+from hvd.search.query import hit_frames, search
 
 SECTIONS = ("eval", "index", "tracking")
 

@@ -19,7 +19,7 @@ import argparse
 from mlflow.tracking import MlflowClient
 
 from hvd.cli import parse_args
-from hvd.tracking import tracking_uri, ui_command
+from hvd.registry.runs import tracking_uri, ui_command
 from hvd.train.study import GRIDS, report, run_study, summary_table
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")

@@ -12,7 +12,7 @@ import time
 
 from hvd.cli import fail, parse_args
 from hvd.errors import HvdError
-from hvd.tracking import ui_command
+from hvd.registry.runs import ui_command
 from hvd.train.fit import fit
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from hvd.durable import fsync_path, write_text
-from hvd.durable import publish as publish_durably
+from hvd.runtime.durable import fsync_path, write_text
+from hvd.runtime.durable import publish as publish_durably
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def resumable_staging(folder: Path, identity: dict[str, Any], resume: bool = Tru
 
 def publish(staging: Path, folder: Path) -> None:
     """Put the finished `staging` folder in place of `folder`, replacing whatever `folder` held; every file
-    in it reaches the disk before the rename does (`hvd.durable`)."""
+    in it reaches the disk before the rename does (`hvd.runtime.durable`)."""
     if folder.exists():
         replaced = _sibling(folder, "replaced")
         if replaced.exists():

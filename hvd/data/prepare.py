@@ -49,10 +49,10 @@ from hvd.data.manifest import (
     resolve_video_path,
 )
 from hvd.data.shards import SUMMARY_FILE, ShardSummary
-from hvd.durable import atomic_file, write_text
 from hvd.errors import InputError
-from hvd.paths import require_shared_paths
-from hvd.ray_runtime import ensure_ray
+from hvd.runtime.cluster import ensure_ray
+from hvd.runtime.durable import atomic_file, write_text
+from hvd.runtime.paths import require_shared_paths
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def _part_name(part: int) -> str:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    """A file that is whole or absent, on disk before its name is (`hvd.durable`): a task killed mid-write
+    """A file that is whole or absent, on disk before its name is (`hvd.runtime.durable`): a task killed mid-write
     leaves only a `.tmp` that resume ignores."""
     with atomic_file(path) as partial:
         pq.write_table(table, partial)

@@ -21,8 +21,8 @@ import ray
 from PIL import Image
 
 from hvd.data.manifest import SPLITS
-from hvd.durable import write_text
 from hvd.errors import InputError
+from hvd.runtime.durable import write_text
 
 SUMMARY_FILE = "_summary.json"  # written last by prepare: its presence marks a finished folder
 

@@ -23,8 +23,6 @@ from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
-from hvd.eval.gallery_index import GalleryIndex
-from hvd.eval.index_registry import matching_index
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.report import (
@@ -37,12 +35,21 @@ from hvd.eval.report import (
     write_report,
 )
 from hvd.eval.retrieval import Retrieval, exhaustive, two_stage
-from hvd.eval.source import ModelSource, load_model_source
+from hvd.gallery import GalleryIndex
 from hvd.model import RetrievalModel, build_tokenizer
-from hvd.paths import require_shared_paths, resolve_path
-from hvd.ray_runtime import ensure_ray
-from hvd.stopping import stop_on_signals
-from hvd.tracking import active_tracking_uri, benchmark_input, closing_run, run_url, source_tags, tracking_uri
+from hvd.registry.index_links import matching_index
+from hvd.registry.runs import (
+    active_tracking_uri,
+    benchmark_input,
+    closing_run,
+    run_url,
+    source_tags,
+    tracking_uri,
+)
+from hvd.registry.sources import ModelSource, load_model_source
+from hvd.runtime.cluster import ensure_ray
+from hvd.runtime.paths import require_shared_paths, resolve_path
+from hvd.runtime.stopping import stop_on_signals
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten
-from hvd.tracking import experiment_id, log_metrics, log_params
+from hvd.registry.runs import experiment_id, log_metrics, log_params
 
 COLUMNS = ("R1", "R5", "R10", "MdR", "MnR")
 REPORT_FILE = "report.json"

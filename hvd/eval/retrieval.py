@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hvd.eval.gallery_index import GalleryIndex
+from hvd.gallery import GalleryIndex
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
 
 GATHER_BYTES = 256 * 2**20  # candidate features `rescore_gathered` holds at once

@@ -25,9 +25,9 @@ from open_clip.factory import load_state_dict
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from safetensors.torch import save_file
 
-from hvd.durable import atomic_file
 from hvd.errors import InputError
 from hvd.model.model import RetrievalModel
+from hvd.runtime.durable import atomic_file
 
 HEAD_PREFIX = "head."
 _TORCHSCRIPT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # OpenAI's files hold these too
@@ -133,7 +133,7 @@ def load_pretrained(model: RetrievalModel, path: str | Path) -> None:
 
 
 def save_weights(model: RetrievalModel, path: str | Path) -> Path:
-    """Write backbone and head weights to a .safetensors file, atomically and durably (`hvd.durable`)."""
+    """Write backbone and head weights to a .safetensors file, atomically and durably (`hvd.runtime.durable`)."""
     file = Path(path)
     if file.suffix != ".safetensors":
         raise ValueError(

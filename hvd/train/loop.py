@@ -32,10 +32,10 @@ from hvd.config import Config, config_from_yaml, to_yaml
 from hvd.data.shards import read_shards
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
-from hvd.tracking import MetricLogger
+from hvd.registry.runs import MetricLogger
+from hvd.runtime.worker_setup import quiet_logs
 from hvd.train.inputs import epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
-from hvd.worker_setup import quiet_logs
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from hvd.config import Config, config_from_yaml, replace_keys, to_yaml
-from hvd.ray_runtime import ensure_ray
-from hvd.tracking import (
+from hvd.registry.runs import (
     RunConfigMismatch,
     closing_run,
     config_differences,
@@ -34,6 +33,7 @@ from hvd.tracking import (
     source_tags,
     tracking_uri,
 )
+from hvd.runtime.cluster import ensure_ray
 from hvd.train.fit import fit
 from hvd.train.plots import plt, study_figure
 from hvd.train.warm_start import warm_start

@@ -29,27 +29,26 @@ from hvd.data.synthetic import generate, read_ceiling
 from hvd.errors import HvdError
 from hvd.eval.encode import evaluate_split
 from hvd.model import RetrievalModel, build_model, build_tokenizer
-from hvd.paths import require_shared_paths
-from hvd.ray_runtime import ensure_ray
-from hvd.stopping import stop_on_signals
-from hvd.tracking import (
-    RegisteredModel,
+from hvd.registry.models import RegisteredModel, register_model
+from hvd.registry.runs import (
     TrackedRun,
     benchmark_input,
     closing_run,
     log_metrics,
     ray_name,
-    register_model,
     run_url,
     source_tags,
     start_or_resume_run,
     tracking_uri,
 )
+from hvd.runtime.cluster import ensure_ray
+from hvd.runtime.paths import require_shared_paths
+from hvd.runtime.stopping import stop_on_signals
+from hvd.runtime.worker_setup import verbose
 from hvd.train.inputs import training_dataset
 from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per_worker
 from hvd.train.plots import log_training_curves
 from hvd.train.rendezvous import LoopbackTorchConfig
-from hvd.worker_setup import verbose
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from hvd.config import WARM_START, Config
 from hvd.data.folders import exclusive
 from hvd.data.stills import digest, stills_identity, write_stills
 from hvd.data.synthetic import Settings, resolve
-from hvd.durable import write_text
 from hvd.model import save_weights
 from hvd.model.presets import preset_config
-from hvd.paths import require_shared_paths
-from hvd.ray_runtime import ensure_ray
+from hvd.runtime.cluster import ensure_ray
+from hvd.runtime.durable import write_text
+from hvd.runtime.paths import require_shared_paths
 from hvd.train.trainer import TrainingData, train
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The gallery index job: encode a benchmark split once and keep it, with its FAISS index, in MLflow.
 
 The job is a run in experiment eval/<benchmark> (tag job=index) whose artifacts are the index; the model
-version points at it (`hvd.eval.index_registry`).
+version points at it (`hvd.registry.index_links`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from mlflow.tracking import MlflowClient
 from hvd.config import Config
 from hvd.data.shards import ShardSummary
 from hvd.eval.actors import encode_videos_with_actors
-from hvd.eval.gallery_index import GalleryIndex, write_index
-from hvd.eval.index_registry import index_tag, link_index, log_index
 from hvd.eval.job import JobInputs, open_job, ready_shards
 from hvd.eval.report import log_eval_results, start_eval_run
+from hvd.gallery import GalleryIndex, write_index
 from hvd.model import RetrievalModel, VideoFeatures
-from hvd.stopping import stop_on_signals
-from hvd.tracking import closing_run, run_url
+from hvd.registry.index_links import index_tag, link_index, log_index
+from hvd.registry.runs import closing_run, run_url
+from hvd.runtime.stopping import stop_on_signals
 
 EMBEDDING_CHUNK = 4096  # videos per first-stage embedding call
 

@@ -11,8 +11,8 @@ import ray
 import ray._private.ray_constants as ray_constants
 import ray.data
 
-from hvd.reaper import watch_descendants
-from hvd.worker_setup import quiet_logs, runtime_env, verbose
+from hvd.runtime.reaper import watch_descendants
+from hvd.runtime.worker_setup import quiet_logs, runtime_env, verbose
 
 LOOPBACK = "127.0.0.1"
 # What a local Ray's daemons and workers inherit, as `cluster/local.sh` sets it. Ray's one-machine mode
@@ -25,7 +25,7 @@ LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_metrics_c
 def ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray on loopback; a running Ray is kept.
 
-    Every worker process runs `hvd.worker_setup.setup_worker` first. Ray's info logs and Ray Data's
+    Every worker process runs `hvd.runtime.worker_setup.setup_worker` first. Ray's info logs and Ray Data's
     progress bars (hundreds of redrawn lines a run) stay off unless `--verbose` on a terminal: each
     pipeline prints its own summary. A local Ray keeps Ray's default token authentication.
     """

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from hvd.checkpoint import STATE_FILE, load_state
 from hvd.config import Config, config_from_yaml
 from hvd.errors import InputError
-from hvd.mlflow_flavor import ModelFormatError
 from hvd.model import RetrievalModel, rebuild_model
-from hvd.tracking import load_model, version_model_id
+from hvd.registry.flavor import ModelFormatError
+from hvd.registry.models import load_model, version_model_id
 
 URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
 

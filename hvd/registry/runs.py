@@ -1,4 +1,4 @@
-"""MLflow: where runs live, one run per training run (resumes included), and the model registry.
+"""MLflow runs: where they live, one run per training run (resumes included), and their lifecycle.
 
 The driver owns the run's lifecycle (create or resume, params, tags, registration); rank 0 of the
 training workers only appends metrics to it, so a restarted worker group never starts a second run.
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import io
 import json
-import math
 import os
 import shlex
 import socket
@@ -25,7 +23,6 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import mlflow
-import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, SourceType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
@@ -37,17 +34,14 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_USER,
 )
 
-from hvd import mlflow_flavor
 from hvd.config import RESUME_FREE_KEYS, Config, flatten, to_yaml, upgrade_keys
 from hvd.data.folders import LockHeld, exclusive, hold
 from hvd.errors import HvdError, InputError
-from hvd.paths import resolve_tracking_uri
-from hvd.stopping import stopped
-from hvd.worker_setup import verbose
+from hvd.runtime.paths import resolve_tracking_uri
+from hvd.runtime.stopping import stopped
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CONFIG_ARTIFACT = "config.yaml"
-CHAMPION_METRIC = "val/t2v/R1"
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -307,7 +301,7 @@ def start_or_resume_run(cfg: Config, tags: dict[str, str], dataset: DatasetInput
 
 def finish_run(uri: str, run_id: str, failed: bool = False) -> None:
     """End a run FINISHED, or with `failed` FAILED, or KILLED when called while handling what a stop signal
-    raises (`hvd.stopping`: every `except BaseException` that closes a run then records why it ended). Frees
+    raises (`hvd.runtime.stopping`: every `except BaseException` that closes a run then records why it ended). Frees
     the run for the next driver."""
     error = sys.exception()
     status = RunStatus.KILLED if failed and error is not None and stopped(error) else (
@@ -353,76 +347,3 @@ class MetricLogger:
         timestamp = int(mlflow.utils.time.get_current_time_millis())
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in fresh.items()])
         self.last_step.update(dict.fromkeys(fresh, step))
-
-
-class NonFiniteModel(HvdError, ValueError):
-    """Weights or metrics with NaN or infinity: such a model is never registered."""
-
-
-@dataclass(frozen=True)
-class RegisteredModel:
-    name: str
-    version: str
-    model_id: str  # MLflow's logged model: metrics logged with it show on the model's page
-    champion: bool  # the `champion` alias moved to this version
-
-
-def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, float]) -> RegisteredModel:
-    """Log `model` to the run, register a new version, and point `champion` at it if it wins.
-
-    `models:/NAME@latest` needs no alias of ours: MLflow reserves `latest` and resolves it to the
-    newest version itself.
-
-    `metrics` (the chosen checkpoint's validation numbers) go on the version as tags. A model with NaN or
-    infinite weights, or metrics, is refused: it must never become a version, let alone `champion`.
-    """
-    broken = [name for name, tensor in model.state_dict().items()
-              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    broken += [key for key, value in metrics.items() if not math.isfinite(value)]
-    if broken:
-        raise NonFiniteModel(f"not registered: {len(broken)} weight tensor(s) or metric(s) hold NaN or infinity "
-                             f"({', '.join(broken[:5])}{' ...' if len(broken) > 5 else ''})")
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
-    name = cfg.tracking.model_name
-    # MLflow prints "Successfully registered ..." and "Created version ..." itself; the summary says so.
-    quiet = contextlib.nullcontext() if verbose() else contextlib.redirect_stderr(io.StringIO())
-    with active_tracking_uri(uri), mlflow.start_run(run_id=run_id), quiet:
-        info = mlflow_flavor.log_model(model.cpu(), cfg, registered_model_name=name)
-    version = str(info.registered_model_version)
-    score = metrics.get(CHAMPION_METRIC)
-    tags = {"source_run": run_id, "head": cfg.model.head, "preset": cfg.model.preset}
-    tags |= {key: f"{value:.4f}" for key, value in metrics.items()}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    champion = _champion_score(client, name)
-    is_champion = champion is None or (score is not None and score > champion)
-    if is_champion:
-        client.set_registered_model_alias(name, "champion", version)
-    return RegisteredModel(name, version, info.model_id, is_champion)
-
-
-def version_model_id(version: Any) -> str | None:
-    """The logged model behind a registry version: its `model_id`, which SQLite stores leave empty, else
-    the `models:/m-...` source it was registered from."""
-    if version.model_id:
-        return version.model_id
-    source = version.source or ""
-    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
-
-
-def _champion_score(client: MlflowClient, name: str) -> float | None:
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        return None
-    value = version.tags.get(CHAMPION_METRIC)
-    return float(value) if value is not None else float("-inf")
-
-
-def load_model(model_uri: str, uri: str | None = None) -> tuple[Any, Config]:
-    """A registered or logged model (`models:/hvd@champion`, `models:/hvd/3`, `runs:/...`) and its config,
-    from the tracking store `uri` (default: MLflow's current one). Only the hvd flavor loads: see
-    `hvd.mlflow_flavor`, which never unpickles."""
-    with active_tracking_uri(uri) if uri else contextlib.nullcontext():
-        return mlflow_flavor.load_model(model_uri)

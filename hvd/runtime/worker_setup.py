@@ -11,7 +11,7 @@ import warnings
 
 import ray
 
-from hvd.logs import show_logs
+from hvd.runtime.logs import show_logs
 
 # Ray Train's placement-group cleaner asks the state API every second whether the controller lives;
 # with no dashboard (a local Ray) every ask fails and warns, hundreds of lines a run.
@@ -26,7 +26,7 @@ def verbose() -> bool:
 
 def runtime_env() -> dict[str, object]:
     """The job's Ray runtime env: every worker runs `setup_worker` first and inherits the verbosity."""
-    return {"worker_process_setup_hook": "hvd.worker_setup.setup_worker", "env_vars": {VERBOSE_ENV: "1" if verbose() else "0"}}
+    return {"worker_process_setup_hook": "hvd.runtime.worker_setup.setup_worker", "env_vars": {VERBOSE_ENV: "1" if verbose() else "0"}}
 
 
 class DropMessages(logging.Filter):

@@ -13,8 +13,8 @@ import torch
 from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.encode import Tokenizer
 from hvd.eval.explain import PairExplanation, can_explain, explain_pairs, video_rows
-from hvd.eval.gallery_index import GalleryIndex
 from hvd.eval.retrieval import rescore_gathered
+from hvd.gallery import GalleryIndex
 from hvd.model import RetrievalModel
 
 

@@ -1,6 +1,6 @@
 """Where a model version's gallery indexes are: MLflow artifacts that a tag on the version points at.
 
-`pipelines/index.py` logs an index folder (see `hvd.eval.gallery_index`) as the `index/` artifacts of
+`pipelines/index.py` logs an index folder (see `hvd.gallery`) as the `index/` artifacts of
 its run and tags the model version `index.<benchmark>.<split>` with their URI (a runs:/ model: its
 training run). Evaluations and searches look the tag up and keep a copy under `index.cache`/<run id>.
 
@@ -21,10 +21,10 @@ from hvd.config import Config
 from hvd.data.folders import building
 from hvd.data.shards import ShardSummary
 from hvd.errors import HvdError
-from hvd.eval.gallery_index import INDEX_FILES, GalleryIndex
-from hvd.eval.source import ModelSource
-from hvd.mlflow_flavor import changed_files, sha256_file
-from hvd.tracking import active_tracking_uri, log_params
+from hvd.gallery import INDEX_FILES, GalleryIndex
+from hvd.registry.flavor import changed_files, sha256_file
+from hvd.registry.runs import active_tracking_uri, log_params
+from hvd.registry.sources import ModelSource
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ notes the driver's descendants every second and, once the driver is gone, stops 
 and any other process of the same Ray session (a worker started in the driver's last second, whose
 parent, the raylet, died with the driver before the watcher saw it).
 
-    python -m hvd.reaper PID      what `watch_descendants` starts; not meant to be run by hand
+    python -m hvd.runtime.reaper PID      what `watch_descendants` starts; not meant to be run by hand
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def watch_descendants() -> None:
     if getattr(watch_descendants, "started", False):
         return
     subprocess.Popen(
-        [sys.executable, "-m", "hvd.reaper", str(os.getpid())],
+        [sys.executable, "-m", "hvd.runtime.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     watch_descendants.started = True

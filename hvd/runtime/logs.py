@@ -1,5 +1,5 @@
 """How the library's progress and warning lines reach a user: `logging` records under the `hvd` logger, shown
-as plain lines on stdout by the command front (`hvd.cli`) and in every Ray worker (`hvd.worker_setup`).
+as plain lines on stdout by the command front (`hvd.cli`) and in every Ray worker (`hvd.runtime.worker_setup`).
 
 Each module logs through `logging.getLogger(__name__)`: INFO for progress, WARNING for what a user should
 look at. The lines read as they did when they were prints (a warning says "warning: "), and go to the
