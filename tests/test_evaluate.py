@@ -229,6 +229,7 @@ def registered(tmp_path_factory):
             f"synthetic.out={root}/bench",
             f"tracking.uri=sqlite:///{root}/mlflow.db",
             "run.name=tiny-train",
+            f"train.storage_path={root}/ray",  # the run's driver lock, out of the checkout
             "model.pretrained=null",  # an untrained model is all these tests need
             f"eval.out={root}/eval",
             f"eval.cache={root}/cache",

@@ -36,7 +36,8 @@ STORE_OVERRIDES = ["model.pretrained=null", "run.name=store", "tracking.model_na
 
 @pytest.fixture
 def store(tmp_path):
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *STORE_OVERRIDES])
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"train.storage_path={tmp_path}/ray",
+                             *STORE_OVERRIDES])
     run = start_or_resume_run(cfg, {})
     yield cfg, run.run_id
     finish_run(cfg.tracking.uri, run.run_id)

@@ -68,7 +68,8 @@ def test_the_run_stops_after_max_skipped_steps_in_a_row(capsys):
 
 
 def test_a_model_with_nan_weights_is_never_registered(tmp_path):
-    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "model.pretrained=null"])
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "model.pretrained=null",
+                             f"train.storage_path={tmp_path}/ray"])
     model = build_model(cfg.model)
     with torch.no_grad():
         next(model.head.parameters()).fill_(float("nan"))
