@@ -246,7 +246,7 @@ def _lease(client: MlflowClient, cfg: Config, run: Any, storage: Path | None, ne
     run_id = run.info.run_id
     if storage is not None:
         return _FileLease(storage / ray_name(cfg.run.name, run_id) / DRIVER_LOCK, cfg.run.name, run_id)
-    age = time.time() - float(run.data.tags.get(HEARTBEAT_TAG, 0))
+    age = max(0.0, time.time() - float(run.data.tags.get(HEARTBEAT_TAG, 0)))  # the tag is rounded to a second
     if not new and run.info.status == "RUNNING" and age < HEARTBEAT_STALE_S:
         driver = run.data.tags.get(DRIVER_TAG, "a driver")
         raise RunBusy(_busy(cfg.run.name, run_id, f"{driver}, heartbeat {age:.0f} s ago"))

@@ -133,41 +133,53 @@ def steps_per_epoch(cfg: Config, train_samples: int) -> int:
 
 def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -> TrainOutcome:
     """Train on `data`'s train split with Ray Train, test the best checkpoint, register it; `cfg.model.pretrained`
-    is a file or None here (`hvd.train.fit` resolves the synthetic warm start first)."""
+    is a file or None here (`hvd.train.fit` resolves the synthetic warm start first). The stages, in order:
+    open the MLflow run -> fit -> test -> register -> summary; a failure in any marks the run FAILED."""
     if cfg.model.pretrained == WARM_START:
         raise ValueError("model.pretrained=synthetic is made by hvd.train.warm_start before training; use hvd.train.fit")
-    shards = data.shards
-    splits = ShardSummary.read(shards).splits
+    splits = ShardSummary.read(data.shards).splits
     val_split = "val" if splits.get("val") else "test"
-    train_samples = splits["train"]
-    if cfg.data.expand_captions:
-        train_samples = int(read_shards(shards, "train", ["captions"])["captions"].combine_chunks().value_lengths().sum())
-    steps = steps_per_epoch(cfg, train_samples)
-
-    benchmark, digest = data.benchmark, data.fingerprint
-    description = (
-        f"{cfg.model.head} head on {cfg.model.preset} CLIP, trained on {benchmark} ({splits.get('train', 0)} videos): "
-        f"{cfg.train.epochs} epochs of batch {cfg.train.batch_size} on {cfg.train.num_workers} workers."
-    )
-    tags = {"dataset_fingerprint": digest, "head": cfg.model.head, "preset": cfg.model.preset,
-            "val_split": val_split, **source_tags(description), **(tags or {})}
-    stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
-    tracked = start_or_resume_run(cfg, tags, benchmark_input(benchmark, digest, data.source, splits, "train"))
-    with closing_run(tracking_uri(cfg), tracked.run_id):  # not FINISHED: the same command resumes it
-        return _train_in_run(cfg, data, tracked, splits, val_split, steps)
-
-
-def _train_in_run(
-    cfg: Config, data: TrainingData, tracked: TrackedRun, splits: dict[str, int], val_split: str, steps: int
-) -> TrainOutcome:
-    """Fit, test and register in the open MLflow run `tracked`."""
-    shards = data.shards
+    tracked = _open_run(cfg, data, splits, val_split, tags or {})
     uri = tracking_uri(cfg)
+    with closing_run(uri, tracked.run_id):  # not FINISHED: the same command resumes it
+        fit_started_ms = int(time.time() * 1000)
+        model, step, val = _fit(cfg, data, tracked, val_split, steps_per_epoch(cfg, _train_samples(cfg, data.shards)))
+        test = _test(cfg, model, data, splits)
+        registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
+        return _summary(cfg, data, tracked, registered, model, step, val, test, fit_started_ms)
+
+
+def _train_samples(cfg: Config, shards: Path) -> int:
+    """Videos in the train split, or every caption of them with `data.expand_captions`."""
+    if not cfg.data.expand_captions:
+        return ShardSummary.read(shards).splits["train"]
+    return int(read_shards(shards, "train", ["captions"])["captions"].combine_chunks().value_lengths().sum())
+
+
+def _open_run(cfg: Config, data: TrainingData, splits: dict[str, int], val_split: str, tags: dict[str, str]) -> TrackedRun:
+    """The run's MLflow run: a new one, or the unfinished one of `run.name` whose config this is."""
+    description = (
+        f"{cfg.model.head} head on {cfg.model.preset} CLIP, trained on {data.benchmark} ({splits.get('train', 0)} "
+        f"videos): {cfg.train.epochs} epochs of batch {cfg.train.batch_size} on {cfg.train.num_workers} workers."
+    )
+    tags = {"dataset_fingerprint": data.fingerprint, "head": cfg.model.head, "preset": cfg.model.preset,
+            "val_split": val_split, **source_tags(description), **tags}
+    stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
+    tracked = start_or_resume_run(
+        cfg, tags, benchmark_input(data.benchmark, data.fingerprint, data.source, splits, "train")
+    )
     how = f"resumed: the unfinished run named {cfg.run.name}, from its last checkpoint" if tracked.resumed else "new"
-    logger.info(f"MLflow run {tracked.run_id} ({how}) at {uri}")
+    logger.info(f"MLflow run {tracked.run_id} ({how}) at {tracking_uri(cfg)}")
+    return tracked
+
+
+def _fit(
+    cfg: Config, data: TrainingData, tracked: TrackedRun, val_split: str, steps: int
+) -> tuple[RetrievalModel, int, dict[str, float]]:
+    """Ray Train's fit, resumed from the run's last checkpoint if it has one; the best checkpoint by validation
+    R@1 as a model, its step and its validation metrics."""
     storage = cfg.train.storage_path  # absolute or a URI since load_config, as workers have another cwd
     ray_run_name = ray_name(cfg.run.name, tracked.run_id)  # one Ray run per MLflow run: resume finds both
-
     # Ray Train also copies each print of a worker to its logger, so every line would reach the terminal twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
@@ -175,8 +187,8 @@ def _train_in_run(
         train_loop_config=WorkerPlan(
             cfg=cfg,
             run_id=tracked.run_id,
-            tracking_uri=uri,
-            shards=str(shards.resolve()),
+            tracking_uri=tracking_uri(cfg),
+            shards=str(data.shards.resolve()),
             val_split=val_split,
             steps_per_epoch=steps,
             fault_marker=f"{storage}/{ray_run_name}/.fault_injected",
@@ -199,9 +211,8 @@ def _train_in_run(
                 num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
             ),
         ),
-        datasets={"train": training_dataset(cfg, shards)},
+        datasets={"train": training_dataset(cfg, data.shards)},
     )
-    fit_started_ms = int(time.time() * 1000)
     try:
         result = trainer.fit()
     except TrainingFailedError as err:  # `train` marks the run FAILED
@@ -210,24 +221,36 @@ def _train_in_run(
             f"MLflow run {tracked.run_id} is marked FAILED; every worker's full log is under {ray_log_dir()}.\n"
             f"The same command (run.name={cfg.run.name}) resumes it from its last checkpoint."
         ) from err
-
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda pair: pair[1].get(SCORE_KEY, -1.0))
     with best_checkpoint.as_directory() as directory:
         state = load_state(directory)
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
-    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
-
     val = {k.removeprefix("val/"): v for k, v in best_metrics.items() if k.startswith("val/")}
-    test = evaluate_split(model, read_shards(shards, "test"), tokenizer, cfg.eval.batch_size) if splits.get("test") else {}
-    if data.ceiling is not None:
-        MlflowClient(uri).set_tag(tracked.run_id, "oracle_test_t2v_R1_ceiling", str(data.ceiling))
-    registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
-    test_metrics = {f"test/{k}": v for k, v in test.items()}
-    log_metrics(MlflowClient(uri), tracked.run_id, test_metrics, state["step"], model_id=registered.model_id)
+    return model, state["step"], val
+
+
+def _test(cfg: Config, model: RetrievalModel, data: TrainingData, splits: dict[str, int]) -> dict[str, float]:
+    """The chosen model's metrics on the test split (none without one)."""
+    if not splits.get("test"):
+        return {}
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
+    return evaluate_split(model, read_shards(data.shards, "test"), tokenizer, cfg.eval.batch_size)
+
+
+def _summary(
+    cfg: Config, data: TrainingData, tracked: TrackedRun, registered: RegisteredModel, model: RetrievalModel,
+    step: int, val: dict[str, float], test: dict[str, float], fit_started_ms: int,
+) -> TrainOutcome:
+    """Test metrics (with the registered model), the curves, the ceiling and the restarts on the run."""
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    log_metrics(client, tracked.run_id, {f"test/{k}": v for k, v in test.items()}, step, model_id=registered.model_id)
     log_training_curves(uri, tracked.run_id)
+    if data.ceiling is not None:
+        client.set_tag(tracked.run_id, "oracle_test_t2v_R1_ceiling", str(data.ceiling))
     resumed = restarts(uri, tracked.run_id, fit_started_ms)
-    MlflowClient(uri).set_tag(tracked.run_id, "restarts", str(len(resumed)))
+    client.set_tag(tracked.run_id, "restarts", str(len(resumed)))
     return TrainOutcome(tracked.run_id, uri, run_url(uri, tracked.experiment_id, tracked.run_id), registered, val, test,
                         resumed, model, data.ceiling)
 
