@@ -215,6 +215,14 @@ class HVPHeadConfig(PFCMKeys):
 
 
 @dataclass
+class XPoolHeadConfig:
+    dropout: float = key(
+        0.3, "dropout on the residual projection after pooling, in training (X-Pool's transformer_dropout)",
+        rule=_rule(lambda v: 0 <= v < 1, "in [0, 1)"),
+    )
+
+
+@dataclass
 class EERCFHeadConfig:
     temporal_layers: int = _temporal_layers()
     pearson_weight: float = key(0.001, "weight of the Pearson constraint in the loss (EERCF's)", rule=_NONNEGATIVE)
@@ -264,6 +272,7 @@ class ModelConfig:
     score_budget_mb: int = key(512, "memory cap for one chunk of pairwise scoring", rule=_between(1, 1 << 20))
     # One section per head with knobs, named as the head; only the chosen head's section is read.
     hvd: HVDHeadConfig = field(default_factory=HVDHeadConfig)
+    xpool: XPoolHeadConfig = field(default_factory=XPoolHeadConfig)
     hvp: HVPHeadConfig = field(default_factory=HVPHeadConfig)
     eercf: EERCFHeadConfig = field(default_factory=EERCFHeadConfig)
     hcmi: HCMIHeadConfig = field(default_factory=HCMIHeadConfig)
@@ -653,6 +662,7 @@ __all__ = [
     "HEADS",
     "HVDHeadConfig",
     "HVPHeadConfig",
+    "XPoolHeadConfig",
     "HeadSpec",
     "EvalConfig",
     "IndexConfig",

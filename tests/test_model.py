@@ -162,7 +162,7 @@ def random_features(
 
 @pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"])
 def test_chunked_scores_stay_in_budget_and_equal_one_piece_scores(head):
-    model = tiny_model(head, score_budget_mb=1)
+    model = tiny_model(head, score_budget_mb=1).eval()  # scoring is evaluation: no dropout
     shapes = {"eercf": {"views": 1}, "hvp": {"views": 2, "blocks": 3, "patches": 1}, "hcmi": {"views": 1}}.get(head, {})
     text, video = random_features(120, 100, **shapes)
     text_chunk, video_chunk = model.chunk_sizes(text, video)

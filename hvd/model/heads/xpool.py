@@ -2,7 +2,8 @@
 
 As X-Pool's own code builds it: one LayerNorm on both sides, single-head scaled dot-product attention
 with the caption as query and the frames as keys and values, the output projection, a LayerNorm, a
-residual linear layer and a last LayerNorm; every projection starts as the identity (X-Pool initialises
+residual linear layer (its output through dropout, `model.xpool.dropout`, X-Pool's 0.3) and a last LayerNorm;
+every projection starts as the identity (X-Pool initialises
 them so), so at step 0 the pooled video is a caption-weighted mean of normalised frames. The score is
 the cosine of the sentence and its own pooled video. Padding frames get no attention.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hvd.config import XPoolHeadConfig
 from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
@@ -30,17 +32,18 @@ def _identity_linear(dim: int) -> nn.Linear:
 class XPoolHead(Head):
     explain_legend = "frames: the caption's X-Pool attention weight; frames above a uniform weight framed green"
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, cfg: XPoolHeadConfig):
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
         self.query, self.key, self.value, self.out = (_identity_linear(dim) for _ in range(4))
         self.norm_attended = nn.LayerNorm(dim)
         self.residual = _identity_linear(dim)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.norm_out = nn.LayerNorm(dim)
 
     @classmethod
-    def build(cls, backbone: ClipBackbone, cfg: None) -> XPoolHead:
-        return cls(backbone.embed_dim)
+    def build(cls, backbone: ClipBackbone, cfg: XPoolHeadConfig) -> XPoolHead:
+        return cls(backbone.embed_dim, cfg)
 
     scores_groups = True
 
@@ -64,7 +67,7 @@ class XPoolHead(Head):
 
     def _project(self, attended: Tensor) -> Tensor:
         pooled = self.norm_attended(self.out(attended))
-        return F.normalize(self.norm_out(pooled + self.residual(pooled)), dim=-1)
+        return F.normalize(self.norm_out(pooled + self.dropout(self.residual(pooled))), dim=-1)
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         pooled = self.pooled(text.sentence, video.frames, video.frame_mask)
