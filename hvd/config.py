@@ -147,7 +147,10 @@ class DataConfig:
         "caption tokens, including start and end tokens",
         rule=_rule(lambda v: 3 <= v <= 512, "3 to 512 (start and end tokens take 2; the preset's context caps it)"),
     )
-    expand_captions: bool = key(False, "every caption a sample, instead of one random caption per epoch")
+    expand_captions: bool = key(
+        False,
+        "train every caption once an epoch (a pass over the videos per caption), instead of one random caption a video",
+    )
     decode_concurrency: int = key(2, "decode tasks running at once", rule=_WORKERS)
     decode_cpus: float = key(1.0, "CPUs reserved by each decode task", rule=_CPUS)
     decode_timeout_s: float = key(

@@ -27,7 +27,7 @@ from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMAR
 from hvd.data.shards import ShardError, ShardSummary, frame_mask, frames_uint8, read_shards
 from hvd.data.synthetic import generate
 from hvd.model import build_model, build_tokenizer
-from hvd.train.inputs import caption_choice, epoch_batches, training_dataset
+from hvd.train.inputs import caption_choice, caption_passes, epoch_batches, training_dataset
 
 _CLI = importlib.util.spec_from_file_location("prepare_cli", Path(__file__).parents[1] / "pipelines" / "prepare.py")
 prepare_cli = importlib.util.module_from_spec(_CLI)
@@ -336,8 +336,26 @@ def test_training_inputs_decode_in_ray_data_and_normalise_on_the_model(raw_shard
         model.normalize_frames(pixels)
 
 
-def test_expand_captions_trains_on_every_caption(jpeg_shards):
+def test_expand_captions_trains_every_caption_once_an_epoch_and_never_one_video_twice_in_a_batch(jpeg_shards):
     cfg = config("data.expand_captions=true")
-    rows = list(training_dataset(cfg, jpeg_shards).iter_rows())
-    captions = read_shards(jpeg_shards, "train")["captions"].to_pylist()
-    assert len(rows) == sum(len(c) for c in captions) and all(len(row["tokens"]) == 1 for row in rows)
+    jpeg = {r["video_id"]: r for r in read_shards(jpeg_shards, "train").to_pylist()}
+    passes = caption_passes(cfg, jpeg_shards)
+    assert passes == 5 and caption_passes(config(), jpeg_shards) == 1  # the tiny benchmark: 5 captions a video
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
+    by_tokens = {(v, tuple(tokenizer([c])[0].tolist())): c for v, row in jpeg.items() for c in row["captions"]}
+    trained, orders = [], []
+    iterator = training_dataset(cfg, jpeg_shards).iterator()
+    for batch in epoch_batches(iterator, 8, seed=0, epoch=0, pin_memory=False, passes=passes, steps_per_pass=3):
+        videos = [next(v for v, row in jpeg.items() if np.array_equal(f.numpy(), frames_uint8(row)))
+                  for f in batch["frames"]]
+        assert len(set(videos)) == len(videos)  # no video twice in a batch: no false negative of itself
+        for video_id, tokens in zip(videos, batch["tokens"], strict=True):  # tokens cut to the batch's longest
+            caption = next(c for (v, t), c in by_tokens.items()
+                           if v == video_id and t[: len(tokens)] == tuple(tokens.tolist()) and not any(t[len(tokens):]))
+            trained.append((video_id, caption))
+        orders.append(videos)
+    # every caption of every video exactly once in the epoch, each pass over the videos in a fresh order
+    assert sorted(trained) == sorted((v, c) for v, row in jpeg.items() for c in row["captions"])
+    passes_in_order = [sum(orders[p * 3:(p + 1) * 3], []) for p in range(passes)]
+    assert len({tuple(order) for order in passes_in_order}) > 1
+    assert [caption_choice(0, 0, "v", 5, p) for p in range(5)] != [caption_choice(0, 1, "v", 5, p) for p in range(5)]

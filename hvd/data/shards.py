@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from ray.data import FileShuffleConfig
 
 from hvd.data.manifest import SPLITS
 from hvd.errors import InputError
@@ -87,9 +88,12 @@ def _split_dir(shards: str | Path, split: str) -> Path:
     return folder
 
 
-def open_shards(shards: str | Path, split: str) -> ray.data.Dataset:
-    """One split as a Ray Dataset, rows in no fixed order (carry `video_id` along where order matters)."""
-    return ray.data.read_parquet(str(_split_dir(shards, split)))
+def open_shards(shards: str | Path, split: str, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """One split as a Ray Dataset, rows in no fixed order (carry `video_id` along where order matters).
+    `shuffle_seed`: the files are read in a fresh order at every execution (each training epoch), drawn from
+    the seed and the execution's index, so a run's orders repeat with its seed."""
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    return ray.data.read_parquet(str(_split_dir(shards, split)), shuffle=shuffle)
 
 
 def read_shards(shards: str | Path, split: str, columns: Sequence[str] | None = None) -> pa.Table:

@@ -9,19 +9,21 @@ non-blocking on GPU), where the model normalises them (`RetrievalModel.forward`)
 from __future__ import annotations
 
 import functools
+import itertools
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
 
 from hvd.config import Config, ModelConfig
-from hvd.data.shards import frame_mask, frames_uint8, open_shards
+from hvd.data.shards import frame_mask, frames_uint8, open_shards, read_shards
 from hvd.model import build_tokenizer
 from hvd.model.backbone import PAD_TOKEN
 
@@ -51,12 +53,9 @@ def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int) -> dict
 
 
 def training_dataset(cfg: Config, shards: str | Path) -> ray.data.Dataset:
-    """The train split, decoded and tokenised by Ray Data tasks of `data.train_decode_cpus` CPUs each, one
-    global batch of rows per task."""
-    data = open_shards(shards, "train")
-    if cfg.data.expand_captions:  # every caption its own sample
-        data = data.flat_map(lambda row: [{**row, "captions": [c]} for c in row["captions"]])
-    return data.map_batches(
+    """The train split, its files in a fresh order every pass (reproducible from `run.seed`), decoded and
+    tokenised by Ray Data tasks of `data.train_decode_cpus` CPUs each, one global batch of rows per task."""
+    return open_shards(shards, "train", shuffle_seed=cfg.run.seed).map_batches(
         decode_rows,
         batch_format="pyarrow",
         batch_size=cfg.train.batch_size,
@@ -65,10 +64,23 @@ def training_dataset(cfg: Config, shards: str | Path) -> ray.data.Dataset:
     )
 
 
-def caption_choice(seed: int, epoch: int, video_id: str, count: int) -> int:
-    """Which of a video's captions this epoch trains on: CLIP4Clip's random draw, fresh every epoch, but
-    reproducible and independent of which worker or batch the video lands in (restarts redraw the same)."""
-    return zlib.crc32(f"{seed}:{epoch}:{video_id}".encode()) % count
+def caption_passes(cfg: Config, shards: str | Path) -> int:
+    """Passes over the train videos per epoch: 1, or with `data.expand_captions` the mean number of captions per
+    video, so that an epoch trains on as many (caption, video) pairs as the split has captions, as the
+    references do. Each pass is a fresh shuffle of whole videos, so a batch never holds one video twice
+    (expanding rows per caption would put a video's captions side by side: false negatives in one batch)."""
+    if not cfg.data.expand_captions:
+        return 1
+    counts = read_shards(shards, "train", ["video_id", "captions"])["captions"].combine_chunks().value_lengths()
+    return max(1, round(pc.sum(counts).as_py() / len(counts)))
+
+
+def caption_choice(seed: int, epoch: int, video_id: str, count: int, pass_index: int = 0) -> int:
+    """Which of a video's captions a pass of an epoch trains on: pass p takes the p-th caption of an order drawn
+    afresh for every (epoch, video), so `count` passes cover every caption once (CLIP4Clip's random caption,
+    without repeats). Reproducible and independent of which worker or batch the video lands in."""
+    order = np.random.default_rng(zlib.crc32(f"{seed}:{epoch}:{video_id}".encode())).permutation(count)
+    return int(order[pass_index % count])
 
 
 def trim_padding(tokens: np.ndarray) -> np.ndarray:
@@ -82,12 +94,12 @@ class TrainingCollate(NumpyBatchCollateFn):
     """Numpy batch -> `{"tokens": [B, L] int64 (L: the batch's longest caption), "frames": [B, T, H, W, 3] uint8, "frame_mask": [B, T] bool}`;
     runs in the prefetch thread."""
 
-    def __init__(self, seed: int, epoch: int):
-        self.seed, self.epoch = seed, epoch
+    def __init__(self, seed: int, epoch: int, pass_index: int = 0):
+        self.seed, self.epoch, self.pass_index = seed, epoch, pass_index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
         tokens = [
-            t[caption_choice(self.seed, self.epoch, str(v), len(t))]
+            t[caption_choice(self.seed, self.epoch, str(v), len(t), self.pass_index)]
             for v, t in zip(batch["video_id"], batch["tokens"], strict=True)
         ]
         return {
@@ -98,20 +110,23 @@ class TrainingCollate(NumpyBatchCollateFn):
 
 
 def epoch_batches(
-    shard: ray.data.DataIterator, batch_size: int, seed: int, epoch: int, pin_memory: bool, prefetch: int = 2
+    shard: ray.data.DataIterator, batch_size: int, seed: int, epoch: int, pin_memory: bool,
+    passes: int = 1, steps_per_pass: int | None = None, prefetch: int = 2,
 ) -> Iterator[dict[str, Tensor]]:
-    """One epoch of a worker's shard, shuffled locally with a per-epoch seed, on the worker's device.
+    """One epoch of a worker's shard on the worker's device: `passes` passes (`caption_passes`) of
+    `steps_per_pass` batches each (all of a pass when None), each pass over freshly shuffled files and a
+    local shuffle buffer seeded by (seed, epoch, pass).
 
     On GPU the batches are pinned and copied without blocking, so the copy overlaps the previous step.
     """
-    return iter(
-        shard.iter_torch_batches(
+    for pass_index in range(passes):
+        batches = shard.iter_torch_batches(
             batch_size=batch_size,
             drop_last=True,
             prefetch_batches=prefetch,
             local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=seed + epoch,
-            collate_fn=TrainingCollate(seed, epoch),
+            local_shuffle_seed=zlib.crc32(f"{seed}:{epoch}:{pass_index}".encode()),
+            collate_fn=TrainingCollate(seed, epoch, pass_index),
             pin_memory=pin_memory,
         )
-    )
+        yield from itertools.islice(batches, steps_per_pass)

@@ -120,8 +120,9 @@ class WorkerPlan:
     tracking_uri: str
     shards: str
     val_split: str
-    steps_per_epoch: int
+    steps_per_epoch: int  # caption_passes passes of equal length
     fault_marker: str
+    caption_passes: int = 1  # passes over the videos per epoch (hvd.train.inputs.caption_passes)
 
     @property
     def total_steps(self) -> int:
@@ -228,7 +229,8 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterat
     done_in_epoch = worker.step - worker.epoch * plan.steps_per_epoch
     started, samples, waited = time.perf_counter(), 0, 0.0
     worker.model.train()
-    batches = epoch_batches(shard, per_worker_batch, cfg.run.seed, worker.epoch, worker.device.type == "cuda")
+    batches = epoch_batches(shard, per_worker_batch, cfg.run.seed, worker.epoch, worker.device.type == "cuda",
+                            plan.caption_passes, plan.steps_per_epoch // plan.caption_passes)
     for index, (wait_s, batch) in enumerate(timed(batches)):
         if index >= plan.steps_per_epoch:
             break

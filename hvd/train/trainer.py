@@ -45,7 +45,7 @@ from hvd.runtime.cluster import ensure_ray
 from hvd.runtime.paths import require_shared_paths
 from hvd.runtime.stopping import stop_on_signals
 from hvd.runtime.worker_setup import verbose
-from hvd.train.inputs import training_dataset
+from hvd.train.inputs import caption_passes, training_dataset
 from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per_worker
 from hvd.train.plots import log_training_curves
 from hvd.train.rendezvous import LoopbackTorchConfig
@@ -123,7 +123,8 @@ def prepare_data(cfg: Config) -> TrainingData:
 
 
 def steps_per_epoch(cfg: Config, train_samples: int) -> int:
-    """Batches each worker trains per epoch: Ray Data splits the rows equally, drop_last drops the rest."""
+    """Batches each worker trains per pass over `train_samples` rows: Ray Data splits the rows equally,
+    drop_last drops the rest."""
     per_worker_batch = cfg.train.batch_size // cfg.train.num_workers
     steps = (train_samples // cfg.train.num_workers) // per_worker_batch
     if steps == 0:
@@ -143,17 +144,10 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
     uri = tracking_uri(cfg)
     with closing_run(uri, tracked.run_id):  # not FINISHED: the same command resumes it
         fit_started_ms = int(time.time() * 1000)
-        model, step, val = _fit(cfg, data, tracked, val_split, steps_per_epoch(cfg, _train_samples(cfg, data.shards)))
+        model, step, val = _fit(cfg, data, tracked, val_split, caption_passes(cfg, data.shards))
         test = _test(cfg, model, data, splits)
         registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
         return _summary(cfg, data, tracked, registered, model, step, val, test, fit_started_ms)
-
-
-def _train_samples(cfg: Config, shards: Path) -> int:
-    """Videos in the train split, or every caption of them with `data.expand_captions`."""
-    if not cfg.data.expand_captions:
-        return ShardSummary.read(shards).splits["train"]
-    return int(read_shards(shards, "train", ["captions"])["captions"].combine_chunks().value_lengths().sum())
 
 
 def _open_run(cfg: Config, data: TrainingData, splits: dict[str, int], val_split: str, tags: dict[str, str]) -> TrackedRun:
@@ -174,7 +168,7 @@ def _open_run(cfg: Config, data: TrainingData, splits: dict[str, int], val_split
 
 
 def _fit(
-    cfg: Config, data: TrainingData, tracked: TrackedRun, val_split: str, steps: int
+    cfg: Config, data: TrainingData, tracked: TrackedRun, val_split: str, passes: int
 ) -> tuple[RetrievalModel, int, dict[str, float]]:
     """Ray Train's fit, resumed from the run's last checkpoint if it has one; the best checkpoint by validation
     R@1 as a model, its step and its validation metrics."""
@@ -190,7 +184,8 @@ def _fit(
             tracking_uri=tracking_uri(cfg),
             shards=str(data.shards.resolve()),
             val_split=val_split,
-            steps_per_epoch=steps,
+            steps_per_epoch=passes * steps_per_epoch(cfg, ShardSummary.read(data.shards).splits["train"]),
+            caption_passes=passes,
             fault_marker=f"{storage}/{ray_run_name}/.fault_injected",
         ).to_loop_config(),
         scaling_config=ScalingConfig(
