@@ -292,6 +292,7 @@ def test_the_readme_real_cluster_command_keeps_the_recipe():
     assert (cfg.data.sample_mode, cfg.data.max_words, cfg.data.frame_size) == ("fps", 24, 224)
     assert (cfg.train.lr, cfg.train.backbone_lr, cfg.train.batch_size) == (1e-4, 1e-7, 32)
     assert (cfg.model.preset, cfg.run.name) == ("ViT-B-32", "hvd-vitb32-msrvtt")
+    assert (cfg.data.expand_captions, cfg.tracking.model_name) == (True, "hvd-msrvtt")
     assert (cfg.data.manifest, cfg.model.pretrained) == ("/mnt/hvd/data/msrvtt/manifest.jsonl",
                                                         "/mnt/hvd/weights/ViT-B-32.pt")
     assert cfg.data.decode_resources == {"cpu_node": 0.001} and cfg.train.worker_resources == {"train_node": 0.001}

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from hvd.config import load_config, to_yaml
 from hvd.model import build_model
 from hvd.registry.flavor import CONFIG_FILE, FLAVOR, HASH_TAG, WEIGHTS_FILE, sha256_file
-from hvd.registry.models import load_model, register_model
+from hvd.registry.models import load_model, register_model, scored_on
 from hvd.registry.runs import active_tracking_uri, finish_run, start_or_resume_run
 from hvd.registry.sources import ModelSourceError, load_model_source
 
@@ -163,3 +163,20 @@ def test_a_model_logged_without_hashes_loads_unchecked_with_a_warning(store, tmp
     torch.manual_seed(1)
     planted = build_model(cfg.model).state_dict()
     assert all(torch.equal(value, planted[key]) for key, value in loaded.state_dict().items())
+
+
+def test_champion_moves_only_to_a_better_version_scored_on_the_same_data(store, caplog):
+    cfg, run_id = store
+    model = build_model(cfg.model)
+    client = MlflowClient(cfg.tracking.uri)
+    synthetic, msrvtt = scored_on("synthetic-demo", "f" * 64, "val"), scored_on("msrvtt", "a" * 64, "val")
+    assert synthetic == "synthetic-demo@ffffffffffff/val"
+    first = register_model(cfg, run_id, model, {"val/t2v/R1": 45.0}, msrvtt)
+    assert first.champion
+    # a synthetic model's 60 says nothing against an MSR-VTT model's 45: the champion stays, and says why
+    other = register_model(cfg, run_id, model, {"val/t2v/R1": 60.0}, synthetic)
+    assert not other.champion and "champion stays version 1, scored on msrvtt@aaaaaaaaaaaa/val" in caplog.text
+    assert not register_model(cfg, run_id, model, {"val/t2v/R1": 44.0}, msrvtt).champion
+    better = register_model(cfg, run_id, model, {"val/t2v/R1": 46.0}, msrvtt)
+    assert better.champion
+    assert client.get_model_version_by_alias(better.name, "champion").tags["scored_on"] == msrvtt

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ from hvd.registry.runs import active_tracking_uri, tracking_uri
 from hvd.runtime.worker_setup import verbose
 
 CHAMPION_METRIC = "val/t2v/R1"
+SCORED_ON_TAG = "scored_on"  # benchmark@fingerprint/split the version's metrics were measured on
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteModel(HvdError, ValueError):
@@ -36,8 +40,14 @@ class RegisteredModel:
     champion: bool  # the `champion` alias moved to this version
 
 
-def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, float]) -> RegisteredModel:
+def register_model(
+    cfg: Config, run_id: str, model: Any, metrics: dict[str, float], scored_on: str = ""
+) -> RegisteredModel:
     """Log `model` to the run, register a new version, and point `champion` at it if it wins.
+
+    `scored_on` names what `metrics` were measured on (benchmark, its fingerprint and split: `scored_on`):
+    the champion moves only to a version that beats it on the same data, never across benchmarks, whose
+    numbers do not compare (a synthetic model's R@1 60 says nothing against an MSR-VTT model's 45).
 
     `metrics` (the chosen checkpoint's validation numbers) go on the version as tags. A model with NaN or
     infinite weights, or metrics, is refused: it must never become a version, let alone `champion`.
@@ -57,15 +67,19 @@ def register_model(cfg: Config, run_id: str, model: Any, metrics: dict[str, floa
         info = flavor.log_model(model.cpu(), cfg, registered_model_name=name)
     version = str(info.registered_model_version)
     score = metrics.get(CHAMPION_METRIC)
-    tags = {"source_run": run_id, "head": cfg.model.head, "preset": cfg.model.preset}
+    tags = {"source_run": run_id, "head": cfg.model.head, "preset": cfg.model.preset, SCORED_ON_TAG: scored_on}
     tags |= {key: f"{value:.4f}" for key, value in metrics.items()}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    champion = _champion_score(client, name)
-    is_champion = champion is None or (score is not None and score > champion)
+    is_champion = _wins(client, name, score, scored_on)
     if is_champion:
         client.set_registered_model_alias(name, "champion", version)
     return RegisteredModel(name, version, info.model_id, is_champion)
+
+
+def scored_on(benchmark: str, fingerprint: str, split: str) -> str:
+    """What a version's metrics were measured on, as its `scored_on` tag: `msrvtt@1a2b3c4d5e6f/val`."""
+    return f"{benchmark}@{fingerprint[:12]}/{split}"
 
 
 def version_model_id(version: Any) -> str | None:
@@ -77,13 +91,20 @@ def version_model_id(version: Any) -> str | None:
     return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
-def _champion_score(client: MlflowClient, name: str) -> float | None:
+def _wins(client: MlflowClient, name: str, score: float | None, data: str) -> bool:
+    """Whether a new version scoring `score` on `data` takes `champion`: always when there is none; never from a
+    champion scored on other data (a version from before the tag counts as the same data)."""
     try:
-        version = client.get_model_version_by_alias(name, "champion")
+        champion = client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:
-        return None
-    value = version.tags.get(CHAMPION_METRIC)
-    return float(value) if value is not None else float("-inf")
+        return True
+    if champion.tags.get(SCORED_ON_TAG, data) != data:
+        logger.warning(f"{name}: champion stays version {champion.version}, scored on "
+                       f"{champion.tags[SCORED_ON_TAG] or 'unrecorded data'}, not on {data or 'unrecorded data'}: "
+                       "register each benchmark under its own tracking.model_name")
+        return False
+    value = champion.tags.get(CHAMPION_METRIC)
+    return score is not None and score > (float(value) if value is not None else float("-inf"))
 
 
 def load_model(model_uri: str, uri: str | None = None) -> tuple[Any, Config]:

@@ -29,7 +29,7 @@ from hvd.data.synthetic import generate, read_ceiling
 from hvd.errors import HvdError
 from hvd.eval.encode import evaluate_split
 from hvd.model import RetrievalModel, build_model, build_tokenizer
-from hvd.registry.models import RegisteredModel, register_model
+from hvd.registry.models import RegisteredModel, register_model, scored_on
 from hvd.registry.runs import (
     TrackedRun,
     benchmark_input,
@@ -146,7 +146,8 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
         fit_started_ms = int(time.time() * 1000)
         model, step, val = _fit(cfg, data, tracked, val_split, caption_passes(cfg, data.shards))
         test = _test(cfg, model, data, splits)
-        registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()})
+        registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()},
+                                    scored_on(data.benchmark, data.fingerprint, val_split))
         return _summary(cfg, data, tracked, registered, model, step, val, test, fit_started_ms)
 
 
