@@ -214,7 +214,15 @@ class HVDHeadConfig(PFCMKeys):
 
 @dataclass
 class HVPHeadConfig(PFCMKeys):
-    layers: list[int] = key([], "ViT blocks matched with the caption; empty: first, middle, last")
+    layers: list[int] = key(
+        [], "ViT blocks matched with the caption; empty: first, (depth - 1) // 2, last (ViT-B: 0, 5, 11, as HVP-Net)"
+    )
+    word_weights: str = key(
+        "raw",
+        "word-patch matching weighs each word by its weighting network's raw output (raw, as HVP-Net) or by a "
+        "softmax of it over the caption (softmax)",
+        choices=("raw", "softmax"),
+    )
 
 
 @dataclass

@@ -15,7 +15,8 @@ from conftest import MODEL_FRAMES as FRAMES
 
 from hvd.config import ConfigError, ModelConfig, load_config, replace_keys
 from hvd.model import build_model
-from hvd.model.heads.eercf import pearson_constraint
+from hvd.model.heads.base import words_entities
+from hvd.model.heads.eercf import EVAL_WEIGHTS, WEAK, pearson_constraint
 from hvd.model.heads.hcmi import ENHANCE, MARGIN, denoised_targets, hierarchical_infonce
 from hvd.model.heads.hvp import default_layers
 from hvd.model.losses import symmetric_infonce
@@ -121,7 +122,7 @@ def test_eercf_loss_adds_the_weighted_pearson_term(tokens, frames):
 
 
 def test_hvp_blocks_and_their_entities(tokens, frames):
-    assert default_layers(12) == (0, 6, 11) and default_layers(4) == (0, 2, 3)
+    assert default_layers(12) == (0, 5, 11) and default_layers(4) == (0, 1, 3)  # HVP-Net's on ViT-B
     model = tiny_model("hvp", layers=[1, 3])
     assert model.head.vision_layers == (1, 3)
     mask = torch.arange(FRAMES) < torch.tensor([[6], [3], [6], [1]])
@@ -135,6 +136,70 @@ def test_hvp_blocks_and_their_entities(tokens, frames):
     assert not video.patch_frames[~mask[:, None, :].expand_as(video.patch_frames)].any()  # no padding frame
     parts = model.similarities(model.encode_text(tokens), video)
     assert sorted(parts) == sorted(f"block{b}_{n}" for b in (1, 3) for n in ("sentence_frames", "sentence_patches", "words_patches"))
+
+
+def test_eercf_gate_is_detached_as_in_its_code(tokens, frames):
+    """The strong score reaches the CLIP frames only through the TIB gate, which passes no gradient."""
+    model = tiny_model("eercf")
+    text, video = model.encode_text(tokens), model.encode_video(frames)
+    video.frames.detach_().requires_grad_()
+    model.head.similarities(text, video)["strong"].sum().backward()
+    assert video.frames.grad is None or not video.frames.grad.any()
+    pairs = model.head.pair_similarities(text, video)["strong"]
+    assert not torch.autograd.grad(pairs.sum(), video.frames, allow_unused=True, materialize_grads=True)[0].any()
+    assert model.head.similarities(text, video)["frames"].requires_grad  # the weak frame score still learns
+
+
+def test_eercf_trains_on_weak_and_strong_and_ranks_with_its_rerank_weights(tokens, frames):
+    model = tiny_model("eercf", pearson_weight=0.0)
+    text, video = model.encode_text(tokens), model.encode_video(frames)
+    with torch.no_grad():
+        parts = model.similarities(text, video)
+        assert sorted(parts) == ["coarse", "frames", "patches", "strong"]
+        # EERCF's evaluation: 0.5 coarse + 0.8 weak frames + 0.2 weak patches + 0.2 strong frames
+        assert EVAL_WEIGHTS == {"coarse": 0.5, "frames": 0.8, "patches": 0.2, "strong": 0.2}
+        expected = sum(weight * parts[name] for name, weight in EVAL_WEIGHTS.items())
+        torch.testing.assert_close(model.score(text, video), expected)
+        # its training: 0.8 InfoNCE(0.5 coarse + 0.5 frames + 0.05 patches) + 0.2 InfoNCE(strong)
+        _, metrics = model.loss(text, video)
+        scale = model.logit_scale()
+        weak = 0.5 * parts["coarse"] + 0.5 * parts["frames"] + 0.05 * parts["patches"]
+        assert WEAK == {"coarse": 0.5, "frames": 0.5, "patches": 0.05}
+        assert metrics["loss_weak"] == pytest.approx(0.8 * float(symmetric_infonce(scale * weak)), rel=1e-5)
+        assert metrics["loss_strong"] == pytest.approx(0.2 * float(symmetric_infonce(scale * parts["strong"])), rel=1e-5)
+
+
+def test_hvp_blocks_share_one_pfcm_and_one_set_of_weighting_networks():
+    three, two = tiny_model("hvp"), tiny_model("hvp", layers=[1, 3])
+    assert three.head.vision_layers == (0, 1, 3)
+    count = lambda m: sum(p.numel() for p in m.head.parameters())  # noqa: E731
+    assert count(three) == count(two)  # a block more adds no parameters
+    assert {name.split(".")[0] for name, _ in three.head.named_parameters()} == {"matcher"}
+
+
+def test_hvp_word_weights_are_raw_by_default(tokens, frames):
+    generator = torch.Generator().manual_seed(0)
+    words = F.normalize(torch.randn(2, 3, 16, generator=generator), dim=-1)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    entities = F.normalize(torch.randn(3, 4, 16, generator=generator), dim=-1)
+    seen, entity_logits = torch.ones(2, 3, 4, dtype=torch.bool), torch.zeros(3, 4)
+    logits = torch.randn(2, 3, generator=generator)
+    similarity = torch.einsum("tld,ved->tlve", words, entities)
+    best_entity = similarity.amax(dim=-1)  # [t, l, v]
+    video_to_text = similarity.masked_fill(~mask[:, :, None, None], -2).amax(dim=1).mean(dim=-1)
+    raw = (best_entity * (logits * mask)[:, :, None]).sum(dim=1)  # each word's logit as its weight, unnormalised
+    torch.testing.assert_close(words_entities(words, mask, logits, entities, seen, entity_logits, raw_word_weights=True),
+                               (raw + video_to_text) / 2)
+    softmax = (best_entity * logits.masked_fill(~mask, -math.inf).softmax(dim=-1)[:, :, None]).sum(dim=1)
+    torch.testing.assert_close(words_entities(words, mask, logits, entities, seen, entity_logits),
+                               (softmax + video_to_text) / 2)
+    model, normalised = tiny_model("hvp"), tiny_model("hvp", word_weights="softmax")
+    assert model.head.matcher.raw_word_weights and not normalised.head.matcher.raw_word_weights
+    text, video = model.encode_text(tokens), model.encode_video(frames)
+    with torch.no_grad():
+        ours, theirs = model.similarities(text, video), normalised.similarities(text, video)
+    torch.testing.assert_close(ours["block0_sentence_frames"], theirs["block0_sentence_frames"])
+    assert not torch.allclose(ours["block0_words_patches"], theirs["block0_words_patches"])
 
 
 def test_hcmi_clips_partition_the_real_frames_and_merge_them(tokens, frames):

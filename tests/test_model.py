@@ -191,7 +191,7 @@ HEAD_LOSSES = {
     "meanp": {"loss_sentence_video"},
     "xpool": {"loss_sentence_pooled"},
     "eercf": {"loss_weak", "loss_strong", "loss_pearson"},
-    "hvp": {f"loss_block{b}_{n}" for b in (0, 2, 3) for n in ("sentence_frames", "sentence_patches", "words_patches")},
+    "hvp": {f"loss_block{b}_{n}" for b in (0, 1, 3) for n in ("sentence_frames", "sentence_patches", "words_patches")},
     "hcmi": {"loss_frames_words", "loss_clips_phrases", "loss_video_sentence"},
 }
 

@@ -152,8 +152,10 @@ class RetrievalModel(nn.Module):
         return text_chunk, video_chunk
 
     def combine(self, similarities: dict[str, Tensor]) -> Tensor:
-        """The retrieval score: the head's similarities summed, each with its loss weight."""
-        return sum(self.head.part_weights.get(name, 1.0) * s for name, s in similarities.items())
+        """The retrieval score: the head's similarities summed, each with its score weight (by default its loss
+        weight; absent: 1)."""
+        weights = self.head.part_weights if self.head.score_weights is None else self.head.score_weights
+        return sum(weights.get(name, 1.0) * s for name, s in similarities.items())
 
     @torch.no_grad()
     def text_embeddings(self, text: TextFeatures) -> Tensor:

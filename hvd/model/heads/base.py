@@ -3,9 +3,10 @@
 Training, scoring and evaluation treat heads alike through `Head`: the video features a head keeps per
 video (`video_features`, run once per video at encoding time), the named [Nt, Nv] similarity matrices of
 a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, or the head's own
-`contrastive_losses`, and the retrieval score their weighted sum), extra loss terms (`regularizers`), the
-cheap features of a first retrieval stage (the dot product of `text_embedding` and `video_embedding`) and
-how many bytes one (caption, video) pair costs while scoring (`pair_bytes`).
+`contrastive_losses`, and the retrieval score their sum weighted by `score_weights`, by default
+`part_weights`), extra loss terms (`regularizers`), the cheap features of a first retrieval stage (the dot
+product of `text_embedding` and `video_embedding`) and how many bytes one (caption, video) pair costs
+while scoring (`pair_bytes`).
 """
 
 from __future__ import annotations
@@ -66,11 +67,19 @@ def pair_up(text: TextFeatures, video: VideoFeatures) -> tuple[TextFeatures, Vid
     return text.map(lambda t: t.flatten(0, 1)), video.map(lambda t: t.flatten(0, 1)), groups
 
 
+def word_weights(word_logits: Tensor, word_mask: Tensor, raw: bool = False) -> Tensor:
+    """[..., L] weight of each word: a softmax of its logit over the caption's words, or with `raw` the
+    logit itself (no normalisation, as HVP-Net weighs words); padding slots weigh 0 either way."""
+    return word_logits.masked_fill(~word_mask, 0.0) if raw else masked_softmax(word_logits, word_mask)
+
+
 def words_entities(
-    words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor
+    words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor,
+    raw_word_weights: bool = False,
 ) -> Tensor:
     """[Nt, Nv] mean of word-to-best-entity and entity-to-best-word similarity, each side weighted by a
-    softmax of its logits: the fine-grained score of HVD and HVP-Net.
+    softmax of its logits (the word side by the logits themselves with `raw_word_weights`): the
+    fine-grained score of HVD and HVP-Net.
 
     words [Nt, L, D] (mask [Nt, L], logits [Nt, L]); entities [Nv, E, D] (logits [Nv, E]); seen
     [Nt, Nv, E]: the entities a pair may use (at least one per pair).
@@ -81,7 +90,7 @@ def words_entities(
         len(words), words.shape[1], count, slots
     )  # [Nt, L, Nv, E], one matrix product, no layout copy
     best_entity = similarity.masked_fill(~seen[:, None], -math.inf).amax(dim=-1)  # [Nt, L, Nv]
-    text_to_video = torch.einsum("tlv,tl->tv", best_entity, masked_softmax(word_logits, word_mask))
+    text_to_video = torch.einsum("tlv,tl->tv", best_entity, word_weights(word_logits, word_mask, raw_word_weights))
     best_word = similarity.amax(dim=1)  # [Nt, Nv, E]
     entity_weight = masked_softmax(entity_logits.expand_as(best_word), seen)
     video_to_text = (best_word * entity_weight).sum(dim=-1)
@@ -96,7 +105,8 @@ def _pad_with_first_word(words: Tensor, word_mask: Tensor) -> Tensor:
 
 
 def words_entities_grouped(
-    words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor
+    words: Tensor, word_mask: Tensor, word_logits: Tensor, entities: Tensor, seen: Tensor, entity_logits: Tensor,
+    raw_word_weights: bool = False,
 ) -> Tensor:
     """[Q, k] `words_entities` of each query with its own k candidates, without copying the query's side:
     captions words [Q, L, D] with their videos' entities [Q, k, E, D] (logits [Q, k, E]), or a video's
@@ -106,12 +116,12 @@ def words_entities_grouped(
         words = _pad_with_first_word(words, word_mask)
         similarity = (words @ entities.reshape(queries, count * slots, dim).mT).view(queries, -1, count, slots)
         similarity = similarity.transpose(1, 2)  # [Q, k, L, E]
-        word_weight = masked_softmax(word_logits, word_mask)[:, None]
+        word_weight = word_weights(word_logits, word_mask, raw_word_weights)[:, None]
     else:  # each video, its k captions
         queries, count, length, dim = words.shape
         words = _pad_with_first_word(words.flatten(0, 1), word_mask.flatten(0, 1))
         similarity = (words.view(queries, count * length, dim) @ entities.mT).view(queries, count, length, -1)
-        word_weight = masked_softmax(word_logits, word_mask)
+        word_weight = word_weights(word_logits, word_mask, raw_word_weights)
         entity_logits = entity_logits[:, None]
     best_entity = similarity.masked_fill(~seen[:, :, None], -math.inf).amax(dim=-1)  # [Q, k, L]
     text_to_video = (best_entity * word_weight).sum(dim=-1)
@@ -129,6 +139,8 @@ class Head(nn.Module):
     uses_patches = False  # the backbone's patch tokens reach `video_features` (else None: not computed)
     vision_layers: tuple[int, ...] = ()  # ViT blocks whose tokens `video_features` also reads (HVP-Net)
     part_weights: dict[str, float] = {}  # weight of each similarity in the loss and the score; absent: 1
+    # The retrieval score's weights where they differ from the loss's (EERCF ranks with its own); None: part_weights
+    score_weights: dict[str, float] | None = None
     scores_groups = False  # has `grouped_similarities`
 
     @classmethod

@@ -4,20 +4,26 @@ block, a Pearson constraint, and two-stage retrieval.
 Per video, as EERCF's code computes them: a temporal transformer over the frame features (with learned
 frame positions and a residual to the CLIP frames; its blocks start as copies of CLIP's first text
 blocks, as CLIP4Clip's seqTransf does), whose masked mean is the coarse video feature; the CLIP frames;
-and every patch of every frame. Per pair, the text-gated interaction block (TIB):
-- weak: the coarse score sentence x W x video (W starts as the identity), plus softmax-pooled (temperature
-  0.01) sentence-frame and sentence-patch similarities;
+and every patch of every frame. Per pair, the text-gated interaction block (TIB), four similarities:
+- coarse: sentence x W x video (W starts as the identity);
+- frames, patches: softmax-pooled (temperature 0.01) sentence-frame and sentence-patch similarities;
 - strong: the contextualised frames gated by the caption (softmax of sentence-frame similarity at
-  temperature 0.1) into one feature per pair, compared with the sentence.
-The loss is EERCF's: InfoNCE on the weak sum (weight 0.8) and the strong score (0.2), plus the Pearson
-constraint: text and video features standardised over the gathered batch, and the squared distance of each
-dimension's correlation from 1, summed (EERCF's 0.14 on the diagonal, 0 off it), on the video-level and the
-gated frame-level features, times `model.eercf.pearson_weight` (EERCF's 0.001).
+  temperature 0.1, detached as in EERCF's code: the gate passes no gradient) into one feature per pair,
+  compared with the sentence.
+The loss is EERCF's: InfoNCE on the weak sum 0.5 coarse + 0.5 frames + 0.05 patches (weight 0.8) and on
+the strong score (0.2), plus the Pearson constraint: text and video features standardised over the gathered
+batch, and the squared distance of each dimension's correlation from 1, summed (EERCF's 0.14 on the
+diagonal, 0 off it), on the video-level and the gated frame-level features, times
+`model.eercf.pearson_weight` (EERCF's 0.001).
+The retrieval score is EERCF's rerank score, with its own weights, not the loss's: 0.5 coarse + 0.8 frames
++ 0.2 patches + 0.2 strong (`EVAL_WEIGHTS`). EERCF's protocol ranks every video by the coarse score and
+reranks its top 50 by that score: `eval.mode=two_stage eval.topk=50` (stage 1 `text_embedding` .
+`video_embedding`, stage 2 the full score); `eval.mode=exhaustive` ranks every pair by the rerank score.
 
-Two departures, both stated: the strong score gates each video by the query's own caption in training as
-at evaluation (EERCF's training gates each video by its paired caption only); EERCF's per-frame-slot weight
-matrix (eye(max_frames)) is left out, as it ties the model to one frame count.
-Stage 1 of two-stage retrieval is the coarse score (`text_embedding` . `video_embedding`), stage 2 the full one.
+Departures (docs/heads.md, "Departures from the references"): the strong score gates each video by the
+query's own caption in training as at evaluation (EERCF's training gates each video by its paired caption
+only); EERCF's per-frame-slot weight matrix (eye(max_frames)) is left out, as it ties the model to one frame
+count.
 """
 
 from __future__ import annotations
@@ -32,11 +38,15 @@ from hvd.config import EERCFHeadConfig
 from hvd.model.backbone import ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.heads.base import FLOAT_BYTES, Head, masked_softmax
+from hvd.model.losses import symmetric_infonce
 from hvd.model.temporal import FrameTransformer
 
 WEAK_TEMPERATURE = 0.01
 STRONG_TEMPERATURE = 0.1
-COARSE, FRAMES, PATCHES = 0.5, 0.5, 0.05  # EERCF's weights inside the weak score
+WEAK = {"coarse": 0.5, "frames": 0.5, "patches": 0.05}  # EERCF's weights inside the weak score (training)
+LOSS_WEIGHTS = {"weak": 0.8, "strong": 0.2}  # EERCF's weak_loss_weight, strong_loss_weight
+# EERCF's rerank at evaluation: 0.8 weak frames + 0.2 strong frames + 0.2 weak patches + 0.5 coarse
+EVAL_WEIGHTS = {"coarse": 0.5, "frames": 0.8, "patches": 0.2, "strong": 0.2}
 PEARSON_DIAGONAL = 0.14
 
 
@@ -51,7 +61,7 @@ def pearson_constraint(text: Tensor, video: Tensor) -> Tensor:
 class EERCFHead(Head):
     scores_groups = True
     uses_patches = True
-    part_weights = {"weak": 0.8, "strong": 0.2}
+    score_weights = EVAL_WEIGHTS
     explain_legend = ("frames: EERCF's text gate (softmax of caption-frame cosine / 0.1); frames gated above a "
                       "uniform weight framed green")
 
@@ -94,9 +104,10 @@ class EERCFHead(Head):
         return self.coarse_video(video)
 
     def gated_frames(self, sentence: Tensor, video: VideoFeatures) -> Tensor:
-        """[Nt, Nv, D] the TIB's strong feature: contextualised frames weighted by their cosine to the caption."""
+        """[Nt, Nv, D] the TIB's strong feature: contextualised frames weighted by their cosine to the caption
+        (the gate detached, as EERCF's)."""
         context = video.frame_views[:, 0]
-        gate = masked_softmax(torch.einsum("td,vkd->tvk", sentence, video.frames) / STRONG_TEMPERATURE, video.frame_mask)
+        gate = self._gate(torch.einsum("td,vkd->tvk", sentence, video.frames), video.frame_mask)
         return F.normalize(torch.einsum("tvk,vkd->tvd", gate, context), dim=-1)
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
@@ -107,7 +118,7 @@ class EERCFHead(Head):
         patches = self._softmax_pooled((sentence @ video.patches.reshape(-1, dim).T).view(len(sentence), count, slots),
                                        video.patch_frames.any(dim=-1))
         strong = torch.einsum("td,tvd->tv", sentence, self.gated_frames(sentence, video))
-        return {"weak": COARSE * coarse + FRAMES * frames + PATCHES * patches, "strong": strong}
+        return {"coarse": coarse, "frames": frames, "patches": patches, "strong": strong}
 
     def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         sentence, context = text.sentence, video.frame_views[:, 0]
@@ -115,9 +126,21 @@ class EERCFHead(Head):
         frame_cosine = torch.einsum("pd,ptd->pt", sentence, video.frames)
         frames = self._softmax_pooled(frame_cosine, video.frame_mask)
         patches = self._softmax_pooled(torch.einsum("pd,ped->pe", sentence, video.patches), video.patch_frames.any(dim=-1))
-        gate = masked_softmax(frame_cosine / STRONG_TEMPERATURE, video.frame_mask)
+        gate = self._gate(frame_cosine, video.frame_mask)
         strong = (sentence * F.normalize(torch.einsum("pt,ptd->pd", gate, context), dim=-1)).sum(dim=-1)
-        return {"weak": COARSE * coarse + FRAMES * frames + PATCHES * patches, "strong": strong}
+        return {"coarse": coarse, "frames": frames, "patches": patches, "strong": strong}
+
+    @staticmethod
+    def _gate(frame_cosine: Tensor, frame_mask: Tensor) -> Tensor:
+        """The TIB's frame gate, softmax(cosine / 0.1) over the real frames, detached as in EERCF's code."""
+        return masked_softmax(frame_cosine.detach() / STRONG_TEMPERATURE, frame_mask)
+
+    def contrastive_losses(self, text: TextFeatures, video: VideoFeatures, similarities: dict[str, Tensor],
+                           scale: Tensor) -> dict[str, Tensor]:
+        """EERCF's: the InfoNCE of the weak sum and of the strong score, weighted 0.8 and 0.2."""
+        weak = sum(weight * similarities[name] for name, weight in WEAK.items())
+        return {name: LOSS_WEIGHTS[name] * symmetric_infonce(scale * s)
+                for name, s in (("weak", weak), ("strong", similarities["strong"]))}
 
     @staticmethod
     def _softmax_pooled(similarity: Tensor, mask: Tensor) -> Tensor:

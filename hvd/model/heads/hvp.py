@@ -1,16 +1,20 @@
 """HVP-Net ("Delving Deeper: Hierarchical Visual Perception for Robust Video-Text Retrieval"): frames and
-patches of several ViT blocks, each compressed by PFCM and each matched with the caption.
+patches of several ViT blocks, compressed by one PFCM and each block matched with the caption.
 
-Every block in `model.hvp.layers` (default the first, the middle and the last, as HVP-Net) gives frame and patch
-tokens through CLIP's own ln_post and projection; the block's patches of the whole video go through that
-block's PFCM (one entity can span frames), and the block scores three similarities, each side weighted by a
-learned MLP (a near-zero last layer, so training starts from plain means):
-- sentence-frame: frames weighted by the frame MLP, cosine with the sentence;
-- sentence-patch: entities weighted by the patch MLP, cosine with the sentence;
+Every block in `model.hvp.layers` (default the first, the (depth - 1) // 2-th and the last: 0, 5, 11 on
+ViT-B's 12 blocks, HVP-Net's choice; 0, 1, 3 on the tiny preset's 4) gives frame and patch tokens through
+CLIP's own ln_post and projection; each block's patches of the whole video go through PFCM (one entity can
+span frames), and each block scores three similarities, each side weighted by a learned MLP (a near-zero
+last layer, so training starts from plain means). As in HVP-Net, one PFCM and one set of weighting networks
+serve every block:
+- sentence-frame: frames weighted by the frame MLP (softmax), cosine with the sentence;
+- sentence-patch: entities weighted by the patch MLP (softmax), cosine with the sentence;
 - word-patch: word-to-best-entity weighted by the word MLP and entity-to-best-word weighted by the patch
-  MLP, averaged (as HVD's word-patch term, without frame selection).
-Scores and losses are summed over blocks. Word weights come from the query's own words at evaluation as in
-training (HVP-Net's public evaluation code weighs with the paired caption's words: not copied).
+  MLP, averaged (as HVD's word-patch term, without frame selection). The word weights are the MLP's raw
+  outputs, as HVP-Net's (`model.hvp.word_weights=softmax`: a softmax over the caption's words instead).
+Scores and losses are summed over blocks. Departures (docs/heads.md, "Departures from the references"): word
+weights come from the query's own words at evaluation as in training (HVP-Net's public evaluation code
+weighs with the paired caption's words: not copied).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from hvd.model.pfcm import PFCM, video_entities
 
 
 def default_layers(depth: int) -> tuple[int, ...]:
-    """The first, the middle and the last block of a `depth`-block ViT."""
-    return tuple(sorted({0, depth // 2, depth - 1}))
+    """The first, the middle (index (depth - 1) // 2, rounded down) and the last block of a `depth`-block ViT:
+    HVP-Net's (0, 5, 11) on ViT-B's 12 blocks; (0, 1, 3) on the tiny preset's 4."""
+    return tuple(sorted({0, (depth - 1) // 2, depth - 1}))
 
 
 class WeightMLP(nn.Module):
@@ -56,12 +61,14 @@ class WeightMLP(nn.Module):
 
 
 class BlockMatcher(nn.Module):
-    """One ViT block's PFCM and its word, patch and frame weights."""
+    """The PFCM and the word, patch and frame weights that every ViT block's tokens go through (shared, as
+    HVP-Net shares them)."""
 
     def __init__(self, dim: int, cfg: HVPHeadConfig):
         super().__init__()
         self.pfcm = PFCM(dim, cfg.pfcm_steps, cfg.pfcm_ratio, cfg.dpc_k)
         self.word_weight, self.patch_weight, self.frame_weight = WeightMLP(dim), WeightMLP(dim), WeightMLP(dim)
+        self.raw_word_weights = cfg.word_weights == "raw"
 
     def compress(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T, P, D] -> [B, E, D] unit entities of the whole video and [B, E, T] the frames each came from."""
@@ -83,10 +90,11 @@ class BlockMatcher(nn.Module):
         word_logits = self.word_weight(words)
         if paired:  # each pair a group of one
             words_patches = words_entities_grouped(words, word_mask, word_logits, entities[:, None], real[:, None],
-                                                   entity_logits[:, None])[:, 0]
+                                                   entity_logits[:, None], self.raw_word_weights)[:, 0]
         else:
             seen = real[None].expand(len(sentence), -1, -1)
-            words_patches = words_entities(words, word_mask, word_logits, entities, seen, entity_logits)
+            words_patches = words_entities(words, word_mask, word_logits, entities, seen, entity_logits,
+                                           self.raw_word_weights)
         return {"sentence_frames": sentence_frames, "sentence_patches": sentence_patches, "words_patches": words_patches}
 
 
@@ -100,7 +108,7 @@ class HVPHead(Head):
         if any(not 0 <= layer < depth for layer in layers) or len(set(layers)) != len(layers):
             raise ValueError(f"model.hvp.layers={list(cfg.layers)}: distinct ViT block indices in [0, {depth - 1}] expected")
         self.vision_layers = tuple(sorted(layers))
-        self.blocks = nn.ModuleList(BlockMatcher(dim, cfg) for _ in self.vision_layers)
+        self.matcher = BlockMatcher(dim, cfg)  # one for every block
 
     @classmethod
     def build(cls, backbone: ClipBackbone, cfg: HVPHeadConfig) -> HVPHead:
@@ -112,7 +120,7 @@ class HVPHead(Head):
         """frames: every block's unit frames, the last block's first as other heads' frames are; patches: the
         blocks' entities one after another, E per block."""
         unit = [F.normalize(block_frames.float(), dim=-1) for block_frames, _ in layers]
-        compressed = [matcher.compress(block_patches, frame_mask) for matcher, (_, block_patches) in zip(self.blocks, layers, strict=True)]
+        compressed = [self.matcher.compress(block_patches, frame_mask) for _, block_patches in layers]
         return VideoFeatures(
             frames=unit[-1],
             frame_mask=frame_mask,
@@ -124,9 +132,9 @@ class HVPHead(Head):
     def _per_block(self, video: VideoFeatures) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(frames, entities, patch_frames) of each block, in `vision_layers` order."""
         frames = [*video.frame_views.unbind(dim=1), video.frames]
-        per_block = video.patches.shape[1] // len(self.blocks)
+        per_block = video.patches.shape[1] // len(self.vision_layers)
         return [(frames[i], video.patches[:, i * per_block : (i + 1) * per_block],
-                 video.patch_frames[:, i * per_block : (i + 1) * per_block]) for i in range(len(self.blocks))]
+                 video.patch_frames[:, i * per_block : (i + 1) * per_block]) for i in range(len(self.vision_layers))]
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         return self._by_block(video, lambda matcher, *block: matcher.similarities(text, *block))
@@ -137,12 +145,12 @@ class HVPHead(Head):
     def _by_block(self, video: VideoFeatures, score: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
         """Every block's similarities (`score(matcher, frames, frame_mask, entities, patch_frames)`), named by block."""
         parts = {}
-        for layer, matcher, (frames, entities, patch_frames) in zip(self.vision_layers, self.blocks, self._per_block(video), strict=True):
-            for name, similarity in score(matcher, frames, video.frame_mask, entities, patch_frames).items():
+        for layer, (frames, entities, patch_frames) in zip(self.vision_layers, self._per_block(video), strict=True):
+            for name, similarity in score(self.matcher, frames, video.frame_mask, entities, patch_frames).items():
                 parts[f"block{layer}_{name}"] = similarity
         return parts
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         words, entities, frames = text.words.shape[1], video.patches.shape[1], video.frames.shape[1]
-        per_block = entities // len(self.blocks)
-        return len(self.blocks) * (words_entities_bytes(words, per_block) + FLOAT_BYTES * (2 * frames + 2 * per_block))
+        per_block = entities // len(self.vision_layers)
+        return len(self.vision_layers) * (words_entities_bytes(words, per_block) + FLOAT_BYTES * (2 * frames + 2 * per_block))
