@@ -10,7 +10,12 @@ Scores: frame-word and clip-phrase by token-wise matching (each word to its best
 its best word, each side weighted by a learned softmax, averaged: HVD's word-patch matching), and
 video-sentence by cosine. The loss is an InfoNCE per level; the retrieval score is their sum.
 
-Where the paper's description leaves a choice open (its code is not public), this reads it so:
+Not HCMI as published: its code is not public, and this follows the abstract and the paper's description
+where they are explicit (frame self-attention, adaptive clustering of frames into clips, three levels each
+with its InfoNCE, label denoising, marginal sample enhancement) but leaves out the abstract's clip-to-clip
+interaction: the clips are merged into the video token directly, with no attention among them first
+(docs/heads.md, "Departures from the references").
+Where the paper's description leaves a choice open, this reads it so:
 - phrases are grouped as clips are (density-peak clusters merged by learned attention weights), so both
   sides of the clip-phrase level come from one operator; a cluster need not be contiguous in time or text;
 - `model.hcmi.label_denoising`: in-batch InfoNCE labels say a caption matches only its own video, which is
