@@ -207,8 +207,9 @@ class HVDHeadConfig(PFCMKeys):
     frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair", rule=_SHARE)
     pfcm_scope: str = key(
         "video",
-        "PFCM clusters all the video's patches together (video, as HVP-Net) or each frame's (frame)",
-        choices=("frame", "video"),
+        "what PFCM clusters: per (caption, video) pair the patches of the frames FFSM kept (pair, the paper's "
+        "order), once per video all its patches together (video) or each frame's alone (frame)",
+        choices=("frame", "video", "pair"),
     )
 
 

@@ -8,8 +8,9 @@ from torch import Tensor
 
 from hvd.config import HVDHeadConfig
 from hvd.model.backbone import ClipBackbone
+from hvd.model.clustering import keep_count
 from hvd.model.features import TextFeatures, VideoFeatures
-from hvd.model.ffsm import select_frames, select_frames_grouped
+from hvd.model.ffsm import keep_best, select_frames, select_frames_grouped
 from hvd.model.heads.base import (
     FLOAT_BYTES,
     Head,
@@ -25,12 +26,12 @@ from hvd.model.pfcm import PFCM, video_entities
 class HVDHead(Head):
     """FFSM picks each pair's frames; PFCM-compressed patches of those frames meet the caption's words.
 
-    PFCM runs once per video, not per pair (`compress_patches`), over each frame's patches on its own
-    (`model.hvd.pfcm_scope=frame`: clusters never span frames) or over all the video's patches together
-    (`video`, as HVP-Net: one entity can span frames). Every entity records the frames its patches came
-    from; a pair's word-patch score uses the entities drawn from at least one frame FFSM kept for it. With
-    frame scope that is exactly the kept frames compressed on their own, the paper's "patch features of
-    the selected frames"; with video scope it is the closest a once-per-video compression comes to it.
+    `model.hvd.pfcm_scope` says where PFCM runs. `pair` is the paper's order: for every (caption, video)
+    pair, PFCM clusters the patches of the frames FFSM kept for that caption (`_pair_entities`), so entities
+    depend on the caption; videos keep their raw patches and every pair pays its own compression. `video`
+    and `frame` are this project's cheaper variants, run once per video (`compress_patches`): all the
+    video's patches together (one entity can span frames, as HVP-Net) or each frame's alone; every entity
+    records the frames its patches came from, and a pair uses the entities drawn from a frame it kept.
     """
 
     uses_patches = True
@@ -53,6 +54,10 @@ class HVDHead(Head):
     def compress_patches(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         """[B, T, P, D] patch features, [B, T] frame mask -> [B, E, D] unit entities and [B, E, T] the frames
         each entity's patches come from."""
+        if self.scope == "pair":  # raw patches, each owned by its frame: pairs compress their own (`_pair_entities`)
+            batch, time, count, dim = patches.shape
+            owner = torch.eye(time, dtype=torch.bool, device=patches.device).repeat_interleave(count, dim=0)
+            return patches.reshape(batch, time * count, dim), owner[None] & frame_mask[:, None, :]
         if self.scope == "video":
             entities, _, patch_frames = video_entities(self.pfcm, patches, frame_mask)
         else:  # entity e of frame t is slot t * (E / T) + e
@@ -71,14 +76,51 @@ class HVDHead(Head):
         tokens, _, assignment = self.pfcm(patches.reshape(batch * time, count, dim))
         return tokens.reshape(batch, -1, dim), assignment.reshape(batch, time * count)
 
+    def _pair_entities(self, kept: Tensor, patches: Tensor, video_index: Tensor) -> tuple[Tensor, Tensor]:
+        """PFCM per pair over the patches of the frames it kept, in time order (the paper's order).
+
+        kept [P, T] bool; patches [V, T * N, D] raw patch features of V videos; video_index [P] the video of
+        each pair. Returns [P, E, D] unit entities and their mask [P, E] (pairs keeping fewer frames than
+        others have fewer entities; their padding is masked through PFCM, never mixed in)."""
+        pairs, time = kept.shape
+        count, dim = patches.shape[1] // time, patches.shape[-1]
+        frames = kept.sum(dim=1)
+        width = int(frames.max())
+        order = (~kept).to(torch.uint8).argsort(dim=1, stable=True)[:, :width]  # the kept frames first, in time order
+        tokens = patches.view(-1, time, count, dim)[video_index[:, None], order].flatten(1, 2)  # [P, width * N, D]
+        valid = (torch.arange(width, device=kept.device) < frames[:, None]).repeat_interleave(count, dim=1)
+        entities, mask, _ = self.pfcm(tokens, None if bool(valid.all()) else valid)
+        if mask is None:
+            mask = torch.ones(entities.shape[:2], dtype=torch.bool, device=entities.device)
+        return F.normalize(entities.float(), dim=-1), mask
+
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         kept = select_frames(text.sentence, video.frames, self.frame_keep, video.frame_mask)
-        return {
-            "sentence_frames": self._sentence_frames(text.sentence, video.frames, kept),
-            "words_patches": self._words_patches(text, video, kept),
-        }
+        if self.scope != "pair":
+            words_patches = self._words_patches(text, video, kept)
+        else:  # every (caption, video) pair: its own entities, then the grouped word-entity score
+            texts, videos = kept.shape[:2]
+            pair_video = torch.arange(videos, device=kept.device).repeat(texts)
+            entities, mask = self._pair_entities(kept.flatten(0, 1), video.patches, pair_video)
+            entities, mask = entities.unflatten(0, (texts, videos)), mask.unflatten(0, (texts, videos))
+            words, word_mask = trim_padding(text.words, text.word_mask)
+            words_patches = words_entities_grouped(words, word_mask, self.word_weight(words).squeeze(-1), entities,
+                                                   mask, self.patch_weight(entities).squeeze(-1))
+        return {"sentence_frames": self._sentence_frames(text.sentence, video.frames, kept), "words_patches": words_patches}
+
+    def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        """P aligned pairs (two-stage reranking with `pfcm_scope=pair`, through `Head.grouped_similarities`)."""
+        kept = keep_best(torch.einsum("pd,ptd->pt", text.sentence, video.frames), video.frame_mask, self.frame_keep)
+        pooled = F.normalize(torch.einsum("pt,ptd->pd", kept.to(video.frames.dtype), video.frames), dim=-1)
+        entities, mask = self._pair_entities(kept, video.patches, torch.arange(len(kept), device=kept.device))
+        words, word_mask = trim_padding(text.words, text.word_mask)
+        words_patches = words_entities_grouped(words, word_mask, self.word_weight(words).squeeze(-1), entities[:, None],
+                                               mask[:, None], self.patch_weight(entities).squeeze(-1)[:, None])[:, 0]
+        return {"sentence_frames": (text.sentence * pooled).sum(dim=-1), "words_patches": words_patches}
 
     def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        if self.scope == "pair":
+            return super().grouped_similarities(text, video)
         kept = select_frames_grouped(text.sentence, video.frames, self.frame_keep, video.frame_mask)  # [Q, k, T]
         words, word_mask = trim_padding(text.words, text.word_mask)
         if text.sentence.ndim == 2:  # each caption, its k videos
@@ -118,10 +160,18 @@ class HVDHead(Head):
         frame with frame scope, per video with video scope; -1 on padding frames).
         """
         kept = select_frames(sentence[None], frames[None], self.frame_keep, frame_mask[None])[0, 0]
+        if self.scope == "pair":  # the kept frames' patches compressed together; the other frames' are not
+            _, _, assignment = self.pfcm(patches[kept][None].flatten(1, 2))
+            entities = torch.full(patches.shape[:2], -1, dtype=assignment.dtype, device=patches.device)
+            entities[kept] = assignment.view(-1, patches.shape[1])
+            return {"frame_scores": frames @ sentence, "kept": kept, "entities": entities}
         _, assignment = self._compress(patches[None], frame_mask[None])
         entities = assignment.view(patches.shape[:2]).masked_fill(~frame_mask[:, None], -1)
         return {"frame_scores": frames @ sentence, "kept": kept, "entities": entities}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         words, (entities, dim), frames = text.words.shape[1], video.patches.shape[1:], video.frames.shape[1]
+        if self.scope == "pair":  # the kept frames' patch tokens through PFCM: tokens, its layers, its distances
+            tokens = keep_count(frames, self.frame_keep) * (entities // frames)
+            return words_entities_bytes(words, keep_count(tokens, 0.5)) + FLOAT_BYTES * (12 * tokens * dim + 3 * tokens**2)
         return words_entities_bytes(words, entities) + FLOAT_BYTES * (frames + 2 * dim)  # and the kept-frame mean
