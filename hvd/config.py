@@ -151,6 +151,13 @@ class DataConfig:
         False,
         "train every caption once an epoch (a pass over the videos per caption), instead of one random caption a video",
     )
+    augment: str = key(
+        "none",
+        "training-time augmentation on the CPU input workers, one draw per clip (its frames alike), never in "
+        "evaluation: crop_flip (X-Pool's random resized crop, scale 0.5-1, and horizontal flip; it mirrors "
+        "'left' and 'right'), randaugment (2 RandAugment ops at magnitude 9)",
+        choices=("none", "crop_flip", "randaugment"),
+    )
     decode_concurrency: int = key(2, "decode tasks running at once", rule=_WORKERS)
     decode_cpus: float = key(1.0, "CPUs reserved by each decode task", rule=_CPUS)
     decode_timeout_s: float = key(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cloudpickle
@@ -26,8 +27,9 @@ from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, 
 from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
 from hvd.data.shards import ShardError, ShardSummary, frame_mask, frames_uint8, read_shards
 from hvd.data.synthetic import generate
+from hvd.eval.actors import encode_videos_with_actors
 from hvd.model import build_model, build_tokenizer
-from hvd.train.inputs import caption_choice, caption_passes, epoch_batches, training_dataset
+from hvd.train.inputs import augment_clip, caption_choice, caption_passes, epoch_batches, training_dataset
 
 _CLI = importlib.util.spec_from_file_location("prepare_cli", Path(__file__).parents[1] / "pipelines" / "prepare.py")
 prepare_cli = importlib.util.module_from_spec(_CLI)
@@ -359,3 +361,26 @@ def test_expand_captions_trains_every_caption_once_an_epoch_and_never_one_video_
     passes_in_order = [sum(orders[p * 3:(p + 1) * 3], []) for p in range(passes)]
     assert len({tuple(order) for order in passes_in_order}) > 1
     assert [caption_choice(0, 0, "v", 5, p) for p in range(5)] != [caption_choice(0, 1, "v", 5, p) for p in range(5)]
+
+
+def test_augmentation_draws_once_per_clip_in_training_and_evaluation_never_augments(jpeg_shards):
+    torch.manual_seed(0)
+    rows = read_shards(jpeg_shards, "train").to_pylist()
+    still = np.stack([frames_uint8(rows[0])[0]] * 4)  # one frame four times
+    for kind in ("crop_flip", "randaugment"):
+        outs = [augment_clip(still, kind) for _ in range(5)]
+        assert all(out.shape == still.shape and out.dtype == np.uint8 for out in outs)
+        assert all(np.array_equal(out[0], frame) for out in outs for frame in out)  # one draw: the frames alike
+        assert any(not np.array_equal(out, still) for out in outs)
+    assert augment_clip(still, "none") is still
+
+    cfg = config(f"data.shards={jpeg_shards}", "train.batch_size=8", "model.pretrained=null", "data.augment=crop_flip")
+    stored = [frames_uint8(row) for row in rows]
+    trained = [clip.numpy() for batch in epoch_batches(training_dataset(cfg, jpeg_shards).iterator(), 8, 0, 0, False)
+               for clip in batch["frames"]]
+    assert len(trained) == len(stored) and any(not any(np.array_equal(t, s) for s in stored) for t in trained)
+
+    model = build_model(cfg.model)  # evaluation's encoders read the same config, and leave frames alone
+    _, plain = encode_videos_with_actors(model, replace(cfg, data=replace(cfg.data, augment="none")), str(jpeg_shards), "test")
+    _, augmented = encode_videos_with_actors(model, cfg, str(jpeg_shards), "test")
+    torch.testing.assert_close(augmented.frames, plain.frames, rtol=0, atol=0)

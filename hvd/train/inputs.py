@@ -21,6 +21,7 @@ import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
+from torchvision.transforms import v2
 
 from hvd.config import Config, ModelConfig
 from hvd.data.shards import frame_mask, frames_uint8, open_shards, read_shards
@@ -36,9 +37,25 @@ def _tokenizer(preset: str, quick_gelu: bool, max_words: int) -> Callable[[list[
     return build_tokenizer(ModelConfig(preset=preset, quick_gelu=quick_gelu), max_words)
 
 
-def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int) -> dict[str, np.ndarray]:
-    """Shard rows -> `video_id`, `frames` uint8 [B, T, H, W, 3], `frame_mask` [B, T] and `tokens`
-    [B][captions, L] (ragged)."""
+@functools.lru_cache(maxsize=4)
+def _augmentation(kind: str, size: int) -> Callable[[Tensor], Tensor]:
+    if kind == "crop_flip":  # X-Pool's training transform
+        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    return v2.RandAugment(num_ops=2, magnitude=9)
+
+
+def augment_clip(frames: np.ndarray, kind: str) -> np.ndarray:
+    """[T, H, W, 3] uint8 frames of one clip, augmented with one random draw for the whole clip (`data.augment`):
+    every frame gets the same crop, flip or RandAugment ops, so motion between frames stays what it was."""
+    if kind == "none":
+        return frames
+    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # leading dims share one draw
+    return _augmentation(kind, frames.shape[1])(clip).permute(0, 2, 3, 1).numpy()
+
+
+def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int, augment: str = "none") -> dict[str, np.ndarray]:
+    """Shard rows -> `video_id`, `frames` uint8 [B, T, H, W, 3] (each clip augmented by `augment`), `frame_mask`
+    [B, T] and `tokens` [B][captions, L] (ragged)."""
     tokenizer = _tokenizer(model_cfg.preset, model_cfg.quick_gelu, max_words)
     columns = ["video_id", "captions", "frames", "frame_codec", "frame_size", "num_frames", "valid_frames"]
     rows = batch.select(columns).to_pylist()
@@ -46,7 +63,7 @@ def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int) -> dict
     tokens[:] = [tokenizer(row["captions"]).numpy().astype(TOKEN_DTYPE) for row in rows]
     return {
         "video_id": np.array([row["video_id"] for row in rows], dtype=object),
-        "frames": np.stack([frames_uint8(row) for row in rows]),
+        "frames": np.stack([augment_clip(frames_uint8(row), augment) for row in rows]),
         "frame_mask": frame_mask(rows),
         "tokens": tokens,
     }
@@ -60,7 +77,7 @@ def training_dataset(cfg: Config, shards: str | Path) -> ray.data.Dataset:
         batch_format="pyarrow",
         batch_size=cfg.train.batch_size,
         num_cpus=cfg.data.train_decode_cpus,
-        fn_kwargs={"model_cfg": cfg.model, "max_words": cfg.data.max_words},
+        fn_kwargs={"model_cfg": cfg.model, "max_words": cfg.data.max_words, "augment": cfg.data.augment},
     )
 
 

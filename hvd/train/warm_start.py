@@ -67,7 +67,8 @@ def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
         # One warm start per synthetic world, whatever run.seed: seeds of a fine-tuning share it, as runs
         # starting from CLIP share CLIP's weights.
         run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}", seed=cfg.synthetic.seed),
-        data=dataclasses.replace(cfg.data, manifest=None, shards=str(stills), num_frames=1, expand_captions=False),
+        data=dataclasses.replace(cfg.data, manifest=None, shards=str(stills), num_frames=1, expand_captions=False,
+                                 augment="none"),
         model=dataclasses.replace(cfg.model, head="meanp", pretrained=None),
         train=dataclasses.replace(cfg.train, epochs=cfg.pretrain.epochs, batch_size=cfg.pretrain.batch_size,
                                   lr=cfg.pretrain.lr, fail_at_step=-1),
