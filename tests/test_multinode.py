@@ -1,9 +1,11 @@
-"""Two Ray nodes and an MLflow server on this machine (`cluster/local.sh`), driven as a user would: `ray job submit`.
+"""Two Ray nodes and an MLflow server on this machine (`cluster/local.sh`), token auth on, driven as a user
+would: `ray job submit`.
 
 Proves what one node cannot: decode tasks spread over nodes or pin to the node type named by
 `data.decode_resources`; training places one worker per node (STRICT_SPREAD) and logs to MLflow over
 HTTP; losing a node mid-training costs a restart from the last checkpoint, in the same MLflow run; the
-README's command, with no overrides, puts every relative path under the nodes' shared HVD_ROOT.
+README's command, with no overrides, puts every relative path under the nodes' shared HVD_ROOT and trains the
+warm start on the cluster with a quiet log; a failed job fails the blocking `ray job submit`.
 """
 
 import json
@@ -294,6 +296,13 @@ def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
                    "train.epochs=1")
     status, logs = cluster.wait_job("headline", timeout=1700)
     assert status == "SUCCEEDED", logs[-5000:]
+    # the job trained the warm start on the cluster first, and says so in a quiet log (the driver's summary,
+    # the progress lines; none of Ray's or MLflow's own info lines)
+    assert "warm start      " in logs and "models:/clip-tiny-synthetic/" in logs
+    lines = [line for line in logs.splitlines() if line.strip()]
+    noise = ("Reporting training result", "INFO streaming_executor", "Checkpoint successfully created", "mlflow.system")
+    assert not [line for line in lines if any(n in line for n in noise)], "Ray's and MLflow's info logs reached the job log"
+    assert len(lines) < 80, f"{len(lines)} lines for a one-epoch run:\n" + "\n".join(lines)
 
     synthetic, shards, storage = root / "data" / "synthetic-demo", root / "data" / "shards-demo", root / "runs" / "ray"
     assert (synthetic / "manifest.jsonl").is_file()
@@ -310,3 +319,10 @@ def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
     assert (params["synthetic.out"], params["data.shards"], params["train.storage_path"]) == tuple(
         map(str, (synthetic, shards, storage))
     )
+
+
+def test_a_failed_job_fails_the_submit_command(cluster):
+    """`ray job submit` (blocking, as the README runs it) exits non-zero when the job fails: a bad key here."""
+    result = cluster.ray("job", "submit", f"--working-dir={ROOT}", "--", "python", "pipelines/train.py",
+                         "model.head=nonsense", timeout=300)
+    assert result.returncode != 0 and "model.head" in result.stdout + result.stderr
