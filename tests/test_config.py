@@ -1,11 +1,13 @@
 import importlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from hvd.cli import run_pipeline
 from hvd.config import (
     CHOICES,
     HEADS,
@@ -306,6 +308,30 @@ def test_every_pipeline_refuses_a_bad_key_with_one_line_and_exit_2(pipeline, tmp
         command.main([*REQUIRED_FLAGS.get(pipeline, []), "model.hed=hvd", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.strip().count("\n") == 0 and "unknown config key 'model.hed'" in err
+    assert not (tmp_path / "m.db").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["evaluate", "index"])
+@pytest.mark.parametrize("source", ["--manifest", "--shards"])
+def test_evaluation_jobs_refuse_a_broken_manifest_or_unprepared_shards_before_the_model_or_ray(
+    pipeline, source, tmp_path, monkeypatch, capsys
+):
+    manifest, shards = tmp_path / "manifest.jsonl", tmp_path / "shards"
+    manifest.write_text('{"video_id": "a", "path": "a.mp4", "captions": ["x"], "split": "test"}\nnot json\n')
+    shards.mkdir()
+    bad = str(manifest if source == "--manifest" else shards)
+    monkeypatch.setattr(sys, "argv", [pipeline, "--model", "models:/absent@champion", source, bad,
+                                      f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_pipeline(importlib.import_module(f"hvd.commands.{pipeline}").main)
+    finally:  # run_pipeline turns stop signals into exceptions: pytest's own handling comes back
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0
+    assert ("manifest.jsonl:2" if source == "--manifest" else "no _summary.json") in err  # not the absent model
     assert not (tmp_path / "m.db").exists()
 
 

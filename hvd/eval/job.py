@@ -16,7 +16,7 @@ from mlflow.entities import DatasetInput
 
 from hvd.config import Config
 from hvd.data.decode import FrameSpec
-from hvd.data.manifest import fingerprint
+from hvd.data.manifest import fingerprint, index_manifest
 from hvd.data.prepare import QUARANTINE_FILE, prepare
 from hvd.data.shards import ShardSummary
 from hvd.eval import plots
@@ -232,6 +232,10 @@ def open_job(cfg: Config, model_uri: str, manifest: Path | None, shards: Path | 
     if (manifest is None) == (shards is None):
         raise ValueError("give exactly one of --manifest FILE or --shards DIR")
     manifest, shards = (Path(resolve_path(str(p))) if p is not None else None for p in (manifest, shards))
+    if manifest is not None:  # a broken manifest names its line before the model loads or Ray starts
+        index_manifest(manifest)
+    else:
+        ShardSummary.read(shards)
     uri = tracking_uri(cfg)
     with active_tracking_uri(uri):
         model, trained, source = load_model_source(model_uri)
