@@ -280,15 +280,18 @@ def test_train_refuses_a_broken_manifest_or_missing_weights_before_ray_or_mlflow
     ("pipeline", "args", "says"),
     [
         ("pipelines/prepare.py", ["--manifest", "MISSING", "--out", "OUT"], "manifest not found"),
-        ("pipelines/evaluate.py", ["--model", "nowhere/at/all", "--shards", "OUT"], "nowhere/at/all"),
-        ("pipelines/index.py", ["--model", "nowhere/at/all", "--shards", "OUT"], "nowhere/at/all"),
+        ("pipelines/evaluate.py", ["--model", "nowhere/at/all", "--manifest", "GOOD"], "nowhere/at/all"),
+        ("pipelines/index.py", ["--model", "nowhere/at/all", "--manifest", "GOOD"], "nowhere/at/all"),
         ("pipelines/search.py", ["--model", "nowhere/at/all", "a red square"], "nowhere/at/all"),
         ("pipelines/manifest.py", ["msrvtt", "--annotations", "MISSING", "--videos", "MISSING", "--out", "OUT/m.jsonl"],
          "not found"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(pipeline, args, says, tmp_path):
-    args = [arg.replace("MISSING", str(tmp_path / "missing")).replace("OUT", str(tmp_path / "out")) for arg in args]
+    good = tmp_path / "good.jsonl"  # a manifest that reads: the model URI is what is wrong
+    good.write_text('{"video_id": "a", "path": "a.mp4", "captions": ["x"], "split": "test"}\n')
+    args = [arg.replace("MISSING", str(tmp_path / "missing")).replace("OUT", str(tmp_path / "out"))
+            .replace("GOOD", str(good)) for arg in args]
     result = _run(pipeline, *args, *([] if "manifest.py" in pipeline else [f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and says in result.stderr and "Traceback" not in result.stderr
