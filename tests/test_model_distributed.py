@@ -31,8 +31,8 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, torch.randint(0, 256, (len(CAPTIONS), 4, 64, 64, 3), generator=generator, dtype=torch.uint8)
 
 
-def run_steps(head: str, rank: int = 0, world: int = 1) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of `STEPS` production steps on this rank's share of the batch, and the last step's gradients."""
+def run_steps(head: str, rank: int = 0, world: int = 1) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    """Losses of `STEPS` production steps on this rank's share of the batch, and each step's gradients."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(head=head))
     optimizer = build_optimizer(model, TrainConfig(), ModelConfig(head=head))
@@ -45,8 +45,11 @@ def run_steps(head: str, rank: int = 0, world: int = 1) -> tuple[list[float], di
     if world > 1:  # each rank trims its captions to its own longest (7 and 6 tokens), as training's collate does
         local_tokens = torch.from_numpy(trim_padding(local_tokens.numpy()))
     batch = {"tokens": local_tokens, "frames": frames[local], "frame_mask": mask[local]}
-    losses = [train_step(wrapped, optimizer, scheduler, batch, grad_clip=1.0)[0].item() for _ in range(STEPS)]
-    return losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    losses, gradients = [], []
+    for _ in range(STEPS):
+        losses.append(train_step(wrapped, optimizer, scheduler, batch, grad_clip=1.0)[0].item())
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+    return losses, gradients
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -79,15 +82,20 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
     split = torch.load(out)
 
     for head in HEADS:
-        losses, gradients = run_steps(head)
-        split_losses, split_gradients = split["results"][head]
-        assert split_losses == pytest.approx(losses, rel=1e-6), head
-        assert split_gradients.keys() == gradients.keys()
-        # Summation order differs across ranks, and its error scales with the terms a gradient sums, not with
-        # the gradient: one that nearly cancels (HCMI's merge weights over near-identical random frames, ~1e-6)
-        # gets a floor scaled by the whole model's gradient.
-        floor = 1e-7 * torch.stack([g.norm() for g in gradients.values()]).norm()
-        for name, expected in gradients.items():
-            difference = (split_gradients[name] - expected).norm()
-            assert difference <= 1e-5 * expected.norm() + floor, f"{head}: {name}"
+        losses, steps = run_steps(head)
+        split_losses, split_steps = split["results"][head]
+        # The first step to 1e-6 (loss) and 1e-5 (gradients); the second comes after an AdamW step, which
+        # divides every gradient by its own running scale, so summation-order noise on a near-zero gradient
+        # moves its weight by a full step: ten times looser there.
+        for step, tolerance in enumerate((1e-5, 1e-4)):
+            assert split_losses[step] == pytest.approx(losses[step], rel=tolerance / 10), f"{head} step {step}"
+            gradients, split_gradients = steps[step], split_steps[step]
+            assert split_gradients.keys() == gradients.keys()
+            # Summation order differs across ranks, and its error scales with the terms a gradient sums, not
+            # with the gradient: one that nearly cancels (HCMI's merge weights over near-identical random frames,
+            # ~1e-6) gets a floor scaled by the whole model's gradient.
+            floor = 1e-7 * torch.stack([g.norm() for g in gradients.values()]).norm()
+            for name, expected in gradients.items():
+                difference = (split_gradients[name] - expected).norm()
+                assert difference <= tolerance * expected.norm() + floor, f"{head} step {step}: {name}"
     assert "same local batch size" in split["uneven"] and "[1, 2]" in split["uneven"]
