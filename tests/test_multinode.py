@@ -219,7 +219,7 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
     cluster.submit(
         "train", "python", "pipelines/train.py",
         f"data.manifest={manifest}", f"data.shards={cluster.workdir / 'shards'}",
-        "train.epochs=3", "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
+        "train.epochs=2", "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
         "data.decode_concurrency=4",  # 4 one-CPU tasks at once: more than a node holds
         "train.placement_strategy=STRICT_SPREAD", "train.max_failures=2", "train.checkpoint_every_steps=2",
         f"train.storage_path={storage}", "run.name=multinode",
@@ -264,7 +264,7 @@ def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
     resumed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")]
     assert len(resumed) == 1 and resumed[0][0] >= killed_after_step > 0
     loss_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 9  # no step logged twice, none missing at the end
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 6  # no step logged twice, none missing at the end
     assert client.get_model_version("hvd", version).tags["source_run"] == run.info.run_id
     assert list((cluster.workdir / "mlflow" / "artifacts").rglob("config.yaml"))  # artifacts went through the server
 
