@@ -144,7 +144,9 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
     uri = tracking_uri(cfg)
     with closing_run(uri, tracked.run_id):  # not FINISHED: the same command resumes it
         fit_started_ms = int(time.time() * 1000)
-        model, step, val = _fit(cfg, data, tracked, val_split, caption_passes(cfg, data.shards))
+        passes = caption_passes(cfg, data.shards)
+        steps = passes * steps_per_epoch(cfg, splits["train"])  # the summary read above, not read again
+        model, step, val = _fit(cfg, data, tracked, val_split, passes, steps)
         test = _test(cfg, model, data, splits)
         registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()},
                                     scored_on(data.benchmark, data.fingerprint, val_split))
@@ -169,7 +171,7 @@ def _open_run(cfg: Config, data: TrainingData, splits: dict[str, int], val_split
 
 
 def _fit(
-    cfg: Config, data: TrainingData, tracked: TrackedRun, val_split: str, passes: int
+    cfg: Config, data: TrainingData, tracked: TrackedRun, val_split: str, passes: int, steps: int
 ) -> tuple[RetrievalModel, int, dict[str, float]]:
     """Ray Train's fit, resumed from the run's last checkpoint if it has one; the best checkpoint by validation
     R@1 as a model, its step and its validation metrics."""
@@ -185,7 +187,7 @@ def _fit(
             tracking_uri=tracking_uri(cfg),
             shards=str(data.shards.resolve()),
             val_split=val_split,
-            steps_per_epoch=passes * steps_per_epoch(cfg, ShardSummary.read(data.shards).splits["train"]),
+            steps_per_epoch=steps,
             caption_passes=passes,
             fault_marker=f"{storage}/{ray_run_name}/.fault_injected",
         ).to_loop_config(),
