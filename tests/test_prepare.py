@@ -23,8 +23,17 @@ from conftest import marked_frames, read_frame_number, write_broken_videos, writ
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from hvd.config import Config, SyntheticConfig, load_config
+from hvd.data.decode import DecodedClip
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
-from hvd.data.prepare import QUARANTINE_FILE, SHARD_FORMAT, SHARD_SCHEMA, SUMMARY_FILE, PrepareError, prepare
+from hvd.data.prepare import (
+    QUARANTINE_FILE,
+    SHARD_FORMAT,
+    SHARD_SCHEMA,
+    SUMMARY_FILE,
+    PrepareError,
+    ground_truth,
+    prepare,
+)
 from hvd.data.shards import ShardError, ShardSummary, frame_mask, frames_uint8, read_shards
 from hvd.data.synthetic import generate
 from hvd.eval.actors import VideoEncoder
@@ -108,6 +117,27 @@ def test_shards_hold_exactly_the_frames_decord_gives(tiny, raw_shards):
             assert row["duration_s"] == pytest.approx(2.0, abs=1e-6)
             seen.append(row["video_id"])
     assert sorted(seen) == sorted(manifest)
+
+
+def test_shard_rows_carry_the_ground_truth_of_each_sampled_frame(tiny, raw_shards):
+    """Which sampled frames show the event and the target's box in each, from the manifest's `event`; null for
+    a manifest that records none (the messy one's rows: checked in `test_broken_files_...`)."""
+    manifest = {e.video_id: e for e in read_manifest(tiny)}
+    for split in SPLITS:
+        for row in read_shards(raw_shards, split).to_pylist():
+            event = manifest[row["video_id"]].extra["event"]
+            start, end = event["start_frame"], event["end_frame"]
+            assert row["event_frames"] == [start <= i < end for i in row["frame_indices"]]
+            assert row["target_boxes"] == [
+                pytest.approx(event["boxes"][i - start]) if start <= i < end else [] for i in row["frame_indices"]
+            ]
+
+
+def test_ground_truth_by_time_when_the_event_names_no_frames():
+    clip = DecodedClip([b""] * 3, 3, [0, 5, 10], [0.0, 0.5, 1.0], 11, 10.0, 1.1, False)
+    assert ground_truth({"start_s": 0.5, "end_s": 1.0}, clip) == {"event_frames": [False, True, False],
+                                                                  "target_boxes": None}
+    assert ground_truth(None, clip) == {"event_frames": None, "target_boxes": None}
 
 
 def test_summary_and_metadata_record_counts_and_settings(tiny, raw_shards):
@@ -264,6 +294,7 @@ def test_broken_files_are_quarantined_and_the_rest_written(messy, tmp_path):
         assert row["path"] == str(resolve_video_path(entries[row["video_id"]], messy)) and row["path"] in row["error"]
     rows = {row["video_id"]: row for row in read_shards(tmp_path / "out", "train").to_pylist()}
     assert set(rows) == {"good_a", "short", "rotated"}
+    assert all(row["event_frames"] is row["target_boxes"] is None for row in rows.values())  # no ground truth recorded
     assert rows["short"]["valid_frames"] < 12 == rows["good_a"]["valid_frames"]
     short = frames_uint8(rows["short"])
     valid = rows["short"]["valid_frames"]

@@ -122,6 +122,24 @@ def test_same_seed_same_bytes_and_frames_across_worker_counts(tmp_path, tiny):
     assert other.read_bytes() != tiny.read_bytes()
 
 
+def test_ground_truth_names_the_event_frames_and_boxes_the_target(tiny):
+    """The manifest's `event`: the frames where the target is on screen, and a box around its pixels in each."""
+    size = resolve(SyntheticConfig(preset="tiny")).frame_size
+    for entry in read_manifest(tiny):
+        event = entry.extra["event"]
+        frames = _decode(resolve_video_path(entry, tiny))
+        colour = np.array(COLOURS[entry.extra["attributes"]["colour"]], np.float32)
+        near = np.linalg.norm(frames.astype(np.float32) - colour, axis=-1) < 60  # [T, H, W]
+        shown = np.flatnonzero(near.sum(axis=(1, 2)) > 4)
+        assert shown.tolist() == list(range(event["start_frame"], event["end_frame"]))
+        assert len(event["boxes"]) == event["end_frame"] - event["start_frame"]
+        for frame, (x0, y0, x1, y1) in zip(shown, event["boxes"], strict=True):
+            ys, xs = np.nonzero(near[frame])
+            inside = (xs >= x0 * size - 1) & (xs < x1 * size + 1) & (ys >= y0 * size - 1) & (ys < y1 * size + 1)
+            assert inside.mean() > 0.95, (entry.video_id, frame)
+            assert (x1 - x0) * (y1 - y0) < 0.5  # a box around the object, not the frame
+
+
 def test_second_call_reuses_a_complete_benchmark(tiny):
     before = tiny.stat().st_mtime_ns
     assert generate(SyntheticConfig(preset="tiny", out=str(tiny.parent), workers=1), progress=False) == tiny

@@ -56,7 +56,7 @@ from hvd.runtime.paths import require_shared_paths
 
 logger = logging.getLogger(__name__)
 
-SHARD_FORMAT = 3  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
+SHARD_FORMAT = 4  # bump when SHARD_SCHEMA changes, so old shards are never read as new ones
 QUARANTINE_FILE = "quarantine.parquet"
 METADATA_KEY = b"hvd"
 PARTS = "_parts"  # while staging: each part's quarantine rows and its done marker
@@ -81,6 +81,9 @@ SHARD_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),  # what the decodable frames cover
         ("truncated", pa.bool_()),  # kept with data.keep_truncated although it covers less than declared
         ("source_path", pa.string()),
+        # The manifest's ground truth (`event`, as the synthetic benchmark records it) per valid frame; null without:
+        ("event_frames", pa.list_(pa.bool_())),  # the frame shows the event
+        ("target_boxes", pa.list_(pa.list_(pa.float32()))),  # the target's (x0, y0, x1, y1) in shares of the side; [] when absent
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -187,7 +190,28 @@ def _row(entry: ManifestEntry, path: Path, clip: DecodedClip | DecodeFailure, sp
     }
     if isinstance(clip, DecodeFailure):
         return {**row, "frames": [], "num_frames": 0, "valid_frames": 0, "reason": clip.reason, "error": clip.error}
-    return {**row, **asdict(clip), "num_frames": len(clip.frames), "reason": None, "error": None}
+    return {**row, **asdict(clip), **ground_truth(entry.extra.get("event"), clip), "num_frames": len(clip.frames),
+            "reason": None, "error": None}
+
+
+def ground_truth(event: dict[str, Any] | None, clip: DecodedClip) -> dict[str, Any]:
+    """Per valid frame, whether it shows the manifest's `event` and the target's box there.
+
+    By source frame index when the event names its frames (`start_frame`, `end_frame`, a box per event frame),
+    else by presentation time (`start_s`, `end_s`, no boxes). Boxes are shares of the side, so they hold
+    through the resize of a square source (the synthetic benchmark's); a centre crop would move them.
+    """
+    if not isinstance(event, dict):
+        return {"event_frames": None, "target_boxes": None}
+    if "start_frame" in event:
+        start, boxes = int(event["start_frame"]), event.get("boxes")
+        inside = [start <= index < int(event["end_frame"]) for index in clip.frame_indices]
+        if boxes is None:
+            return {"event_frames": inside, "target_boxes": None}
+        shown = zip(clip.frame_indices, inside, strict=True)
+        return {"event_frames": inside, "target_boxes": [boxes[index - start] if on else [] for index, on in shown]}
+    start_s, end_s = float(event["start_s"]), float(event["end_s"])
+    return {"event_frames": [start_s - 1e-6 <= t < end_s - 1e-6 for t in clip.timestamps_s], "target_boxes": None}
 
 
 def _shard_rows(batch: pa.Table, split: str) -> pa.Table:

@@ -9,6 +9,10 @@ text-guided frame selection and patch compression claim to help. `synthetic.temp
 target move during the event instead and names the motion ("... slides left"), for temporal heads: left
 vs right cannot be told from frames taken as a set.
 
+The manifest records the ground truth no caption says (`event`: the event's frames and the target's box in
+each), which prepare carries into the shards per sampled frame and evaluation scores the heads' frame
+selection and patch clustering against (`hvd.eval.mechanism`).
+
 `oracle.json` beside the manifest holds each split's ceiling: the expected t2v R@1 of an ideal model that
 sees every named attribute and nothing else (ties between videos whose captions name the same
 attributes broken at random).
@@ -23,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import av
 import numpy as np
@@ -87,6 +91,9 @@ PRESETS: dict[str, dict[str, float]] = {
              "keyframe_s": 2.0},
 }
 ORACLE_FILE = "oracle.json"
+# Bumped when the same settings give other files or manifest fields: a benchmark made before is made again.
+# 2: the manifest's `event` records the event's frames and the target's box in each.
+GENERATOR_VERSION = 2
 T = TypeVar("T")
 R = TypeVar("R")
 BACKGROUND_RANGE = (50, 150)  # grey levels: far from every object colour, so objects stay measurable
@@ -340,8 +347,33 @@ def draw_frame(
     return frame.astype(np.uint8)
 
 
-def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, tuple[int, int]]:
-    """Frames `[T, H, W, 3]` uint8 and the event window; a pure function of (spec, settings)."""
+def target_box(spec: ClipSpec, settings: Settings, target: np.ndarray) -> list[float]:
+    """The target's bounding box (x0, y0, x1, y1) as shares of the frame's side, pixel edges included: where
+    the mechanism metrics look for its patches."""
+    size = settings.frame_size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    rows, cols = np.nonzero(shape_mask(spec.shape, yy, xx, *target))
+    if rows.size == 0:  # smaller than a pixel: the pixel under its centre
+        rows, cols = np.clip([round(float(target[0]))], 0, size - 1), np.clip([round(float(target[1]))], 0, size - 1)
+    return [round(float(v) / size, 4) for v in (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)]
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What a clip shows that no caption says: the event's frames [start, end) and the target's box in each."""
+
+    start: int
+    end: int
+    boxes: list[list[float]]  # (x0, y0, x1, y1) shares of the side, one per event frame
+
+    def record(self, fps: int) -> dict[str, Any]:
+        """The manifest's `event` field."""
+        return {"start_s": self.start / fps, "end_s": self.end / fps, "start_frame": self.start,
+                "end_frame": self.end, "boxes": self.boxes}
+
+
+def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, GroundTruth]:
+    """Frames `[T, H, W, 3]` uint8 and where the event and target are; a pure function of (spec, settings)."""
     rng = np.random.default_rng([settings.seed, 1, spec.index])
     size, n = settings.frame_size, settings.num_frames
     texture = _background(size, rng)
@@ -353,7 +385,7 @@ def render_clip(spec: ClipSpec, settings: Settings) -> tuple[np.ndarray, tuple[i
     for t in range(n):
         target = track[t - start] if start <= t < end else None
         frames[t] = draw_frame(spec, settings, texture, np.array([size / 2, size / 2]) + drift * t, distractors, t, target)
-    return frames, (start, end)
+    return frames, GroundTruth(start, end, [target_box(spec, settings, target) for target in track])
 
 
 def render_still(spec: ClipSpec, settings: Settings, seed: int) -> np.ndarray:
@@ -398,7 +430,7 @@ def in_processes(fn: Callable[[T], R], jobs: list[T], workers: int, chunksize: i
 
 def _make_clip(job: tuple[ClipSpec, Settings, str]) -> ManifestEntry:
     spec, settings, out = job
-    frames, (start, end) = render_clip(spec, settings)
+    frames, truth = render_clip(spec, settings)
     relative = f"videos/{spec.video_id}.mp4"
     write_mp4(frames, Path(out) / relative, settings.fps, settings.keyframe_s)
     count = settings.train_captions if spec.split == "train" else 1
@@ -408,7 +440,7 @@ def _make_clip(job: tuple[ClipSpec, Settings, str]) -> ManifestEntry:
         path=relative,
         captions=captions_for(spec, count, caption_rng),
         split=spec.split,
-        extra={"attributes": spec.attributes(), "event": {"start_s": start / settings.fps, "end_s": end / settings.fps}},
+        extra={"attributes": spec.attributes(), "event": truth.record(settings.fps)},
     )
 
 
@@ -433,12 +465,13 @@ def _generate(cfg: SyntheticConfig, out: Path, progress: bool, force: bool) -> P
     settings = resolve(cfg)
     manifest, stamp = out / "manifest.jsonl", out / "synthetic.json"
     oracle = out / ORACLE_FILE
-    if not force and manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == asdict(settings):
+    identity = asdict(settings) | {"generator": GENERATOR_VERSION}
+    if not force and manifest.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity:
         if oracle.is_file():
             return manifest
     manifest.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    stamp.write_text(json.dumps(identity, indent=2) + "\n")
     specs = plan_clips(settings)
     (out / ORACLE_FILE).write_text(json.dumps({"t2v_R1_ceiling": oracle_ceiling(specs, settings)}, indent=2) + "\n")
     jobs = [(spec, settings, str(out)) for spec in specs]
