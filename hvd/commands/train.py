@@ -12,6 +12,7 @@ import time
 
 from hvd.cli import fail, parse_args
 from hvd.errors import HvdError
+from hvd.eval.mechanism import mechanism_line
 from hvd.registry.runs import ui_command
 from hvd.train.fit import fit
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     for direction in ("t2v", "v2t"):
         row = [outcome.test.get(f"{direction}/{k}", float("nan")) for k in ("R1", "R5", "R10", "MdR")]
         print(f"{direction:<15} " + " ".join(f"{v:6.1f}" for v in row))
+    if mechanism := mechanism_line(outcome.test):
+        print(f"looked at       {mechanism}")
     restarts = ", ".join(f"step {r.step} at {time.strftime('%H:%M:%S', time.localtime(r.time_s))}" for r in outcome.restarts)
     print(f"resumed         {len(outcome.restarts)} time(s) from a checkpoint{': ' + restarts if restarts else ''}")
     print(f"MLflow UI       {ui_command(outcome.tracking_uri)}")

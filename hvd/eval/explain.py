@@ -33,6 +33,8 @@ class PairExplanation:
     entities: np.ndarray | None  # [T, grid, grid] the PFCM entity each patch was merged into (-1: padding); None
     legend: str  # what the picture shows, from the head
     groups: np.ndarray | None = None  # [T] the clip each frame was clustered into (HCMI; -1: padding)
+    # [T] the share of the head's frame pooling each frame gets: uniform over `kept` for heads that select
+    frame_weights: np.ndarray | None = None
 
 
 def can_explain(model: RetrievalModel) -> bool:
@@ -60,27 +62,31 @@ def explain_pairs(
 ) -> list[PairExplanation]:
     """`pairs`: (caption, video_id, rank) triples; the model must have an explaining head (`can_explain`)."""
     rows = video_rows(shards, split, sorted({video_id for _, video_id, _ in pairs}))
-    explained = []
-    for caption, video_id, rank in pairs:
-        row = rows[video_id]
-        sentence = model.encode_text(tokenizer([caption])).sentence[0]
-        images = model.normalize_frames(torch.from_numpy(frames_uint8(row))[None])[0]
-        pooled, patches, _ = model.backbone.encode_images(images, with_patches=True)
-        mask = torch.from_numpy(frame_mask([row])[0]).to(model.device)
-        parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float(), mask)
-        grid = int(np.sqrt(patches.shape[1]))
-        explained.append(
-            PairExplanation(
-                caption=caption,
-                video_id=video_id,
-                rank=rank,
-                frames=frames_uint8(row),
-                valid=mask.cpu().numpy(),
-                frame_scores=parts["frame_scores"].cpu().numpy(),
-                kept=parts["kept"].cpu().numpy(),
-                entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy() if "entities" in parts else None,
-                legend=model.head.explain_legend,
-                groups=parts["groups"].cpu().numpy() if "groups" in parts else None,
-            )
-        )
-    return explained
+    return [explain_row(model, tokenizer, caption, rows[video_id], rank) for caption, video_id, rank in pairs]
+
+
+@torch.no_grad()
+def explain_row(model: RetrievalModel, tokenizer: Tokenizer, caption: str, row: dict, rank: int = 0) -> PairExplanation:
+    """What the head's score of `caption` against one shard row's video looked at."""
+    frames = frames_uint8(row)
+    sentence = model.encode_text(tokenizer([caption])).sentence[0]
+    images = model.normalize_frames(torch.from_numpy(frames)[None])[0]
+    pooled, patches, _ = model.backbone.encode_images(images, with_patches=True)
+    mask = torch.from_numpy(frame_mask([row])[0]).to(model.device)
+    parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float(), mask)
+    grid = int(np.sqrt(patches.shape[1]))
+    kept = parts["kept"].cpu().numpy()
+    weights = parts["frame_weights"].cpu().numpy() if "frame_weights" in parts else kept / max(kept.sum(), 1)
+    return PairExplanation(
+        caption=caption,
+        video_id=row["video_id"],
+        rank=rank,
+        frames=frames,
+        valid=mask.cpu().numpy(),
+        frame_scores=parts["frame_scores"].cpu().numpy(),
+        kept=kept,
+        entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy() if "entities" in parts else None,
+        legend=model.head.explain_legend,
+        groups=parts["groups"].cpu().numpy() if "groups" in parts else None,
+        frame_weights=weights,
+    )

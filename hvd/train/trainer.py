@@ -28,6 +28,7 @@ from hvd.data.shards import ShardSummary, read_shards
 from hvd.data.synthetic import generate, read_ceiling
 from hvd.errors import HvdError
 from hvd.eval.encode import evaluate_split
+from hvd.eval.mechanism import mechanism_metrics
 from hvd.model import RetrievalModel, build_model, build_tokenizer
 from hvd.registry.models import RegisteredModel, register_model, scored_on
 from hvd.registry.runs import (
@@ -229,11 +230,13 @@ def _fit(
 
 
 def _test(cfg: Config, model: RetrievalModel, data: TrainingData, splits: dict[str, int]) -> dict[str, float]:
-    """The chosen model's metrics on the test split (none without one)."""
+    """The chosen model's metrics on the test split (none without one), with the mechanism metrics where the
+    benchmark records its ground truth."""
     if not splits.get("test"):
         return {}
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
-    return evaluate_split(model, read_shards(data.shards, "test"), tokenizer, cfg.eval.batch_size)
+    table = read_shards(data.shards, "test")
+    return evaluate_split(model, table, tokenizer, cfg.eval.batch_size) | mechanism_metrics(model, tokenizer, table)
 
 
 def _summary(

@@ -160,7 +160,7 @@ class EERCFHead(Head):
     def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
         """One pair's TIB gate over the frames (`frame_scores`, [T]); frames gated above uniform are `kept`."""
         gate = masked_softmax(frames @ sentence / STRONG_TEMPERATURE, frame_mask)
-        return {"frame_scores": gate, "kept": gate > 1 / frame_mask.sum()}
+        return {"frame_scores": gate, "kept": gate > 1 / frame_mask.sum(), "frame_weights": gate}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         frames, dim = video.frames.shape[1:]

@@ -156,8 +156,9 @@ class HVDHead(Head):
 
         sentence [D] and frames [T, D]: unit features; patches [T, P, D]: the backbone's patch tokens
         before PFCM; frame_mask [T]. Returns FFSM's caption-frame cosines `frame_scores` [T] and `kept`
-        frames [T], and `entities` [T, P], the PFCM output token each patch was merged into (numbered per
-        frame with frame scope, per video with video scope; -1 on padding frames).
+        frames [T], and `entities` [T, P], the PFCM output token each patch was merged into (numbered per clip
+        whatever the scope, so one number is one entity; -1 on padding frames, and with pair scope on the frames
+        FFSM dropped).
         """
         kept = select_frames(sentence[None], frames[None], self.frame_keep, frame_mask[None])[0, 0]
         if self.scope == "pair":  # the kept frames' patches compressed together; the other frames' are not
@@ -165,9 +166,12 @@ class HVDHead(Head):
             entities = torch.full(patches.shape[:2], -1, dtype=assignment.dtype, device=patches.device)
             entities[kept] = assignment.view(-1, patches.shape[1])
             return {"frame_scores": frames @ sentence, "kept": kept, "entities": entities}
-        _, assignment = self._compress(patches[None], frame_mask[None])
-        entities = assignment.view(patches.shape[:2]).masked_fill(~frame_mask[:, None], -1)
-        return {"frame_scores": frames @ sentence, "kept": kept, "entities": entities}
+        tokens, assignment = self._compress(patches[None], frame_mask[None])
+        entities = assignment.view(patches.shape[:2])
+        if self.scope == "frame":  # numbered per clip, as compress_patches' slots: entity e of frame t is t * E + e
+            time = patches.shape[0]
+            entities = entities + torch.arange(time, device=entities.device)[:, None] * (tokens.shape[1] // time)
+        return {"frame_scores": frames @ sentence, "kept": kept, "entities": entities.masked_fill(~frame_mask[:, None], -1)}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         words, (entities, dim), frames = text.words.shape[1], video.patches.shape[1:], video.frames.shape[1]

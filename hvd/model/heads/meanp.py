@@ -10,6 +10,7 @@ from hvd.model.heads.base import FLOAT_BYTES, Head, mean_frame_embedding
 
 class MeanPoolHead(Head):
     scores_groups = True
+    explain_legend = "frames: caption-frame cosine; mean pooling weighs every frame alike"
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         return {"sentence_video": text.sentence @ mean_frame_embedding(video.frames, video.frame_mask).T}
@@ -23,6 +24,11 @@ class MeanPoolHead(Head):
         else:  # each video, its k captions
             pooled = pooled[:, None]
         return {"sentence_video": (sentence * pooled).sum(dim=-1)}
+
+    def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
+        """Every valid frame kept and weighed alike: the baseline the other heads' frame choices are read against."""
+        return {"frame_scores": frames @ sentence, "kept": frame_mask,
+                "frame_weights": frame_mask.float() / frame_mask.sum()}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         return FLOAT_BYTES

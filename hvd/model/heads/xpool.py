@@ -81,7 +81,7 @@ class XPoolHead(Head):
     def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
         """One pair's frame attention (`frame_scores`, [T]); the frames it weighs above uniform are `kept`."""
         weights = self.attention(sentence[None], frames[None], frame_mask[None])[0, 0]
-        return {"frame_scores": weights, "kept": weights > 1 / frame_mask.sum()}
+        return {"frame_scores": weights, "kept": weights > 1 / frame_mask.sum(), "frame_weights": weights}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         frames, dim = video.frames.shape[1:]
