@@ -396,6 +396,12 @@ class EvalConfig:
         "queries drawn with what the head weighed each frame by (hvd: FFSM, PFCM clusters)",
         rule=_between(0, 100),
     )
+    mechanism_videos: int = key(
+        1000,
+        "videos of the split whose recorded ground truth (event frames, target boxes) the head's frame choice and "
+        "entities are scored against; 0: none",
+        rule=_between(0, 10_000_000),
+    )
 
 
 @dataclass

@@ -317,9 +317,14 @@ def test_registered_model_by_alias_end_to_end(registered, capsys):
     for key in ("t2v/R1", "t2v/R5", "t2v/MdR", "t2v/MnR", "v2t/R1", "v2t/MnR"):
         assert metrics[key] == metrics[f"exhaustive/{key}"], key
     assert "t2v/dsl_R1" not in metrics  # DSL only where every pair was scored
+    # the benchmark records its ground truth: the head's frame choice and entities scored against it, every video
+    assert metrics["mechanism/pairs"] == 8 and 0 < metrics["mechanism/event_share"] < 1
+    assert {"frame_precision", "event_mass", "entity_purity", "entity_split"} <= {
+        key.removeprefix("mechanism/") for key in metrics}
+    assert "looked at  event frames: " in out and "target entity: purity" in out
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"report.json", "recall_at_k.png", "similarity_slice.png"} <= artifacts
+    assert {"report.json", "recall_at_k.png", "similarity_slice.png", "mechanism.png"} <= artifacts
     frame_pictures = sorted(a for a in artifacts if a.startswith("frames_query"))
     assert len(frame_pictures) == 3
     out_dir = Path(registered["cfg"].eval.out) / "bench" / "hvd-v1-two_stage"

@@ -23,6 +23,7 @@ from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
+from hvd.eval.mechanism import ground_truth_rows, mechanism_line, mechanism_metrics
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.report import (
@@ -306,6 +307,11 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
 
     out = Path(cfg.eval.out) / benchmark / f"{source.label}-{cfg.eval.mode}"
     artifacts = draw(model, cfg, shards, encoded, results, out)
+    if (truth := ground_truth_rows(shards, cfg.eval.split, cfg.eval.mechanism_videos)) is not None:
+        mechanism = mechanism_metrics(model, build_tokenizer(cfg.model, cfg.data.max_words), truth)
+        metrics |= mechanism
+        if mechanism:
+            artifacts.append(plots.mechanism_bars(mechanism, f"{source.label} on {benchmark}", out / "mechanism.png"))
     report: dict[str, Any] = {
         "benchmark": benchmark,
         "split": cfg.eval.split,
@@ -351,6 +357,7 @@ def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
         f"timings    {timings}",
         "",
         metric_table(m, ("", "exhaustive/") if cfg.eval.compare else ("",)),
+        *([f"looked at  {line}"] if (line := mechanism_line(m)) else []),
         "",
         f"MLflow     run {outcome.run_id} in experiment {experiment_name(outcome.benchmark)}"
         f" at {outcome.tracking_uri} (metrics as {cfg.eval.split}/t2v/R1 ...)",

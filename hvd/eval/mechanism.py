@@ -23,10 +23,12 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from hvd.eval.encode import Tokenizer
 from hvd.eval.explain import PairExplanation, can_explain, explain_row
@@ -103,6 +105,16 @@ def mean_metrics(per_pair: Iterable[dict[str, float]]) -> dict[str, float]:
     keys = sorted({key for found in per_pair for key in found})
     means = {f"{PREFIX}{key}": statistics.fmean(f[key] for f in per_pair if key in f) for key in keys}
     return means | ({f"{PREFIX}pairs": float(len(per_pair))} if per_pair else {})
+
+
+def ground_truth_rows(shards: str | Path, split: str, limit: int) -> pa.Table | None:
+    """Up to `limit` rows of a split that record ground truth, frames included; None when its shards have none
+    (a benchmark without it, or shards of an older format), so a large split is never read whole for nothing."""
+    dataset = ds.dataset(Path(shards) / split, format="parquet")
+    if "event_frames" not in dataset.schema.names or limit < 1:
+        return None
+    table = dataset.scanner(filter=pc.is_valid(pc.field("event_frames"))).head(limit)
+    return table if len(table) else None
 
 
 def mechanism_metrics(model: RetrievalModel, tokenizer: Tokenizer, table: pa.Table) -> dict[str, float]:

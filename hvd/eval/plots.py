@@ -149,6 +149,32 @@ def frame_selection(pair: PairExplanation, path: Path) -> Path:
     return _save(frame_selection_figure(pair), path)
 
 
+MECHANISM_BARS = (("frame_recall", "event-frame\nrecall"), ("frame_precision", "event-frame\nprecision"),
+                  ("event_mass", "frame mass\non the event"), ("event_share", "chance\n(event share)"),
+                  ("entity_purity", "target entity\npurity"))
+
+
+def mechanism_figure(metrics: dict[str, float], title: str) -> plt.Figure:
+    """The mechanism metrics as bars on [0, 1], chance in grey; the target's split into entities in the label."""
+    found = {key.rsplit("mechanism/", 1)[1]: value for key, value in metrics.items() if "mechanism/" in key}
+    shown = [(label, found[key], "#999999" if key == "event_share" else KEPT_COLOUR)
+             for key, label in MECHANISM_BARS if key in found]
+    figure, axis = plt.subplots(figsize=(1.4 * len(shown) + 2, 3.6))
+    bars = axis.bar([label for label, _, _ in shown], [value for _, value, _ in shown],
+                    color=[colour for _, _, colour in shown])
+    axis.bar_label(bars, fmt="%.2f")
+    axis.set_ylim(0, 1.1)
+    split = f"; the target's patches fall into {found['entity_split']:.2f} entities a frame" if "entity_split" in found else ""
+    axis.set_title(textwrap.fill(f"{title}: where the head looked, over {int(found.get('pairs', 0))} caption-video "
+                                 f"pairs{split}", 70), fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def mechanism_bars(metrics: dict[str, float], title: str, path: Path) -> Path:
+    return _save(mechanism_figure(metrics, title), path)
+
+
 def contact_sheet_figure(query: str, pairs: list[PairExplanation], scores: list[float]) -> plt.Figure:
     """One row per search result (best first), its frames left to right: the frames the head kept for the
     query framed green, the others dimmed."""

@@ -12,6 +12,7 @@ from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 
 from hvd.config import Config, flatten
+from hvd.eval.mechanism import PREFIX as MECHANISM
 from hvd.registry.runs import experiment_id, log_metrics, log_params
 
 COLUMNS = ("R1", "R5", "R10", "MdR", "MnR")
@@ -43,9 +44,10 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 
 
 def mlflow_metric_names(metrics: dict[str, float], split: str) -> dict[str, float]:
-    """Retrieval metrics under the split, as training logs its test metrics (`test/t2v/R1`), so a training
-    run and the evaluations of its model line up in MLflow's compare view; counts and timings as they are."""
-    return {(f"{split}/{key}" if ("t2v/" in key or "v2t/" in key) else key): value for key, value in metrics.items()}
+    """Retrieval and mechanism metrics under the split, as training logs its test metrics (`test/t2v/R1`), so a
+    training run and the evaluations of its model line up in MLflow's compare view; counts and timings as they are."""
+    prefixed = ("t2v/", "v2t/", MECHANISM)
+    return {(f"{split}/{key}" if any(p in key for p in prefixed) else key): value for key, value in metrics.items()}
 
 
 @dataclass(frozen=True)
