@@ -92,7 +92,7 @@ def _rows(count: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "hcmi"])
+@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"])
 def test_real_heads_report_their_mechanism_on_rendered_clips(head):
     table = _rows(6)
     cfg = ModelConfig(preset="tiny", head=head)
@@ -106,8 +106,8 @@ def test_real_heads_report_their_mechanism_on_rendered_clips(head):
         assert found["mechanism/frame_recall"] == 1.0
         assert found["mechanism/frame_precision"] == pytest.approx(share)
         assert found["mechanism/event_mass"] == pytest.approx(share)
-    assert ("mechanism/entity_purity" in found) == (head == "hvd")
-    if head == "hvd":
+    assert ("mechanism/entity_purity" in found) == (head in ("hvd", "hvp"))
+    if head in ("hvd", "hvp"):
         assert 0.0 < found["mechanism/entity_purity"] <= 1.0 and found["mechanism/entity_split"] >= 1.0
 
 

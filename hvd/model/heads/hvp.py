@@ -101,6 +101,8 @@ class BlockMatcher(nn.Module):
 class HVPHead(Head):
     uses_patches = True
     scores_groups = True
+    explain_legend = ("frames: the last block's frame weights (from the frames alone), those above uniform framed "
+                      "green; under each its patches coloured by the last block's PFCM entity")
 
     def __init__(self, dim: int, cfg: HVPHeadConfig, depth: int):
         super().__init__()
@@ -149,6 +151,17 @@ class HVPHead(Head):
             for name, similarity in score(self.matcher, frames, video.frame_mask, entities, patch_frames).items():
                 parts[f"block{layer}_{name}"] = similarity
         return parts
+
+    @torch.no_grad()
+    def explain(self, sentence: Tensor, frames: Tensor, patches: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
+        """The last block's part of one pair's score: its frame weights (`frame_scores`, [T]; HVP-Net weighs
+        frames by the frames alone, so they are the caption's too), frames weighted above uniform (`kept`), and
+        the entity of every patch (`entities` [T, P], numbered per video; -1 on padding frames)."""
+        weights = masked_softmax(self.matcher.frame_weight(frames), frame_mask)
+        _, assignment, _ = video_entities(self.matcher.pfcm, patches[None], frame_mask[None])
+        entities = assignment.view(patches.shape[:2]).masked_fill(~frame_mask[:, None], -1)
+        return {"frame_scores": weights, "kept": weights > 1 / frame_mask.sum(), "frame_weights": weights,
+                "entities": entities}
 
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         words, entities, frames = text.words.shape[1], video.patches.shape[1], video.frames.shape[1]
