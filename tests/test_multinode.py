@@ -291,9 +291,9 @@ def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
 
     # The command as the README gives it; only sizes are made smaller (the warm start's stills, the benchmark's
     # clips, the epochs), never a path, as the full demo costs minutes the rest of the suite needs.
-    cluster.submit("headline", "python", "pipelines/train.py", "pretrain.train_stills=256", "pretrain.val_stills=32",
-                   "pretrain.epochs=1", "synthetic.num_train=48", "synthetic.num_val=16", "synthetic.num_test=16",
-                   "train.epochs=1")
+    cluster.submit("headline", "python", "pipelines/train.py", "pretrain.train_stills=128", "pretrain.val_stills=16",
+                   "pretrain.epochs=1", "pretrain.batch_size=64", "synthetic.num_train=32", "synthetic.num_val=8",
+                   "synthetic.num_test=8", "train.epochs=1")
     status, logs = cluster.wait_job("headline", timeout=1700)
     assert status == "SUCCEEDED", logs[-5000:]
     # the job trained the warm start on the cluster first, and says so in a quiet log (the driver's summary,
