@@ -315,6 +315,11 @@ class PretrainConfig:
         "AdamW learning rate (1e-3 and 2e-3 learn the stills more slowly in three epochs: docs/benchmarks.md)",
         rule=_POSITIVE,
     )
+    seed: int = key(
+        0,
+        "seed of the warm start's initialisation and batch order; the stills themselves are synthetic.seed's",
+        rule=_between(0, 2**32 - 1),
+    )
     out: str = key("data/pretrained", "where warm starts are cached, by fingerprint", path=True)
 
 

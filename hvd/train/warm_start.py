@@ -44,7 +44,8 @@ def stills_plan(cfg: Config) -> tuple[Settings, dict[str, int]]:
 
 
 def warm_start_fingerprint(cfg: Config) -> str:
-    """Everything that decides the warm start's weights (its torch seed is `synthetic.seed`, in the stills')."""
+    """Everything that decides the warm start's weights: the stills (`synthetic.seed` draws them) and the
+    recipe (`pretrain.seed` seeds the initialisation and batch order)."""
     settings, counts = stills_plan(cfg)
     recipe = {k: v for k, v in dataclasses.asdict(cfg.pretrain).items() if k != "out"}
     return digest({
@@ -64,9 +65,9 @@ def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
     `pretrain.*`, its own run name, experiment and registered model."""
     return dataclasses.replace(
         cfg,
-        # One warm start per synthetic world, whatever run.seed: seeds of a fine-tuning share it, as runs
-        # starting from CLIP share CLIP's weights.
-        run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}", seed=cfg.synthetic.seed),
+        # Seeded by pretrain.seed, whatever run.seed: seeds of a fine-tuning share one warm start, as runs
+        # starting from CLIP share CLIP's weights; the study gives each seed its own (hvd.train.study).
+        run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}", seed=cfg.pretrain.seed),
         data=dataclasses.replace(cfg.data, manifest=None, shards=str(stills), num_frames=1, expand_captions=False,
                                  augment="none"),
         model=dataclasses.replace(cfg.model, head="meanp", pretrained=None),
