@@ -1,16 +1,80 @@
-"""The mechanism study's smoke grid end to end: Ray Tune trials, each a child MLflow run of one parent."""
+"""The mechanism study: its grids, trial configs, resume check and summary, and the smoke grid end to end (Ray
+Tune trials, each a child MLflow run of one parent)."""
 
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hvd.config import Config
-from hvd.train.study import GRIDS, report, trial_config
+from hvd.config import HEADS, Config, check_section, flatten, load_config
+from hvd.registry.runs import RunConfigMismatch
+from hvd.train.study import (
+    GRIDS,
+    MECHANISM,
+    VARIANTS,
+    Grid,
+    missing_trials,
+    report,
+    summarise,
+    summary_table,
+    sweep,
+    trial_config,
+)
+from hvd.train.warm_start import warm_start_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trials_run_seed_by_seed_each_cell_with_every_head():
+    grid = Grid(((0.15, 0.15), (1.0, 0.3)), ("hvd", "meanp"), (0, 1))
+    order = [(t["seed"], t["event_fraction"], t["entity_scale"], t["head"]) for t in grid.trials]
+    assert order == [(0, 0.15, 0.15, "hvd"), (0, 0.15, 0.15, "meanp"), (0, 1.0, 0.3, "hvd"), (0, 1.0, 0.3, "meanp"),
+                     (1, 0.15, 0.15, "hvd"), (1, 0.15, 0.15, "meanp"), (1, 1.0, 0.3, "hvd"), (1, 1.0, 0.3, "meanp")]
+    assert sweep((0.15, 1.0), (0.15, 0.3)) == ((0.15, 0.15), (0.15, 0.3), (1.0, 0.15), (1.0, 0.3))
+    assert GRIDS["default"].cells == sweep((0.15, 0.3, 1.0), (0.15, 0.3)) and len(GRIDS["default"].trials) == 36
+    sizes = {name: len(GRIDS[name].trials) for name in ("family", "ablation", "scopes", "hcmi")}
+    assert sizes == {"family": 54, "ablation": 27, "scopes": 18, "hcmi": 12}
+
+
+def test_every_grid_head_is_a_head_or_a_variant_the_config_accepts():
+    knobs = {"event_fraction": 0.15, "entity_scale": 0.15, "seed": 0}
+    for name, grid in GRIDS.items():
+        for head in grid.head:
+            assert head in HEADS or head in VARIANTS, (name, head)
+            check_section("model", trial_config(Config(), name, knobs | {"head": head}).model)
+
+
+def test_hvd_variants_are_table_4s_retention_grid_and_the_pfcm_scopes():
+    retention = {name: v for name, v in VARIANTS.items() if "hvd.frame_keep" in v}
+    assert len(retention) == 9 and GRIDS["ablation"].head == tuple(retention)
+    assert VARIANTS["hvd-f0.25-p0.75"] == {"head": "hvd", "hvd.frame_keep": 0.25, "hvd.pfcm_ratio": 0.75}
+    assert {(v["hvd.frame_keep"], v["hvd.pfcm_ratio"]) for v in retention.values()} == {
+        (f, p) for f in (0.25, 0.5, 0.75) for p in (0.25, 0.5, 0.75)}
+    assert {VARIANTS[f"hvd-{scope}"]["hvd.pfcm_scope"] for scope in ("frame", "video", "pair")} == {"frame", "video", "pair"}
+
+
+def test_a_trial_sets_its_variants_keys_and_its_seed_for_training_and_warm_start():
+    knobs = {"event_fraction": 0.15, "entity_scale": 0.15, "seed": 2}
+    cfg = trial_config(Config(), "ablation", knobs | {"head": "hvd-f0.25-p0.75"})
+    assert (cfg.model.head, cfg.model.hvd.frame_keep, cfg.model.hvd.pfcm_ratio) == ("hvd", 0.25, 0.75)
+    assert cfg.model.hvd.pfcm_scope == Config().model.hvd.pfcm_scope  # only the variant's keys change
+    assert (cfg.run.seed, cfg.pretrain.seed, cfg.run.name) == (2, 2, "ablation-ef0.15-es0.15-hvd-f0.25-p0.75-s2")
+    assert trial_config(Config(), "scopes", knobs | {"head": "hvd-pair"}).model.hvd.pfcm_scope == "pair"
+    meanp = trial_config(Config(), "family", knobs | {"head": "meanp"})
+    assert meanp.model.head == "meanp" and meanp.model.hvd == Config().model.hvd
+
+
+def test_one_warm_start_per_seed_shared_by_every_cell_and_head():
+    base = load_config()
+    fingerprint = lambda ef, es, head, seed: warm_start_fingerprint(  # noqa: E731
+        trial_config(base, "family", {"event_fraction": ef, "entity_scale": es, "head": head, "seed": seed}))
+    assert fingerprint(0.15, 0.15, "hvd", 1) == fingerprint(1.0, 0.3, "hcmi", 1)
+    assert fingerprint(0.15, 0.15, "hvd", 0) != fingerprint(0.15, 0.15, "hvd", 1)
+    assert warm_start_fingerprint(base) == warm_start_fingerprint(load_config(None, ["run.seed=3"]))  # outside a study
+    assert warm_start_fingerprint(base) != warm_start_fingerprint(load_config(None, ["pretrain.seed=3"]))
 
 
 def test_head_variants_set_their_switches_and_plain_heads_only_the_head():
@@ -22,7 +86,101 @@ def test_head_variants_set_their_switches_and_plain_heads_only_the_head():
     assert (only.model.hcmi.label_denoising, only.model.hcmi.sample_enhancement) == (True, False)
     full = trial_config(Config(), "hcmi", knobs | {"head": "hcmi"})
     assert (full.model.head, full.model.hcmi.label_denoising, full.model.hcmi.sample_enhancement) == ("hcmi", True, True)
-    assert len(GRIDS["hcmi"].trials) == 12
+
+
+def _child(cfg: Config, knobs: dict, metrics: dict | None = None) -> SimpleNamespace:
+    """A finished child run as MLflow returns it: the trial's knobs as tags, its config as params."""
+    return SimpleNamespace(info=SimpleNamespace(run_id="child"),
+                           data=SimpleNamespace(tags={k: str(v) for k, v in knobs.items()},
+                                                params={k: str(v) for k, v in flatten(cfg).items()},
+                                                metrics=metrics or {}))
+
+
+class _Store:
+    """What the study asks of MLflow about a parent run and its finished children, and what it logs there."""
+
+    def __init__(self, study: str, children: list[SimpleNamespace]):
+        self.study, self.children = study, children
+        self.metrics: dict[str, float] = {}
+        self.texts: dict[str, str] = {}
+
+    def get_run(self, run_id: str) -> SimpleNamespace:
+        return SimpleNamespace(info=SimpleNamespace(run_name=f"study-{self.study}", experiment_id="1"))
+
+    def search_runs(self, experiments: list[str], filter_string: str, max_results: int) -> list[SimpleNamespace]:
+        return self.children
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.texts[path] = text
+
+    def log_artifact(self, run_id: str, path: str) -> None:
+        assert Path(path).stat().st_size > 0
+
+    def log_batch(self, run_id: str, metrics: list) -> None:
+        self.metrics |= {m.key: m.value for m in metrics}
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        pass
+
+
+def test_resume_accepts_a_later_seeds_trial_and_runs_the_rest_in_order():
+    base = load_config(None, ["model.pretrained=null"])  # no warm start to resolve: the check runs in no time
+    knobs = {"event_fraction": 0.3, "entity_scale": 0.3, "head": "hvd-video", "seed": 1}
+    trained = trial_config(base, "scopes", knobs)
+    left = missing_trials(_Store("scopes", [_child(trained, knobs)]), base, "scopes", "parent")
+    assert len(left) == 17 and knobs not in left and left == [t for t in GRIDS["scopes"].trials if t != knobs]
+    # a trial that trained from seed 0's warm start is not one of this study's seed-1 trials
+    other = _child(trial_config(base, "scopes", knobs | {"seed": 0}), knobs)
+    with pytest.raises(RunConfigMismatch, match="pretrain.seed: 0 -> 1"):
+        missing_trials(_Store("scopes", [other]), base, "scopes", "parent")
+
+
+def _row(ef: float, es: float, head: str, seed: int, r1: float, **mechanism: float) -> dict:
+    return {"event_fraction": ef, "entity_scale": es, "head": head, "seed": seed, "test_t2v_R1": r1} | mechanism
+
+
+def test_summary_without_mechanism_values_is_the_r1_table_alone():
+    rows = [_row(0.15, 0.15, "hvd", 0, 50.0), _row(0.15, 0.15, "hvd", 1, 54.0), _row(0.15, 0.15, "meanp", 0, 20.0)]
+    cells = summarise(rows)
+    assert [c.mechanism for c in cells] == [dict.fromkeys(MECHANISM)] * 2
+    assert summary_table(cells).splitlines() == [
+        "| event_fraction | entity_scale | hvd t2v R@1 | meanp t2v R@1 |", "|---|---|---|---|",
+        "| 0.15 | 0.15 | 52.0 +- 2.8 (n=2) | 20.0 +- 0.0 (n=1) |"]
+
+
+def test_summary_with_mechanism_values_adds_a_row_per_cell_and_head():
+    rows = [_row(0.15, 0.15, "hvd", 0, 50.0, frame_recall=0.8, frame_precision=0.5, event_mass=0.6, event_share=0.2,
+                 entity_purity=0.9, entity_split=1.5),
+            _row(0.15, 0.15, "hvd", 1, 54.0, frame_recall=0.6, frame_precision=0.3, event_mass=0.4, event_share=0.2,
+                 entity_purity=None, entity_split=None),  # a seed that did not log the entity metrics
+            _row(0.15, 0.15, "meanp", 0, 20.0),
+            _row(1.0, 0.3, "meanp", 0, 60.0, event_mass=1.0, event_share=1.0)]
+    cells = summarise(rows)
+    hvd = next(c for c in cells if c.head == "hvd")
+    assert hvd.mechanism["frame_recall"] == pytest.approx(0.7) and hvd.mechanism["entity_purity"] == 0.9
+    lines = summary_table(cells).splitlines()
+    assert lines[2] == "| 0.15 | 0.15 | 52.0 +- 2.8 (n=2) | 20.0 +- 0.0 (n=1) |"
+    assert lines[5] == ("| event_fraction | entity_scale | head | t2v R@1 | frame recall | frame precision | "
+                        "event mass | event share | entity purity | entity split |")
+    assert lines[7:] == ["| 0.15 | 0.15 | hvd | 52.0 +- 2.8 | 0.70 | 0.40 | 0.50 | 0.20 | 0.90 | 1.50 |",
+                         "| 0.15 | 0.15 | meanp | 20.0 +- 0.0 | - | - | - | - | - | - |",
+                         "| 1.0 | 0.3 | meanp | 60.0 +- 0.0 | - | - | 1.00 | 1.00 | - | - |"]
+
+
+def test_report_puts_the_mechanism_means_on_the_parent_run():
+    knobs = {"event_fraction": 0.15, "entity_scale": 0.15}
+    children = [_child(Config(), knobs | {"head": head, "seed": seed}, {"test/t2v/R1": r1} | metrics)
+                for head, seed, r1, metrics in (
+                    ("hvd", 0, 50.0, {"test/mechanism/frame_recall": 0.8, "test/mechanism/entity_split": 2.0}),
+                    ("hvd", 1, 54.0, {"test/mechanism/frame_recall": 0.6}), ("meanp", 0, 20.0, {}))]
+    store = _Store("family", children)
+    report(store, "parent")
+    assert store.metrics["hvd/ef0.15_es0.15/frame_recall_mean"] == pytest.approx(0.7)
+    assert store.metrics["hvd/ef0.15_es0.15/entity_split_mean"] == 2.0
+    assert store.metrics["hvd/ef0.15_es0.15/t2v_R1_mean"] == 52.0
+    assert sorted(k for k in store.metrics if k.startswith("meanp/")) == [  # nothing logged, nothing shown
+        "meanp/ef0.15_es0.15/t2v_R1_mean", "meanp/ef0.15_es0.15/t2v_R1_std"]
+    assert "| 0.15 | 0.15 | hvd | 52.0 +- 2.8 | 0.70 | - | - | - | - | 2.00 |" in store.texts["summary.md"]
 
 
 @pytest.mark.slow
@@ -51,11 +209,14 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
         assert child.data.params["synthetic.entity_scale"] == "0.15"
         mean = parent.data.metrics[f"{child.data.tags['head']}/ef0.25_es0.15/t2v_R1_mean"]
         assert mean == pytest.approx(child.data.metrics["test/t2v/R1"])  # one seed: the mean is the run
+        recall = parent.data.metrics[f"{child.data.tags['head']}/ef0.25_es0.15/frame_recall_mean"]
+        assert recall == pytest.approx(child.data.metrics["test/mechanism/frame_recall"])  # the benchmark's ground truth
+    assert "| 0.25 | 0.15 | hvd | " in result.stdout and "| 0.25 | 0.15 | meanp | " in result.stdout
     assert parent.data.tags["trials_reported"] == "2"
     # a study stopped early is summarised from its finished children by `--report`, which is what ran here
     (again,) = [c for c in report(client, parent.info.run_id) if c.head == "meanp"]
     assert again.t2v_r1 == [parent.data.metrics["meanp/ef0.25_es0.15/t2v_R1_mean"]]
-    # one warm start for the whole grid, trained by the first trial and reused by the second
+    # one warm start for the grid's one seed, trained by the first trial and reused by the second
     assert len(list(Path(tmp_path, "pretrained").glob("*.safetensors"))) == 1
 
     # A study stopped while its meanp trial ran: `--resume` runs that trial alone, under the same parent, and

@@ -1,11 +1,13 @@
 """The mechanism study: does HVD beat mean pooling where events are brief and entities small?
 
-A Ray Tune grid over `synthetic.event_fraction` x `synthetic.entity_scale` x `model.head` x `run.seed`. Every
-trial is the whole chain (benchmark -> shards -> warm start -> train -> test, `hvd.train.fit`); the benchmark
-and its shards are cached per (event_fraction, entity_scale), so heads and seeds share them, and the warm
-start is one for all. Trials run one at a time: each is itself a data-parallel Ray Train run that takes
-the CPUs a small machine has. Every trial is an MLflow child run of one parent run, which holds the
-summary table and the plot (`hvd.train.plots.study_figure`).
+A Ray Tune grid over cells (`synthetic.event_fraction`, `synthetic.entity_scale`) x `model.head` (or a head
+variant) x seed. Every trial is the whole chain (benchmark -> shards -> warm start -> train -> test,
+`hvd.train.fit`); the benchmark and its shards are cached per cell, so heads and seeds share them, and each
+seed has its own warm start (`pretrain.seed`), shared by every cell and head, so the spread over seeds
+includes the warm start's. Trials run one at a time: each is itself a data-parallel Ray Train run that
+takes the CPUs a small machine has. Every trial is an MLflow child run of one parent run, which holds the
+summary tables (test R@1 and, where the benchmark has ground truth, the mechanism metrics of
+`hvd.eval.mechanism`) and the plot (`hvd.train.plots.study_figure`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from hvd.config import Config, config_from_yaml, replace_keys, to_yaml
+from hvd.config import CHOICES, Config, config_from_yaml, replace_keys, to_yaml
 from hvd.registry.runs import (
     RunConfigMismatch,
     closing_run,
@@ -41,61 +43,91 @@ from hvd.train.warm_start import warm_start
 logger = logging.getLogger(__name__)
 
 
+Cells = tuple[tuple[float, float], ...]  # (event_fraction, entity_scale) pairs
+
+
+def sweep(event_fraction: tuple[float, ...], entity_scale: tuple[float, ...]) -> Cells:
+    """Every (event_fraction, entity_scale) pair, event_fraction slowest: the cells of a full sweep."""
+    return tuple(itertools.product(event_fraction, entity_scale))
+
+
 @dataclass(frozen=True)
 class Grid:
-    event_fraction: tuple[float, ...]
-    entity_scale: tuple[float, ...]
-    head: tuple[str, ...]
+    cells: Cells
+    head: tuple[str, ...]  # heads or `VARIANTS`
     seed: tuple[int, ...]
     overrides: tuple[str, ...] = ()  # applied to the study's config for this grid: the trial size
 
     @property
     def trials(self) -> list[dict[str, Any]]:
-        """Every trial's knobs, in the order they run: the cells vary fastest, then the head, then the seed."""
+        """Every trial's knobs, in the order they run: the seed slowest, then the cell, the head fastest. A
+        study stopped early has every head of its first cells for seed 0, and each seed's warm start is
+        trained by that seed's first trial."""
         return [{"event_fraction": ef, "entity_scale": es, "head": head, "seed": seed}
-                for seed, head, ef, es in itertools.product(self.seed, self.head, self.event_fraction, self.entity_scale)]
+                for seed, (ef, es), head in itertools.product(self.seed, self.cells, self.head)]
 
 
-GRIDS: dict[str, Grid] = {
-    # Minutes on 2 cores; CI runs it. One cell, both heads, a tiny benchmark and warm start.
-    "smoke": Grid((0.25,), (0.15,), ("hvd", "meanp"), (0,), (
-        "synthetic.preset=tiny", "train.epochs=1", "train.batch_size=8", "pretrain.train_stills=64",
-        "pretrain.val_stills=16", "pretrain.epochs=1", "pretrain.batch_size=16",
-    )),
-    # About 15 minutes on 2 cores: the demo recipe at the two ends of event brevity, small entities, one seed.
-    "pilot": Grid((0.15, 1.0), (0.15,), ("hvd", "meanp"), (0,)),
-    # About 2.5 hours on 2 cores (3.5-4 min a trial): the demo recipe in each cell, where the paper's claim can be tested.
-    "default": Grid((0.15, 0.3, 1.0), (0.15, 0.3), ("hvd", "meanp"), (0, 1, 2)),
-    # The heads added beside HVD and meanP, in the default grid's (0.3, 0.3) cell: with that cell of `default`
-    # (the same benchmark, warm start and recipe) every head on one benchmark, 3 seeds. About 40 minutes.
-    "heads": Grid((0.3,), (0.3,), ("xpool", "eercf", "hvp"), (0, 1, 2)),
-    # HCMI and its two training switches in the same cell, 3 seeds: the ablation rows. About 50 minutes.
-    "hcmi": Grid((0.3,), (0.3,), ("hcmi", "hcmi-no-denoising", "hcmi-no-enhancement", "hcmi-plain"), (0, 1, 2)),
-    # A cluster's grid: the full benchmark, a finer sweep, five seeds.
-    "full": Grid((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), (0.1, 0.15, 0.2, 0.3, 0.4), ("hvd", "meanp"), (0, 1, 2, 3, 4),
-                 ("synthetic.preset=full",)),
+# HVD's frame retention x patch retention (the paper's Table 4): `model.hvd.frame_keep` x `model.hvd.pfcm_ratio`.
+RETENTION: dict[str, dict[str, Any]] = {
+    f"hvd-f{f}-p{p}": {"head": "hvd", "hvd.frame_keep": f, "hvd.pfcm_ratio": p}
+    for f in (0.25, 0.5, 0.75) for p in (0.25, 0.5, 0.75)
 }
-# Head variants a grid may name besides the heads themselves: a head with some of its switches off.
+# Head variants a grid may name besides the heads themselves: a head with some of its keys set (dotted under
+# `model`, as `replace_keys` takes them).
 VARIANTS: dict[str, dict[str, Any]] = {
     "hcmi-no-denoising": {"head": "hcmi", "hcmi.label_denoising": False},
     "hcmi-no-enhancement": {"head": "hcmi", "hcmi.sample_enhancement": False},
     "hcmi-plain": {"head": "hcmi", "hcmi.label_denoising": False, "hcmi.sample_enhancement": False},
+    **RETENTION,
+    **{f"hvd-{scope}": {"head": "hvd", "hvd.pfcm_scope": scope} for scope in CHOICES["model.hvd.pfcm_scope"]},
+}
+GRIDS: dict[str, Grid] = {
+    # Minutes on 2 cores; CI runs it. One cell, both heads, a tiny benchmark and warm start.
+    "smoke": Grid(((0.25, 0.15),), ("hvd", "meanp"), (0,), (
+        "synthetic.preset=tiny", "train.epochs=1", "train.batch_size=8", "pretrain.train_stills=64",
+        "pretrain.val_stills=16", "pretrain.epochs=1", "pretrain.batch_size=16",
+    )),
+    # About 15 minutes on 2 cores: the demo recipe at the two ends of event brevity, small entities, one seed.
+    "pilot": Grid(sweep((0.15, 1.0), (0.15,)), ("hvd", "meanp"), (0,)),
+    # About 2.5 hours on 2 cores (3.5-4 min a trial): the demo recipe in each cell, where the paper's claim can be tested.
+    "default": Grid(sweep((0.15, 0.3, 1.0), (0.15, 0.3)), ("hvd", "meanp"), (0, 1, 2)),
+    # The heads added beside HVD and meanP, in the default grid's (0.3, 0.3) cell: with that cell of `default`
+    # (the same benchmark, warm starts and recipe) every head on one benchmark, 3 seeds. About 40 minutes.
+    "heads": Grid(((0.3, 0.3),), ("xpool", "eercf", "hvp"), (0, 1, 2)),
+    # HCMI and its two training switches in the same cell, 3 seeds: the ablation rows. About 50 minutes.
+    "hcmi": Grid(((0.3, 0.3),), ("hcmi", "hcmi-no-denoising", "hcmi-no-enhancement", "hcmi-plain"), (0, 1, 2)),
+    # Every head, with its mechanism metrics, where the event is brief and the entity small, brief with a larger
+    # entity, and where the event fills the clip. 54 trials, about 3.5 hours on 2 cores at ~3.5-4 min a trial
+    # (and a warm start per seed, about 5 min each, shared with the other grids); resumable.
+    "family": Grid(((0.15, 0.15), (0.3, 0.3), (1.0, 0.3)), ("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"), (0, 1, 2)),
+    # HVD's frame x patch retention where its claim is strongest, 3 seeds: 27 trials.
+    "ablation": Grid(((0.15, 0.15),), tuple(RETENTION), (0, 1, 2)),
+    # What HVD's PFCM clusters (each frame, the whole video, a pair's kept frames) in two cells, 3 seeds: 18 trials.
+    "scopes": Grid(((0.15, 0.15), (0.3, 0.3)), ("hvd-frame", "hvd-video", "hvd-pair"), (0, 1, 2)),
+    # A cluster's grid: the full benchmark, a finer sweep, five seeds.
+    "full": Grid(sweep((0.1, 0.2, 0.3, 0.5, 0.75, 1.0), (0.1, 0.15, 0.2, 0.3, 0.4)), ("hvd", "meanp"), (0, 1, 2, 3, 4),
+                 ("synthetic.preset=full",)),
 }
 # What a trial's own process reserves: no CPU (it only waits on its Ray Train run, whose workers and Ray Data
 # tasks need every CPU of a small machine) but some memory, as Tune refuses an empty request.
 TRIAL_RESOURCES = {"memory": 256 * 2**20}
 KNOBS = ("event_fraction", "entity_scale", "head", "seed")
 METRICS = ("test/t2v/R1", "test/t2v/R5", "test/v2t/R1", "test/v2t/R5")
+# What evaluation logs as test/mechanism/<name> where the benchmark has ground truth (`hvd.eval.mechanism`);
+# a head logs those its mechanism has (the entity ones: heads with PFCM entities).
+MECHANISM = ("frame_recall", "frame_precision", "event_mass", "event_share", "entity_purity", "entity_split")
 
 
 def trial_config(base: Config, study: str, params: dict[str, Any]) -> Config:
-    """The base config with one cell's knobs; benchmark and shards are named by the cell, not the trial."""
+    """The base config with one trial's knobs; benchmark and shards are named by the cell, not the trial, and
+    the warm start by the seed (`pretrain.seed`), so every trial of a seed shares one."""
     ef, es = params["event_fraction"], params["entity_scale"]
     root = Path(base.synthetic.out).parent / f"study-{study}"
     cell = f"ef{ef}-es{es}"
     return dataclasses.replace(
         base,
         run=dataclasses.replace(base.run, name=f"{study}-{cell}-{params['head']}-s{params['seed']}", seed=params["seed"]),
+        pretrain=dataclasses.replace(base.pretrain, seed=params["seed"]),
         synthetic=dataclasses.replace(base.synthetic, event_fraction=ef, entity_scale=es, out=str(root / f"bench-{cell}")),
         data=dataclasses.replace(base.data, shards=str(root / f"shards-{cell}")),
         model=replace_keys(base.model, VARIANTS.get(params["head"], {"head": params["head"]})),
@@ -110,6 +142,7 @@ def run_trial(params: dict[str, Any]) -> None:
     knobs = {key: str(params[key]) for key in KNOBS}
     outcome = fit(cfg, tags={"mlflow.parentRunId": params["parent_run_id"], "study": params["study"], **knobs})
     tune.report({key.replace("/", "_"): outcome.test.get(key.removeprefix("test/"), float("nan")) for key in METRICS}
+                | {f"mechanism_{name}": outcome.test.get(f"mechanism/{name}", float("nan")) for name in MECHANISM}
                 | {"ceiling": outcome.ceiling if outcome.ceiling is not None else float("nan"), "run_id": outcome.run_id})
 
 
@@ -119,6 +152,8 @@ class Cell:
     entity_scale: float
     head: str
     t2v_r1: list[float]
+    # each of MECHANISM: its mean over the seeds that logged it; None where none did
+    mechanism: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -129,17 +164,26 @@ class Cell:
         return statistics.stdev(self.t2v_r1) if len(self.t2v_r1) > 1 else 0.0
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values logged; None where no seed logged one."""
+    logged = [v for v in values if v is not None]
+    return statistics.fmean(logged) if logged else None
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[Cell]:
-    """Trials grouped by (event_fraction, entity_scale, head): test t2v R@1 over seeds."""
+    """Trials grouped by (event_fraction, entity_scale, head): test t2v R@1 and the mechanism metrics over seeds."""
     cells = []
     key = lambda r: (r["event_fraction"], r["entity_scale"], r["head"])  # noqa: E731
     for (ef, es, head), group in itertools.groupby(sorted(rows, key=key), key=key):
-        cells.append(Cell(ef, es, head, [r["test_t2v_R1"] for r in group]))
+        runs = list(group)
+        mechanism = {name: _mean([r.get(name) for r in runs]) for name in MECHANISM}
+        cells.append(Cell(ef, es, head, [r["test_t2v_R1"] for r in runs], mechanism))
     return cells
 
 
 def summary_table(cells: list[Cell]) -> str:
-    """Markdown: one row per (event_fraction, entity_scale), a mean +- std column per head."""
+    """Markdown: test t2v R@1, one row per (event_fraction, entity_scale) and a mean +- std column per head; then
+    where any trial logged a mechanism metric, one row per (cell, head) with R@1 beside what the head selected."""
     heads = sorted({c.head for c in cells})
     lines = ["| event_fraction | entity_scale | " + " | ".join(f"{h} t2v R@1" for h in heads) + " |",
              "|---|---|" + "---|" * len(heads)]
@@ -148,16 +192,25 @@ def summary_table(cells: list[Cell]) -> str:
         values = [by_cell.get((ef, es, h)) for h in heads]
         shown = [f"{c.mean:.1f} +- {c.std:.1f} (n={len(c.t2v_r1)})" if c else "-" for c in values]
         lines.append(f"| {ef} | {es} | " + " | ".join(shown) + " |")
+    if any(v is not None for c in cells for v in c.mechanism.values()):
+        lines += ["", "| event_fraction | entity_scale | head | t2v R@1 | "
+                  + " | ".join(name.replace("_", " ") for name in MECHANISM) + " |",
+                  "|---|---|---|---|" + "---|" * len(MECHANISM)]
+        for c in sorted(cells, key=lambda c: (c.event_fraction, c.entity_scale, c.head)):
+            shown = [f"{v:.2f}" if (v := c.mechanism.get(name)) is not None else "-" for name in MECHANISM]
+            lines.append(f"| {c.event_fraction} | {c.entity_scale} | {c.head} | {c.mean:.1f} +- {c.std:.1f} | "
+                         + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
 def start_parent(client: MlflowClient, study: str) -> str:
     grid = GRIDS[study]
     experiment = experiment_id(client, f"study-{study}")
-    description = (f"Mechanism study '{study}': {len(grid.trials)} trials, event_fraction x entity_scale x head x "
-                   "seed; each trial a child run.")
+    description = (f"Mechanism study '{study}': {len(grid.trials)} trials, {len(grid.cells)} cells "
+                   f"(event_fraction, entity_scale) x {len(grid.head)} heads x {len(grid.seed)} seeds; each trial "
+                   "a child run.")
     parent = client.create_run(experiment, run_name=f"study-{study}", tags=source_tags(description)).info.run_id
-    log_params(client, parent, {f"grid.{k}": str(getattr(grid, k)) for k in (*KNOBS, "overrides")})
+    log_params(client, parent, {f"grid.{field.name}": str(getattr(grid, field.name)) for field in dataclasses.fields(grid)})
     return parent
 
 
@@ -173,7 +226,7 @@ def missing_trials(client: MlflowClient, base: Config, study: str, parent: str) 
         knobs = {"event_fraction": float(child.data.tags["event_fraction"]),
                  "entity_scale": float(child.data.tags["entity_scale"]),
                  "head": child.data.tags["head"], "seed": int(child.data.tags["seed"])}
-        # resolved as the trial resolves it: the logged model.pretrained is the warm start's file
+        # resolved as the trial resolves it: the logged model.pretrained is its seed's warm start file
         if differing := config_differences(child.data.params, warm_start(trial_config(base, study, knobs))):
             raise RunConfigMismatch(
                 f"--resume {parent}: its trial run {child.info.run_id} trained with other settings "
@@ -225,11 +278,13 @@ def finished_children(client: MlflowClient, parent: str) -> list[Any]:
 
 
 def finished_trials(client: MlflowClient, parent: str) -> list[dict[str, Any]]:
-    """The parent run's finished child runs as summary rows: their knobs (tags) and test t2v R@1."""
+    """The parent run's finished child runs as summary rows: their knobs (tags), test t2v R@1 and each of
+    MECHANISM (None where the trial did not log it)."""
     runs = finished_children(client, parent)
     return [{"event_fraction": float(run.data.tags["event_fraction"]), "entity_scale": float(run.data.tags["entity_scale"]),
              "head": run.data.tags["head"], "seed": int(run.data.tags["seed"]),
-             "test_t2v_R1": run.data.metrics["test/t2v/R1"]} for run in runs]
+             "test_t2v_R1": run.data.metrics["test/t2v/R1"]}
+            | {name: run.data.metrics.get(f"test/mechanism/{name}") for name in MECHANISM} for run in runs]
 
 
 def report(client: MlflowClient, parent: str) -> list[Cell]:
@@ -251,6 +306,7 @@ def report(client: MlflowClient, parent: str) -> list[Cell]:
     for cell in cells:
         name = f"{cell.head}/ef{cell.event_fraction}_es{cell.entity_scale}"
         summary |= {f"{name}/t2v_R1_mean": cell.mean, f"{name}/t2v_R1_std": cell.std}
+        summary |= {f"{name}/{metric}_mean": value for metric, value in cell.mechanism.items() if value is not None}
     log_metrics(client, parent, summary, step=0)
     client.set_tag(parent, "trials_reported", str(len(rows)))
     return cells
