@@ -28,11 +28,11 @@ from hvd.train.warm_start import warm_start_fingerprint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_trials_run_seed_by_seed_each_cell_with_every_head():
+def test_trials_run_cell_by_cell_each_seed_with_every_head():
     grid = Grid(((0.15, 0.15), (1.0, 0.3)), ("hvd", "meanp"), (0, 1))
-    order = [(t["seed"], t["event_fraction"], t["entity_scale"], t["head"]) for t in grid.trials]
-    assert order == [(0, 0.15, 0.15, "hvd"), (0, 0.15, 0.15, "meanp"), (0, 1.0, 0.3, "hvd"), (0, 1.0, 0.3, "meanp"),
-                     (1, 0.15, 0.15, "hvd"), (1, 0.15, 0.15, "meanp"), (1, 1.0, 0.3, "hvd"), (1, 1.0, 0.3, "meanp")]
+    order = [(t["event_fraction"], t["entity_scale"], t["seed"], t["head"]) for t in grid.trials]
+    assert order == [(0.15, 0.15, 0, "hvd"), (0.15, 0.15, 0, "meanp"), (0.15, 0.15, 1, "hvd"), (0.15, 0.15, 1, "meanp"),
+                     (1.0, 0.3, 0, "hvd"), (1.0, 0.3, 0, "meanp"), (1.0, 0.3, 1, "hvd"), (1.0, 0.3, 1, "meanp")]
     assert sweep((0.15, 1.0), (0.15, 0.3)) == ((0.15, 0.15), (0.15, 0.3), (1.0, 0.15), (1.0, 0.3))
     assert GRIDS["default"].cells == sweep((0.15, 0.3, 1.0), (0.15, 0.3)) and len(GRIDS["default"].trials) == 36
     sizes = {name: len(GRIDS[name].trials) for name in ("family", "ablation", "scopes", "hcmi")}

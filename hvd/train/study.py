@@ -60,11 +60,11 @@ class Grid:
 
     @property
     def trials(self) -> list[dict[str, Any]]:
-        """Every trial's knobs, in the order they run: the seed slowest, then the cell, the head fastest. A
-        study stopped early has every head of its first cells for seed 0, and each seed's warm start is
-        trained by that seed's first trial."""
+        """Every trial's knobs, in the order they run: the cell slowest, then the seed, the head fastest. A long
+        study stopped early has its first cells whole (every head, every seed: a comparison within the seeds'
+        spread); each seed's warm start is trained in the first cell and reused by the others."""
         return [{"event_fraction": ef, "entity_scale": es, "head": head, "seed": seed}
-                for seed, (ef, es), head in itertools.product(self.seed, self.cells, self.head)]
+                for (ef, es), seed, head in itertools.product(self.cells, self.seed, self.head)]
 
 
 # HVD's frame retention x patch retention (the paper's Table 4): `model.hvd.frame_keep` x `model.hvd.pfcm_ratio`.
