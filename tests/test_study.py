@@ -6,11 +6,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from hvd.config import HEADS, Config, check_section, flatten, load_config
 from hvd.registry.runs import RunConfigMismatch
+from hvd.train.plots import retention_figure
 from hvd.train.study import (
     GRIDS,
     MECHANISM,
@@ -103,6 +106,7 @@ class _Store:
         self.study, self.children = study, children
         self.metrics: dict[str, float] = {}
         self.texts: dict[str, str] = {}
+        self.images: dict[str, tuple[int, int]] = {}
 
     def get_run(self, run_id: str) -> SimpleNamespace:
         return SimpleNamespace(info=SimpleNamespace(run_name=f"study-{self.study}", experiment_id="1"))
@@ -114,7 +118,8 @@ class _Store:
         self.texts[path] = text
 
     def log_artifact(self, run_id: str, path: str) -> None:
-        assert Path(path).stat().st_size > 0
+        with Image.open(path) as image:
+            self.images[Path(path).name] = image.size
 
     def log_batch(self, run_id: str, metrics: list) -> None:
         self.metrics |= {m.key: m.value for m in metrics}
@@ -181,6 +186,21 @@ def test_report_puts_the_mechanism_means_on_the_parent_run():
     assert sorted(k for k in store.metrics if k.startswith("meanp/")) == [  # nothing logged, nothing shown
         "meanp/ef0.15_es0.15/t2v_R1_mean", "meanp/ef0.15_es0.15/t2v_R1_std"]
     assert "| 0.15 | 0.15 | hvd | 52.0 +- 2.8 | 0.70 | - | - | - | - | 2.00 |" in store.texts["summary.md"]
+    assert set(store.images) == {"study.png", "mechanism.png"}
+
+
+def test_the_retention_ablation_is_drawn_as_the_papers_grid():
+    knobs = {"event_fraction": 0.15, "entity_scale": 0.15}
+    children = [_child(Config(), knobs | {"head": head, "seed": seed}, {"test/t2v/R1": 40.0 + seed})
+                for head in ("hvd-f0.25-p0.5", "hvd-f0.5-p0.5", "hvd-f0.75-p0.25") for seed in (0, 1)]
+    store = _Store("ablation", children)
+    cells = report(store, "parent")
+    assert set(store.images) == {"study.png"}  # no mechanism logged: no mechanism picture
+    figure = retention_figure(cells, {"hvd-f0.25-p0.5": (0.25, 0.5), "hvd-f0.5-p0.5": (0.5, 0.5),
+                                      "hvd-f0.75-p0.25": (0.75, 0.25)}, "t")
+    grid = figure.axes[0].images[0].get_array()
+    assert grid.shape == (3, 2) and grid[0, 1] == grid[1, 1] == grid[2, 0] == 40.5  # rows: frames; columns: patches
+    assert np.ma.is_masked(grid[0, 0]) and [t.get_text() for t in figure.axes[0].texts].count("40.5\n+- 0.7") == 3
 
 
 @pytest.mark.slow

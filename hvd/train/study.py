@@ -37,7 +37,7 @@ from hvd.registry.runs import (
 )
 from hvd.runtime.cluster import ensure_ray
 from hvd.train.fit import fit
-from hvd.train.plots import plt, study_figure
+from hvd.train.plots import mechanism_figure, plt, retention_figure, study_figure
 from hvd.train.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -288,7 +288,8 @@ def finished_trials(client: MlflowClient, parent: str) -> list[dict[str, Any]]:
 
 
 def report(client: MlflowClient, parent: str) -> list[Cell]:
-    """Summarise the parent's finished trials onto it: summary.md, study.png and per-cell metrics.
+    """Summarise the parent's finished trials onto it: summary.md, study.png (a retention grid for the
+    ablation), mechanism.png where trials logged mechanism metrics, and per-cell metrics.
 
     Also what `pipelines/study.py --report RUN_ID` runs for a study stopped before its last trial.
     """
@@ -296,12 +297,18 @@ def report(client: MlflowClient, parent: str) -> list[Cell]:
     cells = summarise(rows)
     study = client.get_run(parent).info.run_name.removeprefix("study-")
     client.log_text(parent, summary_table(cells) + "\n", "summary.md")
+    figures = {"study.png": study_figure(cells, title=f"study '{study}': test t2v R@1, mean and std over seeds")}
+    if {c.head for c in cells} <= set(RETENTION):  # the paper's Table 4 as a grid
+        retention = {name: (keys["hvd.frame_keep"], keys["hvd.pfcm_ratio"]) for name, keys in RETENTION.items()}
+        figures["study.png"] = retention_figure(
+            cells, retention, f"study '{study}': HVD's test t2v R@1 by frame and patch retention, over seeds")
+    if any(v is not None for c in cells for v in c.mechanism.values()):
+        figures["mechanism.png"] = mechanism_figure(cells, f"study '{study}': where each head looked, means over seeds")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "study.png"
-        figure = study_figure(cells, title=f"study '{study}': test t2v R@1, mean and std over seeds")
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        client.log_artifact(parent, str(path))
+        for name, figure in figures.items():
+            figure.savefig(Path(tmp) / name, dpi=110)
+            plt.close(figure)
+            client.log_artifact(parent, str(Path(tmp) / name))
     summary = {}
     for cell in cells:
         name = f"{cell.head}/ef{cell.event_fraction}_es{cell.entity_scale}"
