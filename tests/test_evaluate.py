@@ -26,7 +26,7 @@ from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import encode_split
 from hvd.eval.explain import PairExplanation
-from hvd.eval.job import job_config, prepared_shards
+from hvd.eval.job import job_config, prepared_shards, stage1_line
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
 from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
@@ -447,3 +447,11 @@ def test_a_model_with_non_finite_scores_fails_and_logs_no_metrics(registered, ca
     client = MlflowClient(cfg.tracking.uri)
     [run] = client.search_runs([client.get_experiment_by_name("eval/nan-model").experiment_id])
     assert run.info.status == "FAILED" and run.data.metrics == {}
+
+
+def test_stage1_line_reads_the_recalls_it_was_given():
+    metrics = {"stage1/gt_R10": 70.0, "stage1/gt_R20": 80.0, "stage1/full_top1_R10": 50.0, "stage1/full_top1_R20": 61.5}
+    assert stage1_line(metrics) == ("top 10/20 hold the ground truth for 70.0/80.0%, "
+                                    "the full score's top-1 for 50.0/61.5%")
+    assert stage1_line({"stage1/gt_R10": 70.0}) == "top 10 hold the ground truth for 70.0%"
+    assert stage1_line({"t2v/R1": 5.0}) == ""

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from hvd.eval.metrics import NonFiniteScores, dual_softmax, query_ranks, ranks_of_positives, retrieval_metrics
+from hvd.eval.metrics import (
+    NonFiniteScores,
+    dual_softmax,
+    query_ranks,
+    ranks_of_positives,
+    retrieval_metrics,
+    stage1_metrics,
+)
 
 
 def test_single_caption_ranks_by_hand():
@@ -124,3 +131,28 @@ def test_non_finite_scores_are_refused_not_ranked(bad):
 def test_non_finite_video_to_text_scores_are_refused_too():
     with pytest.raises(NonFiniteScores, match="video-to-text"):
         retrieval_metrics(torch.eye(3), torch.arange(3), v2t_sim=torch.full((3, 3), float("nan")))
+
+
+def test_stage1_recall_of_the_ground_truth_and_of_the_full_scores_top1_by_hand():
+    # 4 captions over a 30-video gallery; caption i describes video i. Stage 1 ranks video 29 first for
+    # everyone, then videos in index order; caption 3's ground truth ties video 20 (pessimistic: rank below it).
+    coarse = torch.linspace(1.0, 0.0, 30).repeat(4, 1)
+    coarse[:, 29] = 2.0
+    coarse[3, 3] = coarse[3, 20]
+    text_video = torch.arange(4)
+    full = torch.zeros(4, 30)
+    full[torch.arange(4), torch.tensor([29, 5, 12, 25])] = 1.0  # the full score's top-1 of each caption
+    found = stage1_metrics(coarse, text_video, full)
+    # ground truth ranks: 2, 3, 4 and 22 (caption 3's video 3 sits after videos 29, 0..20 less itself and 3's tie)
+    assert found["stage1/gt_R10"] == found["stage1/gt_R20"] == 75.0
+    # full top-1 ranks: 1, 7, 14, 27
+    assert (found["stage1/full_top1_R10"], found["stage1/full_top1_R20"]) == (50.0, 75.0)
+    assert set(found) == {"stage1/gt_R10", "stage1/gt_R20", "stage1/full_top1_R10", "stage1/full_top1_R20"}
+    assert set(stage1_metrics(coarse, text_video)) == {"stage1/gt_R10", "stage1/gt_R20"}  # no full scores given
+
+
+def test_stage1_scores_must_be_finite():
+    coarse = torch.zeros(2, 30)
+    coarse[0, 3] = float("nan")
+    with pytest.raises(NonFiniteScores, match="stage-1"):
+        stage1_metrics(coarse, torch.arange(2))

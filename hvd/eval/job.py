@@ -25,7 +25,7 @@ from hvd.eval.encode import EncodedSplit
 from hvd.eval.explain import can_explain, explain_pairs, pick_queries
 from hvd.eval.mechanism import ground_truth_rows, mechanism_line, mechanism_metrics
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
-from hvd.eval.metrics import query_ranks, retrieval_metrics
+from hvd.eval.metrics import query_ranks, retrieval_metrics, stage1_metrics
 from hvd.eval.report import (
     EvalRun,
     experiment_name,
@@ -145,6 +145,9 @@ def collect_metrics(results: dict[str, Retrieval], encoded: EncodedSplit, cfg: C
         found = retrieval_metrics(result.t2v, encoded.text_video, dsl=dsl, v2t_sim=result.v2t)
         metrics |= {f"{prefix}{key}": value for key, value in found.items()}
         metrics |= {f"time/{key}": value for key, value in result.timings_s.items()}
+    if "two_stage" in results:  # stage 1's recall of the ground truth, and of the full score's top-1 when compared
+        full = results["exhaustive"].t2v if "exhaustive" in results else None
+        metrics |= stage1_metrics(results["two_stage"].coarse, encoded.text_video, full)
     if "two_stage" in results and "exhaustive" in results:
         metrics["speedup_vs_exhaustive"] = metrics["time/exhaustive_s"] / (
             metrics["time/stage1_s"] + metrics["time/stage2_s"]
@@ -338,6 +341,18 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
                        excluded, out, artifacts)
 
 
+def stage1_line(metrics: dict[str, float]) -> str:
+    """Stage 1's recall at each k it was measured at: of the ground truth, and of the full score's top-1."""
+    ks = sorted(int(key.removeprefix("stage1/gt_R")) for key in metrics if key.startswith("stage1/gt_R"))
+    if not ks:
+        return ""
+    line = f"top {'/'.join(map(str, ks))} hold the ground truth for " + "/".join(
+        f"{metrics[f'stage1/gt_R{k}']:.1f}" for k in ks) + "%"
+    if all(f"stage1/full_top1_R{k}" in metrics for k in ks):
+        line += ", the full score's top-1 for " + "/".join(f"{metrics[f'stage1/full_top1_R{k}']:.1f}" for k in ks) + "%"
+    return line
+
+
 def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
     """The printed report: what was evaluated, the timings, the metric table, where everything went."""
     m = outcome.metrics
@@ -358,6 +373,7 @@ def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
         "",
         metric_table(m, ("", "exhaustive/") if cfg.eval.compare else ("",)),
         *([f"looked at  {line}"] if (line := mechanism_line(m)) else []),
+        *([f"stage 1    {line}"] if (line := stage1_line(m)) else []),
         "",
         f"MLflow     run {outcome.run_id} in experiment {experiment_name(outcome.benchmark)}"
         f" at {outcome.tracking_uri} (metrics as {cfg.eval.split}/t2v/R1 ...)",

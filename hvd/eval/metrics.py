@@ -106,3 +106,28 @@ def retrieval_metrics(
         dsl_ranks = query_ranks(dual_softmax(sim.float().cpu()), text_video, dual_softmax(v2t.float().cpu()))
         metrics |= summarise(dsl_ranks["t2v"], "t2v/dsl_") | summarise(dsl_ranks["v2t"], "v2t/dsl_")
     return metrics
+
+
+STAGE1_AT = (10, 20, 50, 100)
+
+
+def stage1_metrics(coarse: Tensor, text_video: Tensor, full: Tensor | None = None) -> dict[str, float]:
+    """How well stage 1 (the global embeddings' dot product) serves stage 2, per caption query, in percent:
+    `gt_R<k>`, the share whose ground-truth video is in stage 1's top k (stage 2 can only rank first what it is
+    given), and with the full score's [texts, videos] matrix `full_top1_R<k>`, the share whose full-score top-1
+    is in it (stage 1 ranking like stage 2, not only the ground truth). k past the gallery's size is left out.
+    Ties pessimistic, as every rank here."""
+    coarse, text_video = coarse.float().cpu(), text_video.long().cpu()
+    check_finite(coarse, "stage-1")
+    rows = torch.arange(len(text_video))
+    truth = ranks_of_positives(coarse, torch.zeros_like(coarse, dtype=torch.bool).index_put_((rows, text_video),
+                                                                                            torch.tensor(True)))
+    ks = [k for k in STAGE1_AT if k < coarse.shape[1]]
+    metrics = {f"stage1/gt_R{k}": float((truth <= k).double().mean() * 100) for k in ks}
+    if full is not None:
+        full = full.float().cpu()
+        check_finite(full, "text-to-video")
+        best = torch.zeros_like(full, dtype=torch.bool).scatter_(1, full.argmax(dim=1, keepdim=True), True)
+        top1 = ranks_of_positives(coarse, best)
+        metrics |= {f"stage1/full_top1_R{k}": float((top1 <= k).double().mean() * 100) for k in ks}
+    return metrics

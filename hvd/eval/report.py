@@ -46,7 +46,7 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
 def mlflow_metric_names(metrics: dict[str, float], split: str) -> dict[str, float]:
     """Retrieval and mechanism metrics under the split, as training logs its test metrics (`test/t2v/R1`), so a
     training run and the evaluations of its model line up in MLflow's compare view; counts and timings as they are."""
-    prefixed = ("t2v/", "v2t/", MECHANISM)
+    prefixed = ("t2v/", "v2t/", MECHANISM, "stage1/")
     return {(f"{split}/{key}" if any(p in key for p in prefixed) else key): value for key, value in metrics.items()}
 
 

@@ -28,6 +28,7 @@ class Retrieval:
     v2t: Tensor  # [videos, texts]: each video's ranking of the captions
     timings_s: dict[str, float] = field(default_factory=dict)
     rescored: Tensor | None = None  # [texts, videos] bool: the t2v pairs stage 2 scored (None: all of them)
+    coarse: Tensor | None = None  # [texts, videos] stage 1's scores (two-stage only)
 
 
 def _sync(device: torch.device) -> None:
@@ -143,4 +144,4 @@ def two_stage(
     _sync(device)
     stage2 = time.perf_counter() - started
     rescored = torch.zeros_like(coarse, dtype=torch.bool).scatter_(1, videos_of_text, True)
-    return Retrieval(t2v, v2t, {"stage1_s": stage1, "stage2_s": stage2}, rescored)
+    return Retrieval(t2v, v2t, {"stage1_s": stage1, "stage2_s": stage2}, rescored, coarse)
