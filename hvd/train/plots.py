@@ -84,7 +84,7 @@ def mechanism_figure(cells: list, title: str) -> plt.Figure:
     (the share of sampled frames that show the event) as a dashed line."""
     keys = sorted({(c.event_fraction, c.entity_scale) for c in cells})
     heads = sorted({c.head for c in cells})
-    figure, axes = plt.subplots(1, len(keys), figsize=(0.9 * len(heads) * len(keys) + 3, 3.8), sharey=True,
+    figure, axes = plt.subplots(1, len(keys), figsize=(0.9 * len(heads) * len(keys) + 3, 4.2), sharey=True,
                                 squeeze=False)
     width = 0.8 / len(MECHANISM_SHOWN)
     for axis, (ef, es) in zip(axes[0], keys, strict=True):
@@ -99,7 +99,8 @@ def mechanism_figure(cells: list, title: str) -> plt.Figure:
         axis.set_xticks(range(len(heads)), heads, rotation=30)
         axis.set(title=f"event_fraction {ef}, entity_scale {es}", ylim=(0, 1.05))
         axis.grid(alpha=0.3, axis="y")
-    axes[0][0].legend(loc="upper left", fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1))  # the legend below every panel, never over a bar
     return figure
