@@ -134,7 +134,6 @@ def mechanism_metrics(model: RetrievalModel, tokenizer: Tokenizer, table: pa.Tab
     return mean_metrics(per_pair)
 
 
-
 def mechanism_line(metrics: dict[str, float]) -> str:
     """The mechanism metrics found in `metrics` (keys with or without a split prefix) as one summary line."""
     found = {key.rsplit(PREFIX, 1)[1]: value for key, value in metrics.items() if PREFIX in key}
