@@ -36,6 +36,10 @@ class PairExplanation:
     # [T] the share of the head's frame pooling each frame gets: uniform over `kept` for heads that select
     frame_weights: np.ndarray | None = None
 
+    def __post_init__(self) -> None:
+        if self.frame_weights is None:
+            self.frame_weights = self.kept / max(int(self.kept.sum()), 1)
+
 
 def can_explain(model: RetrievalModel) -> bool:
     return hasattr(model.head, "explain")
@@ -75,8 +79,6 @@ def explain_row(model: RetrievalModel, tokenizer: Tokenizer, caption: str, row: 
     mask = torch.from_numpy(frame_mask([row])[0]).to(model.device)
     parts = model.head.explain(sentence, F.normalize(pooled.float(), dim=-1), patches.float(), mask)
     grid = int(np.sqrt(patches.shape[1]))
-    kept = parts["kept"].cpu().numpy()
-    weights = parts["frame_weights"].cpu().numpy() if "frame_weights" in parts else kept / max(kept.sum(), 1)
     return PairExplanation(
         caption=caption,
         video_id=row["video_id"],
@@ -84,9 +86,9 @@ def explain_row(model: RetrievalModel, tokenizer: Tokenizer, caption: str, row: 
         frames=frames,
         valid=mask.cpu().numpy(),
         frame_scores=parts["frame_scores"].cpu().numpy(),
-        kept=kept,
+        kept=parts["kept"].cpu().numpy(),
         entities=parts["entities"].reshape(-1, grid, grid).cpu().numpy() if "entities" in parts else None,
         legend=model.head.explain_legend,
         groups=parts["groups"].cpu().numpy() if "groups" in parts else None,
-        frame_weights=weights,
+        frame_weights=parts["frame_weights"].cpu().numpy() if "frame_weights" in parts else None,
     )

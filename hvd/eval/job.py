@@ -311,7 +311,8 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
     out = Path(cfg.eval.out) / benchmark / f"{source.label}-{cfg.eval.mode}"
     artifacts = draw(model, cfg, shards, encoded, results, out)
     if (truth := ground_truth_rows(shards, cfg.eval.split, cfg.eval.mechanism_videos)) is not None:
-        mechanism = mechanism_metrics(model, build_tokenizer(cfg.model, cfg.data.max_words), truth)
+        tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
+        mechanism = mechanism_metrics(model, tokenizer, truth, cfg.eval.mechanism_videos)
         metrics |= mechanism
         if mechanism:
             artifacts.append(plots.mechanism_bars(mechanism, f"{source.label} on {benchmark}", out / "mechanism.png"))

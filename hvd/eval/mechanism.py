@@ -85,8 +85,7 @@ def pair_mechanism(pair: PairExplanation, event: np.ndarray, boxes: list[list[fl
     """One pair's metrics (recall only when its frames show the event; entities only with boxes and entities)."""
     valid = pair.valid.astype(bool)
     recall, precision = frame_recall_precision(pair.kept.astype(bool), event, valid)
-    weights = pair.frame_weights if pair.frame_weights is not None else pair.kept / max(pair.kept.sum(), 1)
-    found = {"frame_precision": precision, "event_mass": event_mass(weights, event, valid),
+    found = {"frame_precision": precision, "event_mass": event_mass(pair.frame_weights, event, valid),
              "event_share": float(event[valid].mean())}
     if recall is not None:
         found["frame_recall"] = recall
@@ -117,15 +116,17 @@ def ground_truth_rows(shards: str | Path, split: str, limit: int) -> pa.Table | 
     return table if len(table) else None
 
 
-def mechanism_metrics(model: RetrievalModel, tokenizer: Tokenizer, table: pa.Table) -> dict[str, float]:
-    """The mechanism metrics of every video of a split with ground truth, each with its first caption; empty
-    for a head that cannot say what it looked at or a benchmark that records no ground truth."""
+def mechanism_metrics(model: RetrievalModel, tokenizer: Tokenizer, table: pa.Table,
+                      limit: int | None = None) -> dict[str, float]:
+    """The mechanism metrics of the first `limit` (default: every) videos of a split with ground truth, each
+    with its first caption; empty for a head that cannot say what it looked at or a benchmark that records no
+    ground truth."""
     if not can_explain(model) or "event_frames" not in table.column_names:
         return {}
     was_training = model.training
     model.eval()
     per_pair = []
-    for row in table.filter(pc.is_valid(table["event_frames"])).to_pylist():
+    for row in table.filter(pc.is_valid(table["event_frames"])).slice(0, limit).to_pylist():
         pair = explain_row(model, tokenizer, row["captions"][0], row)
         event = np.zeros(len(pair.valid), bool)
         event[: len(row["event_frames"])] = row["event_frames"]

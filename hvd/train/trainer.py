@@ -236,7 +236,8 @@ def _test(cfg: Config, model: RetrievalModel, data: TrainingData, splits: dict[s
         return {}
     tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
     table = read_shards(data.shards, "test")
-    return evaluate_split(model, table, tokenizer, cfg.eval.batch_size) | mechanism_metrics(model, tokenizer, table)
+    return evaluate_split(model, table, tokenizer, cfg.eval.batch_size) | mechanism_metrics(
+        model, tokenizer, table, cfg.eval.mechanism_videos)
 
 
 def _summary(
