@@ -49,18 +49,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default="runs/stress")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    logs = Path(args.logs)
+    summary = stress(args.runs, args.overrides, Path(args.logs))
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["succeeded"] == summary["runs"] and not summary["native_crashes"] else 1
+
+
+def stress(count: int, overrides: list[str], logs: Path) -> dict:
+    """`count` runs of the training command, one after another; what each ended with and the totals."""
     logs.mkdir(parents=True, exist_ok=True)
-    runs = [run_once(index, args.overrides, logs) for index in range(1, args.runs + 1)]
-    summary = {
+    runs = [run_once(index, overrides, logs) for index in range(1, count + 1)]
+    return {
         "runs": len(runs),
         "succeeded": sum(r["exit_code"] == 0 for r in runs),
         "native_crashes": sum(r["native_crash"] for r in runs),
         "worker_restarts": sum(r["worker_restarts"] or 0 for r in runs),
         "each": runs,
     }
-    print(json.dumps(summary, indent=2))
-    return 0 if summary["succeeded"] == len(runs) and not summary["native_crashes"] else 1
 
 
 if __name__ == "__main__":

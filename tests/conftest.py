@@ -1,5 +1,5 @@
-"""Shared fixtures: an MLflow-URI guard for every test, small real H.264 files written with PyAV (sound and
-broken), and the model tests' captions and clips."""
+"""Shared fixtures: an MLflow-URI guard for every test, one watched run of the training command, small real
+H.264 files written with PyAV (sound and broken), and the model tests' captions and clips."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from training_command import WatchedRun, run_training_command
 
 from hvd.config import ModelConfig
 from hvd.model import build_tokenizer
@@ -32,6 +33,12 @@ def _no_leaked_tracking_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     if saved is not None:
         os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(scope="session")
+def training_command(tmp_path_factory) -> WatchedRun:
+    """The real training command, run once for the session and watched (see `training_command.py`)."""
+    return run_training_command(tmp_path_factory.mktemp("command"))
 
 
 def frame_level(index: int) -> int:

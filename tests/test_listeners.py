@@ -1,46 +1,26 @@
 """What a training run listens on: loopback only, on the default local Ray (no RAY_ADDRESS).
 
-The end-to-end run is the real command in a subprocess, which starts its own Ray as a user's would. Every
-listening socket of it and of its descendants (Ray's daemons, agents and workers, the Ray Train workers
-with torch.distributed's store and gloo's sockets) is sampled until it exits.
+The end-to-end run is the real command in a subprocess (`training_command.py`, shared with the stress smoke),
+which starts its own Ray as a user's would. Every listening socket of it and of its descendants (Ray's daemons,
+agents and workers, the Ray Train workers with torch.distributed's store and gloo's sockets) is sampled until
+it exits.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import torch.distributed as dist
+from training_command import listening
 
 from hvd.train.rendezvous import join_process_group, listen_on_loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
-
-
-def listening(root: psutil.Process) -> set[tuple[int, str, str, int]]:
-    """(pid, command, address, port) of every listening inet socket of `root` and its descendants."""
-    found = set()
-    try:
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return found
-    for process in processes:
-        try:
-            command = " ".join(process.cmdline())
-            connections = process.net_connections(kind="inet")
-            sockets = [c.laddr for c in connections if c.status == psutil.CONN_LISTEN]
-        except psutil.Error:
-            continue
-        found.update((process.pid, command[:100], address.ip, address.port) for address in sockets)
-    return found
 
 
 def documented_training_ports(workers: int) -> int:
@@ -69,28 +49,9 @@ def test_the_process_group_listens_on_loopback(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_training_run_on_the_default_local_ray_listens_on_loopback_only(tmp_path):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_", "HVD_"))}
-    command = [
-        sys.executable, str(ROOT / "pipelines" / "train.py"), "synthetic.preset=tiny", "synthetic.num_train=32",
-        "synthetic.num_val=8", "synthetic.num_test=8", "model.pretrained=null", "train.epochs=1", "train.batch_size=8",
-        f"synthetic.out={tmp_path}/synth", f"data.shards={tmp_path}/shards",
-        f"train.storage_path={tmp_path}/ray", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-    ]
-    log = tmp_path / "train.log"
-    seen: set[tuple[int, str, str, int]] = set()
-    with log.open("w") as out:
-        run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            driver = psutil.Process(run.pid)
-            while run.poll() is None:
-                seen |= listening(driver)
-                time.sleep(0.5)  # each look parses every process's socket tables: it competes with the run it watches
-        finally:
-            run.kill()  # a no-op once it has exited; if the test failed first, its reaper stops its Ray
-            run.wait()
-    assert run.returncode == 0, log.read_text()[-3000:]
-
+def test_a_training_run_on_the_default_local_ray_listens_on_loopback_only(training_command):
+    assert training_command.summary["succeeded"] == 1, training_command.log[-3000:]
+    seen = training_command.listeners
     elsewhere = sorted({(command, address, port) for _, command, address, port in seen
                         if address not in LOOPBACK})
     assert not elsewhere, "\n".join(map(str, elsewhere))
