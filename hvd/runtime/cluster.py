@@ -12,7 +12,7 @@ import ray._private.ray_constants as ray_constants
 import ray.data
 
 from hvd.runtime.reaper import watch_descendants
-from hvd.runtime.worker_setup import quiet_logs, runtime_env, verbose
+from hvd.runtime.worker_setup import FOOTER_READERS, FOOTER_READERS_ENV, quiet_logs, runtime_env, verbose
 
 LOOPBACK = "127.0.0.1"
 # What a local Ray's daemons and workers inherit, as `cluster/local.sh` sets it. Ray's one-machine mode
@@ -30,6 +30,7 @@ def ensure_ray() -> None:
     pipeline prints its own summary. A local Ray keeps Ray's default token authentication.
     """
     ray.data.DataContext.get_current().enable_progress_bars = verbose() and sys.stderr.isatty()
+    os.environ.setdefault(FOOTER_READERS_ENV, FOOTER_READERS)  # read where this process plans a Parquet read
     quiet_logs()
     if ray.is_initialized():
         return

@@ -18,6 +18,12 @@ from hvd.runtime.logs import show_logs
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 TRAIN_CONTEXT_MODULE = "ray.train.v2._internal.execution.context"  # logs "Reporting training result ..." per report
 VERBOSE_ENV = "HVD_VERBOSE"  # "1": Ray's and MLflow's own info logs and Ray Data's progress bars back on
+# Ray Data's Parquet reader starts this many footer-reading actors, a Python process each, for every read of a
+# split, so every training epoch (32 by default, sized for object stores). A shard folder holds hundreds of files
+# at most, on a local or shared disk: one actor reads their footers, and the first steps of an epoch no longer
+# wait on dozens of process start-ups. Read where a read is planned (the driver, `ensure_ray` sets it) and in
+# the job's workers; a value the user's environment sets is kept.
+FOOTER_READERS_ENV, FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1"
 
 
 def verbose() -> bool:
@@ -26,7 +32,10 @@ def verbose() -> bool:
 
 def runtime_env() -> dict[str, object]:
     """The job's Ray runtime env: every worker runs `setup_worker` first and inherits the verbosity."""
-    return {"worker_process_setup_hook": "hvd.runtime.worker_setup.setup_worker", "env_vars": {VERBOSE_ENV: "1" if verbose() else "0"}}
+    return {
+        "worker_process_setup_hook": "hvd.runtime.worker_setup.setup_worker",
+        "env_vars": {VERBOSE_ENV: "1" if verbose() else "0", FOOTER_READERS_ENV: os.environ.get(FOOTER_READERS_ENV, FOOTER_READERS)},
+    }
 
 
 class DropMessages(logging.Filter):
