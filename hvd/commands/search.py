@@ -21,12 +21,8 @@ from hvd.cli import fail, parse_args
 from hvd.config import Config
 from hvd.errors import HvdError
 from hvd.eval import plots
-from hvd.gallery import GalleryIndex
-from hvd.model import build_tokenizer
-from hvd.registry.index_links import index_tag, linked_indexes, open_index
-from hvd.registry.runs import active_tracking_uri, tracking_uri
-from hvd.registry.sources import ModelSource, load_model_source
-from hvd.search.query import hit_frames, search
+from hvd.search.query import hit_frames
+from hvd.search.retriever import Retriever
 
 SECTIONS = ("eval", "index", "tracking")
 
@@ -39,26 +35,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sheet", type=Path, metavar="PNG", help="where the contact sheet goes")
 
 
-def find_index(cfg: Config, source: ModelSource, uri: str, given: str | None) -> GalleryIndex:
-    """--index, else the model version's index of eval.benchmark/eval.split, else its only one."""
-    if given:
-        return open_index(given, cfg, uri)
-    linked = linked_indexes(source, uri)
-    if cfg.eval.benchmark:
-        tag = index_tag(cfg.eval.benchmark, cfg.eval.split)
-        if tag not in linked:
-            raise ValueError(f"--model {source.uri}: no index of {cfg.eval.benchmark}/{cfg.eval.split} "
-                             f"(it has: {', '.join(sorted(linked)) or 'none'})")
-        return open_index(linked[tag], cfg, uri)
-    if not linked:
-        raise ValueError(f"--model {source.uri}: no gallery index yet; build one with "
-                         f"python pipelines/index.py --model {source.uri} --shards DIR")
-    if len(linked) > 1:
-        raise ValueError(f"--model {source.uri} has {len(linked)} indexes ({', '.join(sorted(linked))}): "
-                         "choose one with eval.benchmark=NAME (and eval.split)")
-    return open_index(next(iter(linked.values())), cfg, uri)
-
-
 def sheet_path(cfg: Config, query: str) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "-", query.lower()).strip("-")[:60] or "query"
     return Path(cfg.eval.out) / "search" / f"{slug}.png"
@@ -68,14 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags)
     if args.top < 1:
         fail(f"--top {args.top}: must be at least 1")
-    uri = tracking_uri(cfg)
     try:
-        with active_tracking_uri(uri):
-            model, trained, source = load_model_source(args.model)
-        index = find_index(cfg, source, uri, args.index)
-        tokenizer = build_tokenizer(trained.model, trained.data.max_words)
-        hits = search(model, tokenizer, index, args.query, max(cfg.eval.topk, args.top), args.top, cfg.index.nprobe)
-        pairs = hit_frames(model, tokenizer, index.meta["shards"], index.meta["split"], args.query, hits)
+        retriever = Retriever.open(args.model, cfg, args.index)
+        (hits,) = retriever.search([args.query], args.top)
+        index = retriever.index
+        pairs = hit_frames(retriever.model, retriever.tokenizer, index.meta["shards"], index.meta["split"], args.query, hits)
     except (HvdError, FileNotFoundError, ValueError) as err:
         fail(err)
     sheet = plots.contact_sheet(args.query, pairs, [hit.score for hit in hits], args.sheet or sheet_path(cfg, args.query))

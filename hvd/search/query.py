@@ -28,19 +28,27 @@ class SearchHit:
 
 @torch.no_grad()
 def search(
-    model: RetrievalModel, tokenizer: Tokenizer, index: GalleryIndex, query: str, topk: int, top: int,
+    model: RetrievalModel, tokenizer: Tokenizer, index: GalleryIndex, queries: list[str], topk: int, top: int,
     nprobe: int | None = None,
-) -> list[SearchHit]:
-    """The `top` best of the index's `topk` first-stage candidates for `query`, by the full score."""
-    text = model.encode_text(tokenizer([query]))
+) -> list[list[SearchHit]]:
+    """For each caption of `queries`, the `top` best of the index's `topk` first-stage candidates by the full
+    score; the captions are encoded and rescored together."""
+    text = model.encode_text(tokenizer(queries))
     coarse, rows = index.search(model.text_embeddings(text), topk, nprobe)
-    found = rows[0] >= 0
-    coarse, rows = coarse[0][found], rows[0][found]
-    fine = rescore_gathered(model, text, index.features, rows[None].to(model.device))[0].cpu()
-    order = fine.argsort(descending=True, stable=True)[:top]
+    if bool((rows >= 0).all()):  # every caption got its k candidates: one rescoring pass for all
+        fine = rescore_gathered(model, text, index.features, rows.to(model.device)).cpu()
+        found = [(rows[q], coarse[q], fine[q]) for q in range(len(queries))]
+    else:  # an IVF search came back short (-1 rows), each caption differently
+        found = []
+        for q in range(len(queries)):
+            kept = rows[q] >= 0
+            candidates = rows[q][kept]
+            scores = rescore_gathered(model, text[q : q + 1], index.features, candidates[None].to(model.device))[0]
+            found.append((candidates, coarse[q][kept], scores.cpu()))
     return [
-        SearchHit(rank + 1, index.video_ids[int(rows[i])], float(fine[i]), float(coarse[i]))
-        for rank, i in enumerate(order)
+        [SearchHit(rank + 1, index.video_ids[int(candidates[i])], float(scores[i]), float(stage1[i]))
+         for rank, i in enumerate(scores.argsort(descending=True, stable=True)[:top])]
+        for candidates, stage1, scores in found
     ]
 
 

@@ -1,0 +1,60 @@
+"""A registered model with its gallery index, ready to answer captions: what `pipelines/search.py`, the Ray
+Serve deployment and the MLflow pyfunc share, so the three rank alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvd.config import Config
+from hvd.eval.encode import Tokenizer
+from hvd.gallery import GalleryIndex
+from hvd.model import RetrievalModel, build_tokenizer
+from hvd.registry.index_links import index_tag, linked_indexes, open_index
+from hvd.registry.runs import active_tracking_uri, tracking_uri
+from hvd.registry.sources import ModelSource, load_model_source
+from hvd.search.query import SearchHit, search
+
+
+def find_index(cfg: Config, source: ModelSource, uri: str, given: str | None = None) -> GalleryIndex:
+    """`given` (runs:/RUN_ID/index or a folder), else the model version's index of eval.benchmark/eval.split,
+    else its only one."""
+    if given:
+        return open_index(given, cfg, uri)
+    linked = linked_indexes(source, uri)
+    if cfg.eval.benchmark:
+        tag = index_tag(cfg.eval.benchmark, cfg.eval.split)
+        if tag not in linked:
+            raise ValueError(f"--model {source.uri}: no index of {cfg.eval.benchmark}/{cfg.eval.split} "
+                             f"(it has: {', '.join(sorted(linked)) or 'none'})")
+        return open_index(linked[tag], cfg, uri)
+    if not linked:
+        raise ValueError(f"--model {source.uri}: no gallery index yet; build one with "
+                         f"python pipelines/index.py --model {source.uri} --shards DIR")
+    if len(linked) > 1:
+        raise ValueError(f"--model {source.uri} has {len(linked)} indexes ({', '.join(sorted(linked))}): "
+                         "choose one with eval.benchmark=NAME (and eval.split)")
+    return open_index(next(iter(linked.values())), cfg, uri)
+
+
+@dataclass
+class Retriever:
+    model: RetrievalModel
+    tokenizer: Tokenizer
+    index: GalleryIndex
+    source: ModelSource
+    topk: int  # stage 1's candidates per caption (eval.topk)
+    nprobe: int | None  # IVF lists searched (index.nprobe)
+
+    @classmethod
+    def open(cls, model_uri: str, cfg: Config, index: str | None = None) -> Retriever:
+        """The model behind `model_uri` (see `hvd.registry.sources.URI_FORMS`) and its gallery (`find_index`),
+        read from `cfg`'s tracking store; `cfg` gives the eval and index settings."""
+        uri = tracking_uri(cfg)
+        with active_tracking_uri(uri):
+            model, trained, source = load_model_source(model_uri)
+        tokenizer = build_tokenizer(trained.model, trained.data.max_words)
+        return cls(model, tokenizer, find_index(cfg, source, uri, index), source, cfg.eval.topk, cfg.index.nprobe)
+
+    def search(self, queries: list[str], top: int) -> list[list[SearchHit]]:
+        """Each caption's `top` best videos: stage 1's `max(topk, top)` candidates rescored by the full model."""
+        return search(self.model, self.tokenizer, self.index, queries, max(self.topk, top), top, self.nprobe)
