@@ -279,6 +279,20 @@ HEADS: dict[str, HeadSpec] = {
 
 
 @dataclass
+class FirstStageConfig:
+    """The cheap global embeddings a gallery index stores, trained with the head (`hvd.model.first_stage`)."""
+
+    weight: float = key(
+        0.0, "weight of the first stage's loss term; 0: untrained, the head's own sentence and mean-frame embeddings",
+        rule=_NONNEGATIVE,
+    )
+    distill: float = key(
+        0.5, "share of that term spent on ranking like the full score (the rest: its own InfoNCE)",
+        rule=_between(0, 1),
+    )
+
+
+@dataclass
 class ModelConfig:
     preset: str = key(
         "tiny", "CLIP backbone (tiny ones for CPUs)", choices=("tiny", "tiny-p8", "ViT-B-32", "ViT-B-16")
@@ -295,6 +309,7 @@ class ModelConfig:
     hvp: HVPHeadConfig = field(default_factory=HVPHeadConfig)
     eercf: EERCFHeadConfig = field(default_factory=EERCFHeadConfig)
     hcmi: HCMIHeadConfig = field(default_factory=HCMIHeadConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
 
     def head_config(self) -> Any:
         """The chosen head's section, None for a head without knobs."""

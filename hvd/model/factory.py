@@ -11,6 +11,7 @@ from torch import Tensor
 
 from hvd.config import HEADS, WARM_START, ConfigError, DataConfig, ModelConfig, check_section, check_values
 from hvd.model.backbone import ClipBackbone
+from hvd.model.first_stage import build_first_stage
 from hvd.model.heads import Head
 from hvd.model.model import RetrievalModel
 from hvd.model.presets import preset_config
@@ -42,7 +43,8 @@ def build_model(cfg: ModelConfig) -> RetrievalModel:
     if cfg.pretrained == WARM_START:
         raise ValueError("model.pretrained=synthetic names a warm start that hvd.train.warm_start makes; pass its file")
     backbone = ClipBackbone(open_clip.CLIP(**preset_config(cfg.preset, cfg.quick_gelu)))
-    model = RetrievalModel(backbone, head_class(cfg.head).build(backbone, cfg.head_config()), cfg.score_budget_mb)
+    stage1 = build_first_stage(backbone.embed_dim, cfg.first_stage.weight, cfg.first_stage.distill)
+    model = RetrievalModel(backbone, head_class(cfg.head).build(backbone, cfg.head_config()), cfg.score_budget_mb, stage1)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from hvd.model.backbone import PAD_TOKEN, ClipBackbone
 from hvd.model.features import TextFeatures, VideoFeatures
+from hvd.model.first_stage import FirstStage
 from hvd.model.heads import Head
 from hvd.model.losses import gather_across_ranks
 
@@ -26,10 +27,11 @@ RERANK_CHUNK_BYTES = 32 << 20
 
 
 class RetrievalModel(nn.Module):
-    def __init__(self, backbone: ClipBackbone, head: Head, score_budget_mb: int):
+    def __init__(self, backbone: ClipBackbone, head: Head, score_budget_mb: int, first_stage: FirstStage | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.first_stage = first_stage  # None: stage 1 is the head's own embeddings, untrained for it
         self.score_budget_bytes = score_budget_mb * 2**20
         # Buffers, not parameters: they follow the model to its device and stay out of the state dict.
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
@@ -121,7 +123,7 @@ class RetrievalModel(nn.Module):
         text_chunk, video_chunk = self.chunk_sizes(text, video)
         scores = torch.empty(len(text), len(video), device=text.device)
         for t in range(0, len(text), text_chunk):
-            texts = text[t : t + text_chunk].to(self.device)
+            texts = self.head.text_features(text[t : t + text_chunk].to(self.device))  # once for all video chunks
             for v in range(0, len(video), video_chunk):
                 chunk = self.similarities(texts, video[v : v + video_chunk].to(self.device))
                 scores[t : t + text_chunk, v : v + video_chunk] = self.combine(chunk).to(scores.device)
@@ -131,11 +133,13 @@ class RetrievalModel(nn.Module):
     def score_groups(self, text: TextFeatures, video: VideoFeatures, candidates: Tensor, videos_of_text: bool) -> Tensor:
         """[Q, k] scores of each query with its own candidates (`candidates` [Q, k] indices): each caption with
         videos, or with `videos_of_text` False each video with captions; in chunks of queries within
-        `score_budget_mb`. Needs a head that `scores_groups`."""
+        `score_budget_mb`. Needs a head that `scores_groups`. The head's caption-side work runs once per caption
+        (`Head.text_features`), not once per candidate."""
+        scores = torch.empty(candidates.shape, device=text.device)
+        text = self.head.text_features(text.to(self.device))
         queries, fixed = (text, video) if videos_of_text else (video, text)
         per_query = candidates.shape[1] * (self.head.pair_bytes(text, video) + fixed.row_bytes()) + queries.row_bytes()
         chunk = max(1, min(self.score_budget_bytes, RERANK_CHUNK_BYTES) // per_query)
-        scores = torch.empty(candidates.shape, device=text.device)
         for start in range(0, len(candidates), chunk):
             rows = slice(start, start + chunk)
             own, theirs = queries[rows].to(self.device), fixed[candidates[rows]].to(self.device)  # [q], [q, k]
@@ -159,13 +163,16 @@ class RetrievalModel(nn.Module):
 
     @torch.no_grad()
     def text_embeddings(self, text: TextFeatures) -> Tensor:
-        """[Nt, D]: captions' side of the head's cheap first stage (meanP's by default)."""
-        return self.head.text_embedding(text)
+        """[Nt, D]: captions' side of the cheap first stage: the head's (meanP's by default), through the
+        trained first stage when the model has one."""
+        embedding = self.head.text_embedding(text)
+        return embedding if self.first_stage is None else self.first_stage.embed_text(embedding)
 
     @torch.no_grad()
     def video_embeddings(self, video: VideoFeatures) -> Tensor:
         """[Nv, D]: videos' side of the first stage; its dot product with `text_embeddings` ranks them."""
-        return self.head.video_embedding(video)
+        embedding = self.head.video_embedding(video)
+        return embedding if self.first_stage is None else self.first_stage.embed_video(embedding)
 
     def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
         """Both sides of the first stage at once."""
@@ -173,11 +180,16 @@ class RetrievalModel(nn.Module):
 
     def loss(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, dict[str, float]]:
         """The head's contrastive loss on each similarity (by default a weighted symmetric InfoNCE) plus its
-        regularizers, over the batch gathered from all ranks."""
+        regularizers, and the trained first stage's term, over the batch gathered from all ranks."""
         text, video = gather_across_ranks(text), gather_across_ranks(video)
         scale = self.logit_scale()
-        parts = self.head.contrastive_losses(text, video, self.similarities(text, video), scale)
+        similarities = self.similarities(text, video)
+        parts = self.head.contrastive_losses(text, video, similarities, scale)
         parts |= self.head.regularizers(text, video)
+        if self.first_stage is not None:
+            parts["first_stage"] = self.first_stage.loss(
+                self.head.text_embedding(text), self.head.video_embedding(video), self.combine(similarities), scale
+            )
         total = torch.stack(list(parts.values())).sum()
         metrics = {f"loss_{name}": float(value.detach()) for name, value in parts.items()}
         metrics["logit_scale"] = float(scale.detach())
