@@ -7,11 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hvd.config import ModelConfig, load_config
+from hvd.config import ModelConfig, flatten, load_config
 from hvd.data.shards import SUMMARY_FILE, frame_mask, frames_uint8, read_shards
 from hvd.data.synthetic import COLOURS
 from hvd.model import build_model
-from hvd.train.warm_start import stills_plan, warm_start, warm_start_fingerprint
+from hvd.registry.runs import config_differences
+from hvd.train.warm_start import pretrain_config, stills_plan, warm_start, warm_start_fingerprint
 
 COUNTS = {"train": 40, "val": 8}
 
@@ -69,3 +70,15 @@ def test_an_unresolved_warm_start_is_a_clear_error():
     cfg = load_config(None, ["model.pretrained=null"])
     assert warm_start(cfg) is cfg  # nothing to resolve
     assert load_config().model.pretrained == "synthetic"  # the product's default; not made a path
+
+
+def test_runs_sharing_a_warm_start_record_one_config_for_it():
+    """Two studies' trials of one seed share a warm start: its run must read the same whatever benchmark folder or
+    head knobs the trial has, so either resumes the warm start the other left unfinished."""
+    base = load_config(None, ["synthetic.out=/tmp/a", "synthetic.event_fraction=0.15", "model.hvd.frame_keep=0.25"])
+    other = load_config(None, ["synthetic.out=/tmp/b", "synthetic.entity_scale=0.3", "model.head=xpool"])
+    fingerprint = warm_start_fingerprint(base)
+    assert fingerprint == warm_start_fingerprint(other)
+    shared = [pretrain_config(cfg, fingerprint, Path("/tmp/stills")) for cfg in (base, other)]
+    assert flatten(shared[0]) == flatten(shared[1])
+    assert not config_differences({k: str(v) for k, v in flatten(shared[0]).items()}, shared[1])

@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from hvd.config import WARM_START, Config
+from hvd.config import WARM_START, Config, ModelConfig, SyntheticConfig
 from hvd.data.folders import exclusive
 from hvd.data.stills import digest, stills_identity, write_stills
 from hvd.data.synthetic import Settings, resolve
@@ -68,9 +68,15 @@ def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
         # Seeded by pretrain.seed, whatever run.seed: seeds of a fine-tuning share one warm start, as runs
         # starting from CLIP share CLIP's weights; the study gives each seed its own (hvd.train.study).
         run=dataclasses.replace(cfg.run, name=f"{model_name(cfg)}-{fingerprint[:8]}", seed=cfg.pretrain.seed),
+        # Of the video config's world and model, only what decides the stills and the weights: runs that share
+        # this warm start (two studies' trials of one seed) differ in a benchmark's folder or a head's knobs, which
+        # must not stop one of them resuming the warm start another left unfinished.
+        synthetic=SyntheticConfig(preset=cfg.synthetic.preset, seed=cfg.synthetic.seed, fps=cfg.synthetic.fps,
+                                  num_distractors=cfg.synthetic.num_distractors),
         data=dataclasses.replace(cfg.data, manifest=None, shards=str(stills), num_frames=1, expand_captions=False,
                                  augment="none"),
-        model=dataclasses.replace(cfg.model, head="meanp", pretrained=None),
+        model=ModelConfig(preset=cfg.model.preset, quick_gelu=cfg.model.quick_gelu, head="meanp",
+                          score_budget_mb=cfg.model.score_budget_mb),
         train=dataclasses.replace(cfg.train, epochs=cfg.pretrain.epochs, batch_size=cfg.pretrain.batch_size,
                                   lr=cfg.pretrain.lr, fail_at_step=-1),
         tracking=dataclasses.replace(cfg.tracking, experiment=EXPERIMENT, model_name=model_name(cfg)),
