@@ -91,7 +91,7 @@ def test_meanp_two_stage_matches_exhaustive_at_any_k():
         assert retrieval_metrics(result.t2v, text_video, v2t_sim=result.v2t) == expected
 
 
-@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp"])
+@pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"])
 def test_batched_reranking_equals_one_query_at_a_time(head):
     """Heads that score groups rerank every query's candidates in chunked passes; the scores and rankings
     are those of one `score` call per query (the path of the other heads)."""
@@ -111,3 +111,88 @@ def test_batched_reranking_equals_one_query_at_a_time(head):
     for scores, reference in zip(batched, (one_by_one, one_by_one_v2t), strict=True):
         torch.testing.assert_close(scores, reference, rtol=0, atol=1e-6)
         assert torch.equal(scores.argsort(dim=1), reference.argsort(dim=1))
+
+
+@functools.cache
+def padded_hcmi():
+    """A tiny HCMI model with random head weights (its learned weightings start uniform), 12 random captions of
+    3-20 tokens and 10 random videos of 1-6 real frames: padding on both sides."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(head="hcmi")).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.head.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        lengths = torch.randint(3, 21, (12, 1), generator=generator)
+        positions = torch.arange(24)
+        tokens = torch.randint(1, 49406, (12, 24), generator=generator)  # words: below the start and end ids
+        tokens = torch.where(positions == lengths - 1, 49407, tokens).masked_fill(positions >= lengths, 0)
+        tokens[:, 0] = 49406
+        frame_mask = torch.arange(6) < torch.randint(1, 7, (10, 1), generator=generator)
+        frames = torch.randn(10, 6, 3, 64, 64, generator=generator)
+        return model, model.encode_text(tokens), model.encode_video(frames, frame_mask)
+
+
+def candidates_of(queries: int, gallery: int, k: int, seed: int) -> torch.Tensor:
+    """[queries, k] distinct random candidates per query."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(gallery, generator=generator)[:k] for _ in range(queries)])
+
+
+@pytest.mark.parametrize(("queries", "k"), [(1, 1), (4, 3), (10, 8)])
+def test_hcmi_grouped_similarities_equal_one_similarities_call_per_query(queries, k):
+    """Each level's [Q, k] scores, captions prepared once for the whole set, against `similarities` of one query
+    with its candidates (the phrases clustered for that query alone), both directions."""
+    model, text, video = padded_hcmi()
+    head = model.head
+    with torch.no_grad():
+        prepared = head.text_features(text)
+        videos_of_text, texts_of_video = candidates_of(queries, len(video), k, 0), candidates_of(queries, len(text), k, 1)
+        by_caption = head.grouped_similarities(prepared[:queries], video[videos_of_text])
+        by_video = head.grouped_similarities(prepared[texts_of_video], video[:queries])
+        for q in range(queries):
+            for name, s in head.similarities(text[q : q + 1], video[videos_of_text[q]]).items():
+                torch.testing.assert_close(by_caption[name][q], s[0], rtol=0, atol=1e-6)
+            for name, s in head.similarities(text[texts_of_video[q]], video[q : q + 1]).items():
+                torch.testing.assert_close(by_video[name][q], s[:, 0], rtol=0, atol=1e-6)
+
+
+def test_hcmi_text_side_once_per_caption_scores_as_each_pair_alone():
+    """Phrases clustered once for all captions are each caption's own, and the reranking harness (which
+    prepares the captions once) scores every (caption, candidate) pair as that pair scored alone."""
+    model, text, video = padded_hcmi()
+    head = model.head
+    with torch.no_grad():
+        prepared = head.text_features(text)
+        assert head.text_features(prepared) is prepared
+        for c in range(len(text)):
+            alone = head.text_features(text[c : c + 1])
+            slots = alone.phrases.shape[1]
+            assert torch.equal(prepared.phrase_mask[c, :slots], alone.phrase_mask[0])
+            assert not prepared.phrase_mask[c, slots:].any()
+            torch.testing.assert_close(prepared.phrases[c, :slots], alone.phrases[0], rtol=0, atol=1e-6)
+        assert bool((prepared.phrase_mask.sum(dim=1) < prepared.phrases.shape[1]).any())  # phrase padding exercised
+        videos_of_text, texts_of_video = candidates_of(len(text), len(video), 5, 2), candidates_of(len(video), len(text), 5, 3)
+        pair = lambda c, v: model.combine(head.similarities(text[c : c + 1], video[v : v + 1]))[0, 0]  # noqa: E731
+        by_caption = torch.tensor([[pair(c, int(v)) for v in row] for c, row in enumerate(videos_of_text)])
+        by_video = torch.tensor([[pair(int(c), v) for c in row] for v, row in enumerate(texts_of_video)])
+        torch.testing.assert_close(model.score_groups(text, video, videos_of_text, videos_of_text=True), by_caption,
+                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.score_groups(text, video, texts_of_video, videos_of_text=False), by_video,
+                                   rtol=0, atol=1e-6)
+
+
+def test_hcmi_two_stage_ranks_as_when_it_reranked_one_query_at_a_time():
+    """The evaluation path: two-stage retrieval with HCMI's grouped reranking gives the rankings that one `score`
+    call per query (HCMI's path before it scored groups) gave, both directions."""
+    model, text, video = padded_hcmi()
+    topk = 4
+    result = two_stage(model, text, video, topk)
+    coarse = result.coarse
+    videos_of_text, texts_of_video = top_candidates(coarse, topk), top_candidates(coarse.T, topk)
+    one_by_one = torch.stack([model.score(text[q : q + 1], video[videos_of_text[q]])[0] for q in range(len(text))])
+    one_by_one_v2t = torch.stack([model.score(text[texts_of_video[q]], video[q : q + 1])[:, 0] for q in range(len(video))])
+    before = merge_reranked(coarse, videos_of_text, one_by_one), merge_reranked(coarse.T, texts_of_video, one_by_one_v2t)
+    for now, then in zip((result.t2v, result.v2t), before, strict=True):
+        torch.testing.assert_close(now, then, rtol=0, atol=1e-6)
+        assert torch.equal(now.argsort(dim=1, descending=True), then.argsort(dim=1, descending=True))

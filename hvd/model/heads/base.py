@@ -1,7 +1,8 @@
 """What every similarity head answers, and the pieces several heads share.
 
 Training, scoring and evaluation treat heads alike through `Head`: the video features a head keeps per
-video (`video_features`, run once per video at encoding time), the named [Nt, Nv] similarity matrices of
+video (`video_features`, run once per video at encoding time), what it derives from captions alone
+(`text_features`, run once per caption set before scoring), the named [Nt, Nv] similarity matrices of
 a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, or the head's own
 `contrastive_losses`, and the retrieval score their sum weighted by `score_weights`, by default
 `part_weights`), extra loss terms (`regularizers`), the cheap features of a first retrieval stage (the dot
@@ -161,6 +162,13 @@ class Head(nn.Module):
 
     def compress_patches(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} uses no patches")
+
+    def text_features(self, text: TextFeatures) -> TextFeatures:
+        """The captions with whatever the head derives from them alone (HCMI: its phrases), computed once per
+        caption set by the scoring paths so that no (caption, candidate) block repeats it; by default nothing.
+        At scoring time, not encoding time: the result may depend on the set (padding to its longest caption).
+        The head's similarities accept either form, and features already derived come back unchanged."""
+        return text
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -4,11 +4,13 @@ Representations", arXiv 2204.03382): frame-clip-video met by word-phrase-sentenc
 Video, per clip once: the frames attend to each other (`FrameTransformer`, as EERCF's), the contextualised
 frames are clustered into clips by DPC-KNN (`model.hcmi.clip_ratio` of the real frames), each clip the
 exp(score)-weighted mean of its frames, and the video token the softmax(score)-weighted mean of the clips.
-Text: the words (CLIP's token features), phrases by the same clustering and merge over the words
-(`model.hcmi.phrase_ratio`), and the sentence (CLIP's end-of-text feature).
+Text, per caption once (`text_features`, before scoring): the words (CLIP's token features), phrases by the
+same clustering and merge over the words (`model.hcmi.phrase_ratio`), and the sentence (CLIP's end-of-text
+feature).
 Scores: frame-word and clip-phrase by token-wise matching (each word to its best frame and each frame to
 its best word, each side weighted by a learned softmax, averaged: HVD's word-patch matching), and
-video-sentence by cosine. The loss is an InfoNCE per level; the retrieval score is their sum.
+video-sentence by cosine. The loss is an InfoNCE per level; the retrieval score is their sum. Reranking
+scores each query with its own candidates in one pass per level (`grouped_similarities`).
 
 Not HCMI as published: its code is not public, and this follows the abstract and the paper's description
 where they are explicit (frame self-attention, adaptive clustering of frames into clips, three levels each
@@ -32,6 +34,7 @@ Where the paper's description leaves a choice open, this reads it so:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -51,6 +54,7 @@ from hvd.model.heads.base import (
     trim_padding,
     words_entities,
     words_entities_bytes,
+    words_entities_grouped,
     zero_linear,
 )
 from hvd.model.temporal import FrameTransformer
@@ -59,6 +63,14 @@ DENOISE_WEIGHT = 0.5  # share of the target that follows caption-caption similar
 DENOISE_TEMPERATURE = 0.02  # a caption 0.1 less similar than itself gets e^-5 of its weight
 MARGIN = 0.1  # a negative within this cosine of the positive is marginal
 ENHANCE = 2.0  # how many times a marginal negative counts in the InfoNCE denominator
+
+
+@dataclasses.dataclass
+class PhrasedText(TextFeatures):
+    """Captions with their phrases: a `Features`, so slicing and gathering candidates carry the phrases along."""
+
+    phrases: Tensor  # [B, M, D] unit phrase tokens, zero on empty slots (M: the most phrases of any caption)
+    phrase_mask: Tensor  # [B, M] bool, False on empty slots
 
 
 class AdaptiveGrouping(nn.Module):
@@ -106,6 +118,7 @@ def hierarchical_infonce(similarity: Tensor, scale: Tensor, targets: Tensor | No
 
 
 class HCMIHead(Head):
+    scores_groups = True
     explain_legend = ("frames: caption cosine of the clip each frame was clustered into (HCMI's clip tokens); "
                       "the best clip's frames framed green")
 
@@ -142,31 +155,62 @@ class HCMIHead(Head):
         return context, clips, assignment.masked_fill(~frame_mask, -1)
 
     def video_token(self, video: VideoFeatures) -> Tensor:
-        """[Nv, D] the video level: the clips merged by their learned weights."""
+        """[..., D] the video level of videos [..., C, D]: the clips merged by their learned weights."""
         weight = masked_softmax(self.video_weight(video.patches).squeeze(-1), video.patch_frames.any(dim=-1))
-        return F.normalize(torch.einsum("vc,vcd->vd", weight, video.patches), dim=-1)
+        return F.normalize(torch.einsum("...c,...cd->...d", weight, video.patches), dim=-1)
 
     def video_embedding(self, video: VideoFeatures) -> Tensor:
         return self.video_token(video)
 
-    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+    def text_features(self, text: TextFeatures) -> PhrasedText:
+        """The captions with their phrases (clustered over the words, whatever the caption is scored against),
+        so that reranking clusters each caption once, not once per candidate."""
+        if isinstance(text, PhrasedText):
+            return text
         words, word_mask = trim_padding(text.words, text.word_mask)
-        phrases, phrase_mask, _ = self.phrases(words, word_mask)
+        captions = word_mask.shape[:-1]  # [B], or [Q, k] for candidate captions
+        phrases, phrase_mask, _ = self.phrases(words.flatten(0, -3), word_mask.flatten(0, -2))
+        return PhrasedText(text.sentence, text.words, text.word_mask, phrases.unflatten(0, captions),
+                           phrase_mask.unflatten(0, captions))
+
+    def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        return self._levels(self.text_features(text), video, grouped=False)
+
+    def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        return self._levels(self.text_features(text), video, grouped=True)
+
+    def _levels(self, text: PhrasedText, video: VideoFeatures, grouped: bool) -> dict[str, Tensor]:
+        """The three levels' similarities: [Nt, Nv] of every caption with every video, or with `grouped` [Q, k]
+        of each query with its own candidates (`Head.grouped_similarities`' layouts)."""
+        words, word_mask = trim_padding(text.words, text.word_mask)
+        phrases, phrase_mask = trim_padding(text.phrases, text.phrase_mask)  # a gathered subset may use fewer
+        token = self.video_token(video)
+        if not grouped:
+            video_sentence = text.sentence @ token.T
+        elif text.sentence.ndim == 2:  # each caption, its k videos
+            video_sentence = torch.einsum("qd,qkd->qk", text.sentence, token)
+        else:  # each video, its k captions
+            video_sentence = torch.einsum("qkd,qd->qk", text.sentence, token)
         return {
-            "frames_words": self._match(words, word_mask, self.word_weight, video.frame_views[:, 0], video.frame_mask,
-                                        self.frame_weight),
+            "frames_words": self._match(words, word_mask, self.word_weight, video.frame_views[..., 0, :, :],
+                                        video.frame_mask, self.frame_weight, grouped),
             "clips_phrases": self._match(phrases, phrase_mask, self.phrase_weight, video.patches,
-                                         video.patch_frames.any(dim=-1), self.clip_weight),
-            "video_sentence": text.sentence @ self.video_token(video).T,
+                                         video.patch_frames.any(dim=-1), self.clip_weight, grouped),
+            "video_sentence": video_sentence,
         }
 
     @staticmethod
     def _match(text_tokens: Tensor, text_mask: Tensor, text_weight: nn.Linear, video_tokens: Tensor, video_mask: Tensor,
-               video_weight: nn.Linear) -> Tensor:
-        """[Nt, Nv] token-wise matching of one level's text and video tokens."""
-        seen = video_mask[None].expand(len(text_tokens), -1, -1)
-        return words_entities(text_tokens, text_mask, text_weight(text_tokens).squeeze(-1), video_tokens, seen,
-                              video_weight(video_tokens).squeeze(-1))
+               video_weight: nn.Linear, grouped: bool) -> Tensor:
+        """Token-wise matching of one level's text and video tokens: [Nt, Nv], or with `grouped` [Q, k]
+        (`words_entities_grouped`: each query's side is matched against its candidates without being copied)."""
+        text_logits, video_logits = text_weight(text_tokens).squeeze(-1), video_weight(video_tokens).squeeze(-1)
+        if not grouped:
+            seen = video_mask[None].expand(len(text_tokens), -1, -1)
+            return words_entities(text_tokens, text_mask, text_logits, video_tokens, seen, video_logits)
+        if text_tokens.ndim == 4:  # each video, its k captions: the video's tokens count for every caption
+            video_mask = video_mask[:, None].expand(-1, text_mask.shape[1], -1)
+        return words_entities_grouped(text_tokens, text_mask, text_logits, video_tokens, video_mask, video_logits)
 
     def contrastive_losses(self, text: TextFeatures, video: VideoFeatures, similarities: dict[str, Tensor],
                            scale: Tensor) -> dict[str, Tensor]:
