@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from hvd.config import load_config, to_yaml
 from hvd.model import build_model
-from hvd.registry.flavor import CONFIG_FILE, FLAVOR, HASH_TAG, WEIGHTS_FILE, sha256_file
+from hvd.registry.flavor import CONFIG_FILE, FLAVOR, HASH_TAG, PYFUNC_LOADER, WEIGHTS_FILE, sha256_file
 from hvd.registry.models import load_model, register_model, scored_on
 from hvd.registry.runs import active_tracking_uri, finish_run, start_or_resume_run
 from hvd.registry.sources import ModelSourceError, load_model_source
@@ -54,7 +54,8 @@ def test_registered_model_is_tensors_and_config_and_loads_back_exactly(store):
         files = {f.path for f in mlflow.artifacts.list_artifacts(uri)}
         flavors = mlflow.models.Model.load(uri).flavors
     assert files == {"MLmodel", WEIGHTS_FILE, CONFIG_FILE}
-    assert set(flavors) == {FLAVOR} and flavors[FLAVOR]["format"] == "safetensors"
+    assert set(flavors) == {FLAVOR, "python_function"} and flavors[FLAVOR]["format"] == "safetensors"
+    assert flavors["python_function"]["loader_module"] == PYFUNC_LOADER  # a module of hvd, never a pickle
 
     # the tracking store holds each file's sha256, as the logged model's tags
     folder = artifact_folder(cfg, registered.model_id)

@@ -11,9 +11,15 @@ other valid ones. So `log_model` records each file's sha256 as a tag of the logg
 tracking store, and `load_model` refuses files whose hash is not the recorded one. A model logged before
 hashes were recorded has no such tags: it loads, with a warning that its files went unchecked.
 
+Every saved model also has MLflow's standard face, a `pyfunc` flavor whose loader is a module of this
+package (`hvd.registry.pyfunc`, which reads the same two files with the same checks), never a pickled
+Python object: `mlflow.pyfunc.load_model(uri).predict(captions)` ranks the gallery linked to the version.
+
 The logged model's folder:
     MLmodel              flavors.hvd: the format, the two file names and their sha256, the hvd version
-                         that wrote them (the hashes that count are the logged model's tags)
+                         that wrote them (the hashes that count are the logged model's tags);
+                         flavors.python_function: the loader module and the search settings it reads
+                         (`PYFUNC_CONFIG`); the signature (`SIGNATURE`)
     model.safetensors    backbone and head weights
     config.yaml          the training config: which preset and head to build, how frames were sampled
 """
@@ -31,12 +37,14 @@ import mlflow
 from mlflow.entities import LoggedModel
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
+from mlflow.models.signature import ModelSignature
 from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hvd.config import Config, ConfigError, config_from_yaml, to_yaml
+from hvd.config import Config, ConfigError, config_from_yaml, flatten, to_yaml
 from hvd.errors import InputError
 from hvd.model import RetrievalModel, rebuild_model
 
@@ -45,6 +53,20 @@ FORMAT = "safetensors"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 HASH_TAG = "sha256."  # logged-model tags sha256.model.safetensors and sha256.config.yaml
+
+PYFUNC_LOADER = "hvd.registry.pyfunc"
+PYFUNC_TOP = 10  # videos per caption when predict is given no `top`
+# The input column is unnamed: MLflow matches a list or a Series to a named column by name, and refuses them.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string")]),
+    outputs=Schema([ColSpec("string", "caption"), ColSpec("long", "rank"), ColSpec("string", "video_id"),
+                    ColSpec("double", "score"), ColSpec("double", "stage1_score")]),
+    params=ParamSchema([ParamSpec("top", "long", PYFUNC_TOP)]),
+)
+# The config keys the pyfunc's search reads, with their defaults: which linked index, where it is downloaded,
+# stage 1's candidates; `mlflow.pyfunc.load_model(uri, model_config={...})` overrides them.
+PYFUNC_CONFIG = {key: value for key, value in flatten(Config()).items()
+                 if key in ("eval.benchmark", "eval.split", "eval.topk", "index.nprobe", "index.cache")}
 
 
 class ModelFormatError(InputError, ValueError):
@@ -82,6 +104,8 @@ def save_model(model: RetrievalModel, cfg: Config, path: str, mlflow_model: Mode
     mlflow_model = mlflow_model or Model()
     mlflow_model.add_flavor(FLAVOR, format=FORMAT, weights=WEIGHTS_FILE, config=CONFIG_FILE, sha256=hashes,
                             hvd_version=version("hvd"))
+    mlflow.pyfunc.add_to_model(mlflow_model, loader_module=PYFUNC_LOADER, model_config=PYFUNC_CONFIG)
+    mlflow_model.signature = SIGNATURE
     mlflow_model.save(str(folder / MLMODEL_FILE_NAME))
 
 
@@ -100,29 +124,41 @@ def load_model(model_uri: str) -> tuple[RetrievalModel, Config]:
     the tracking store records other sha256 for its files than the artifact store now holds."""
     logged = _logged_model(model_uri)
     source = logged.artifact_location if logged else model_uri  # the files of the model the store names
+    with tempfile.TemporaryDirectory() as tmp:
+        # MLmodel first: a model in another flavor is refused before its (pickled) files are downloaded
+        _hvd_flavor(model_uri, Path(mlflow.artifacts.download_artifacts(f"{source}/{MLMODEL_FILE_NAME}", dst_path=tmp)))
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            mlflow.artifacts.download_artifacts(f"{source}/{name}", dst_path=tmp)
+        return _read_model(model_uri, Path(tmp), logged)
+
+
+def load_local_model(folder: Path, logged: LoggedModel) -> tuple[RetrievalModel, Config]:
+    """`load_model` for a copy of the logged model's folder already on disk (what MLflow hands a pyfunc
+    loader), checked against the tags that the tracking store holds for `logged`."""
+    model_uri = f"models:/{logged.model_id}"
+    _hvd_flavor(model_uri, folder / MLMODEL_FILE_NAME)
+    return _read_model(model_uri, folder, logged)
+
+
+def _read_model(model_uri: str, folder: Path, logged: LoggedModel | None) -> tuple[RetrievalModel, Config]:
     tags = logged.tags if logged else {}
     recorded = {key.removeprefix(HASH_TAG): value for key, value in tags.items() if key.startswith(HASH_TAG)}
-    with tempfile.TemporaryDirectory() as tmp:
-        flavor = _hvd_flavor(model_uri, source, tmp)
-        if flavor.get("format") != FORMAT or flavor.get("weights") != WEIGHTS_FILE or flavor.get("config") != CONFIG_FILE:
-            raise ModelFormatError(f"{model_uri}: its hvd flavor names other files or formats than hvd writes: {flavor}")
-        weights = mlflow.artifacts.download_artifacts(f"{source}/{WEIGHTS_FILE}", dst_path=tmp)
-        config = mlflow.artifacts.download_artifacts(f"{source}/{CONFIG_FILE}", dst_path=tmp)
-        if not recorded:
-            warnings.warn(f"{model_uri}: the tracking store records no sha256 of its files (logged before "
-                          "hvd recorded them), so nothing checks that they are the files logged",
-                          stacklevel=2)
-        elif changed := changed_files({WEIGHTS_FILE: Path(weights), CONFIG_FILE: Path(config)}, recorded):
-            raise ModelFormatError(f"{model_uri}: its files are not the ones logged ({'; '.join(changed)}); "
-                                   "the artifact store's copy was replaced, so it is not loaded")
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError) as err:
-            raise ModelFormatError(f"{model_uri}: {WEIGHTS_FILE} is not a safetensors file ({err})") from None
-        try:
-            cfg = config_from_yaml(Path(config).read_text())
-        except ConfigError as err:
-            raise ModelFormatError(f"{model_uri}: {CONFIG_FILE} is not a valid hvd config ({err})") from None
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not recorded:
+        warnings.warn(f"{model_uri}: the tracking store records no sha256 of its files (logged before "
+                      "hvd recorded them), so nothing checks that they are the files logged",
+                      stacklevel=3)
+    elif changed := changed_files({WEIGHTS_FILE: weights, CONFIG_FILE: config}, recorded):
+        raise ModelFormatError(f"{model_uri}: its files are not the ones logged ({'; '.join(changed)}); "
+                               "the artifact store's copy was replaced, so it is not loaded")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise ModelFormatError(f"{model_uri}: {WEIGHTS_FILE} is not a safetensors file ({err})") from None
+    try:
+        cfg = config_from_yaml(config.read_text())
+    except ConfigError as err:
+        raise ModelFormatError(f"{model_uri}: {CONFIG_FILE} is not a valid hvd config ({err})") from None
     try:
         model = rebuild_model(cfg.model, state)
     except RuntimeError as err:
@@ -154,8 +190,9 @@ def _logged_model(model_uri: str) -> LoggedModel | None:
     return None
 
 
-def _hvd_flavor(model_uri: str, source: str, tmp: str) -> dict:
-    meta = Model.load(mlflow.artifacts.download_artifacts(f"{source}/{MLMODEL_FILE_NAME}", dst_path=tmp))
+def _hvd_flavor(model_uri: str, mlmodel: Path) -> None:
+    """Refuse a model whose MLmodel file names no hvd flavor, or other files or formats than hvd writes."""
+    meta = Model.load(str(mlmodel))
     if FLAVOR not in meta.flavors:
         stored = ", ".join(sorted(meta.flavors)) or "no flavor"
         raise ModelFormatError(
@@ -163,4 +200,6 @@ def _hvd_flavor(model_uri: str, source: str, tmp: str) -> dict:
             "model file, since loading a pickle runs the code inside it; evaluate the run's checkpoint folder "
             "instead (--model PATH/TO/checkpoint_...) or train it again with this version of hvd"
         )
-    return meta.flavors[FLAVOR]
+    flavor = meta.flavors[FLAVOR]
+    if flavor.get("format") != FORMAT or flavor.get("weights") != WEIGHTS_FILE or flavor.get("config") != CONFIG_FILE:
+        raise ModelFormatError(f"{model_uri}: its hvd flavor names other files or formats than hvd writes: {flavor}")

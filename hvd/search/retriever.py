@@ -24,14 +24,14 @@ def find_index(cfg: Config, source: ModelSource, uri: str, given: str | None = N
     if cfg.eval.benchmark:
         tag = index_tag(cfg.eval.benchmark, cfg.eval.split)
         if tag not in linked:
-            raise ValueError(f"--model {source.uri}: no index of {cfg.eval.benchmark}/{cfg.eval.split} "
+            raise ValueError(f"{source.uri}: no index of {cfg.eval.benchmark}/{cfg.eval.split} "
                              f"(it has: {', '.join(sorted(linked)) or 'none'})")
         return open_index(linked[tag], cfg, uri)
     if not linked:
-        raise ValueError(f"--model {source.uri}: no gallery index yet; build one with "
+        raise ValueError(f"{source.uri}: no gallery index yet; build one with "
                          f"python pipelines/index.py --model {source.uri} --shards DIR")
     if len(linked) > 1:
-        raise ValueError(f"--model {source.uri} has {len(linked)} indexes ({', '.join(sorted(linked))}): "
+        raise ValueError(f"{source.uri} has {len(linked)} indexes ({', '.join(sorted(linked))}): "
                          "choose one with eval.benchmark=NAME (and eval.split)")
     return open_index(next(iter(linked.values())), cfg, uri)
 
@@ -49,11 +49,19 @@ class Retriever:
     def open(cls, model_uri: str, cfg: Config, index: str | None = None) -> Retriever:
         """The model behind `model_uri` (see `hvd.registry.sources.URI_FORMS`) and its gallery (`find_index`),
         read from `cfg`'s tracking store; `cfg` gives the eval and index settings."""
-        uri = tracking_uri(cfg)
-        with active_tracking_uri(uri):
+        with active_tracking_uri(tracking_uri(cfg)):
             model, trained, source = load_model_source(model_uri)
+        return cls.for_model(model, trained, source, cfg, index)
+
+    @classmethod
+    def for_model(
+        cls, model: RetrievalModel, trained: Config, source: ModelSource, cfg: Config, index: str | None = None
+    ) -> Retriever:
+        """`open` for a model already loaded, with its training config `trained` (the MLflow pyfunc reads its
+        files from MLflow's own download)."""
         tokenizer = build_tokenizer(trained.model, trained.data.max_words)
-        return cls(model, tokenizer, find_index(cfg, source, uri, index), source, cfg.eval.topk, cfg.index.nprobe)
+        return cls(model, tokenizer, find_index(cfg, source, tracking_uri(cfg), index), source, cfg.eval.topk,
+                   cfg.index.nprobe)
 
     def search(self, queries: list[str], top: int) -> list[list[SearchHit]]:
         """Each caption's `top` best videos: stage 1's `max(topk, top)` candidates rescored by the full model."""
