@@ -1,5 +1,6 @@
 """Shared fixtures: an MLflow-URI guard for every test, one watched run of the training command, small real
-H.264 files written with PyAV (sound and broken), and the model tests' captions and clips."""
+H.264 files written with PyAV (sound and broken), the model tests' captions and clips, and a tiny registered
+model beside a local Ray."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import ray
 import torch
 from training_command import WatchedRun, run_training_command
 
-from hvd.config import ModelConfig
-from hvd.model import build_tokenizer
+from hvd.config import ModelConfig, load_config
+from hvd.data.synthetic import generate
+from hvd.model import build_model, build_tokenizer
+from hvd.registry.models import register_model
+from hvd.registry.runs import finish_run, start_or_resume_run, tracking_uri
 from hvd.runtime.logs import show_logs
 
 
@@ -159,3 +164,41 @@ def tokens():
 @pytest.fixture(scope="module")
 def frames():
     return torch.randn(len(MODEL_CAPTIONS), MODEL_FRAMES, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny synthetic benchmark and a tiny (untrained) HVD model registered as `hvd` version 1, `champion`, in a
+    SQLite store of its own; a local Ray for the module's jobs."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    root = tmp_path_factory.mktemp("registered")
+    cfg = load_config(
+        None,
+        [
+            "synthetic.preset=tiny",
+            f"synthetic.out={root}/bench",
+            f"tracking.uri=sqlite:///{root}/mlflow.db",
+            "run.name=tiny-train",
+            f"train.storage_path={root}/ray",  # the run's driver lock, out of the checkout
+            "model.pretrained=null",  # an untrained model is all these tests need
+            f"eval.out={root}/eval",
+            f"eval.cache={root}/cache",
+            f"index.cache={root}/indexes",
+        ],
+    )
+    manifest = generate(cfg.synthetic, progress=False)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    run = start_or_resume_run(cfg, {})
+    registered = register_model(cfg, run.run_id, model, {"val/t2v/R1": 12.5})
+    name, version = registered.name, registered.version
+    finish_run(tracking_uri(cfg), run.run_id)
+    yield {
+        "cfg": cfg,
+        "root": root,
+        "manifest": manifest,
+        "run_id": run.run_id,
+        "name": name,
+        "version": version,
+    }
+    ray.shutdown()

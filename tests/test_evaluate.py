@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from conftest import write_broken_videos
@@ -21,7 +20,6 @@ from hvd.checkpoint import save_state
 from hvd.config import ModelConfig, load_config, to_yaml
 from hvd.data.manifest import ManifestEntry, read_manifest, write_manifest
 from hvd.data.shards import ShardSummary, read_shards
-from hvd.data.synthetic import generate
 from hvd.eval import plots
 from hvd.eval.actors import encode_with_actors
 from hvd.eval.encode import encode_split
@@ -33,8 +31,8 @@ from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
 from hvd.model.heads import HCMIHead, HVDHead, XPoolHead
 from hvd.model.pfcm import PFCM
-from hvd.registry.models import register_model, version_model_id
-from hvd.registry.runs import finish_run, start_or_resume_run, tracking_uri
+from hvd.registry.models import version_model_id
+from hvd.registry.runs import tracking_uri
 from hvd.registry.sources import ModelSourceError, load_model_source
 
 
@@ -215,42 +213,6 @@ def test_help_documents_the_flags_and_keys(capsys):
 
 
 # --- end to end: Ray Data actors, MLflow registry and eval runs -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory):
-    """A tiny synthetic benchmark and a tiny (untrained) HVD model registered as `hvd` version 1."""
-    ray.init(num_cpus=2, include_dashboard=False)
-    root = tmp_path_factory.mktemp("evaluate")
-    cfg = load_config(
-        None,
-        [
-            "synthetic.preset=tiny",
-            f"synthetic.out={root}/bench",
-            f"tracking.uri=sqlite:///{root}/mlflow.db",
-            "run.name=tiny-train",
-            f"train.storage_path={root}/ray",  # the run's driver lock, out of the checkout
-            "model.pretrained=null",  # an untrained model is all these tests need
-            f"eval.out={root}/eval",
-            f"eval.cache={root}/cache",
-        ],
-    )
-    manifest = generate(cfg.synthetic, progress=False)
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    run = start_or_resume_run(cfg, {})
-    registered = register_model(cfg, run.run_id, model, {"val/t2v/R1": 12.5})
-    name, version = registered.name, registered.version
-    finish_run(tracking_uri(cfg), run.run_id)
-    yield {
-        "cfg": cfg,
-        "root": root,
-        "manifest": manifest,
-        "run_id": run.run_id,
-        "name": name,
-        "version": version,
-    }
-    ray.shutdown()
 
 
 def run_pipeline(registered, capsys, *args: str, pipeline=evaluate_pipeline) -> str:
