@@ -226,6 +226,7 @@ def test_every_mlflow_server_runs_basic_auth_with_credentials_from_secrets():
         assert "server --app-name basic-auth" in command, where
         assert "MLFLOW_AUTH_CONFIG_PATH=" in command, where
         assert "default_permission = NO_PERMISSIONS" in command, where
+        assert re.search(r"auth_cache_ttl_seconds = 60", command), where  # see the next test
         # the admin account is the one the clients log in with, read from the environment, never written out
         assert re.search(r'MLFLOW_AUTH_ADMIN_USERNAME="?\$MLFLOW_TRACKING_USERNAME"?', command), where
         assert re.search(r'MLFLOW_AUTH_ADMIN_PASSWORD="?\$MLFLOW_TRACKING_PASSWORD"?', command), where
@@ -275,6 +276,8 @@ def test_the_auth_config_the_cloud_servers_write_is_what_mlflow_reads(where, tmp
     monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(config))
     read = read_auth_config()
     assert (read.database_uri, read.default_permission) == (uri, "NO_PERMISSIONS")
+    # a verified password is remembered a minute: without it every request pays a scrypt check
+    assert read.auth_cache_ttl_seconds == 60
 
 
 def test_the_readme_real_cluster_command_keeps_the_recipe():
