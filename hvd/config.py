@@ -447,6 +447,32 @@ class IndexConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`pipelines/serve.py`: caption search over HTTP as a Ray Serve application."""
+
+    host: str = key(
+        "127.0.0.1", "address Serve's HTTP proxies listen on; anything but loopback needs a token (serve.token_env)"
+    )
+    port: int = key(8000, "port Serve's HTTP proxies listen on", rule=_between(1, 65_535))
+    replicas: int = key(1, "replicas of the search deployment, each holding the model and the index", rule=_WORKERS)
+    replica_cpus: float = key(1.0, "CPUs reserved by each replica (its torch threads)", rule=_CPUS)
+    max_batch_size: int = key(
+        16,
+        "captions a replica ranks in one pass, gathered from concurrent requests; also the most one request may send",
+        rule=_between(1, 1024),
+    )
+    batch_wait_timeout_s: float = key(
+        0.01,
+        "how long a replica waits for more captions before ranking those it has",
+        rule=_rule(lambda v: 0 <= v <= 10, "0 to 10"),
+    )
+    token_env: str = key(
+        "HVD_SERVE_TOKEN",
+        "environment variable holding the bearer token that every request but /health must carry (unset: none)",
+    )
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = key(
         None, "MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db under the project root"
@@ -466,6 +492,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -714,6 +741,7 @@ __all__ = [
     "ModelConfig",
     "PretrainConfig",
     "RunConfig",
+    "ServeConfig",
     "SyntheticConfig",
     "TrackingConfig",
     "TrainConfig",

@@ -283,6 +283,7 @@ def test_train_refuses_a_broken_manifest_or_missing_weights_before_ray_or_mlflow
         ("pipelines/evaluate.py", ["--model", "nowhere/at/all", "--manifest", "GOOD"], "nowhere/at/all"),
         ("pipelines/index.py", ["--model", "nowhere/at/all", "--manifest", "GOOD"], "nowhere/at/all"),
         ("pipelines/search.py", ["--model", "nowhere/at/all", "a red square"], "nowhere/at/all"),
+        ("pipelines/serve.py", ["--model", "nowhere/at/all"], "nowhere/at/all"),
         ("pipelines/manifest.py", ["msrvtt", "--annotations", "MISSING", "--videos", "MISSING", "--out", "OUT/m.jsonl"],
          "not found"),
     ],
@@ -299,7 +300,7 @@ def test_bad_input_is_one_line_and_exit_2(pipeline, args, says, tmp_path):
 
 # The flags each pipeline requires, so that only the config key is wrong; manifest takes no config keys.
 REQUIRED_FLAGS = {"evaluate": ["--model", "x", "--shards", "y"], "index": ["--model", "x", "--shards", "y"],
-                  "search": ["--model", "x", "a red square"]}
+                  "search": ["--model", "x", "a red square"], "serve": ["--model", "x"]}
 KEYED_PIPELINES = sorted(p.stem for p in (ROOT / "pipelines").glob("*.py") if p.stem != "manifest")
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 # The order a user meets them in: data, then training, then using a trained model.
-COMMANDS = ("synthetic", "manifest", "prepare", "pretrain", "train", "evaluate", "index", "search", "study")
+COMMANDS = ("synthetic", "manifest", "prepare", "pretrain", "train", "evaluate", "index", "search", "serve", "study")
 
 
 def summary(name: str) -> str:
