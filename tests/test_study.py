@@ -13,11 +13,12 @@ from PIL import Image
 
 from hvd.config import HEADS, Config, check_section, flatten, load_config
 from hvd.registry.runs import RunConfigMismatch
-from hvd.train.plots import retention_figure
+from hvd.train.plots import retention_figure, study_figure
 from hvd.train.study import (
     GRIDS,
     MECHANISM,
     VARIANTS,
+    Cell,
     Grid,
     missing_trials,
     report,
@@ -254,3 +255,11 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
     runs = client.search_runs([experiment])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same parent and children
     assert client.get_run(parent.info.run_id).data.tags["trials_reported"] == "2"
+
+
+def test_the_study_figure_of_a_stopped_study_draws_the_heads_each_panel_has():
+    """A study stopped part-way through a cell has some heads at one entity_scale only."""
+    cells = [Cell(0.15, 0.15, head, [20.0, 22.0]) for head in ("hvd", "meanp", "xpool")]
+    cells += [Cell(0.3, 0.3, head, [40.0]) for head in ("hvd", "meanp")]
+    figure = study_figure(cells, "stopped")
+    assert [len(axis.get_legend().get_texts()) for axis in figure.axes] == [3, 2]

@@ -41,7 +41,7 @@ def study_figure(cells: list, title: str) -> plt.Figure:
     scales = sorted({c.entity_scale for c in cells})
     figure, axes = plt.subplots(1, len(scales), figsize=(4.5 * len(scales), 3.8), sharey=True, squeeze=False)
     for axis, scale in zip(axes[0], scales, strict=True):
-        for head in sorted({c.head for c in cells}):
+        for head in sorted({c.head for c in cells if c.entity_scale == scale}):  # a stopped study: not every head yet
             points = sorted((c.event_fraction, c.mean, c.std) for c in cells if c.entity_scale == scale and c.head == head)
             x, mean, std = zip(*points, strict=True)
             axis.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=head)
