@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ray import serve
+from ray.exceptions import RayError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from hvd.config import Config, ConfigError
+from hvd.errors import HvdError
 from hvd.runtime.cluster import ensure_ray
 from hvd.runtime.stopping import stop_on_signals
 from hvd.runtime.worker_setup import verbose
@@ -40,6 +42,10 @@ APP = "hvd-search"
 ROUTES = {"/health": "GET", "/version": "GET", "/search": "POST"}
 DEFAULT_TOP = 5
 MAX_CAPTION_CHARS = 1000  # far past any caption; the tokenizer keeps data.max_words tokens of it anyway
+
+
+class ServeStartError(HvdError, RuntimeError):
+    """Ray Serve could not start the application: its proxy could not listen, or a replica could not load."""
 
 
 class BadRequest(ValueError):
@@ -198,13 +204,18 @@ def start_service(cfg: Config, model_uri: str, index: str | None = None) -> Serv
     ensure_ray()
     logs = {"log_level": "INFO" if verbose() else "WARNING"}  # INFO: a line per request, from every replica
     logging.getLogger("ray.serve").setLevel(logs["log_level"])
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logs)
     app = SearchService.options(
         num_replicas=cfg.serve.replicas,
         max_ongoing_requests=2 * cfg.serve.max_batch_size,  # a batch ranked while the next one gathers
         ray_actor_options={"num_cpus": cfg.serve.replica_cpus},
     ).bind(model, cfg, gallery, digest(token) if token else None)
-    serve.run(app, name=APP, route_prefix="/", logging_config=logs)
+    try:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logs)
+        serve.run(app, name=APP, route_prefix="/", logging_config=logs)
+    except (RayError, RuntimeError) as err:  # a port taken, a replica that cannot load: one line, Serve stopped
+        stop_service()
+        cause = str(getattr(err, "cause", None) or err).strip().splitlines()[0]
+        raise ServeStartError(f"Ray Serve could not serve {url(cfg)}: {cause}") from None
     stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
     return Served(url(cfg), model, gallery)
 
