@@ -79,7 +79,7 @@ def test_pyfunc_in_a_fresh_process_ranks_as_the_retriever_and_holds_no_pickle(in
     # in a local store's model folder, which it reads in place
     assert files - {REGISTERED_MODEL_META_FILE_NAME} == {"MLmodel", WEIGHTS_FILE, CONFIG_FILE}
     pyfunc = flavors["python_function"]
-    assert pyfunc["loader_module"] == "hvd.registry.pyfunc" and "python_model" not in pyfunc
+    assert pyfunc["loader_module"] == "hvd.search.pyfunc" and "python_model" not in pyfunc
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ tracking store, and `load_model` refuses files whose hash is not the recorded on
 hashes were recorded has no such tags: it loads, with a warning that its files went unchecked.
 
 Every saved model also has MLflow's standard face, a `pyfunc` flavor whose loader is a module of this
-package (`hvd.registry.pyfunc`, which reads the same two files with the same checks), never a pickled
+package (`hvd.search.pyfunc`, which reads the same two files with the same checks), never a pickled
 Python object: `mlflow.pyfunc.load_model(uri).predict(captions)` ranks the gallery linked to the version.
 
 The logged model's folder:
@@ -54,7 +54,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 HASH_TAG = "sha256."  # logged-model tags sha256.model.safetensors and sha256.config.yaml
 
-PYFUNC_LOADER = "hvd.registry.pyfunc"
+PYFUNC_LOADER = "hvd.search.pyfunc"
 PYFUNC_TOP = 10  # videos per caption when predict is given no `top`
 # The input column is unnamed: MLflow matches a list or a Series to a named column by name, and refuses them.
 SIGNATURE = ModelSignature(
