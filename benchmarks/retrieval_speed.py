@@ -19,6 +19,10 @@ plus a top-k; stage 2 rescores each caption's top-k with the same full score; me
 rank first. Both run on the same features in the same process, alternately `--repeats` times; per-query
 time = median total / queries.
 
+Stage 1's quality (exact stage 1, as `pipelines/evaluate.py` logs it under `stage1/`): the share of captions whose
+ground truth, and whose full-score top-1, is in stage 1's top 10 / 20 / 50 / 100; on every query in memory, on
+the exhaustively scored ones at scale.
+
 Past `--in-memory-up-to` videos (a million: 17 GiB of features for the demo model) the gallery is never
 held: its rows are spliced when read. Its first-stage embeddings are computed once and indexed with
 FAISS as `pipelines/index.py` would (IVF from `--ivf-from` videos, `--nprobe` lists per query); stage 1
@@ -51,7 +55,7 @@ from hvd.data.shards import read_shards
 from hvd.data.synthetic import generate
 from hvd.eval.encode import EncodedSplit, encode_split
 from hvd.eval.job import job_config
-from hvd.eval.metrics import ranks_of_positives
+from hvd.eval.metrics import STAGE1_AT, ranks_of_positives, stage1_metrics
 from hvd.eval.retrieval import merge_reranked, rescore_gathered, rescore_videos, top_candidates
 from hvd.gallery import ann_bytes, ann_kind, build_ann, search_ann
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
@@ -144,7 +148,8 @@ def time_exhaustive(
 
 def time_two_stage(
     model: RetrievalModel, text: TextFeatures, video: VideoFeatures, topk: int
-) -> tuple[float, float, torch.Tensor]:
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Stage 1's and stage 2's seconds, the merged ranking scores, and stage 1's scores."""
     started = time.perf_counter()
     sentence, pooled = model.global_embeddings(text, video)
     coarse = sentence @ pooled.T
@@ -153,7 +158,7 @@ def time_two_stage(
     started = time.perf_counter()
     merged = merge_reranked(coarse, candidates, rescore_videos(model, text, video, candidates))
     stage2 = time.perf_counter() - started
-    return stage1, stage2, merged
+    return stage1, stage2, merged, coarse
 
 
 def t2v_ranks(scores: torch.Tensor, text_video: torch.Tensor) -> torch.Tensor:
@@ -175,7 +180,7 @@ def measure_in_memory(
     exhaustive_runs, two_stage_runs = [], []
     for _ in range(repeats):
         exhaustive_s, scores = time_exhaustive(model, text, video)
-        stage1_s, stage2_s, merged = time_two_stage(model, text, video, topk)
+        stage1_s, stage2_s, merged, coarse = time_two_stage(model, text, video, topk)
         exhaustive_runs.append(exhaustive_s)
         two_stage_runs.append((stage1_s + stage2_s, stage1_s, stage2_s))
     exhaustive_s = statistics.median(exhaustive_runs)
@@ -196,7 +201,7 @@ def measure_in_memory(
         "two_stage_recall_at_k": recall(two_stage_ranks, topk),  # stage 1's recall: stage 2 reorders
     }
     row["R1_difference"] = row["two_stage_R1"] - row["exhaustive_R1"]
-    return row
+    return row | stage1_metrics(coarse, truth, scores)
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
@@ -288,7 +293,7 @@ def measure_at_scale(
         row[f"exact_two_stage_R{k}_sampled"] = recall_in(exact_ranked[sample], truth[sample], k)
         row[f"two_stage_R{k}"] = recall_in(ann_ranked, truth, k)
         row[f"exact_two_stage_R{k}"] = recall_in(exact_ranked, truth, k)
-    return row
+    return row | stage1_metrics(sentence[sample] @ embeddings.T, truth[sample], scores)  # exact stage 1, sampled queries
 
 
 def print_in_memory(rows: list[dict[str, float]], topk: int) -> None:
@@ -305,6 +310,19 @@ def print_in_memory(rows: list[dict[str, float]], topk: int) -> None:
             f"{r['two_stage_R1']:.1f} | {r['R1_difference']:+.1f} | {r['exhaustive_recall_at_k']:.1f} | "
             f"{r['two_stage_recall_at_k']:.1f} |"
         )
+
+
+def print_stage1(rows: list[dict[str, float]]) -> None:
+    """Stage 1's quality (exact, the matrix product): at scale on the exhaustively scored queries only."""
+    ks = [k for k in STAGE1_AT if f"stage1/gt_R{k}" in rows[0]]
+    at = "/".join(str(k) for k in ks)
+    print(f"\n| gallery | queries | stage 1's top {at} hold the ground truth | ... hold the full score's top-1 |")
+    print("|---|---|---|---|")
+    for r in rows:
+        queries = r.get("exhaustive_queries", r["queries"])
+        truth = " / ".join(f"{r.get(f'stage1/gt_R{k}', float('nan')):.1f}" for k in ks)
+        top1 = " / ".join(f"{r.get(f'stage1/full_top1_R{k}', float('nan')):.1f}" for k in ks)
+        print(f"| {r['gallery']:,} | {queries:,} | {truth}% | {top1}% |")
 
 
 def print_at_scale(rows: list[dict[str, float]], topk: int) -> None:
@@ -410,6 +428,7 @@ def main() -> None:
         print_in_memory(in_memory, args.topk)
     if at_scale:
         print_at_scale(at_scale, args.topk)
+    print_stage1(in_memory + at_scale)
     if args.json:
         settings = {
             "model": source.uri,

@@ -67,9 +67,16 @@ def test_both_measurement_paths_report_consistent_numbers(real, capsys):
                                                      exhaustive_queries=6, chunk=128)
         assert few_lists["ann_recall_at_k"] < 100.0
         assert large["top1_agreement"] == large["exact_top1_agreement"]
+        for row in (small, large):  # stage 1's quality: a share per k, growing with k
+            for name in ("gt", "full_top1"):
+                shares = [row[f"stage1/{name}_R{k}"] for k in (10, 20, 50, 100)]
+                assert 0 <= shares[0] and shares == sorted(shares) and shares[-1] <= 100
+        assert large["stage1/gt_R10"] == few_lists["stage1/gt_R10"]  # exact stage 1: the index does not enter
         retrieval_speed.print_in_memory([small], 400)
         retrieval_speed.print_at_scale([large, few_lists], 20)
+        retrieval_speed.print_stage1([small, large])
         tables = capsys.readouterr().out
+        assert "| 400 | 16 |" in tables and "| 400 | 6 |" in tables
         assert tables.count("| 400 | 6 | two-stage, index |") == 2 and "IVF80, nprobe 1" in tables
     finally:
         torch.set_grad_enabled(True)
