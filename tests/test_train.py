@@ -14,7 +14,7 @@ from hvd.data.shards import read_shards
 from hvd.eval.encode import encode_split
 from hvd.model import build_model, build_tokenizer
 from hvd.registry.models import load_model, version_model_id
-from hvd.registry.runs import RunConfigMismatch, finish_run, start_or_resume_run, tracking_uri
+from hvd.registry.runs import UI_VIEW, RunConfigMismatch, finish_run, start_or_resume_run, tracking_uri
 from hvd.train.fit import fit
 from hvd.train.warm_start import warm_start
 
@@ -87,11 +87,13 @@ def test_train_registers_a_model_that_loads_and_scores(workdir):
     assert tags["restarts"] == "0"
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "synth" and dataset.dataset.digest == tags["dataset_fingerprint"]
-    assert outcome.run_url.endswith(f"/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}")
+    assert outcome.run_url.endswith(f"/#/experiments/{run.info.experiment_id}/runs/{outcome.run_id}{UI_VIEW}")
 
     registered = outcome.model
     version = client.get_model_version(registered.name, registered.version)
     assert version.tags["source_run"] == outcome.run_id and float(version.tags["val/t2v/R1"]) >= 0
+    assert (f"Test R@1: text-to-video **{outcome.test['t2v/R1']:.1f}**, video-to-text **{outcome.test['v2t/R1']:.1f}**"
+            in version.description) and outcome.run_url in version.description
     assert version_model_id(version) == registered.model_id
     logged = client.get_logged_model(registered.model_id)
     model_metrics = {m.key: m.value for m in logged.metrics}

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from hvd.config import Config
 from hvd.errors import HvdError
 from hvd.registry import flavor
-from hvd.registry.runs import active_tracking_uri, tracking_uri
+from hvd.registry.runs import active_tracking_uri, command_line, run_url, tracking_uri
 from hvd.runtime.worker_setup import verbose
 
 CHAMPION_METRIC = "val/t2v/R1"
@@ -41,15 +41,17 @@ class RegisteredModel:
 
 
 def register_model(
-    cfg: Config, run_id: str, model: Any, metrics: dict[str, float], scored_on: str = ""
+    cfg: Config, run_id: str, model: Any, metrics: dict[str, float], scored_on: str = "",
+    test: dict[str, float] | None = None,
 ) -> RegisteredModel:
-    """Log `model` to the run, register a new version, and point `champion` at it if it wins.
+    """Log `model` to the run, register a new version, describe it, and point `champion` at it if it wins.
 
     `scored_on` names what `metrics` were measured on (benchmark, its fingerprint and split: `scored_on`):
     the champion moves only to a version that beats it on the same data, never across benchmarks, whose
     numbers do not compare (a synthetic model's R@1 60 says nothing against an MSR-VTT model's 45).
 
-    `metrics` (the chosen checkpoint's validation numbers) go on the version as tags. A model with NaN or
+    `metrics` (the chosen checkpoint's validation numbers) go on the version as tags; `test` (its test
+    metrics, `t2v/R1` ...) into the version's description (`version_description`). A model with NaN or
     infinite weights, or metrics, is refused: it must never become a version, let alone `champion`.
     """
     broken = [name for name, tensor in model.state_dict().items()
@@ -71,10 +73,27 @@ def register_model(
     tags |= {key: f"{value:.4f}" for key, value in metrics.items()}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    link = run_url(uri, client.get_run(run_id).info.experiment_id, run_id)
+    client.update_model_version(name, version, description=version_description(cfg, scored_on, test or {}, run_id, link))
     is_champion = _wins(client, name, score, scored_on)
     if is_champion:
         client.set_registered_model_alias(name, "champion", version)
     return RegisteredModel(name, version, info.model_id, is_champion)
+
+
+def version_description(cfg: Config, scored_on: str, test: dict[str, float], run_id: str, run_link: str) -> str:
+    """The version page's description (Markdown), readable without the tags: which head on which backbone,
+    the benchmark it was chosen on (`scored_on`), its test R@1 both ways, the command that trained it, its run."""
+    benchmark = scored_on.partition("@")[0] or "an unrecorded benchmark"
+    recall = (f"text-to-video **{test['t2v/R1']:.1f}**, video-to-text **{test['v2t/R1']:.1f}**"
+              if "t2v/R1" in test else "not measured (no test split)")
+    return "\n\n".join([
+        f"**{cfg.model.head}** head on **{cfg.model.preset}** CLIP, trained on **{benchmark}**"
+        + (f" (chosen on `{scored_on}`)." if scored_on else "."),
+        f"Test R@1: {recall}.",
+        f"Command: `{command_line()}`",
+        f"Training run: [{run_id}]({run_link})",
+    ])
 
 
 def scored_on(benchmark: str, fingerprint: str, split: str) -> str:

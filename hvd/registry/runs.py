@@ -80,10 +80,23 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
 
 
+# MLflow 3.17's UI shows every experiment as GenAI (traces, "Evaluation runs") until the user flips its
+# GenAI / Model training switch, which it keeps in the browser and takes from this query parameter; it
+# ignores EXPERIMENT_KIND_TAG. Links we print carry the parameter, so they open on runs and the registry.
+UI_VIEW = "?workflowType=machine_learning"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or on `ui_command`'s local UI."""
+    """The run's page in the MLflow UI (model-training view): on the tracking server, or on `ui_command`'s local UI."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{UI_VIEW}"
+
+
+def command_line() -> str:
+    """This process's command as typed: `python pipelines/train.py k=v ...`, or `hvd train k=v ...` (whose
+    `argv[0]` the `hvd` entry point sets to `hvd train`)."""
+    program = sys.argv[0].split() if sys.argv[0].startswith("hvd ") else ["python", sys.argv[0]]
+    return shlex.join([*program, *sys.argv[1:]])
 
 
 def source_tags(description: str) -> dict[str, str]:
@@ -94,7 +107,7 @@ def source_tags(description: str) -> dict[str, str]:
         MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
         MLFLOW_USER: getpass.getuser(),
         MLFLOW_GIT_COMMIT: commit,
-        MLFLOW_RUN_NOTE: f"{description}\n\nCommand: {shlex.join(['python', *sys.argv])}",
+        MLFLOW_RUN_NOTE: f"{description}\n\nCommand: {command_line()}",
         "git_commit": commit,
     }
 
@@ -129,10 +142,24 @@ class TrackedRun:
 BATCH_LIMIT = 100  # params per MLflow log_batch call (metrics allow more; one limit keeps it simple)
 
 
+# What kind of work an experiment holds, for MLflow UIs that read it: ours train and evaluate models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning"; GenAI is "genai_development"
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment called `name`, created if it does not exist yet."""
+    """The experiment called `name`, created if it does not exist yet, tagged a model-training experiment.
+
+    An experiment made before the tag, or one whose kind a UI only guessed (`..._inferred`,
+    `no_inferred_type`), gets it too; a kind someone chose stays.
+    """
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    kind = experiment.tags.get(EXPERIMENT_KIND_TAG, "")
+    if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

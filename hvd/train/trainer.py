@@ -150,7 +150,7 @@ def train(cfg: Config, data: TrainingData, tags: dict[str, str] | None = None) -
         model, step, val = _fit(cfg, data, tracked, val_split, passes, steps)
         test = _test(cfg, model, data, splits)
         registered = register_model(cfg, tracked.run_id, model, {f"val/{k}": v for k, v in val.items()},
-                                    scored_on(data.benchmark, data.fingerprint, val_split))
+                                    scored_on(data.benchmark, data.fingerprint, val_split), test)
         return _summary(cfg, data, tracked, registered, model, step, val, test, fit_started_ms)
 
 
