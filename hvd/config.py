@@ -133,6 +133,13 @@ class DataConfig:
     )
     frame_size: int = key(64, "short side resize, then centre crop to a square", rule=_between(8, 1024))
     frame_codec: str = key("jpeg", "how frames are stored in the shards", choices=("jpeg", "raw"))
+    decoder: str = key(
+        "auto",
+        "what reads the videos in prepare: decord, or pyav (PyAV's wheels ship their own FFmpeg); auto: decord "
+        "where it imports, else pyav. Both give the same frames (docs/data.md), so a change re-prepares nothing",
+        choices=("auto", "decord", "pyav"),
+        resume_free=True,
+    )
     jpeg_quality: int = key(
         90, "JPEG quality of stored frames", rule=_rule(lambda v: 1 <= v <= 100, "1 to 100")
     )

@@ -19,12 +19,12 @@ from hvd.data.decode import (
     NotAFileError,
     NoVideoStreamError,
     TruncatedVideoError,
-    _read_frames,
-    _seek_frames,
     decode_clip,
     resize_and_crop,
 )
 from hvd.data.decoder_process import DecodeFailure, DecoderProcess
+from hvd.data.decord_reader import DecordReader
+from hvd.data.pyav_reader import PyAVReader
 from hvd.data.sampling import uniform_indices
 
 
@@ -176,12 +176,12 @@ def test_seeking_past_keyframes_gives_exactly_decords_frames(tmp_path, kind):
     frames = marked_frames(60, 48 if kind == "padded_width" else 64, 48 if kind == "padded_width" else 80)
     options = {"rotated": {"rotation": 90}, "variable_rate": {"pts_ms": np.cumsum([0, *[33, 100, 20] * 19, 40, 50]).tolist()}}
     path = write_clip(tmp_path / f"{kind}.mp4", frames, keyframe_every=7, **options.get(kind, {}))
-    reader = decord.VideoReader(str(path), num_threads=1)
-    assert len(reader.get_key_indices()) > 1
-    for indices in (np.array([3, 10, 11, 30, 58]), uniform_indices(len(reader), 12), np.arange(60)):
-        seeking = _seek_frames(path, indices, len(reader))
-        assert seeking is not None
-        np.testing.assert_array_equal(seeking, _read_frames(reader, indices, path))  # decord's, unpadded
+    with DecordReader(path) as decord_reader, PyAVReader(path) as seeker:
+        assert len(decord_reader.reader.get_key_indices()) > 1 and len(seeker) == len(decord_reader)
+        for indices in (np.array([3, 10, 11, 30, 58]), uniform_indices(len(decord_reader), 12), np.arange(60)):
+            seeking = seeker.seek(indices)
+            assert seeking is not None
+            np.testing.assert_array_equal(seeking, decord_reader._get_batch(indices))  # decord's, unpadded
     clip = decode_clip(path, FrameSpec(num_frames=12, frame_size=48, frame_codec="raw"))
     if kind != "rotated":
         assert [read_frame_number(f) for f in raw_frames(clip, 48)] == clip.frame_indices

@@ -23,7 +23,7 @@ from conftest import marked_frames, read_frame_number, write_broken_videos, writ
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from hvd.config import Config, SyntheticConfig, load_config
-from hvd.data.decode import DecodedClip
+from hvd.data.decode import DecodedClip, FrameSpec, decode_clip
 from hvd.data.manifest import ManifestEntry, read_manifest, resolve_video_path, write_manifest
 from hvd.data.prepare import (
     QUARANTINE_FILE,
@@ -117,6 +117,23 @@ def test_shards_hold_exactly_the_frames_decord_gives(tiny, raw_shards):
             assert row["duration_s"] == pytest.approx(2.0, abs=1e-6)
             seen.append(row["video_id"])
     assert sorted(seen) == sorted(manifest)
+
+
+def test_pyav_shards_hold_the_same_rows_and_the_decoder_reaches_the_decode_children(tiny, raw_shards, tmp_path):
+    """`data.decoder=pyav` on the tiny benchmark: the same rows as decord's. A variable-rate clip, whose MP4
+    packet durations the two decoders' FFmpeg builds read differently, shows the children used PyAV."""
+    out = tmp_path / "pyav"
+    prepare(config("data.frame_codec=raw", "data.decoder=pyav"), tiny, out)
+    for split in SPLITS:
+        assert read_shards(out, split).to_pylist() == read_shards(raw_shards, split).to_pylist()
+    path = write_clip(tmp_path / "vfr.mp4", marked_frames(40, 64, 64), pts_ms=np.cumsum([0, *[33, 100, 20] * 13]).tolist())
+    manifest = write_manifest([ManifestEntry("vfr", str(path), ["a caption"], "train")], tmp_path / "vfr.jsonl")
+    durations = {}
+    for decoder in ("decord", "pyav"):
+        prepare(config(f"data.decoder={decoder}"), manifest, tmp_path / decoder / "vfr")
+        durations[decoder] = read_shards(tmp_path / decoder / "vfr", "train")["duration_s"].to_pylist()
+    assert durations == {decoder: [decode_clip(path, FrameSpec(), decoder=decoder).duration_s] for decoder in durations}
+    assert durations["pyav"] != durations["decord"]
 
 
 def test_shard_rows_carry_the_ground_truth_of_each_sampled_frame(tiny, raw_shards):

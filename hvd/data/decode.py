@@ -1,25 +1,29 @@
-"""Decode one video with decord into the sampled, resized, encoded frames of one shard row.
+"""Decode one video into the sampled, resized, encoded frames of one shard row, whichever decoder reads it.
 
-Rotation: decord 0.6 reads the container's display matrix and returns 90/180/270 degree clips upright
-(checked in tests/test_decode.py against PyAV's `VideoFrame.rotation`), so frames are not turned again
-here; it ignores the mirroring part of a display matrix, which phones do not write. Variable frame rate and B-frame reordering: frames are indexed in presentation order and sampled
-by decord's per-frame timestamps.
+What a decoder does is a `FrameReader` (`hvd.data.decord_reader`, `hvd.data.pyav_reader`): a video's frame
+index, then the frames at sampled indices. Everything else is here, once: the checks and limits before
+decoding, sampling, the truncation check, resizing and encoding. `data.decoder` picks the reader (`auto`:
+decord where it imports, else PyAV); both give the same frame indices and, on the test clips, the same pixels
+(`tests/test_decoders.py`), so the decoder is not part of a shard's identity. Variable frame rate and B-frame
+reordering: frames are indexed in presentation order and sampled by their presentation timestamps.
 """
 
 from __future__ import annotations
 
-import bisect
+import importlib
 import io
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import av
-import decord
 import numpy as np
 from PIL import Image
 
-from hvd.config import DataConfig, check_values
+from hvd.config import CHOICES, ConfigError, DataConfig, check_values
 from hvd.data.sampling import sample_indices
 
 
@@ -150,6 +154,24 @@ def encode_frame(frame: np.ndarray, codec: str, jpeg_quality: int) -> bytes:
     return buffer.getvalue()
 
 
+def last_line(err: Exception) -> str:
+    """The line of a native decoder's error that says what went wrong."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@contextmanager
+def ffmpeg_errors_as_corrupt(path: Path, what: str) -> Iterator[None]:
+    """An FFmpeg error inside becomes a `CorruptVideoError` saying `what`; a failed allocation stays a
+    `MemoryError` (av.error.MemoryError is both): the memory limit's doing, not the file's."""
+    try:
+        yield
+    except av.FFmpegError as err:
+        if isinstance(err, MemoryError):
+            raise
+        raise CorruptVideoError(path, f"{what} ({last_line(err)})") from None
+
+
 @dataclass
 class _Probe:
     """What the container says about its first video stream, read without decoding it."""
@@ -164,7 +186,7 @@ def _declared_duration_s(container: av.container.InputContainer, stream: av.Vide
     """How long the container says the video stream lasts, None where it says nothing.
 
     The stream's own duration (MP4, MPEG-TS), else Matroska's per-stream DURATION tag, else the container's
-    duration. A cut-off Matroska file still declares the whole length while decord decodes what is left
+    duration. A cut-off Matroska file still declares the whole length while a decoder decodes what is left
     of it; an MPEG-TS file declares nothing but what is there, so a cut there cannot be told.
     """
     if stream.duration and stream.time_base:
@@ -177,103 +199,112 @@ def _declared_duration_s(container: av.container.InputContainer, stream: av.Vide
 
 def _probe(path: Path) -> _Probe:
     """The video stream's declared size; PyAV also names what is wrong with a file no decoder can open."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                kinds = ", ".join(stream.type for stream in container.streams) or "none"
-                raise NoVideoStreamError(path, f"no video stream (streams: {kinds})")
-            stream = container.streams.video[0]
-            codec = stream.codec_context
-            return _Probe(codec.width, codec.height, stream.frames, _declared_duration_s(container, stream))
-    except av.FFmpegError as err:
-        if isinstance(err, MemoryError):  # av.error.MemoryError is both: the memory limit, not the file
-            raise
-        raise CorruptVideoError(path, f"not a readable media file ({err})") from None
-
-
-def _last_line(err: Exception) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
-
-
-def _display_width(path: Path, display_height: int) -> int:
-    with av.open(str(path)) as container:
-        codec = container.streams.video[0].codec_context
-        return codec.width if codec.height == display_height else codec.height
-
-
-def _seek_frames(path: Path, indices: np.ndarray, num_source: int) -> np.ndarray | None:
-    """`[K, H, W, 3]` RGB frames at sorted unique presentation `indices`, decoding as little as exactness allows.
-
-    For each sample the decoder jumps to the keyframe before it, unless it is already inside that keyframe's
-    group (one-GOP clips decode straight through once); frames before the sample that no other frame
-    references (`skip_frame=NONREF`) are not decoded at all. decord's random access decodes and converts
-    every frame from the keyframe on, about twice the work on clips with a keyframe every few seconds.
-    None when the stream's packets do not match decord's frame index (then decord reads the frames).
-    """
-    with av.open(str(path)) as container:
+    with ffmpeg_errors_as_corrupt(path, "not a readable media file"), av.open(str(path)) as container:
+        if not container.streams.video:
+            kinds = ", ".join(stream.type for stream in container.streams) or "none"
+            raise NoVideoStreamError(path, f"no video stream (streams: {kinds})")
         stream = container.streams.video[0]
-        context = stream.codec_context
-        context.thread_count = 1
-        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.pts is not None and p.size]
-        if len(packets) != num_source:
-            return None
-        order = sorted(pts for pts, _ in packets)
-        keyframes = sorted(pts for pts, keyframe in packets if keyframe)
-        target, frames, position, decoded = 0, [], None, iter(())
-
-        def decode_from_here():  # frames in presentation order; skips what precedes the current target unreferenced
-            for packet in container.demux(stream):
-                context.skip_frame = "NONREF" if packet.pts is not None and packet.pts < target else "DEFAULT"
-                yield from context.decode(packet)
-
-        for index in indices.tolist():
-            target = order[index]
-            key = keyframes[max(0, bisect.bisect_right(keyframes, target) - 1)]
-            if position is None or position < key:  # the sample's keyframe lies ahead: jump there
-                container.seek(key, stream=stream, backward=True)
-                decoded = decode_from_here()
-            found = None
-            for frame in decoded:
-                position = frame.pts
-                if frame.pts >= target:
-                    found = frame if frame.pts == target else None
-                    break
-            if found is None:
-                return None
-            image = found.to_ndarray(format="rgb24")
-            frames.append(np.rot90(image, k=found.rotation // 90) if found.rotation else image)
-        return np.stack(frames)
+        codec = stream.codec_context
+        return _Probe(codec.width, codec.height, stream.frames, _declared_duration_s(container, stream))
 
 
-def _read_frames(reader: decord.VideoReader, indices: np.ndarray, path: Path) -> np.ndarray:
-    """`[K, H, W, 3]` RGB frames at sorted unique `indices`.
+class FrameReader(ABC):
+    """One decoder's reading of one video: its frame index, built when it opens, then the frames at sampled
+    indices. A reader raises `CorruptVideoError` for a file it cannot open or a frame it cannot decode."""
 
-    decord 0.6 pads the rows of some frame widths (16, 24, 48, 72 px among others) and then fails to
-    batch them (dmlc/decord#336); single frames still arrive, padded, and are trimmed to the real width.
+    name: str  # the decoder, as messages name it
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Frames in the index."""
+
+    @abstractmethod
+    def timestamps(self) -> np.ndarray:
+        """`[N, 2]` float32 start and stop seconds of every frame, in presentation order."""
+
+    @abstractmethod
+    def average_fps(self) -> float:
+        """The stream's declared average frame rate."""
+
+    @abstractmethod
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """`[K, H, W, 3]` upright RGB frames at sorted unique `indices` into the index."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the file and the decoder now, not when the reader is collected (a traceback can hold it)."""
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+DECODERS = CHOICES["data.decoder"]
+_READERS = {"decord": "hvd.data.decord_reader:DecordReader", "pyav": "hvd.data.pyav_reader:PyAVReader"}
+
+
+def choose_decoder(choice: str) -> str:
+    """The decoder `data.decoder=choice` means in this process, `decord` or `pyav`.
+
+    `auto` takes decord where it imports and PyAV (whose wheels ship their own FFmpeg) where it does not, e.g. on
+    a platform without a decord wheel; an explicit `decord` that does not import is refused. Importing it is the
+    test: an installed decord whose native library does not load counts as missing.
     """
+    check_values({"data.decoder": choice})
+    if choice == "pyav":
+        return choice
     try:
-        return reader.get_batch(indices.tolist()).asnumpy()
-    except decord.DECORDError as batch_error:
-        frames = []
-        for index in indices.tolist():
-            try:
-                frame = reader[index].asnumpy()
-            except decord.DECORDError as err:
-                raise CorruptVideoError(path, f"frame {index} does not decode ({_last_line(err)})") from None
-            if frame.shape[2] != 3:
-                width = _display_width(path, frame.shape[0])
-                if frame.shape[1] * frame.shape[2] < width * 3:
-                    raise CorruptVideoError(path, f"frame {index}: {_last_line(batch_error)}") from None
-                frame = frame.reshape(frame.shape[0], -1)[:, : width * 3].reshape(frame.shape[0], width, 3)
-            frames.append(frame)
-        return np.stack(frames)
+        importlib.import_module("decord")
+    except (ImportError, OSError, RuntimeError) as err:  # RuntimeError: decord's own "cannot find the library"
+        if choice == "decord":
+            raise ConfigError(
+                f"data.decoder=decord, but decord does not import here ({last_line(err)}): install it, or set "
+                "data.decoder=pyav (or auto) to decode with PyAV"
+            ) from None
+        return "pyav"
+    return "decord"
 
 
-def decode_clip(path: str | Path, spec: FrameSpec, limits: VideoLimits = VideoLimits()) -> DecodedClip:
-    """Sample, resize and encode `spec.num_frames` frames of one video; every failure is a `VideoDecodeError`.
+def _reader_class(decoder: str) -> type[FrameReader]:
+    module, name = _READERS[decoder].split(":")
+    return getattr(importlib.import_module(module), name)
 
-    A video past `limits` is refused from its header, then from decord's frame index and timestamps,
+
+def open_reader(decoder: str, path: Path) -> FrameReader:
+    """`path` opened by `decoder`'s reader (`choose_decoder`'s answer); its module, and decord with it, is
+    imported only here, so choosing PyAV never loads decord."""
+    return _reader_class(decoder)(path)
+
+
+class ClipDecoder:
+    """`decode_clip` reading with `data.decoder=choice`, as prepare hands it to its decode children.
+
+    Unpickled in a child it chooses again, so `auto` takes what imports on that node, and imports that reader:
+    its native libraries load before the child's memory limit (`hvd.data.decoder_process`), and an explicit
+    decord that does not import there stops the child's start, and the job, instead of failing every video.
+    """
+
+    def __init__(self, choice: str):
+        self.choice = choice
+        self.decoder = choose_decoder(choice)
+        _reader_class(self.decoder)  # imported now: in a decode child, before its memory limit
+
+    def __call__(self, path: str | Path, spec: FrameSpec, limits: VideoLimits) -> DecodedClip:
+        return decode_clip(path, spec, limits, self.decoder)
+
+    def __reduce__(self) -> tuple[type[ClipDecoder], tuple[str]]:
+        return ClipDecoder, (self.choice,)
+
+
+def decode_clip(
+    path: str | Path, spec: FrameSpec, limits: VideoLimits = VideoLimits(), decoder: str = "auto"
+) -> DecodedClip:
+    """Sample, resize and encode `spec.num_frames` frames of one video, read by `decoder` (`data.decoder`'s
+    values); every failure of the video is a `VideoDecodeError`.
+
+    A video past `limits` is refused from its header, then from the reader's frame index and timestamps,
     before any frame is decoded.
     """
     path = Path(path)
@@ -289,31 +320,27 @@ def decode_clip(path: str | Path, spec: FrameSpec, limits: VideoLimits = VideoLi
     limits.check(path, "max_video_frames", probe.frames, "declared frame count")
     if probe.duration_s is not None:
         limits.check(path, "max_video_duration_s", probe.duration_s, "declared duration in seconds")
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-    except (decord.DECORDError, RuntimeError) as err:
-        raise CorruptVideoError(path, f"decord cannot open it ({_last_line(err)})") from None
-    num_source = len(reader)
-    if num_source == 0:
-        raise CorruptVideoError(path, "video stream holds no frames")
-    limits.check(path, "max_video_frames", num_source, "frame count in decord's index")
-    timestamps = reader.get_frame_timestamp(np.arange(num_source))
-    # What the timestamps span bounds the arrays `fps` sampling sizes from them (one entry per second).
-    span = float(timestamps.max() - timestamps.min())
-    limits.check(path, "max_video_duration_s", span, "timestamps' span in seconds")
-    covered = float(timestamps[-1, 1] - timestamps[0, 0])
-    declared = probe.duration_s if spec.min_duration_fraction > 0 else None  # 0: the check is off
-    truncated = declared is not None and covered < spec.min_duration_fraction * declared
-    if truncated and not spec.keep_truncated:
-        raise TruncatedVideoError(
-            path, f"its frames cover {covered:.2f} s of the {declared:.2f} s its container declares (below "
-            f"data.min_duration_fraction={spec.min_duration_fraction}); data.keep_truncated=true keeps such clips"
-        )
-    indices = sample_indices(spec.sample_mode, timestamps[:, 0], spec.num_frames)
-    # Several keyframes: seeking can skip work. One (short clips): decord decodes straight through, cheaper.
-    sampled = _seek_frames(path, indices, num_source) if len(reader.get_key_indices()) > 1 else None
-    if sampled is None:
-        sampled = _read_frames(reader, indices, path)
+    with open_reader(choose_decoder(decoder), path) as reader:
+        num_source = len(reader)
+        if num_source == 0:
+            raise CorruptVideoError(path, "video stream holds no frames")
+        limits.check(path, "max_video_frames", num_source, f"frame count in {reader.name}'s index")
+        timestamps = reader.timestamps()
+        # What the timestamps span bounds the arrays `fps` sampling sizes from them (one entry per second).
+        span = float(timestamps.max() - timestamps.min())
+        limits.check(path, "max_video_duration_s", span, "timestamps' span in seconds")
+        covered = float(timestamps[-1, 1] - timestamps[0, 0])
+        declared = probe.duration_s if spec.min_duration_fraction > 0 else None  # 0: the check is off
+        truncated = declared is not None and covered < spec.min_duration_fraction * declared
+        if truncated and not spec.keep_truncated:
+            raise TruncatedVideoError(
+                path, f"its frames cover {covered:.2f} s of the {declared:.2f} s its container declares (below "
+                f"data.min_duration_fraction={spec.min_duration_fraction}); data.keep_truncated=true keeps such "
+                "clips"
+            )
+        indices = sample_indices(spec.sample_mode, timestamps[:, 0], spec.num_frames)
+        sampled = reader.read(indices)
+        source_fps = reader.average_fps()
     frames = [resize_and_crop(frame, spec.frame_size) for frame in sampled]
     blank = np.zeros((spec.frame_size, spec.frame_size, 3), np.uint8)
     frames += [blank] * (spec.num_frames - len(frames))
@@ -323,7 +350,7 @@ def decode_clip(path: str | Path, spec: FrameSpec, limits: VideoLimits = VideoLi
         frame_indices=indices.tolist(),
         timestamps_s=timestamps[indices, 0].tolist(),
         source_frames=num_source,
-        source_fps=float(reader.get_avg_fps()),
+        source_fps=source_fps,
         duration_s=covered,
         truncated=truncated,
     )

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import ray
 
 from hvd.config import Config, DataConfig
-from hvd.data.decode import DecodedClip, FrameSpec, VideoLimits, decode_clip
+from hvd.data.decode import ClipDecoder, DecodedClip, FrameSpec, VideoLimits
 from hvd.data.decoder_process import DecodeFailure, DecoderProcess
 from hvd.data.folders import STAGING_IDENTITY, exclusive, publish, resumable_staging
 from hvd.data.manifest import (
@@ -301,12 +301,15 @@ def prepare(
     out: Path,
     overwrite: bool = False,
     splits: tuple[str, ...] | None = None,
-    decode: Callable[[Path, FrameSpec, VideoLimits], DecodedClip] = decode_clip,
+    decode: Callable[[Path, FrameSpec, VideoLimits], DecodedClip] | None = None,
 ) -> PrepareSummary:
     """Decode every video of `manifest` (of `splits` only, when given) once into shards under `out`, each
-    by `decode` in a child process; see the module docstring for the layout."""
+    by `decode` (default: `ClipDecoder` of `data.decoder`) in a child process; see the module docstring
+    for the layout."""
     started = time.perf_counter()
     manifest, out = Path(manifest), Path(out)
+    clip_decoder = ClipDecoder(cfg.data.decoder)  # here first: an explicit decord that does not import stops the run
+    decode = decode or clip_decoder
     index = index_manifest(manifest, splits)
     if not len(index):
         raise PrepareError(f"{manifest}: no videos of split(s) {', '.join(splits or SPLITS)}")
@@ -319,6 +322,7 @@ def prepare(
         ensure_ray()
         require_shared_paths({"data.manifest": manifest, "data.shards": out})  # read and written on every node
         staging, resumed = resumable_staging(out, identity, resume=not overwrite)
+        logger.info(f"{out.name}: decoding with {clip_decoder.decoder} here (data.decoder={cfg.data.decoder})")
         job = _Job(manifest, staging, spec, tuple(s for s in SPLITS if splits is None or s in splits), decode,
                    cfg.data.decode_timeout_s, {METADATA_KEY: json.dumps(identity).encode()},
                    VideoLimits.from_config(cfg.data), cfg.data.decode_memory_mb)
