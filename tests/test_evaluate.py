@@ -32,7 +32,7 @@ from hvd.model.ffsm import select_frames
 from hvd.model.heads import HCMIHead, HVDHead, XPoolHead
 from hvd.model.pfcm import PFCM
 from hvd.registry.models import version_model_id
-from hvd.registry.runs import tracking_uri
+from hvd.registry.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracking_uri
 from hvd.registry.sources import ModelSourceError, load_model_source
 
 
@@ -390,6 +390,16 @@ def test_index_is_logged_tagged_reused_by_evaluation_and_searched(registered, ca
     assert scores == sorted(scores, reverse=True)
     width, height = png_size(sheet)
     assert width > height > 0  # three rows of frames
+    # the search is a run beside the index's: the caption, the ranked videos and the contact sheet
+    experiment = client.get_experiment_by_name("eval/bench")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    (searched,) = client.search_runs([experiment.experiment_id], filter_string="tags.job = 'search'")
+    assert searched.info.status == "FINISHED" and f"/runs/{searched.info.run_id}" in out
+    assert searched.data.params["query"] == "a red circle rises" and searched.data.tags["index_run"] == run_id
+    assert {a.path for a in client.list_artifacts(searched.info.run_id)} == {"sheet.png", "hits.json"}
+    hits = json.loads(Path(client.download_artifacts(searched.info.run_id, "hits.json", str(tmp_path))).read_text())
+    assert [hit["rank"] for hit in hits] == [1, 2, 3]
+    assert [hit["score"] for hit in hits] == pytest.approx(scores, abs=5e-4)  # as printed, to 3 decimals
 
 
 @pytest.mark.slow

@@ -9,19 +9,26 @@ folder names one directly. Stage 1 takes the index's eval.topk nearest videos (a
 index.nprobe lists), stage 2 rescores them with the full model; the --top best are printed, and drawn
 one row of frames each (the frames the head kept for the caption framed green) into --sheet, by default
 <eval.out>/search/<caption>.png. The frames come from the shards the index was built from.
+Each search is an MLflow run in experiment eval/<benchmark> (tag job=search): the caption and --top as
+params, the ranked videos (hits.json) and the contact sheet as artifacts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 from hvd.cli import fail, parse_args
 from hvd.config import Config
 from hvd.errors import HvdError
 from hvd.eval import plots
-from hvd.search.query import hit_frames
+from hvd.eval.report import experiment_name
+from hvd.registry.runs import closing_run, experiment_id, log_params, run_url, source_tags, tracking_uri
+from hvd.search.query import SearchHit, hit_frames
 from hvd.search.retriever import Retriever
 
 SECTIONS = ("eval", "index", "tracking")
@@ -40,6 +47,25 @@ def sheet_path(cfg: Config, query: str) -> Path:
     return Path(cfg.eval.out) / "search" / f"{slug}.png"
 
 
+def log_search(cfg: Config, retriever: Retriever, query: str, hits: list[SearchHit], sheet: Path) -> str:
+    """The search as a FINISHED MLflow run beside the index's (experiment eval/<benchmark>, tag job=search), so
+    what a caption found, and its contact sheet, can be looked at again in the UI; returns the run's page."""
+    uri, meta, source = tracking_uri(cfg), retriever.index.meta, retriever.source
+    client = MlflowClient(uri)
+    experiment = experiment_id(client, experiment_name(meta["benchmark"]))
+    description = (f'"{query}" searched in the {meta["split"]} split of {meta["benchmark"]} with {source.name} '
+                   f"version {source.version} ({len(retriever.index)} videos, index run {meta['run_id']}).")
+    tags = {"benchmark": meta["benchmark"], "split": meta["split"], "job": "search", "index_run": meta["run_id"],
+            **source.tags(), **source_tags(description)}
+    run_id = client.create_run(experiment, run_name=f"{source.label}-search", tags=tags).info.run_id
+    with closing_run(uri, run_id):
+        log_params(client, run_id, {"query": query, "top": len(hits), "eval.model": source.uri,
+                                    "eval.topk": retriever.topk, "index.nprobe": retriever.nprobe})
+        client.log_dict(run_id, [dataclasses.asdict(hit) for hit in hits], "hits.json")
+        client.log_artifact(run_id, str(sheet))
+    return run_url(uri, experiment, run_id)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags)
     if args.top < 1:
@@ -52,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     except (HvdError, FileNotFoundError, ValueError) as err:
         fail(err)
     sheet = plots.contact_sheet(args.query, pairs, [hit.score for hit in hits], args.sheet or sheet_path(cfg, args.query))
+    page = log_search(cfg, retriever, args.query, hits, sheet)
 
     meta = index.meta
     print(f"gallery    {len(index)} videos of {meta['benchmark']}/{meta['split']} ({index.kind} index {meta['run_id']})")
@@ -60,4 +87,5 @@ def main(argv: list[str] | None = None) -> None:
     for hit in hits:
         print(f"{hit.rank:>4}  {hit.score:7.3f}  {hit.stage1_score:7.3f}  {hit.video_id}")
     print(f"sheet      {sheet}")
+    print(f"run page   {page}")
 

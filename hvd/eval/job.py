@@ -216,10 +216,7 @@ class JobInputs:
             "benchmark": self.benchmark,
             "split": self.cfg.eval.split,
             "job": kind,
-            "model_uri": self.source.uri,
-            "model_name": self.source.name,
-            "model_version": self.source.version,
-            "source_run": self.source.source_run,
+            **self.source.tags(),
             "dataset_fingerprint": self.dataset_fingerprint,
             **source_tags(description),
         }

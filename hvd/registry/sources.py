@@ -40,6 +40,11 @@ class ModelSource:
     def label(self) -> str:
         return f"{self.name}-v{self.version}" if self.version.isdigit() else f"{self.name}-{self.version}"
 
+    def tags(self) -> dict[str, str]:
+        """The MLflow tags by which a job's run (evaluation, index, search) names the model it used."""
+        return {"model_uri": self.uri, "model_name": self.name, "model_version": self.version,
+                "source_run": self.source_run}
+
 
 def load_model_source(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
     """Load the model behind `uri` (see `URI_FORMS`) on the CPU, in eval mode."""
