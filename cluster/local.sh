@@ -116,6 +116,9 @@ new_secret() { # new_secret FILE: a random hex secret in FILE, readable by us on
 # MLFLOW_AUTH_ADMIN_* on the first start (later starts keep the stored one). A user without a grant sees
 # nothing (NO_PERMISSIONS); a request without credentials gets 401, except /health. The Flask secret key
 # signs the sign-up form's CSRF token: one per start serves the single server process.
+# No job runner: MLflow 3.17 otherwise starts one and seven huey consumer processes (2.3 GiB resident
+# against 0.5 GiB, docs/tracking.md) for GenAI jobs (judges, prompt optimisation) that hvd never submits;
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the caller's environment brings it back.
 start_mlflow() {
     local port
     if [[ -f "$STATE/mlflow.port" ]]; then port=$(cat "$STATE/mlflow.port"); else port=$(free_ports 1); fi
@@ -127,6 +130,7 @@ start_mlflow() {
     MLFLOW_AUTH_CONFIG_PATH="$STATE/basic_auth.ini" MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_TRACKING_USERNAME" \
         MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
         MLFLOW_FLASK_SERVER_SECRET_KEY="$("$BIN/python" -c 'import secrets; print(secrets.token_hex(32))')" \
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
         spawn mlflow "$BIN/mlflow" server --app-name basic-auth --host 127.0.0.1 --port "$port" --workers 1 \
         --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" --artifacts-destination "$MLFLOW_DIR/artifacts"
     echo "$port" >"$STATE/mlflow.port"

@@ -260,6 +260,19 @@ def test_every_mlflow_server_runs_basic_auth_with_credentials_from_secrets():
     assert "/health" in " ".join(server["readinessProbe"]["exec"]["command"])  # /health needs no login
 
 
+def test_every_mlflow_server_starts_without_the_job_runner(monkeypatch):
+    """hvd submits no MLflow jobs (GenAI judges, prompt optimisation), so no server starts their runner and its
+    huey consumers; the switch is the one MLflow 3.17's `mlflow server` reads, and the value reads as off."""
+    from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION as switch
+
+    for where, command in mlflow_servers().items():
+        (value,) = re.findall(rf'{switch.name}="?([^"\s]+)"?', command)
+        value = value.removeprefix("${" + switch.name + ":-").removesuffix("}")  # local.sh: the caller may opt in
+        monkeypatch.setenv(switch.name, value)
+        assert switch.get() is False, where
+        assert command.index(switch.name) < re.search(r'mlflow"? server', command).start(), where  # its environment
+
+
 @pytest.mark.parametrize("where", ["ray_cluster.yaml", "kuberay"])
 def test_the_auth_config_the_cloud_servers_write_is_what_mlflow_reads(where, tmp_path, monkeypatch):
     """The printf that writes basic_auth.ini, run as the server's shell runs it, with a database URI holding

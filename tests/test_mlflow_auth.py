@@ -1,5 +1,5 @@
-"""`cluster/local.sh mlflow`: the tracking server as `up` starts it, with basic auth. A request without the
-admin's password is refused, one with it works, and the password outlives `down` with the user database."""
+"""`cluster/local.sh mlflow`: the tracking server as `up` starts it, with basic auth and no job runner. A request
+without the admin's password is refused, one with it works, and the password outlives `down` with the user database."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 def local_sh(tmp_path):
     env = {**os.environ, "HVD_VENV": str(BIN.parent), "HVD_CLUSTER_DIR": str(tmp_path / "c"),
            "HVD_MLFLOW_DIR": str(tmp_path / "mlflow")}
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"):
         env.pop(name, None)
 
     def run(command: str) -> dict[str, str]:
@@ -58,6 +59,9 @@ def test_the_tracking_server_refuses_requests_without_the_admin_password(local_s
     listening = {c.laddr for p in [server, *server.children(recursive=True)]
                  for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
     assert [address.ip for address in listening] == ["127.0.0.1"]  # docs/security.md: MLflow server, 1 port
+    # the server and its uvicorn worker, no job runner nor its huey consumers (docs/tracking.md)
+    commands = [" ".join(p.cmdline()) for p in [server, *server.children(recursive=True)]]
+    assert len(commands) == 2 and not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c], commands
 
     # `down` and up again: the stored admin account still takes the stored password, and a client with it
     # logs runs and artifacts (proxied into the store) as every job does.
