@@ -33,7 +33,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import step_flops  # benchmarks/flops.py
 
 from hvd.config import load_config
 from hvd.model import build_model, check_inputs
@@ -91,11 +91,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     rss_before = peak_rss_bytes()
 
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = model(inputs["tokens"], inputs["frames"], inputs["frame_mask"])
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
+    flops = step_flops(model, inputs)
 
     step_s = []
     for _ in range(args.steps):

@@ -23,7 +23,7 @@ import time
 
 import ray
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import peak_tflops, step_flops  # benchmarks/flops.py
 
 from hvd.config import load_config
 from hvd.model import build_model
@@ -31,8 +31,6 @@ from hvd.train.inputs import epoch_batches, training_dataset
 from hvd.train.loop import timed, train_step, use_fast_cuda_math
 from hvd.train.optim import build_optimizer, build_scheduler
 from hvd.train.trainer import prepare_data
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
 
 
 def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, float]:
@@ -54,14 +52,6 @@ def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, flo
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def step_flops(model, batch) -> int:
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = model(batch["tokens"], batch["frames"])
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -104,7 +94,7 @@ def main() -> None:
     tensor_rate = (before + after) / 2
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(name, "bf16", args.peak_tflops)
     result = {
         "device": name,
         "preset": cfg.model.preset,

@@ -26,9 +26,10 @@ def save_state(
     epoch: int,
     best_score: float,
     config_yaml: str,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """`epoch` is the epoch in progress (finished epochs when saved at an epoch's end). The file is whole and
-    on disk before it has its name (`hvd.runtime.durable`)."""
+    """`epoch` is the epoch in progress (finished epochs when saved at an epoch's end); fp16's `grad_scaler`
+    keeps its scale across a restart. The file is whole and on disk before it has its name (`hvd.runtime.durable`)."""
     path = Path(directory) / STATE_FILE
     with atomic_file(path) as partial:
         torch.save(
@@ -41,6 +42,7 @@ def save_state(
                 "best_score": best_score,
                 "torch_rng": torch.get_rng_state(),
                 "config_yaml": config_yaml,
+                **({"grad_scaler": grad_scaler.state_dict()} if grad_scaler is not None else {}),
             },
             partial,
         )

@@ -367,6 +367,23 @@ class TrainConfig:
         rule=_rule(lambda v: 0 <= v < 1, "in [0, 1)"),
     )
     grad_clip: float = key(1.0, "gradient norm clip", rule=_POSITIVE)
+    precision: str = key(
+        "bf16",
+        "the encoders on CUDA: bf16 autocast, fp16 autocast with a gradient scaler, or fp32; CPU trains in fp32",
+        choices=("bf16", "fp16", "fp32"),
+    )
+    grad_checkpointing: bool = key(
+        False,
+        "recompute the vision tower's blocks in backward: less activation memory for more compute",
+        resume_free=True,
+    )
+    micro_batch_size: int = key(
+        0,
+        "encode each worker's batch this many rows at a time with cached feature gradients: the whole batch's "
+        "loss and gradient in a micro-batch's activation memory (0: the whole batch in one pass)",
+        rule=_between(0, 1_000_000),
+        resume_free=True,
+    )
     max_skipped_steps: int = key(
         5,
         "steps in a row with a non-finite loss or gradient (skipped) before the run stops",
@@ -528,6 +545,11 @@ JOINT_RULES: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
         "train.batch_size",
         lambda c: c.train.batch_size % c.train.num_workers == 0,
         "must divide evenly over train.num_workers",
+    ),
+    (
+        "train.micro_batch_size",
+        lambda c: c.train.micro_batch_size < c.train.batch_size // c.train.num_workers,
+        "must be below each worker's batch (train.batch_size / train.num_workers), or 0 for one pass",
     ),
     (
         "eval.dsl",

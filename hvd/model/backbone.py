@@ -40,6 +40,11 @@ class ClipBackbone(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.clip.logit_scale
 
+    def checkpoint_vision(self, enable: bool) -> None:
+        """Recompute the vision tower's blocks in backward instead of keeping their activations (frames x batch
+        of them): less memory, about one more forward of the tower's compute."""
+        self.clip.visual.set_grad_checkpointing(enable)
+
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Sentence features [B, D] (end-of-text token) and word features [B, L, D] (every token)."""
         if tokens.ndim != 2 or not 0 < tokens.shape[1] <= self.context_length:

@@ -48,12 +48,26 @@ class Features:
         return getattr(self, dataclasses.fields(self)[0].name)
 
     @classmethod
-    def cat(cls: type[FeaturesT], parts: Sequence[FeaturesT]) -> FeaturesT:
+    def cat(cls: type[FeaturesT], parts: Sequence[FeaturesT], pad: bool = False) -> FeaturesT:
+        """Batches one after another; with `pad`, [B, L, ...] fields of different L (captions' words, a head's
+        entities) padded to the longest, as empty slots: zeros, False in masks."""
         if not parts:
             raise ValueError(f"{cls.__name__}.cat needs at least one batch")
-        return cls(
-            **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)}
-        )
+        fields = {}
+        for f in dataclasses.fields(cls):
+            tensors = [getattr(p, f.name) for p in parts]
+            if pad and tensors[0].ndim >= 2:
+                longest = max(t.shape[1] for t in tensors)
+                tensors = [pad_to(t, longest) for t in tensors]
+            fields[f.name] = torch.cat(tensors)
+        return cls(**fields)
+
+
+def pad_to(tensor: Tensor, length: int) -> Tensor:
+    """A [B, L, ...] tensor padded along L to `length` with zeros (False for a mask): empty slots."""
+    if tensor.shape[1] == length:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:])], dim=1)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from hvd.model.features import FeaturesT
+from hvd.model.features import FeaturesT, pad_to
 
 
 def symmetric_infonce(logits: Tensor) -> Tensor:
@@ -78,9 +78,5 @@ def _pad_to_longest(features: FeaturesT) -> FeaturesT:
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     if torch.equal(local, longest):
         return features
-    padded = {}
-    for name, length in zip(fields, longest.tolist(), strict=True):
-        tensor = getattr(features, name)
-        extra = tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:])
-        padded[name] = torch.cat([tensor, extra], dim=1)
+    padded = {name: pad_to(getattr(features, name), length) for name, length in zip(fields, longest.tolist(), strict=True)}
     return dataclasses.replace(features, **padded)

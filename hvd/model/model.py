@@ -15,6 +15,7 @@ from hvd.model.features import TextFeatures, VideoFeatures
 from hvd.model.first_stage import FirstStage
 from hvd.model.heads import Head
 from hvd.model.losses import gather_across_ranks
+from hvd.runtime.progress import Progress
 
 MAX_LOGIT_SCALE = 100.0
 IMAGE_MEAN: tuple[float, float, float] = open_clip.OPENAI_DATASET_MEAN  # CLIP's pixel statistics
@@ -33,6 +34,7 @@ class RetrievalModel(nn.Module):
         self.head = head
         self.first_stage = first_stage  # None: stage 1 is the head's own embeddings, untrained for it
         self.score_budget_bytes = score_budget_mb * 2**20
+        self.cuda_dtype: torch.dtype | None = torch.bfloat16  # the encoders' autocast on CUDA (train.precision)
         # Buffers, not parameters: they follow the model to its device and stay out of the state dict.
         self.register_buffer("image_mean", torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGE_STD).view(3, 1, 1), persistent=False)
@@ -46,9 +48,10 @@ class RetrievalModel(nn.Module):
         return self.backbone.logit_scale.device
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """Encoders run in bf16 on CUDA; on CPU in the caller's precision (fp32 unless it opened autocast)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """Encoders run in `cuda_dtype` on CUDA (bf16 unless training set it); on CPU in the caller's precision
+        (fp32 unless it opened autocast)."""
+        if self.device.type == "cuda" and self.cuda_dtype is not None:
+            return torch.autocast("cuda", dtype=self.cuda_dtype)
         return contextlib.nullcontext()
 
     def logit_scale(self) -> Tensor:
@@ -101,13 +104,17 @@ class RetrievalModel(nn.Module):
         pixels = frames.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255.0)
         return (pixels - self.image_mean) / self.image_std
 
+    def encode_batch(self, tokens: Tensor, frames: Tensor, frame_mask: Tensor) -> tuple[TextFeatures, VideoFeatures]:
+        """A training batch's features from token ids [B, L], uint8 frames [B, T, H, W, 3] and their mask [B, T]."""
+        video = self.encode_video(self.normalize_frames(frames), frame_mask)
+        return self.encode_text(tokens), video
+
     def forward(self, tokens: Tensor, frames: Tensor, frame_mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """One training step's loss from token ids [B, L], uint8 frames [B, T, H, W, 3] and their mask [B, T].
+        """One training step's loss, `encode_batch`'s inputs.
 
         The call DistributedDataParallel wraps: its gradient all-reduce overlaps this step's backward.
         """
-        video = self.encode_video(self.normalize_frames(frames), frame_mask)
-        return self.loss(self.encode_text(tokens), video)
+        return self.loss(*self.encode_batch(tokens, frames, frame_mask))
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         """The head's named [Nt, Nv] similarity matrices, with gradients, in one piece.
@@ -117,16 +124,19 @@ class RetrievalModel(nn.Module):
         return self.head.similarities(text, video)
 
     @torch.no_grad()
-    def score(self, text: TextFeatures, video: VideoFeatures) -> Tensor:
+    def score(self, text: TextFeatures, video: VideoFeatures, progress: Progress | None = None) -> Tensor:
         """Retrieval scores [Nt, Nv] on the features' device, computed on the model's device in chunks
-        of at most `score_budget_mb` of intermediates."""
+        of at most `score_budget_mb` of intermediates; `progress` counts the pairs scored."""
         text_chunk, video_chunk = self.chunk_sizes(text, video)
         scores = torch.empty(len(text), len(video), device=text.device)
         for t in range(0, len(text), text_chunk):
             texts = self.head.text_features(text[t : t + text_chunk].to(self.device))  # once for all video chunks
             for v in range(0, len(video), video_chunk):
                 chunk = self.similarities(texts, video[v : v + video_chunk].to(self.device))
-                scores[t : t + text_chunk, v : v + video_chunk] = self.combine(chunk).to(scores.device)
+                combined = self.combine(chunk)
+                scores[t : t + text_chunk, v : v + video_chunk] = combined.to(scores.device)
+                if progress is not None:
+                    progress.advance(combined.numel())
         return scores
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hvd.model.clustering import Clusters, dpc_knn, merge_clusters
+from hvd.model.clustering import Clusters, dpc_knn, keep_count, merge_clusters
 
 
 class CompressionRound(nn.Module):
@@ -64,6 +64,12 @@ class PFCM(nn.Module):
         super().__init__()
         heads = max(1, dim // 64)
         self.rounds = nn.ModuleList(CompressionRound(dim, heads, ratio, k) for _ in range(steps))
+
+    def entity_count(self, tokens: int) -> int:
+        """The entities `tokens` valid tokens compress into: the most any item of a [B, tokens] batch gets."""
+        for step in self.rounds:
+            tokens = keep_count(tokens, step.ratio)
+        return tokens
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """[B, N, C] tokens (mask [B, N]) -> [B, M, C] entities, their mask, and [B, N] the entity each

@@ -34,11 +34,13 @@ from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.registry.runs import MetricLogger
 from hvd.runtime.worker_setup import quiet_logs
+from hvd.train.gradients import average_across_ranks, cached_gradient_backward
 from hvd.train.inputs import epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # train.precision -> CUDA autocast
 SCORE_KEY = "val_score"  # what the best checkpoint is chosen by: val t2v R@1, -1 for mid-epoch saves
 RESUMED_METRIC = "train/resumed_from_step"  # logged by rank 0 each time the worker group resumes
 LOG_EVERY_STEPS = 10  # MLflow
@@ -56,23 +58,40 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: dict[str, Tensor],
     grad_clip: float,
+    micro_batch: int = 0,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[Tensor, dict[str, float], bool]:
     """One optimisation step on a `TrainingCollate` batch; `model` is the DDP-wrapped model when there are
-    several workers. Returns the loss, its parts (and the gradient norm) and whether the weights moved: a
-    step whose loss or gradient norm is not finite is skipped, so one bad batch never writes NaN weights.
-    The norm is of the all-reduced gradients, so every rank skips the same steps."""
-    loss, parts = model(batch["tokens"], batch["frames"], batch["frame_mask"])
+    several workers and no `micro_batch` (hvd.train.gradients: a micro-batched model is bare and its gradients
+    are averaged there). Returns the loss, its parts (and the gradient norm) and whether the step was sound: a
+    step whose loss or gradient norm is not finite is skipped, so one bad batch never writes NaN weights. The
+    norm is of the all-reduced gradients, so every rank skips the same steps. With fp16's `scaler`, an overflowing
+    gradient of a finite loss is the scaler's to handle (it skips the step and lowers the scale): sound."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # DDP all-reduces gradient buckets while the rest of backward runs
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
+    if micro_batch:
+        loss, parts = cached_gradient_backward(model, batch, micro_batch, scale)
+        average_across_ranks(model)
+    else:
+        loss, parts = model(batch["tokens"], batch["frames"], batch["frame_mask"])
+        scale(loss).backward()  # DDP all-reduces gradient buckets while the rest of backward runs
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     loss_value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one device sync
-    finite = math.isfinite(loss_value) and math.isfinite(norm)
-    if finite:
-        optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the gradient overflowed
+        scaler.update()
+        parts = {**parts, "grad_scale": scaler.get_scale()}
+        sound = math.isfinite(loss_value)
     else:
+        sound = math.isfinite(loss_value) and math.isfinite(norm)
+        if sound:
+            optimizer.step()
+    if not sound:
         optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # the schedule follows the step count, skipped steps included
-    return loss.detach(), {**parts, "grad_norm": norm}, finite
+    return loss.detach(), {**parts, "grad_norm": norm}, sound
 
 
 def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
@@ -87,7 +106,7 @@ def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
 
 
 def use_fast_cuda_math() -> None:
-    """TF32 tensor cores for the fp32 matmuls left outside bf16 autocast (the loss, the optimizer)."""
+    """TF32 tensor cores for the fp32 matmuls left outside autocast (the loss, the optimizer; fp32 training)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
@@ -163,6 +182,7 @@ class Worker:
     skipped_steps: int = 0  # non-finite steps skipped since this worker started
     skipped_in_a_row: int = 0
     logger: MetricLogger | None = None
+    grad_scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA
 
     def count_step(self, stepped: bool, loss: float, grad_norm: float) -> None:
         """Count a skipped (non-finite) step, warn, and stop the run after `train.max_skipped_steps` in a row."""
@@ -189,7 +209,8 @@ class Worker:
         if self.rank != 0:
             return None
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
-                    epoch=self.epoch, best_score=self.best_score, config_yaml=self.plan.config_yaml)
+                    epoch=self.epoch, best_score=self.best_score, config_yaml=self.plan.config_yaml,
+                    grad_scaler=self.grad_scaler)
 
 
 def start_worker(plan: WorkerPlan) -> Worker:
@@ -201,9 +222,13 @@ def start_worker(plan: WorkerPlan) -> Worker:
         use_fast_cuda_math()
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)  # on the device before the optimizer, so its state lands there too
+    model.cuda_dtype = PRECISIONS[cfg.train.precision]
+    model.backbone.checkpoint_vision(cfg.train.grad_checkpointing)
     optimizer = build_optimizer(model, cfg.train, cfg.model)
     worker = Worker(plan, context.get_world_rank(), context.get_world_size(), device, model, optimizer,
                     build_scheduler(optimizer, cfg.train, plan.total_steps))
+    if device.type == "cuda" and cfg.train.precision == "fp16":
+        worker.grad_scaler = torch.amp.GradScaler("cuda")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -212,6 +237,8 @@ def start_worker(plan: WorkerPlan) -> Worker:
         optimizer.load_state_dict(state["optimizer"])
         worker.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
+        if worker.grad_scaler is not None and "grad_scaler" in state:
+            worker.grad_scaler.load_state_dict(state["grad_scaler"])
         worker.step, worker.epoch, worker.best_score = state["step"], state["epoch"], state["best_score"]
     if worker.rank == 0:
         worker.logger = MetricLogger(plan.tracking_uri, plan.run_id)
@@ -238,7 +265,8 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterat
         if index < done_in_epoch:
             continue
         inject_fault(cfg, worker.step, worker.rank, worker.world, Path(plan.fault_marker))
-        loss, parts, stepped = train_step(ddp_model, worker.optimizer, worker.scheduler, batch, cfg.train.grad_clip)
+        loss, parts, stepped = train_step(ddp_model, worker.optimizer, worker.scheduler, batch, cfg.train.grad_clip,
+                                          cfg.train.micro_batch_size, worker.grad_scaler)
         worker.step += 1
         worker.count_step(stepped, loss.item(), parts["grad_norm"])
         samples += cfg.train.batch_size
@@ -281,7 +309,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     quiet_logs()  # again: importing MLflow in this process reset its level
     plan = WorkerPlan.from_loop_config(loop_config)
     worker = start_worker(plan)
-    ddp_model = ray.train.torch.prepare_model(worker.model)  # DistributedDataParallel when world > 1
+    # DistributedDataParallel when world > 1, unless micro-batched (hvd.train.gradients averages then)
+    ddp_model = ray.train.torch.prepare_model(worker.model, parallel_strategy=None if plan.cfg.train.micro_batch_size else "ddp")
     monitor = None
     val_table = tokenizer = None
     if worker.rank == 0:

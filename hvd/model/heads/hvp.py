@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from hvd.config import HVPHeadConfig
 from hvd.model.backbone import ClipBackbone
-from hvd.model.features import TextFeatures, VideoFeatures
+from hvd.model.features import TextFeatures, VideoFeatures, pad_to
 from hvd.model.heads.base import (
     FLOAT_BYTES,
     Head,
@@ -71,9 +71,14 @@ class BlockMatcher(nn.Module):
         self.raw_word_weights = cfg.word_weights == "raw"
 
     def compress(self, patches: Tensor, frame_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, T, P, D] -> [B, E, D] unit entities of the whole video and [B, E, T] the frames each came from."""
+        """[B, T, P, D] -> [B, E, D] unit entities of the whole video and [B, E, T] the frames each came from.
+
+        E is what T whole frames give, padded with empty slots where the batch's videos are all shorter: blocks
+        sit one after another in the features, so a batch's (a rank's, a micro-batch's) E must not depend on the
+        batch for the blocks to line up when batches are concatenated."""
         entities, _, patch_frames = video_entities(self.pfcm, patches, frame_mask)
-        return F.normalize(entities.float(), dim=-1), patch_frames
+        slots = self.pfcm.entity_count(patches.shape[1] * patches.shape[2])
+        return pad_to(F.normalize(entities.float(), dim=-1), slots), pad_to(patch_frames, slots)
 
     def similarities(self, text: TextFeatures, frames: Tensor, frame_mask: Tensor, entities: Tensor,
                      patch_frames: Tensor, paired: bool = False) -> dict[str, Tensor]:
