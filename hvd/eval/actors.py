@@ -19,6 +19,7 @@ from hvd.config import Config
 from hvd.data.shards import open_shards, read_shards
 from hvd.eval.encode import EncodedSplit, encode_rows
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer, rebuild_model
+from hvd.runtime.progress import Progress
 
 VIDEO_FIELDS = VideoFeatures.field_names()
 
@@ -65,11 +66,14 @@ def actor_resources(num_actors: int) -> dict[str, Any]:
     return {"compute": ray.data.ActorPoolStrategy(size=size), "num_gpus": 1 if gpus else 0, "num_cpus": 1}
 
 
-def _collect(dataset: ray.data.Dataset, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _collect(dataset: ray.data.Dataset, columns: tuple[str, ...], progress: Progress) -> dict[str, np.ndarray]:
+    """The pool's output columns, gathered in the driver; `progress` counts rows as they come back (the actors
+    themselves print nothing)."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in columns}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for name in columns:
             parts[name].append(batch[name])
+        progress.advance(len(batch[columns[0]]))
     return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
 
@@ -86,7 +90,7 @@ def encode_videos_with_actors(
     videos = open_shards(shards, split).map_batches(
         VideoEncoder, batch_format="pyarrow", **_pool_arguments(model, cfg, num_actors)
     )
-    columns = _collect(videos, ("video_id", *VIDEO_FIELDS))
+    columns = _collect(videos, ("video_id", *VIDEO_FIELDS), Progress(len(video_ids), f"encoding {split} videos"))
     position = {video_id: i for i, video_id in enumerate(columns["video_id"])}
     order = torch.tensor([position[video_id] for video_id in video_ids])
     return video_ids, VideoFeatures(**{name: torch.from_numpy(columns[name]) for name in VIDEO_FIELDS})[order]
@@ -97,7 +101,7 @@ def encode_texts_with_actors(model: RetrievalModel, cfg: Config, captions: list[
     texts = ray.data.from_items([{"index": i, "caption": c} for i, c in enumerate(captions)]).map_batches(
         TextEncoder, batch_format="numpy", **_pool_arguments(model, cfg, num_actors)
     )
-    columns = _collect(texts, ("index", "sentence", "words", "word_mask"))
+    columns = _collect(texts, ("index", "sentence", "words", "word_mask"), Progress(len(captions), "encoding captions"))
     order = torch.from_numpy(np.argsort(columns["index"], kind="stable"))
     text = TextFeatures(**{name: torch.from_numpy(columns[name]) for name in TextFeatures.field_names()})
     return text[order]

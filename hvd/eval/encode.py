@@ -18,6 +18,7 @@ from torch import Tensor
 from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.metrics import retrieval_metrics
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
+from hvd.runtime.progress import Progress
 
 Tokenizer = Callable[[list[str]], Tensor]
 
@@ -45,8 +46,15 @@ def encode_split(model: RetrievalModel, table: pa.Table, tokenizer: Tokenizer, b
     rows = table.to_pylist()
     captions = [caption for row in rows for caption in row["captions"]]
     text_video = torch.tensor([index for index, row in enumerate(rows) for _ in row["captions"]])
-    videos = [encode_rows(model, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
-    texts = [model.encode_text(tokenizer(captions[i : i + batch_size])) for i in range(0, len(captions), batch_size)]
+    videos, texts = [], []
+    progress = Progress(len(rows), "encoding videos")
+    for i in range(0, len(rows), batch_size):
+        videos.append(encode_rows(model, rows[i : i + batch_size]))
+        progress.advance(len(videos[-1]))
+    progress = Progress(len(captions), "encoding captions")
+    for i in range(0, len(captions), batch_size):
+        texts.append(model.encode_text(tokenizer(captions[i : i + batch_size])))
+        progress.advance(len(texts[-1]))
     model.train(was_training)
     return EncodedSplit(
         text=TextFeatures.cat(texts).to("cpu"),
@@ -62,4 +70,10 @@ def evaluate_split(
 ) -> dict[str, float]:
     """Exhaustive retrieval metrics of one split: every caption against every video."""
     encoded = encode_split(model, table, tokenizer, batch_size)
-    return retrieval_metrics(model.score(encoded.text, encoded.video), encoded.text_video, dsl=dsl)
+    return retrieval_metrics(score_all(model, encoded.text, encoded.video), encoded.text_video, dsl=dsl)
+
+
+def score_all(model: RetrievalModel, text: TextFeatures, video: VideoFeatures) -> Tensor:
+    """Every caption against every video (`RetrievalModel.score`), with progress lines: on a large gallery the
+    longest step of an evaluation."""
+    return model.score(text, video, Progress(len(text) * len(video), "scoring caption-video pairs"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hvd.eval.encode import score_all
 from hvd.gallery import GalleryIndex
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures
 
@@ -52,7 +53,7 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 def exhaustive(model: RetrievalModel, text: TextFeatures, video: VideoFeatures) -> Retrieval:
     """One score matrix for both directions, every pair through the model, chunked to its memory budget."""
     started = time.perf_counter()
-    scores = model.score(text, video)
+    scores = score_all(model, text, video)
     _sync(scores.device)
     return Retrieval(scores, scores.T, {"exhaustive_s": time.perf_counter() - started})
 
