@@ -9,8 +9,10 @@ Gallery: `--clips` unseen synthetic clips (demo preset, seed 1, all in the test 
 each) are generated, decoded by `prepare` and encoded by the model once; the features are cached on
 disk per model version. A gallery no larger than that is the first clips, all real. A larger one (100k)
 is built from the cached features: the real clips plus spliced distractors, each the first s frames
-(with their patches) of one real clip followed by the last T - s frames of another, s uniform in
-1 .. T-1, so every feature in the gallery is a real encoded frame. Queries: the captions of the first
+of one real clip followed by the last T - s frames of another, s uniform in 1 .. T-1, with both clips'
+entities each on its own side of the cut, so every feature in the gallery is a real encoded frame or entity
+and every frame is covered by an entity as in a real clip (an earlier splice that picked one entity per slot
+left frames uncovered, and HVD's score of such a row was NaN). Queries: the captions of the first
 `--queries` clips, each with its own clip as the ground truth.
 
 Exhaustive: every (caption, video) pair through the full HVD score (`RetrievalModel.score`, chunked to
@@ -90,8 +92,10 @@ def real_features(
 @dataclass
 class SplicedGallery:
     """The real videos (rows 0 .. n-1, the ground truths), then spliced distractors up to `size`: the first s
-    frames (and the entities they start in) of one real video followed by the last T - s of another. Rows are
-    built when read, so a million-video gallery costs only the rows a step touches."""
+    frames of one real video followed by the last T - s of another. A row holds both videos' entities (2E slots),
+    each kept on its own side of the cut (the frames it covers there), so every frame a head may keep is still
+    covered by an entity, as in a real video; a real video is its E entities and E empty slots. Rows are built
+    when read, so a million-video gallery costs only the rows a step touches."""
 
     real: VideoFeatures
     first: torch.Tensor  # [distractors] the real video each distractor starts as
@@ -110,23 +114,21 @@ class SplicedGallery:
         return len(self.real) + len(self.first)
 
     def rows(self, rows: torch.Tensor) -> VideoFeatures:
-        """The features of gallery rows, in the order given; a real video is one spliced with itself."""
+        """The features of gallery rows, in the order given; a real video is one spliced with itself at T."""
         rows = rows.cpu()
         real, frames = self.real, self.real.frames.shape[1]
+        if not len(self.first):  # only real videos: as encoded
+            return real[rows]
         is_real = rows < len(real)
-        spliced = (rows - len(real)).clamp(min=0, max=max(len(self.first) - 1, 0))
-        if len(self.first):
-            a, b = torch.where(is_real, rows, self.first[spliced]), torch.where(is_real, rows, self.second[spliced])
-            s = torch.where(is_real, frames, self.cut[spliced])
-        else:
-            a, b, s = rows, rows, torch.full_like(rows, frames)
+        spliced = (rows - len(real)).clamp(min=0, max=len(self.first) - 1)
+        a, b = torch.where(is_real, rows, self.first[spliced]), torch.where(is_real, rows, self.second[spliced])
+        s = torch.where(is_real, frames, self.cut[spliced])
         from_first = torch.arange(frames) < s[:, None]  # [n, T]
-        entity_from_first = real.patch_frames[a].to(torch.uint8).argmax(dim=-1) < s[:, None]  # [n, E]: starts in a's part
         return VideoFeatures(
             frames=torch.where(from_first[..., None], real.frames[a], real.frames[b]),
             frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
-            patches=torch.where(entity_from_first[..., None], real.patches[a], real.patches[b]),
-            patch_frames=torch.where(entity_from_first[..., None], real.patch_frames[a], real.patch_frames[b]),
+            patches=torch.cat([real.patches[a], real.patches[b]], dim=1),
+            patch_frames=torch.cat([real.patch_frames[a] & from_first[:, None], real.patch_frames[b] & ~from_first[:, None]], dim=1),
             frame_views=torch.where(from_first[:, None, :, None], real.frame_views[a], real.frame_views[b]),
         )
 

@@ -38,14 +38,20 @@ def test_spliced_gallery_keeps_the_real_videos_and_splices_two_of_them_per_distr
     _, _, video, _ = real
     gallery = retrieval_speed.SplicedGallery.of_size(video, 200, seed=3)
     assert len(gallery) == 200
-    first = gallery.rows(torch.arange(16))
-    assert all(torch.equal(getattr(first, name), getattr(video, name)) for name in vars(video))
+    first, entities = gallery.rows(torch.arange(16)), video.patches.shape[1]
+    for name in ("frames", "frame_mask", "frame_views"):
+        assert torch.equal(getattr(first, name), getattr(video, name))
+    assert torch.equal(first.patches[:, :entities], video.patches)  # a real video's entities, then empty slots
+    assert torch.equal(first.patch_frames[:, :entities], video.patch_frames) and not first.patch_frames[:, entities:].any()
     rows = torch.tensor([150, 16, 199])
     spliced = gallery.rows(rows)
     for i, row in enumerate(rows.tolist()):
         a, b, s = (int(t[row - 16]) for t in (gallery.first, gallery.second, gallery.cut))
         assert a != b and 1 <= s < 4
         assert torch.equal(spliced.frames[i, :s], video.frames[a, :s]) and torch.equal(spliced.frames[i, s:], video.frames[b, s:])
+        # each video's entities on its own side of the cut: every frame is still covered by an entity
+        assert not spliced.patch_frames[i, :entities, s:].any() and not spliced.patch_frames[i, entities:, :s].any()
+        assert spliced.patch_frames[i].any(dim=0).all()
     whole = gallery.materialize(chunk=64)  # chunked reads agree with row reads
     assert torch.equal(whole.frames[rows], spliced.frames) and torch.equal(whole.patches[rows], spliced.patches)
 
