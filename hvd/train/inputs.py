@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import queue
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -147,3 +149,61 @@ def epoch_batches(
             pin_memory=pin_memory,
         )
         yield from itertools.islice(batches, steps_per_pass)
+
+
+class EpochStream:
+    """A worker's batches for epochs `first`..`last`, read by one background thread that starts each epoch's Ray
+    Data execution as soon as the previous epoch's batches are read: the new pipeline starts its tasks and fills
+    its prefetch while the worker trains the epoch's last steps, validates and checkpoints, so the next epoch's
+    first step does not wait for a cold start (`benchmarks/train_throughput.py --epochs`). Streaming split
+    starts an epoch when every worker asks for it, which every worker's thread does at its own epoch end."""
+
+    _END = object()  # closes an epoch's batches in the queue
+
+    def __init__(self, make_epoch: Callable[[int], Iterator[dict[str, Tensor]]], first: int, last: int):
+        self._make_epoch, self._first, self._last = make_epoch, first, last
+        self._queue: queue.Queue = queue.Queue(maxsize=1)  # one ready batch; the iterator prefetches more
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="epoch-stream", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[int, object]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        epoch = self._first
+        try:
+            for epoch in range(self._first, self._last + 1):
+                for batch in self._make_epoch(epoch):
+                    if not self._put((epoch, batch)):
+                        return
+                if not self._put((epoch, self._END)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - raised again in the training loop's thread
+            self._put((epoch, error))
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Tensor]]:
+        """The batches of `epoch`; what is left of an earlier epoch (a loop that stopped early) is dropped."""
+        if not self._first <= epoch <= self._last:
+            raise ValueError(f"epoch {epoch} is outside this stream's epochs {self._first}..{self._last}")
+        while True:
+            tagged, item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if tagged < epoch:
+                continue
+            if tagged > epoch:
+                raise RuntimeError(f"epoch {epoch} was asked for after epoch {tagged} had started")
+            if item is self._END:
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop reading ahead (a finished or failed run); the thread ends at its next batch."""
+        self._closed.set()

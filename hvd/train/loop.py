@@ -35,7 +35,7 @@ from hvd.model import build_model, build_tokenizer
 from hvd.registry.runs import MetricLogger
 from hvd.runtime.worker_setup import quiet_logs
 from hvd.train.gradients import average_across_ranks, cached_gradient_backward
-from hvd.train.inputs import epoch_batches
+from hvd.train.inputs import EpochStream, epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -249,16 +249,26 @@ def start_worker(plan: WorkerPlan) -> Worker:
     return worker
 
 
-def train_epoch(worker: Worker, ddp_model: nn.Module, shard: ray.data.DataIterator) -> None:
-    """The rest of the epoch in progress: batches trained before a restart are skipped, not retrained."""
+def input_stream(worker: Worker, shard: ray.data.DataIterator) -> EpochStream:
+    """The worker's batches from the epoch in progress to the last, read ahead across epoch ends."""
     plan, cfg = worker.plan, worker.plan.cfg
     per_worker_batch = cfg.train.batch_size // worker.world
+    pin = worker.device.type == "cuda"
+
+    def one_epoch(epoch: int) -> Iterator[dict[str, Tensor]]:
+        return epoch_batches(shard, per_worker_batch, cfg.run.seed, epoch, pin, plan.caption_passes,
+                             plan.steps_per_epoch // plan.caption_passes)
+
+    return EpochStream(one_epoch, worker.epoch, cfg.train.epochs - 1)
+
+
+def train_epoch(worker: Worker, ddp_model: nn.Module, stream: EpochStream) -> None:
+    """The rest of the epoch in progress: batches trained before a restart are skipped, not retrained."""
+    plan, cfg = worker.plan, worker.plan.cfg
     done_in_epoch = worker.step - worker.epoch * plan.steps_per_epoch
     started, samples, waited = time.perf_counter(), 0, 0.0
     worker.model.train()
-    batches = epoch_batches(shard, per_worker_batch, cfg.run.seed, worker.epoch, worker.device.type == "cuda",
-                            plan.caption_passes, plan.steps_per_epoch // plan.caption_passes)
-    for index, (wait_s, batch) in enumerate(timed(batches)):
+    for index, (wait_s, batch) in enumerate(timed(stream.epoch(worker.epoch))):
         if index >= plan.steps_per_epoch:
             break
         waited += wait_s
@@ -309,6 +319,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     quiet_logs()  # again: importing MLflow in this process reset its level
     plan = WorkerPlan.from_loop_config(loop_config)
     worker = start_worker(plan)
+    # reading starts now, so Ray Data's start overlaps the model's wrapping, the monitor and the val split's read
+    stream = input_stream(worker, ray.train.get_dataset_shard("train"))
     # DistributedDataParallel when world > 1, unless micro-batched (hvd.train.gradients averages then)
     ddp_model = ray.train.torch.prepare_model(worker.model, parallel_strategy=None if plan.cfg.train.micro_batch_size else "ddp")
     monitor = None
@@ -318,9 +330,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         monitor.start()
         val_table = read_shards(plan.shards, plan.val_split)
         tokenizer = build_tokenizer(plan.cfg.model, plan.cfg.data.max_words)
-    shard = ray.train.get_dataset_shard("train")
-    while worker.epoch < plan.cfg.train.epochs:
-        train_epoch(worker, ddp_model, shard)
-        end_epoch(worker, val_table, tokenizer)
+    try:
+        while worker.epoch < plan.cfg.train.epochs:
+            train_epoch(worker, ddp_model, stream)
+            end_epoch(worker, val_table, tokenizer)
+    finally:
+        stream.close()
     if monitor is not None:
         monitor.finish()
