@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py [--config configs/demo.yaml] [--preset tiny] [--device cpu|cuda]
                                           [--steps 25] [--warmup 5] [--peak-tflops N] [key=value ...]
+    python benchmarks/train_throughput.py --epochs 4 --steps 10 [--stills] [key=value ...]
 
 One process, one run, the same model and batch shape for both:
 1. pipeline: the training input path of `hvd.train.inputs` (Ray Data decodes and tokenises the demo
@@ -13,6 +14,13 @@ time spent waiting for data, and model FLOPs per step with the FLOP utilisation 
 (FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on one forward + backward: matmuls and
 convolutions, 2 per multiply-add; attention as its matmuls; element-wise work not counted).
 Prints one JSON object.
+
+`--epochs N` measures epoch ends instead: N epochs of `--steps` steps, each followed by the real validation of
+the val split (what rank 0 does between epochs), twice in one process: `restart`, each epoch's Ray Data execution
+started when the loop asks for its first batch (the loop before `EpochStream`), and `stream`, read ahead across
+epoch ends by `hvd.train.inputs.EpochStream`. Reports per epoch the first step's data wait (seconds, and its share
+of the first step's time, as the training log prints it) and each arm's wall time. `--stills`: on the warm
+start's stills (`pretrain.*`) instead of the benchmark's video shards.
 """
 
 from __future__ import annotations
@@ -25,12 +33,16 @@ import ray
 import torch
 from flops import peak_tflops, step_flops  # benchmarks/flops.py
 
-from hvd.config import load_config
-from hvd.model import build_model
-from hvd.train.inputs import epoch_batches, training_dataset
+from hvd.config import Config, load_config
+from hvd.data.shards import read_shards
+from hvd.data.stills import digest, stills_identity, write_stills
+from hvd.eval.encode import evaluate_split
+from hvd.model import build_model, build_tokenizer
+from hvd.train.inputs import EpochStream, epoch_batches, training_dataset
 from hvd.train.loop import timed, train_step, use_fast_cuda_math
 from hvd.train.optim import build_optimizer, build_scheduler
 from hvd.train.trainer import prepare_data
+from hvd.train.warm_start import pretrain_config, stills_plan
 
 
 def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, float]:
@@ -49,6 +61,40 @@ def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, flo
     raise RuntimeError(f"the train split gave fewer than {warmup + steps} batches; lower --steps")
 
 
+def epoch_ends(cfg: Config, shards, step, validate, epochs: int, steps: int, read_ahead: bool) -> dict:
+    """`epochs` epochs of `steps` steps and a validation each: the first step's data wait per epoch, the wall time."""
+    iterator = training_dataset(cfg, shards).iterator()
+
+    def one_epoch(epoch: int):
+        return epoch_batches(iterator, cfg.train.batch_size, cfg.run.seed, epoch, pin_memory=torch.cuda.is_available(),
+                             steps_per_pass=steps)
+
+    started = time.perf_counter()
+    stream = EpochStream(one_epoch, 0, epochs - 1) if read_ahead else None
+    first_waits, first_shares = [], []
+    for epoch in range(epochs):
+        for index, (wait_s, batch) in enumerate(timed(stream.epoch(epoch) if stream else one_epoch(epoch))):
+            step_started = time.perf_counter()
+            step(batch)
+            sync()
+            if index == 0:
+                first_waits.append(round(wait_s, 2))
+                first_shares.append(round(wait_s / (wait_s + time.perf_counter() - step_started), 3))
+        validate()
+    if stream is not None:
+        stream.close()
+    return {"first_step_wait_s": first_waits, "first_step_data_wait_share": first_shares,
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def stills_config(cfg: Config) -> tuple[Config, object]:
+    """The warm start's config and its stills' shards (written under `pretrain.out` unless there already)."""
+    settings, counts = stills_plan(cfg)
+    stills = write_stills(settings, counts, f"{cfg.pretrain.out}/stills-{digest(stills_identity(settings, counts))}",
+                          workers=cfg.synthetic.workers)
+    return pretrain_config(cfg, "benchmark", stills), stills
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -62,6 +108,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)")
+    parser.add_argument("--epochs", type=int, default=0, help="measure epoch ends over this many epochs instead")
+    parser.add_argument("--stills", action="store_true", help="with --epochs: the warm start's stills")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     # random weights unless told otherwise: throughput does not depend on them
@@ -71,6 +119,8 @@ def main() -> None:
         use_fast_cuda_math()
 
     shards = prepare_data(cfg).shards  # joins or starts Ray, then generates and prepares what is missing
+    if args.stills:
+        cfg, shards = stills_config(cfg)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train, cfg.model)
@@ -79,6 +129,18 @@ def main() -> None:
 
     def step(batch):
         train_step(model, optimizer, scheduler, {k: v.to(device) for k, v in batch.items()}, cfg.train.grad_clip)
+
+    if args.epochs:
+        val, tokenizer = read_shards(shards, "val"), build_tokenizer(cfg.model, cfg.data.max_words)
+        validate = lambda: evaluate_split(model, val, tokenizer, cfg.eval.batch_size)  # noqa: E731
+        arms = {}
+        for arm in ("restart", "stream", "stream", "restart"):  # ABBA: drifting load from other processes hits both
+            one = epoch_ends(cfg, shards, step, validate, args.epochs, args.steps, read_ahead=arm == "stream")
+            arms.setdefault(arm, []).append(one)
+        print(json.dumps({"shards": str(shards), "batch_size": batch_size,
+                          "epochs": args.epochs, "steps_per_epoch": args.steps, "val_rows": val.num_rows,
+                          "cpus": ray.cluster_resources().get("CPU"), **arms}, indent=2))
+        return
 
     def pipeline_batches():
         iterator = training_dataset(cfg, shards).iterator()
