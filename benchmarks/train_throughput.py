@@ -35,14 +35,13 @@ from flops import peak_tflops, step_flops  # benchmarks/flops.py
 
 from hvd.config import Config, load_config
 from hvd.data.shards import read_shards
-from hvd.data.stills import digest, stills_identity, write_stills
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.train.inputs import EpochStream, epoch_batches, training_dataset
 from hvd.train.loop import timed, train_step, use_fast_cuda_math
 from hvd.train.optim import build_optimizer, build_scheduler
 from hvd.train.trainer import prepare_data
-from hvd.train.warm_start import pretrain_config, stills_plan
+from hvd.train.warm_start import pretrain_config, warm_start_stills
 
 
 def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, float]:
@@ -87,14 +86,6 @@ def epoch_ends(cfg: Config, shards, step, validate, epochs: int, steps: int, rea
             "wall_s": round(time.perf_counter() - started, 1)}
 
 
-def stills_config(cfg: Config) -> tuple[Config, object]:
-    """The warm start's config and its stills' shards (written under `pretrain.out` unless there already)."""
-    settings, counts = stills_plan(cfg)
-    stills = write_stills(settings, counts, f"{cfg.pretrain.out}/stills-{digest(stills_identity(settings, counts))}",
-                          workers=cfg.synthetic.workers)
-    return pretrain_config(cfg, "benchmark", stills), stills
-
-
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -119,8 +110,9 @@ def main() -> None:
         use_fast_cuda_math()
 
     shards = prepare_data(cfg).shards  # joins or starts Ray, then generates and prepares what is missing
-    if args.stills:
-        cfg, shards = stills_config(cfg)
+    if args.stills:  # the warm start's config and stills, written under pretrain.out unless there already
+        shards = warm_start_stills(cfg)
+        cfg = pretrain_config(cfg, "benchmark", shards)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.train, cfg.model)

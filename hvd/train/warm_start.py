@@ -83,6 +83,13 @@ def pretrain_config(cfg: Config, fingerprint: str, stills: Path) -> Config:
     )
 
 
+def warm_start_stills(cfg: Config) -> Path:
+    """The warm start's stills as shards under `pretrain.out`, written unless already there."""
+    settings, counts = stills_plan(cfg)
+    out = Path(cfg.pretrain.out) / f"stills-{digest(stills_identity(settings, counts))}"
+    return write_stills(settings, counts, out, workers=cfg.synthetic.workers)
+
+
 def pretrain(cfg: Config) -> Path:
     """The warm start's weights file for `cfg`, trained now unless a run with the same fingerprint made it. Runs
     that start together train it once: the others wait on its lock, then find the file."""
@@ -97,8 +104,7 @@ def pretrain(cfg: Config) -> Path:
         ensure_ray()
         require_shared_paths({"pretrain.out": out})
         settings, counts = stills_plan(cfg)
-        stills = write_stills(settings, counts, out / f"stills-{digest(stills_identity(settings, counts))}",
-                              workers=cfg.synthetic.workers)
+        stills = warm_start_stills(cfg)
         run_cfg = pretrain_config(cfg, fingerprint, stills)
         logger.info(f"warm start      training {model_name(cfg)} on {counts['train']} captioned stills "
                     f"({cfg.pretrain.epochs} epochs)")
