@@ -8,10 +8,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from safetensors.torch import load_file
 
-from hvd.config import HEADS, Config, check_section, flatten, load_config
+from hvd.config import HEADS, Config, ModelConfig, check_section, flatten, load_config
+from hvd.model import build_model
+from hvd.registry.models import load_model
 from hvd.registry.runs import RunConfigMismatch
 from hvd.train.plots import retention_figure, study_figure
 from hvd.train.study import (
@@ -237,8 +241,18 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
     # a study stopped early is summarised from its finished children by `--report`, which is what ran here
     (again,) = [c for c in report(client, parent.info.run_id) if c.head == "meanp"]
     assert again.t2v_r1 == [parent.data.metrics["meanp/ef0.25_es0.15/t2v_R1_mean"]]
-    # one warm start for the grid's one seed, trained by the first trial and reused by the second
-    assert len(list(Path(tmp_path, "pretrained").glob("*.safetensors"))) == 1
+    # One warm start for the grid's one seed: trained on stills by the first trial (a run and a registered model
+    # of its own), reused by the second, and what both started from.
+    (weights,) = Path(tmp_path, "pretrained").glob("clip-tiny-synthetic-*.safetensors")
+    (warm,) = client.search_model_versions("name='clip-tiny-synthetic'")
+    assert client.get_run(warm.run_id).data.params["data.num_frames"] == "1"
+    for child in children:
+        assert child.data.tags["warm_start"] == f"models:/clip-tiny-synthetic/{warm.version}"
+        assert child.data.params["model.pretrained"] == str(weights)
+    started = build_model(ModelConfig(pretrained=str(weights)))  # open_clip's loader reads the file
+    assert torch.equal(started.backbone.clip.visual.conv1.weight, load_file(weights)["visual.conv1.weight"])
+    _, registered = load_model("models:/study-smoke@latest", uri)
+    assert registered.model.pretrained == str(weights)  # the weights file it started from, not "synthetic"
 
     # A study stopped while its meanp trial ran: `--resume` runs that trial alone, under the same parent, and
     # the trial resumes its own MLflow run from its last checkpoint; a config the trials did not train with
@@ -255,6 +269,7 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
     runs = client.search_runs([experiment])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same parent and children
     assert client.get_run(parent.info.run_id).data.tags["trials_reported"] == "2"
+    assert len(client.search_model_versions("name='clip-tiny-synthetic'")) == 1  # cached by fingerprint, not retrained
 
 
 def test_the_study_figure_of_a_stopped_study_draws_the_heads_each_panel_has():
