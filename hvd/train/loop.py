@@ -112,10 +112,15 @@ def use_fast_cuda_math() -> None:
 
 
 def inject_fault(cfg: Config, step: int, rank: int, world_size: int, marker: Path) -> None:
-    """Test-only: the last worker dies once at `train.fail_at_step`, as a lost node would."""
+    """Test-only: the last worker dies once at `train.fail_at_step`, as a lost node would.
+
+    It dies only once Ray Train has registered every checkpoint reported before it, so that which
+    checkpoint a restart resumes from is the same on a loaded machine as on an idle one.
+    """
     if cfg.train.fail_at_step == step and rank == world_size - 1 and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+        ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
         logger.info(f"[fault injection] worker {rank} exits at step {step}")
         os._exit(1)
 
