@@ -1,12 +1,16 @@
 """The mechanism study: its grids, trial configs, resume check and summary, and the smoke grid end to end (Ray
 Tune trials, each a child MLflow run of one parent)."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -24,6 +28,7 @@ from hvd.train.study import (
     VARIANTS,
     Cell,
     Grid,
+    grid_of,
     missing_trials,
     report,
     summarise,
@@ -107,14 +112,16 @@ def _child(cfg: Config, knobs: dict, metrics: dict | None = None) -> SimpleNames
 class _Store:
     """What the study asks of MLflow about a parent run and its finished children, and what it logs there."""
 
-    def __init__(self, study: str, children: list[SimpleNamespace]):
+    def __init__(self, study: str, children: list[SimpleNamespace], seeds: tuple[int, ...] | None = None):
         self.study, self.children = study, children
+        self.seeds = GRIDS[study].seed if seeds is None else seeds  # what the parent run logged as grid.seed
         self.metrics: dict[str, float] = {}
         self.texts: dict[str, str] = {}
         self.images: dict[str, tuple[int, int]] = {}
 
     def get_run(self, run_id: str) -> SimpleNamespace:
-        return SimpleNamespace(info=SimpleNamespace(run_name=f"study-{self.study}", experiment_id="1"))
+        return SimpleNamespace(info=SimpleNamespace(run_name=f"study-{self.study}", experiment_id="1"),
+                               data=SimpleNamespace(params={"grid.seed": str(self.seeds)}))
 
     def search_runs(self, experiments: list[str], filter_string: str, max_results: int) -> list[SimpleNamespace]:
         return self.children
@@ -143,6 +150,21 @@ def test_resume_accepts_a_later_seeds_trial_and_runs_the_rest_in_order():
     other = _child(trial_config(base, "scopes", knobs | {"seed": 0}), knobs)
     with pytest.raises(RunConfigMismatch, match="pretrain.seed: 0 -> 1"):
         missing_trials(_Store("scopes", [other]), base, "scopes", "parent")
+
+
+def test_a_grid_run_in_pieces_runs_and_resumes_only_its_pieces_seeds():
+    piece = grid_of("ablation", (2,))
+    assert len(piece.trials) == 9 and {t["seed"] for t in piece.trials} == {2}
+    assert piece.trials == [t for t in GRIDS["ablation"].trials if t["seed"] == 2]
+    assert grid_of("ablation") == GRIDS["ablation"]
+    with pytest.raises(ValueError, match=r"--seeds 2,5: grid 'ablation' has seeds \(0, 1, 2\), not \[5\]"):
+        grid_of("ablation", (2, 5))
+    # a resumed piece runs what its own seeds left, not the whole grid
+    base = load_config(None, ["model.pretrained=null"])
+    knobs = {"event_fraction": 0.15, "entity_scale": 0.15, "head": "hvd-f0.25-p0.5", "seed": 2}
+    left = missing_trials(_Store("ablation", [_child(trial_config(base, "ablation", knobs), knobs)], seeds=(2,)),
+                          base, "ablation", "parent")
+    assert left == [t for t in piece.trials if t != knobs]
 
 
 def _row(ef: float, es: float, head: str, seed: int, r1: float, **mechanism: float) -> dict:
@@ -217,18 +239,51 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
         sys.executable, str(ROOT / "pipelines/study.py"), "--grid", "smoke", f"synthetic.out={tmp_path}/synth",
         f"pretrain.out={tmp_path}/pretrained", f"train.storage_path={tmp_path}/ray",
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| 0.25 | 0.15 |" in result.stdout  # the summary table: one cell, a column per head
+    # The study is stopped as a user stops one (SIGTERM to its driver) once its second trial, meanp, has started
+    # its run: the hvd trial is finished, the meanp one is not.
+    log = tmp_path / "study.log"
+    with log.open("w") as out:
+        study = subprocess.Popen(command, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        meanp = _wait_for_child_run(uri, "meanp", study, log)
+        descendants = psutil.Process(study.pid).children(recursive=True)
+        study.send_signal(signal.SIGTERM)
+        study.wait(timeout=120)
+    finally:
+        if study.poll() is None:
+            os.killpg(study.pid, signal.SIGKILL)
+            study.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:200] for p in alive]
+    stopped = log.read_text()
+    assert study.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in stopped, stopped[-3000:]
+    assert "SIGTERM received" not in stopped  # no C++ stack dump from Ray's failure signal handler
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("study-smoke").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
+    # a study stopped early is summarised from its finished children by `--report`
+    assert [(c.head, len(c.t2v_r1)) for c in report(client, parent.info.run_id)] == [("hvd", 1)]
+    assert parent.info.status == "KILLED" and client.get_run(meanp).info.status != "FINISHED"
+
+    # `--resume` runs the meanp trial alone, under the same parent, and the trial resumes its own MLflow run;
+    # a config the trials did not train with is refused first.
+    resume = [*command, "--resume", parent.info.run_id]
+    refused = subprocess.run([*resume, "train.lr=0.5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "train.lr: " in refused.stderr and "-> 0.5" in refused.stderr
+    result = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resuming parent run {parent.info.run_id}: 1 of 2 trials to run" in result.stdout
+    assert f"MLflow run {meanp} (resumed" in result.stdout + result.stderr
+    assert "| 0.25 | 0.15 | hvd | " in result.stdout and "| 0.25 | 0.15 | meanp | " in result.stdout  # the summary
+
     runs = client.search_runs([experiment])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same parent and children
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.tags["trials_reported"] == "2"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "study.png"}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["head"] for r in children) == ["hvd", "meanp"]
-    assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "study.png"}
     for child in children:
         assert child.data.tags["event_fraction"] == "0.25" and child.data.tags["entity_scale"] == "0.15"
         assert child.data.params["synthetic.entity_scale"] == "0.15"
@@ -236,13 +291,9 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
         assert mean == pytest.approx(child.data.metrics["test/t2v/R1"])  # one seed: the mean is the run
         recall = parent.data.metrics[f"{child.data.tags['head']}/ef0.25_es0.15/frame_recall_mean"]
         assert recall == pytest.approx(child.data.metrics["test/mechanism/frame_recall"])  # the benchmark's ground truth
-    assert "| 0.25 | 0.15 | hvd | " in result.stdout and "| 0.25 | 0.15 | meanp | " in result.stdout
-    assert parent.data.tags["trials_reported"] == "2"
-    # a study stopped early is summarised from its finished children by `--report`, which is what ran here
-    (again,) = [c for c in report(client, parent.info.run_id) if c.head == "meanp"]
-    assert again.t2v_r1 == [parent.data.metrics["meanp/ef0.25_es0.15/t2v_R1_mean"]]
+
     # One warm start for the grid's one seed: trained on stills by the first trial (a run and a registered model
-    # of its own), reused by the second, and what both started from.
+    # of its own), reused by the resumed one, and what both started from.
     (weights,) = Path(tmp_path, "pretrained").glob("clip-tiny-synthetic-*.safetensors")
     (warm,) = client.search_model_versions("name='clip-tiny-synthetic'")
     assert client.get_run(warm.run_id).data.params["data.num_frames"] == "1"
@@ -254,22 +305,21 @@ def test_smoke_grid_runs_every_trial_under_one_parent_run(tmp_path):
     _, registered = load_model("models:/study-smoke@latest", uri)
     assert registered.model.pretrained == str(weights)  # the weights file it started from, not "synthetic"
 
-    # A study stopped while its meanp trial ran: `--resume` runs that trial alone, under the same parent, and
-    # the trial resumes its own MLflow run from its last checkpoint; a config the trials did not train with
-    # is refused first.
-    meanp = next(c for c in children if c.data.tags["head"] == "meanp")
-    client.set_terminated(meanp.info.run_id, status="FAILED")
-    resume = [*command, "--resume", parent.info.run_id]
-    refused = subprocess.run([*resume, "train.lr=0.5"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "train.lr: " in refused.stderr and "-> 0.5" in refused.stderr
-    result = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"resuming parent run {parent.info.run_id}: 1 of 2 trials to run" in result.stdout
-    assert f"MLflow run {meanp.info.run_id} (resumed" in result.stdout + result.stderr
-    runs = client.search_runs([experiment])
-    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # the same parent and children
-    assert client.get_run(parent.info.run_id).data.tags["trials_reported"] == "2"
-    assert len(client.search_model_versions("name='clip-tiny-synthetic'")) == 1  # cached by fingerprint, not retrained
+
+def _wait_for_child_run(uri: str, head: str, study: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    """The id of the smoke study's child run for `head`, once its trial has started it. The store is read only
+    after a trial has said it opened a run: the study's driver has created the store's tables by then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert study.poll() is None, log.read_text()[-3000:]
+        if "MLflow run " in log.read_text():
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("study-smoke").experiment_id
+            runs = client.search_runs([experiment], f"tags.head = '{head}'")
+            if runs:
+                return runs[0].info.run_id
+        time.sleep(1)
+    raise AssertionError(f"no {head} trial started in {timeout:.0f} s: {log.read_text()[-3000:]}")
 
 
 def test_the_study_figure_of_a_stopped_study_draws_the_heads_each_panel_has():

@@ -2,6 +2,7 @@
 
     python pipelines/study.py --grid smoke|pilot|default|heads|hcmi|family|ablation|scopes|full
                               [--config configs/NAME.yaml] [key=value ...]
+    python pipelines/study.py --grid NAME --seeds 1,2 [...]   # only these seeds' trials, a parent run of their own
     python pipelines/study.py --grid NAME --resume PARENT_RUN_ID [the study's config and overrides]
     python pipelines/study.py --report PARENT_RUN_ID [tracking.uri=...]
 
@@ -12,6 +13,7 @@ takes minutes, `pilot` about 15 minutes, `default` about 2.5 hours and `family` 
 3.5 hours on 2 cores; `heads`, `hcmi`, `ablation` (HVD's frame x patch retention) and `scopes` (PFCM's scope)
 are single-question grids, `full` is sized for a cluster. `--resume` runs only the trials a stopped study has
 not finished, under its parent run, after checking that the config is the one its trials trained with.
+`--seeds` runs a long grid in pieces, e.g. one seed per working session where the store does not outlive it.
 `--report` summarises a study's finished trials onto its parent run again, running nothing.
 """
 
@@ -30,8 +32,17 @@ SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "t
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", choices=tuple(GRIDS), default="smoke", help="which grid to run (default: smoke)")
+    parser.add_argument("--seeds", type=seed_list, metavar="S[,S...]",
+                        help="run only these of the grid's seeds, under a parent run of their own")
     parser.add_argument("--resume", metavar="RUN_ID", help="run this parent run's unfinished trials, then summarise")
     parser.add_argument("--report", metavar="RUN_ID", help="summarise this parent run's finished trials; run nothing")
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 1,2") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         parent, cells = args.report, report(MlflowClient(tracking_uri(cfg)), args.report)
     else:
-        parent, cells = run_study(cfg, args.grid, resume=args.resume)
+        if args.seeds and args.resume:
+            raise SystemExit("--seeds and --resume: a resumed study runs the seeds its parent run was started with")
+        parent, cells = run_study(cfg, args.grid, resume=args.resume, seeds=args.seeds)
     print(f"\nstudy: parent MLflow run {parent}\n{summary_table(cells)}")
     print(f"MLflow UI       {ui_command(tracking_uri(cfg))}")
 

@@ -12,6 +12,7 @@ summary tables (test R@1 and, where the benchmark has ground truth, the mechanis
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import logging
@@ -36,6 +37,7 @@ from hvd.registry.runs import (
     tracking_uri,
 )
 from hvd.runtime.cluster import ensure_ray
+from hvd.runtime.stopping import stop_on_signals
 from hvd.train.fit import fit
 from hvd.train.plots import mechanism_figure, plt, retention_figure, study_figure
 from hvd.train.warm_start import warm_start
@@ -204,8 +206,23 @@ def summary_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def start_parent(client: MlflowClient, study: str) -> str:
+def grid_of(study: str, seeds: tuple[int, ...] | None = None) -> Grid:
+    """Grid `study`, or only its trials of `seeds`: a long grid run in pieces (one parent run each) where the
+    store does not outlive a working session."""
     grid = GRIDS[study]
+    if seeds is None:
+        return grid
+    if unknown := sorted(set(seeds) - set(grid.seed)):
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: grid '{study}' has seeds {grid.seed}, not {unknown}")
+    return dataclasses.replace(grid, seed=tuple(s for s in grid.seed if s in seeds))
+
+
+def parent_grid(client: MlflowClient, study: str, parent: str) -> Grid:
+    """The grid parent run `parent` was started with: its seeds are logged as `grid.seed`."""
+    return grid_of(study, ast.literal_eval(client.get_run(parent).data.params["grid.seed"]))
+
+
+def start_parent(client: MlflowClient, study: str, grid: Grid) -> str:
     experiment = experiment_id(client, f"study-{study}")
     description = (f"Mechanism study '{study}': {len(grid.trials)} trials, {len(grid.cells)} cells "
                    f"(event_fraction, entity_scale) x {len(grid.head)} heads x {len(grid.seed)} seeds; each trial "
@@ -234,12 +251,13 @@ def missing_trials(client: MlflowClient, base: Config, study: str, parent: str) 
                 f"({'; '.join(differing)}); resume with the study's own config and overrides")
     finished = {(float(c.data.tags["event_fraction"]), float(c.data.tags["entity_scale"]), c.data.tags["head"],
                  int(c.data.tags["seed"])) for c in done}
-    return [t for t in GRIDS[study].trials if tuple(t[k] for k in KNOBS) not in finished]
+    return [t for t in parent_grid(client, study, parent).trials if tuple(t[k] for k in KNOBS) not in finished]
 
 
-def run_study(base: Config, study: str, resume: str | None = None) -> tuple[str, list[Cell]]:
-    """Run grid `study` on `base` under one MLflow parent run, or only the trials that parent run `resume`
-    has not finished; return the parent's id and the summary."""
+def run_study(base: Config, study: str, resume: str | None = None,
+              seeds: tuple[int, ...] | None = None) -> tuple[str, list[Cell]]:
+    """Run grid `study` (only its `seeds`, if given) on `base` under one MLflow parent run, or only the trials
+    that parent run `resume` has not finished; return the parent's id and the summary."""
     uri = tracking_uri(base)
     # Pinned for the trials: Tune runs each in its own working directory, where a relative default would
     # give every child run a store of its own.
@@ -249,15 +267,18 @@ def run_study(base: Config, study: str, resume: str | None = None) -> tuple[str,
         trials = missing_trials(client, base, study, resume)
         parent = resume
         client.update_run(parent, status="RUNNING")
-        logger.info(f"study: resuming parent run {parent}: {len(trials)} of {len(GRIDS[study].trials)} trials to run")
+        logger.info(f"study: resuming parent run {parent}: {len(trials)} of "
+                    f"{len(parent_grid(client, study, parent).trials)} trials to run")
     else:
-        trials, parent = GRIDS[study].trials, start_parent(client, study)
+        grid = grid_of(study, seeds)
+        trials, parent = grid.trials, start_parent(client, study, grid)
     space = {"config": to_yaml(base), "study": study, "parent_run_id": parent, "trial": tune.grid_search(trials)}
     # a resume is its own Tune experiment beside the first one, named by what it had left to run
     name = f"study-{study}-{parent[:8]}" + (f"-resumed-{len(trials)}-left" if resume else "")
     with closing_run(uri, parent):
         if trials:
             ensure_ray()
+            stop_on_signals()  # again: ray.init put its own SIGTERM handler in place
             tuner = tune.Tuner(
                 # the trial only drives; its Ray Train workers and Ray Data tasks hold the CPUs
                 tune.with_resources(run_trial, TRIAL_RESOURCES),
