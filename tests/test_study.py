@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import load_file
 
+from hvd.commands.study import main as study_main
 from hvd.config import HEADS, Config, ModelConfig, check_section, flatten, load_config
 from hvd.model import build_model
 from hvd.registry.models import load_model
@@ -328,3 +329,12 @@ def test_the_study_figure_of_a_stopped_study_draws_the_heads_each_panel_has():
     cells += [Cell(0.3, 0.3, head, [40.0]) for head in ("hvd", "meanp")]
     figure = study_figure(cells, "stopped")
     assert [len(axis.get_legend().get_texts()) for axis in figure.axes] == [3, 2]
+
+
+def test_seeds_flag_takes_a_seed_list_and_is_refused_with_resume(capsys, tmp_path):
+    with pytest.raises(SystemExit) as bad:
+        study_main(["--grid", "ablation", "--seeds", "1,x"])
+    assert bad.value.code == 2 and "'1,x' is not a comma-separated list of seeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--seeds and --resume"):
+        study_main(["--grid", "ablation", "--seeds", "2", "--resume", "abc", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    assert not (tmp_path / "m.db").exists()  # refused before any store was opened
