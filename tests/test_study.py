@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hvd.commands.study import main as study_main
-from hvd.config import HEADS, Config, ModelConfig, check_section, flatten, load_config
+from hvd.config import HEADS, Config, ConfigError, ModelConfig, check_section, flatten, load_config
 from hvd.model import build_model
 from hvd.registry.models import load_model
 from hvd.registry.runs import RunConfigMismatch
@@ -335,6 +335,6 @@ def test_seeds_flag_takes_a_seed_list_and_is_refused_with_resume(capsys, tmp_pat
     with pytest.raises(SystemExit) as bad:
         study_main(["--grid", "ablation", "--seeds", "1,x"])
     assert bad.value.code == 2 and "'1,x' is not a comma-separated list of seeds" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--seeds and --resume"):
+    with pytest.raises(ConfigError, match="--seeds and --resume"):  # one line and exit 2 from the command
         study_main(["--grid", "ablation", "--seeds", "2", "--resume", "abc", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
     assert not (tmp_path / "m.db").exists()  # refused before any store was opened

@@ -24,6 +24,7 @@ import argparse
 from mlflow.tracking import MlflowClient
 
 from hvd.cli import parse_args
+from hvd.config import ConfigError
 from hvd.registry.runs import tracking_uri, ui_command
 from hvd.train.study import GRIDS, report, run_study, summary_table
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         parent, cells = args.report, report(MlflowClient(tracking_uri(cfg)), args.report)
     else:
         if args.seeds and args.resume:
-            raise SystemExit("--seeds and --resume: a resumed study runs the seeds its parent run was started with")
+            raise ConfigError("--seeds and --resume: a resumed study runs the seeds its parent run was started with")
         parent, cells = run_study(cfg, args.grid, resume=args.resume, seeds=args.seeds)
     print(f"\nstudy: parent MLflow run {parent}\n{summary_table(cells)}")
     print(f"MLflow UI       {ui_command(tracking_uri(cfg))}")

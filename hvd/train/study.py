@@ -25,7 +25,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from ray import tune
 
-from hvd.config import CHOICES, Config, config_from_yaml, replace_keys, to_yaml
+from hvd.config import CHOICES, Config, ConfigError, config_from_yaml, replace_keys, to_yaml
 from hvd.registry.runs import (
     RunConfigMismatch,
     closing_run,
@@ -213,7 +213,7 @@ def grid_of(study: str, seeds: tuple[int, ...] | None = None) -> Grid:
     if seeds is None:
         return grid
     if unknown := sorted(set(seeds) - set(grid.seed)):
-        raise ValueError(f"--seeds {','.join(map(str, seeds))}: grid '{study}' has seeds {grid.seed}, not {unknown}")
+        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: grid '{study}' has seeds {grid.seed}, not {unknown}")
     return dataclasses.replace(grid, seed=tuple(s for s in grid.seed if s in seeds))
 
 
@@ -258,6 +258,7 @@ def run_study(base: Config, study: str, resume: str | None = None,
               seeds: tuple[int, ...] | None = None) -> tuple[str, list[Cell]]:
     """Run grid `study` (only its `seeds`, if given) on `base` under one MLflow parent run, or only the trials
     that parent run `resume` has not finished; return the parent's id and the summary."""
+    grid = grid_of(study, seeds)  # seeds the grid does not have are refused before any store or Ray starts
     uri = tracking_uri(base)
     # Pinned for the trials: Tune runs each in its own working directory, where a relative default would
     # give every child run a store of its own.
@@ -270,7 +271,6 @@ def run_study(base: Config, study: str, resume: str | None = None,
         logger.info(f"study: resuming parent run {parent}: {len(trials)} of "
                     f"{len(parent_grid(client, study, parent).trials)} trials to run")
     else:
-        grid = grid_of(study, seeds)
         trials, parent = grid.trials, start_parent(client, study, grid)
     space = {"config": to_yaml(base), "study": study, "parent_run_id": parent, "trial": tune.grid_search(trials)}
     # a resume is its own Tune experiment beside the first one, named by what it had left to run
