@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense (no sparsity) peak TFLOP/s of one GPU from the vendors' data sheets: bf16, fp16, and fp32 as TF32 matmuls
-# (training turns TF32 on: hvd.train.loop.use_fast_cuda_math).
+# (training turns TF32 on: hvd.train.step.use_fast_cuda_math).
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},

@@ -6,7 +6,7 @@
 Random ViT-B/32 weights (nothing is downloaded) in the retrieval model with `--head`, one worker's batch of
 `--frames` 224 px frames and 32-token captions. For each setting (bf16, fp16 with the gradient scaler, fp32 with
 TF32 matmuls; then bf16 with `train.grad_checkpointing` and with `train.micro_batch_size` = batch / 4), one
-warm-up step and `--steps` timed production steps (`hvd.train.loop.train_step`, AdamW): samples/s,
+warm-up step and `--steps` timed production steps (`hvd.train.step.train_step`, AdamW): samples/s,
 `torch.cuda.max_memory_allocated`, and MFU = the step's FLOPs (`torch.utils.flop_counter`, 2 per multiply-add,
 forward and backward of one plain step) per second over the GPU's dense peak for that precision (a table of
 known GPUs below, or `--peak-tflops`; checkpointing and micro-batching recompute, which MFU does not count).
@@ -35,8 +35,8 @@ from flops import peak_tflops, step_flops  # benchmarks/flops.py
 
 from hvd.config import ModelConfig, TrainConfig
 from hvd.model import build_model
-from hvd.train.loop import PRECISIONS, train_step, use_fast_cuda_math
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import PRECISIONS, train_step, use_fast_cuda_math
 
 PRESET = "ViT-B-32"
 SETTINGS = (  # (label, precision, grad checkpointing, micro-batches per batch)

@@ -38,8 +38,8 @@ from flops import step_flops  # benchmarks/flops.py
 from hvd.config import load_config
 from hvd.model import build_model, check_inputs
 from hvd.model.presets import preset_config
-from hvd.train.loop import train_step
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import train_step
 
 
 def openai_layout_weights(preset: str, quick_gelu: bool, folder: Path) -> Path:

@@ -7,7 +7,7 @@
 One process, one run, the same model and batch shape for both:
 1. pipeline: the training input path of `hvd.train.inputs` (Ray Data decodes and tokenises the demo
    benchmark's train shards on CPU tasks, `iter_torch_batches` collates and prefetches), then
-   `hvd.train.loop.train_step` on the device;
+   `hvd.train.step.train_step` on the device;
 2. tensors: the same steps on batches made once, already on the device, measured before and after 1.
 Reports steps/s and samples/s of each, the ratio tensors / pipeline (target <= 1.10), the share of pipeline
 time spent waiting for data, and model FLOPs per step with the FLOP utilisation against `--peak-tflops`
@@ -38,8 +38,9 @@ from hvd.data.shards import read_shards
 from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.train.inputs import EpochStream, epoch_batches, training_dataset
-from hvd.train.loop import timed, train_step, use_fast_cuda_math
+from hvd.train.loop import timed
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import train_step, use_fast_cuda_math
 from hvd.train.trainer import prepare_data
 from hvd.train.warm_start import pretrain_config, warm_start_stills
 

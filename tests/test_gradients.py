@@ -9,8 +9,8 @@ import torch
 from hvd.config import ConfigError, ModelConfig, TrainConfig, load_config
 from hvd.model import build_model, build_tokenizer
 from hvd.train.gradients import cached_gradient_backward
-from hvd.train.loop import train_step
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import train_step
 
 CAPTIONS = ["a red square slides left", "a blue circle grows", "two green dots swap", "a yellow bar spins",
             "a white cross falls", "a small red dot waits"]

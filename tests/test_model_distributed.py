@@ -17,8 +17,8 @@ from hvd.config import CHOICES, ModelConfig, TrainConfig
 from hvd.model import build_model, build_tokenizer
 from hvd.model.losses import gather_across_ranks
 from hvd.train.inputs import trim_padding
-from hvd.train.loop import train_step
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import train_step
 
 WORLD = 2
 HEADS = CHOICES["model.head"]

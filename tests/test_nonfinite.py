@@ -13,8 +13,9 @@ from hvd.config import ModelConfig, TrainConfig, load_config
 from hvd.model import build_model, build_tokenizer
 from hvd.registry.models import NonFiniteModel, register_model
 from hvd.registry.runs import start_or_resume_run, tracking_uri
-from hvd.train.loop import NonFiniteTraining, Worker, WorkerPlan, train_step
+from hvd.train.loop import NonFiniteTraining, Worker, WorkerPlan
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import train_step
 
 CAPTIONS = ["a red square slides left", "a blue circle grows", "two green dots swap", "a yellow bar spins"]
 

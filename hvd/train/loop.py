@@ -12,7 +12,6 @@ import dataclasses
 import faulthandler
 import functools
 import logging
-import math
 import os
 import tempfile
 import time
@@ -34,13 +33,12 @@ from hvd.eval.encode import evaluate_split
 from hvd.model import build_model, build_tokenizer
 from hvd.registry.runs import MetricLogger
 from hvd.runtime.worker_setup import quiet_logs
-from hvd.train.gradients import average_across_ranks, cached_gradient_backward
 from hvd.train.inputs import EpochStream, epoch_batches
 from hvd.train.optim import build_optimizer, build_scheduler
+from hvd.train.step import PRECISIONS, train_step, use_fast_cuda_math
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # train.precision -> CUDA autocast
 SCORE_KEY = "val_score"  # what the best checkpoint is chosen by: val t2v R@1, -1 for mid-epoch saves
 RESUMED_METRIC = "train/resumed_from_step"  # logged by rank 0 each time the worker group resumes
 LOG_EVERY_STEPS = 10  # MLflow
@@ -52,48 +50,6 @@ class NonFiniteTraining(FloatingPointError):
     """Too many steps in a row had a non-finite loss or gradient: training has diverged."""
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batch: dict[str, Tensor],
-    grad_clip: float,
-    micro_batch: int = 0,
-    scaler: torch.amp.GradScaler | None = None,
-) -> tuple[Tensor, dict[str, float], bool]:
-    """One optimisation step on a `TrainingCollate` batch; `model` is the DDP-wrapped model when there are
-    several workers and no `micro_batch` (hvd.train.gradients: a micro-batched model is bare and its gradients
-    are averaged there). Returns the loss, its parts (and the gradient norm) and whether the step was sound: a
-    step whose loss or gradient norm is not finite is skipped, so one bad batch never writes NaN weights. The
-    norm is of the all-reduced gradients, so every rank skips the same steps. With fp16's `scaler`, an overflowing
-    gradient of a finite loss is the scaler's to handle (it skips the step and lowers the scale): sound."""
-    optimizer.zero_grad(set_to_none=True)
-    scale = scaler.scale if scaler is not None else (lambda loss: loss)
-    if micro_batch:
-        loss, parts = cached_gradient_backward(model, batch, micro_batch, scale)
-        average_across_ranks(model)
-    else:
-        loss, parts = model(batch["tokens"], batch["frames"], batch["frame_mask"])
-        scale(loss).backward()  # DDP all-reduces gradient buckets while the rest of backward runs
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    loss_value, norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one device sync
-    if scaler is not None:
-        scaler.step(optimizer)  # skipped when the gradient overflowed
-        scaler.update()
-        parts = {**parts, "grad_scale": scaler.get_scale()}
-        sound = math.isfinite(loss_value)
-    else:
-        sound = math.isfinite(loss_value) and math.isfinite(norm)
-        if sound:
-            optimizer.step()
-    if not sound:
-        optimizer.zero_grad(set_to_none=True)
-    scheduler.step()  # the schedule follows the step count, skipped steps included
-    return loss.detach(), {**parts, "grad_norm": norm}, sound
-
-
 def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
     """Each item with the seconds the loop waited for it: near zero while prefetching keeps up."""
     while True:
@@ -103,12 +59,6 @@ def timed(batches: Iterator[T]) -> Iterator[tuple[float, T]]:
         except StopIteration:
             return
         yield time.perf_counter() - started, item
-
-
-def use_fast_cuda_math() -> None:
-    """TF32 tensor cores for the fp32 matmuls left outside autocast (the loss, the optimizer; fp32 training)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
 
 
 def inject_fault(cfg: Config, step: int, rank: int, world_size: int, marker: Path) -> None:
