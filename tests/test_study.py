@@ -49,8 +49,8 @@ def test_trials_run_cell_by_cell_each_seed_with_every_head():
                      (1.0, 0.3, 0, "hvd"), (1.0, 0.3, 0, "meanp"), (1.0, 0.3, 1, "hvd"), (1.0, 0.3, 1, "meanp")]
     assert sweep((0.15, 1.0), (0.15, 0.3)) == ((0.15, 0.15), (0.15, 0.3), (1.0, 0.15), (1.0, 0.3))
     assert GRIDS["default"].cells == sweep((0.15, 0.3, 1.0), (0.15, 0.3)) and len(GRIDS["default"].trials) == 36
-    sizes = {name: len(GRIDS[name].trials) for name in ("family", "ablation", "scopes", "hcmi")}
-    assert sizes == {"family": 54, "ablation": 27, "scopes": 18, "hcmi": 12}
+    sizes = {name: len(GRIDS[name].trials) for name in ("family", "ablation", "scopes", "hcmi", "keep")}
+    assert sizes == {"family": 54, "ablation": 27, "scopes": 18, "hcmi": 12, "keep": 12}
 
 
 def test_every_grid_head_is_a_head_or_a_variant_the_config_accepts():

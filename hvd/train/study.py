@@ -105,6 +105,9 @@ GRIDS: dict[str, Grid] = {
     "family": Grid(((0.15, 0.15), (0.3, 0.3), (1.0, 0.3)), ("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"), (0, 1, 2)),
     # HVD's frame x patch retention where its claim is strongest, 3 seeds: 27 trials.
     "ablation": Grid(((0.15, 0.15),), tuple(RETENTION), (0, 1, 2)),
+    # Does the frame retention that wins for brief events (0.25) cost HVD where the event is longer? The paper's
+    # 0.5 against 0.25 (patch retention 0.5 both) in the (0.3, 0.3) and dense cells, 3 seeds: 12 trials.
+    "keep": Grid(((0.3, 0.3), (1.0, 0.3)), ("hvd-f0.25-p0.5", "hvd-f0.5-p0.5"), (0, 1, 2)),
     # What HVD's PFCM clusters (each frame, the whole video, a pair's kept frames) in two cells, 3 seeds: 18 trials.
     "scopes": Grid(((0.15, 0.15), (0.3, 0.3)), ("hvd-frame", "hvd-video", "hvd-pair"), (0, 1, 2)),
     # A cluster's grid: the full benchmark, a finer sweep, five seeds.
