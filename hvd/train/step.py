@@ -58,7 +58,6 @@ def train_step(
     return loss.detach(), {**parts, "grad_norm": norm}, sound
 
 
-
 def use_fast_cuda_math() -> None:
     """TF32 tensor cores for the fp32 matmuls left outside autocast (the loss, the optimizer; fp32 training)."""
     torch.backends.cuda.matmul.allow_tf32 = True
