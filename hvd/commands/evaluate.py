@@ -35,13 +35,15 @@ from __future__ import annotations
 
 from hvd.cli import add_job_flags, fail, parse_args
 from hvd.errors import HvdError
-from hvd.eval.job import evaluate, summary_text
 
 SECTIONS = ("eval", "index", "data", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_job_flags)
+    # the job's imports (torch, Ray, MLflow) only once the arguments are good: see hvd.cli
+    from hvd.eval.job import evaluate, summary_text
+
     try:
         outcome = evaluate(cfg, args.model, manifest=args.manifest, shards=args.shards)
     except (HvdError, FileNotFoundError, ValueError) as err:

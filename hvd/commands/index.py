@@ -16,9 +16,13 @@ and stage 1 from it instead of encoding them, and `pipelines/search.py` searches
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hvd.cli import add_job_flags, fail, parse_args
 from hvd.errors import HvdError
-from hvd.search.index_job import IndexOutcome, build_index
+
+if TYPE_CHECKING:
+    from hvd.search.index_job import IndexOutcome
 
 SECTIONS = ("eval", "index", "data", "tracking")
 
@@ -39,6 +43,9 @@ def summary_text(outcome: IndexOutcome) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_job_flags)
+    # the job's imports (torch, Ray, MLflow) only once the arguments are good: see hvd.cli
+    from hvd.search.index_job import build_index
+
     try:
         outcome = build_index(cfg, args.model, manifest=args.manifest, shards=args.shards)
     except (HvdError, FileNotFoundError, ValueError) as err:

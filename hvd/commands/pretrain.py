@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from hvd.cli import fail, parse_args
 from hvd.errors import HvdError
-from hvd.train.warm_start import pretrain
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
+    # the job's imports (torch, Ray, MLflow) only once the arguments are good: see hvd.cli
+    from hvd.train.warm_start import pretrain
+
     try:
         weights = pretrain(cfg)
     except HvdError as err:  # each says what went wrong and what to do

@@ -27,7 +27,6 @@ import time
 
 from hvd.cli import fail, parse_args
 from hvd.errors import HvdError
-from hvd.search.service import start_service, stop_service
 
 SECTIONS = ("serve", "eval", "index", "tracking")
 
@@ -39,6 +38,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags)
+    # the job's imports (torch, Ray, MLflow) only once the arguments are good: see hvd.cli
+    from hvd.search.service import start_service, stop_service
+
     try:
         served = start_service(cfg, args.model, args.index)
     except (HvdError, FileNotFoundError, ValueError) as err:

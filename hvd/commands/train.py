@@ -12,15 +12,17 @@ import time
 
 from hvd.cli import fail, parse_args
 from hvd.errors import HvdError
-from hvd.eval.mechanism import mechanism_line
-from hvd.registry.runs import ui_command
-from hvd.train.fit import fit
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
+    # the job's imports (torch, Ray, MLflow) only once the arguments are good: see hvd.cli
+    from hvd.eval.mechanism import mechanism_line
+    from hvd.registry.runs import ui_command
+    from hvd.train.fit import fit
+
     try:
         outcome = fit(cfg)
     except HvdError as err:  # each says what went wrong and what to do
