@@ -51,3 +51,22 @@ def test_its_help_is_the_pipeline_scripts_help_under_its_own_name():
     assert installed.stdout.startswith("usage: hvd train ") and script.stdout.startswith("usage: train.py ")
     # the usage line wraps by the program's name; from the description on, the two are one text
     assert installed.stdout.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1]
+
+
+@pytest.mark.parametrize("name", ["train", "pretrain", "evaluate", "index", "serve"])
+def test_help_and_a_refused_key_import_neither_torch_nor_mlflow(name):
+    """The job's heavy imports wait until the arguments are good (hvd.cli), so these answer in about a second
+    (Ray's core, which the command front needs, imports in under one)."""
+    probe = (
+        "import sys\n"
+        f"from hvd.commands.{name} import main\n"
+        "for argv in (['--help'], ['model.hed=1']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]
