@@ -1,7 +1,7 @@
 """The CUDA path, checked on the GPUs present: one ViT-B/32 training step per precision, and NCCL.
 
     python benchmarks/gpu_smoke.py [--batch 32] [--frames 12] [--steps 5] [--head hvd] [--peak-tflops N]
-        [--json FILE]
+        [--compare-heads meanp,xpool,...] [--json FILE]
 
 Random ViT-B/32 weights (nothing is downloaded) in the retrieval model with `--head`, one worker's batch of
 `--frames` 224 px frames and 32-token captions. For each setting (bf16, fp16 with the gradient scaler, fp32 with
@@ -10,7 +10,8 @@ warm-up step and `--steps` timed production steps (`hvd.train.step.train_step`, 
 `torch.cuda.max_memory_allocated`, and MFU = the step's FLOPs (`torch.utils.flop_counter`, 2 per multiply-add,
 forward and backward of one plain step) per second over the GPU's dense peak for that precision (a table of
 known GPUs below, or `--peak-tflops`; checkpointing and micro-batching recompute, which MFU does not count).
-Then NCCL: one process per GPU (one GPU: NCCL with a single rank), a 256 MiB all-reduce (algorithm and bus
+With `--compare-heads`, the bf16 step of each head listed, one row each, on the same batch. Then NCCL: one
+process per GPU (one GPU: NCCL with a single rank), a 256 MiB all-reduce (algorithm and bus
 bandwidth) and one DistributedDataParallel step on each rank's batch.
 
 Without CUDA it prints one line saying why and exits 0, so CI runs it on every machine.
@@ -67,10 +68,10 @@ def model_on(device: torch.device, head: str, precision: str, checkpointing: boo
 
 
 def time_setting(args: argparse.Namespace, device: torch.device, label: str, precision: str, checkpointing: bool,
-                 micro_parts: int, flops: int) -> dict[str, Any]:
-    model = model_on(device, args.head, precision, checkpointing)
+                 micro_parts: int, flops: int, head: str) -> dict[str, Any]:
+    model = model_on(device, head, precision, checkpointing)
     train = TrainConfig(precision=precision)
-    optimizer = build_optimizer(model, train, ModelConfig(preset=PRESET, head=args.head))
+    optimizer = build_optimizer(model, train, ModelConfig(preset=PRESET, head=head))
     scheduler = build_scheduler(optimizer, train, args.steps + 1)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     micro = args.batch // micro_parts if micro_parts > 1 else 0
@@ -138,12 +139,22 @@ def nccl_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: s
         dist.destroy_process_group()
 
 
+def print_table(first: str, rows: list[dict[str, Any]]) -> None:
+    print(f"| {first} | samples/s | step s | peak memory GiB | TFLOP/s | MFU |\n|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = "" if r["MFU"] is None else f"{100 * r['MFU']:.1f}%"
+        print(f"| {r['setting']} | {r['samples_per_s']} | {r['step_s']} | {r['peak_memory_GiB']} "
+              f"| {r['achieved_TFLOPs']} | {mfu} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="one worker's batch")
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per setting, after one warm-up")
     parser.add_argument("--head", default="hvd")
+    parser.add_argument("--compare-heads", default="", metavar="H1,H2,...",
+                        help="also time the bf16 step of each of these heads on the same batch")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak, if not in the table")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -157,8 +168,14 @@ def main() -> None:
     flops = step_flops(model_on(device, args.head, "bf16", False), inputs(args.batch, args.frames, device))
     rows = []
     for label, precision, checkpointing, micro_parts in SETTINGS:
-        rows.append(time_setting(args, device, label, precision, checkpointing, micro_parts, flops))
+        rows.append(time_setting(args, device, label, precision, checkpointing, micro_parts, flops, args.head))
         print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    heads = []
+    for head in filter(None, args.compare_heads.split(",")):
+        head_flops = step_flops(model_on(device, head, "bf16", False), inputs(args.batch, args.frames, device))
+        heads.append(time_setting(args, device, head, "bf16", False, 1, head_flops, head))
+        print(json.dumps(heads[-1]), flush=True)
         torch.cuda.empty_cache()
     world = torch.cuda.device_count()
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,18 +185,16 @@ def main() -> None:
     print(json.dumps(nccl))
     print(f"\n{name}, {PRESET} + {args.head}, batch {args.batch} x {args.frames} frames, "
           f"{flops / 1e12:.2f} TFLOPs per step, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    print("| setting | samples/s | step s | peak memory GiB | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        mfu = "" if r["MFU"] is None else f"{100 * r['MFU']:.1f}%"
-        print(f"| {r['setting']} | {r['samples_per_s']} | {r['step_s']} | {r['peak_memory_GiB']} "
-              f"| {r['achieved_TFLOPs']} | {mfu} |")
+    print_table("setting", rows)
+    if heads:
+        print()
+        print_table("head (bf16)", heads)
     print(f"NCCL, {nccl['world']} rank(s): all-reduce {nccl['all_reduce_MiB']} MiB in {nccl['all_reduce_ms']} ms "
           f"({nccl['algorithm_GBps']} GB/s), one DDP step {nccl['ddp_step_s']} s, loss {nccl['ddp_loss']}")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "flops_per_step": flops, "settings": rows,
-                                         "nccl": nccl, "args": vars(args) | {"json": str(args.json)}}, indent=2) + "\n")
-    sys.exit(0 if all(r["sound_steps"] == args.steps for r in rows) and nccl["ddp_step_sound"] else 1)
+                                         "heads": heads, "nccl": nccl, "args": vars(args) | {"json": str(args.json)}}, indent=2) + "\n")
+    sys.exit(0 if all(r["sound_steps"] == args.steps for r in rows + heads) and nccl["ddp_step_sound"] else 1)
 
 
 if __name__ == "__main__":
