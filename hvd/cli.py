@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from hvd.config import Config, ConfigError, describe, load_config, to_yaml
 from hvd.errors import HvdError
+from hvd.registry.model_uri import URI_FORMS, check_model_uri
 from hvd.runtime.logs import show_logs
 from hvd.runtime.stopping import received_signal, stop_on_signals
 from hvd.runtime.worker_setup import VERBOSE_ENV
@@ -65,6 +66,11 @@ def parse_args(
     if args.print_config:
         print(to_yaml(cfg), end="")
         parser.exit(0)
+    if getattr(args, "model", None) is not None:  # its form, before the job's imports (`add_model_flag`)
+        try:
+            check_model_uri(args.model)
+        except HvdError as err:
+            fail(err)
     return cfg, args
 
 
@@ -90,14 +96,14 @@ def fail(error: str | Exception) -> NoReturn:
     raise SystemExit(error.exit_code if isinstance(error, HvdError) else 1)
 
 
+def add_model_flag(parser: argparse.ArgumentParser) -> None:
+    """`--model URI`, the model a job uses; `parse_args` refuses a URI of no known form at once."""
+    parser.add_argument("--model", required=True, metavar="URI", help=URI_FORMS)
+
+
 def add_job_flags(parser: argparse.ArgumentParser) -> None:
     """The model and the benchmark split a job runs on: shared by evaluate.py and index.py."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        metavar="URI",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory",
-    )
+    add_model_flag(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--manifest", type=Path, metavar="FILE", help="benchmark manifest (JSONL), prepared and cached"

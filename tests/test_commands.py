@@ -53,14 +53,21 @@ def test_its_help_is_the_pipeline_scripts_help_under_its_own_name():
     assert installed.stdout.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1]
 
 
-@pytest.mark.parametrize("name", ["train", "pretrain", "evaluate", "index", "serve"])
+# a model URI of no known form, with each job's other required arguments
+BAD_MODEL = {"evaluate": ["--shards", "y"], "index": ["--shards", "y"], "search": ["a caption"], "serve": []}
+
+
+@pytest.mark.parametrize("name", ["train", "pretrain", "evaluate", "index", "search", "serve", "study"])
 def test_help_and_a_refused_key_import_neither_torch_nor_mlflow(name):
     """The job's heavy imports wait until the arguments are good (hvd.cli), so these answer in about a second
-    (Ray's core, which the command front needs, imports in under one)."""
+    (Ray's core, which the command front needs, imports in under one); so does a model URI of no known form."""
+    argvs = [["--help"], ["model.hed=1"]]
+    if name in BAD_MODEL:
+        argvs.append(["--model", "nowhere/at/all", *BAD_MODEL[name]])
     probe = (
         "import sys\n"
         f"from hvd.commands.{name} import main\n"
-        "for argv in (['--help'], ['model.hed=1']):\n"
+        f"for argv in {argvs!r}:\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -69,4 +76,6 @@ def test_help_and_a_refused_key_import_neither_torch_nor_mlflow(name):
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    if name in BAD_MODEL:
+        assert "error: --model 'nowhere/at/all': not a model URI nor a directory" in done.stderr, done.stderr[-500:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

@@ -22,19 +22,16 @@ from hvd.config import HEADS, Config, ConfigError, ModelConfig, check_section, f
 from hvd.model import build_model
 from hvd.registry.models import load_model
 from hvd.registry.runs import RunConfigMismatch
+from hvd.train.grids import GRIDS, VARIANTS, Grid, sweep
 from hvd.train.plots import retention_figure, study_figure
 from hvd.train.study import (
-    GRIDS,
     MECHANISM,
-    VARIANTS,
     Cell,
-    Grid,
     grid_of,
     missing_trials,
     report,
     summarise,
     summary_table,
-    sweep,
     trial_config,
 )
 from hvd.train.warm_start import warm_start_fingerprint

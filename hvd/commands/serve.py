@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from hvd.cli import fail, parse_args
+from hvd.cli import add_model_flag, fail, parse_args
 from hvd.errors import HvdError
 
 SECTIONS = ("serve", "eval", "index", "tracking")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, ...")
+    add_model_flag(parser)
     parser.add_argument("--index", metavar="URI|DIR", help="runs:/RUN_ID/index or an index folder")
 
 

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 
-from mlflow.tracking import MlflowClient
-
 from hvd.cli import parse_args
 from hvd.config import ConfigError
-from hvd.registry.runs import tracking_uri, ui_command
-from hvd.train.study import GRIDS, report, run_study, summary_table
+from hvd.train.grids import GRIDS
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")
 
@@ -51,11 +48,17 @@ def main(argv: list[str] | None = None) -> None:
     # The grid's own overrides (its trial size) come first, so the command line can still change them.
     cfg, args = parse_args(__doc__, SECTIONS, argv, add_flags=add_flags,
                            flag_overrides=lambda a: list(GRIDS[a.grid].overrides))
+    if args.seeds and args.resume:
+        raise ConfigError("--seeds and --resume: a resumed study runs the seeds its parent run was started with")
+    # the study's imports (Ray Tune, MLflow, torch) only once the arguments are good: see hvd.cli
+    from mlflow.tracking import MlflowClient
+
+    from hvd.registry.runs import tracking_uri, ui_command
+    from hvd.train.study import report, run_study, summary_table
+
     if args.report:
         parent, cells = args.report, report(MlflowClient(tracking_uri(cfg)), args.report)
     else:
-        if args.seeds and args.resume:
-            raise ConfigError("--seeds and --resume: a resumed study runs the seeds its parent run was started with")
         parent, cells = run_study(cfg, args.grid, resume=args.resume, seeds=args.seeds)
     print(f"\nstudy: parent MLflow run {parent}\n{summary_table(cells)}")
     print(f"MLflow UI       {ui_command(tracking_uri(cfg))}")

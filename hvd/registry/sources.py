@@ -16,16 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from hvd.checkpoint import STATE_FILE, load_state
 from hvd.config import Config, config_from_yaml
-from hvd.errors import InputError
 from hvd.model import RetrievalModel, rebuild_model
 from hvd.registry.flavor import ModelFormatError
+from hvd.registry.model_uri import ModelSourceError, check_model_uri
 from hvd.registry.models import load_model, version_model_id
-
-URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a checkpoint directory"
-
-
-class ModelSourceError(InputError, ValueError):
-    """A model URI that names nothing loadable; the message names the URI."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +41,9 @@ class ModelSource:
 
 
 def load_model_source(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:
-    """Load the model behind `uri` (see `URI_FORMS`) on the CPU, in eval mode."""
-    if uri.startswith(("models:/", "runs:/")):
-        return _load_logged(uri)
-    if Path(uri).is_dir():
-        return _load_checkpoint(Path(uri))
-    raise ModelSourceError(f"--model {uri!r}: not a model URI nor a directory (use one of: {URI_FORMS})")
+    """Load the model behind `uri` (see `hvd.registry.model_uri.URI_FORMS`) on the CPU, in eval mode."""
+    check_model_uri(uri)
+    return _load_logged(uri) if uri.startswith(("models:/", "runs:/")) else _load_checkpoint(Path(uri))
 
 
 def _load_logged(uri: str) -> tuple[RetrievalModel, Config, ModelSource]:

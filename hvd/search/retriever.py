@@ -47,7 +47,7 @@ class Retriever:
 
     @classmethod
     def open(cls, model_uri: str, cfg: Config, index: str | None = None) -> Retriever:
-        """The model behind `model_uri` (see `hvd.registry.sources.URI_FORMS`) and its gallery (`find_index`),
+        """The model behind `model_uri` (see `hvd.registry.model_uri.URI_FORMS`) and its gallery (`find_index`),
         read from `cfg`'s tracking store; `cfg` gives the eval and index settings."""
         with active_tracking_uri(tracking_uri(cfg)):
             model, trained, source = load_model_source(model_uri)
