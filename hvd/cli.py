@@ -1,7 +1,7 @@
 """Command-line front for every pipeline: flags, `--config FILE`, `key=value` overrides, `--help`.
 
 Light on purpose: a command imports its job (torch, Ray, MLflow: about 12 s on 2 cores) inside its `main`, after
-`parse_args`, so `--help`, `--print-config` and a refused key answer in about a second.
+`parse_args`, so `--help`, `--print-config`, a refused key and a `--model` of no known form answer in about a second.
 """
 
 from __future__ import annotations
