@@ -64,10 +64,11 @@ def steps_per_second(step, batches, steps: int, warmup: int) -> tuple[float, flo
 def epoch_ends(cfg: Config, shards, step, validate, epochs: int, steps: int, read_ahead: bool) -> dict:
     """`epochs` epochs of `steps` steps and a validation each: the first step's data wait per epoch, the wall time."""
     iterator = training_dataset(cfg, shards).iterator()
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
 
     def one_epoch(epoch: int):
-        return epoch_batches(iterator, cfg.train.batch_size, cfg.run.seed, epoch, pin_memory=torch.cuda.is_available(),
-                             steps_per_pass=steps)
+        return epoch_batches(iterator, cfg.train.batch_size, tokenizer, cfg.run.seed, epoch,
+                             pin_memory=torch.cuda.is_available(), steps_per_pass=steps)
 
     started = time.perf_counter()
     stream = EpochStream(one_epoch, 0, epochs - 1) if read_ahead else None
@@ -137,7 +138,8 @@ def main() -> None:
 
     def pipeline_batches():
         iterator = training_dataset(cfg, shards).iterator()
-        return epoch_batches(iterator, batch_size, cfg.run.seed, 0, pin_memory=device.type == "cuda")
+        tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
+        return epoch_batches(iterator, batch_size, tokenizer, cfg.run.seed, 0, pin_memory=device.type == "cuda")
 
     first = next(pipeline_batches())
     premade = {key: value.to(device) for key, value in first.items()}

@@ -38,7 +38,8 @@ from hvd.data.shards import ShardError, ShardSummary, frame_mask, frames_uint8, 
 from hvd.data.synthetic import generate
 from hvd.eval.actors import VideoEncoder
 from hvd.model import build_model, build_tokenizer
-from hvd.train.inputs import augment_clip, caption_choice, caption_passes, epoch_batches, training_dataset
+from hvd.train.inputs import caption_choice, caption_passes, epoch_batches, training_dataset
+from hvd.train.rows import augment_clip
 
 _CLI = importlib.util.spec_from_file_location("prepare_cli", Path(__file__).parents[1] / "pipelines" / "prepare.py")
 prepare_cli = importlib.util.module_from_spec(_CLI)
@@ -359,7 +360,7 @@ def test_training_inputs_decode_in_ray_data_and_normalise_on_the_model(raw_shard
     seen = {}
     for epoch in (0, 1):
         iterator = training_dataset(cfg, jpeg_shards).iterator()
-        for batch in epoch_batches(iterator, batch_size=8, seed=0, epoch=epoch, pin_memory=False):
+        for batch in epoch_batches(iterator, 8, tokenizer, seed=0, epoch=epoch, pin_memory=False):
             assert batch["frames"].dtype == torch.uint8 and batch["frames"].shape == (8, 12, 64, 64, 3)
             # captions trimmed to the batch's longest: its last column holds a real token
             assert batch["tokens"].dtype == torch.long and batch["tokens"].shape[0] == 8
@@ -397,7 +398,8 @@ def test_expand_captions_trains_every_caption_once_an_epoch_and_never_one_video_
     iterator = training_dataset(cfg, jpeg_shards).iterator()
     shown = 2  # of the epoch's 5 passes (each a Ray Data execution); that `passes` passes cover every caption:
     # caption_choice is a permutation per (epoch, video), checked below
-    for batch in epoch_batches(iterator, 8, seed=0, epoch=0, pin_memory=False, passes=shown, steps_per_pass=3):
+    for batch in epoch_batches(iterator, 8, tokenizer, seed=0, epoch=0, pin_memory=False, passes=shown,
+                               steps_per_pass=3):
         videos = [next(v for v, row in jpeg.items() if np.array_equal(f.numpy(), frames_uint8(row)))
                   for f in batch["frames"]]
         assert len(set(videos)) == len(videos)  # no video twice in a batch: no false negative of itself
@@ -418,6 +420,23 @@ def test_expand_captions_trains_every_caption_once_an_epoch_and_never_one_video_
     assert [caption_choice(0, 0, "v", 5, p) for p in range(5)] != [caption_choice(0, 1, "v", 5, p) for p in range(5)]
 
 
+def test_ray_trains_import_of_the_plan_and_the_training_function_holds_no_torch(jpeg_shards):
+    """Ray Train's controller, its dataset manager and the split coordinator each unpickle the training function
+    or the dataset's plan, one process after another before the first step: what they import costs every run.
+    A fresh process loading both, as they do, imports neither torch, open_clip nor MLflow."""
+    from hvd.train.entry import train_loop_per_worker
+
+    cfg = config(f"data.shards={jpeg_shards}", "data.augment=crop_flip")
+    pickled = cloudpickle.dumps((train_loop_per_worker, training_dataset(cfg, jpeg_shards)))
+    probe = ("import pickle, sys\n"
+             "train_fn, dataset = pickle.loads(sys.stdin.buffer.read())\n"
+             "assert callable(train_fn) and dataset is not None\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'mlflow', 'torchvision'}))\n")
+    done = subprocess.run([sys.executable, "-c", probe], input=pickled, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().strip().splitlines()[-1] == "[]", done.stdout.decode()[-500:]
+
+
 def test_augmentation_draws_once_per_clip_in_training_and_evaluation_never_augments(jpeg_shards):
     torch.manual_seed(0)
     rows = read_shards(jpeg_shards, "train").to_pylist()
@@ -431,8 +450,9 @@ def test_augmentation_draws_once_per_clip_in_training_and_evaluation_never_augme
 
     cfg = config(f"data.shards={jpeg_shards}", "train.batch_size=8", "model.pretrained=null", "data.augment=crop_flip")
     stored = [frames_uint8(row) for row in rows]
-    trained = [clip.numpy() for batch in epoch_batches(training_dataset(cfg, jpeg_shards).iterator(), 8, 0, 0, False)
-               for clip in batch["frames"]]
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)
+    trained = [clip.numpy() for batch in epoch_batches(training_dataset(cfg, jpeg_shards).iterator(), 8, tokenizer, 0, 0,
+                                                       False) for clip in batch["frames"]]
     assert len(trained) == len(stored) and any(not any(np.array_equal(t, s) for s in stored) for t in trained)
 
     # evaluation's encoder (the actor class evaluate.py and index.py run) reads the same config: frames untouched

@@ -1,14 +1,13 @@
-"""The training input pipeline: decoding and tokenising run in Ray Data CPU tasks, not in the training step.
+"""The training input pipeline: decoding runs in Ray Data CPU tasks, not in the training step.
 
-shards -> `map_batches(decode_rows)` on CPU workers (JPEG -> uint8 frames of one fixed shape, every
-caption -> token ids) -> each worker's `iter_torch_batches`, which prefetches and collates in a
-background thread (one caption drawn per video) and copies uint8 frames to the worker's device (pinned,
-non-blocking on GPU), where the model normalises them (`RetrievalModel.forward`).
+shards -> `map_batches(decode_rows)` on CPU workers (JPEG -> uint8 frames of one fixed shape, `hvd.train.rows`)
+-> each worker's `iter_torch_batches`, which prefetches and collates in a background thread (one caption drawn
+per video and tokenised there) and copies uint8 frames to the worker's device (pinned, non-blocking on GPU),
+where the model normalises them (`RetrievalModel.forward`).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import threading
@@ -17,69 +16,27 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import Tensor
-from torchvision.transforms import v2
 
-from hvd.config import Config, ModelConfig
-from hvd.data.shards import frame_mask, frames_uint8, open_shards, read_shards
-from hvd.model import build_tokenizer
+from hvd.config import Config
+from hvd.data.shards import open_shards, read_shards
 from hvd.model.backbone import PAD_TOKEN
-
-TOKEN_DTYPE = np.int32
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(preset: str, quick_gelu: bool, max_words: int) -> Callable[[list[str]], Tensor]:
-    """One tokenizer per Ray worker process: loading the BPE vocabulary costs more than a batch."""
-    return build_tokenizer(ModelConfig(preset=preset, quick_gelu=quick_gelu), max_words)
-
-
-@functools.lru_cache(maxsize=4)
-def _augmentation(kind: str, size: int) -> Callable[[Tensor], Tensor]:
-    if kind == "crop_flip":  # X-Pool's training transform
-        return v2.Compose([v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()])
-    return v2.RandAugment(num_ops=2, magnitude=9)
-
-
-def augment_clip(frames: np.ndarray, kind: str) -> np.ndarray:
-    """[T, H, W, 3] uint8 frames of one clip, augmented with one random draw for the whole clip (`data.augment`):
-    every frame gets the same crop, flip or RandAugment ops, so motion between frames stays what it was."""
-    if kind == "none":
-        return frames
-    clip = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # leading dims share one draw
-    return _augmentation(kind, frames.shape[1])(clip).permute(0, 2, 3, 1).numpy()
-
-
-def decode_rows(batch: pa.Table, model_cfg: ModelConfig, max_words: int, augment: str = "none") -> dict[str, np.ndarray]:
-    """Shard rows -> `video_id`, `frames` uint8 [B, T, H, W, 3] (each clip augmented by `augment`), `frame_mask`
-    [B, T] and `tokens` [B][captions, L] (ragged)."""
-    tokenizer = _tokenizer(model_cfg.preset, model_cfg.quick_gelu, max_words)
-    columns = ["video_id", "captions", "frames", "frame_codec", "frame_size", "num_frames", "valid_frames"]
-    rows = batch.select(columns).to_pylist()
-    tokens = np.empty(len(rows), dtype=object)
-    tokens[:] = [tokenizer(row["captions"]).numpy().astype(TOKEN_DTYPE) for row in rows]
-    return {
-        "video_id": np.array([row["video_id"] for row in rows], dtype=object),
-        "frames": np.stack([augment_clip(frames_uint8(row), augment) for row in rows]),
-        "frame_mask": frame_mask(rows),
-        "tokens": tokens,
-    }
+from hvd.train.rows import decode_rows
 
 
 def training_dataset(cfg: Config, shards: str | Path) -> ray.data.Dataset:
-    """The train split, its files in a fresh order every pass (reproducible from `run.seed`), decoded and
-    tokenised by Ray Data tasks of `data.train_decode_cpus` CPUs each, one global batch of rows per task."""
+    """The train split, its files in a fresh order every pass (reproducible from `run.seed`), decoded by Ray
+    Data tasks of `data.train_decode_cpus` CPUs each, one global batch of rows per task."""
     return open_shards(shards, "train", shuffle_seed=cfg.run.seed).map_batches(
         decode_rows,
         batch_format="pyarrow",
         batch_size=cfg.train.batch_size,
         num_cpus=cfg.data.train_decode_cpus,
-        fn_kwargs={"model_cfg": cfg.model, "max_words": cfg.data.max_words, "augment": cfg.data.augment},
+        fn_kwargs={"augment": cfg.data.augment},
     )
 
 
@@ -111,28 +68,29 @@ def trim_padding(tokens: np.ndarray) -> np.ndarray:
 
 class TrainingCollate(NumpyBatchCollateFn):
     """Numpy batch -> `{"tokens": [B, L] int64 (L: the batch's longest caption), "frames": [B, T, H, W, 3] uint8, "frame_mask": [B, T] bool}`;
-    runs in the prefetch thread."""
+    runs in the prefetch thread, which tokenises the one caption each video trains on."""
 
-    def __init__(self, seed: int, epoch: int, pass_index: int = 0):
-        self.seed, self.epoch, self.pass_index = seed, epoch, pass_index
+    def __init__(self, tokenizer: Callable[[list[str]], Tensor], seed: int, epoch: int, pass_index: int = 0):
+        self.tokenizer, self.seed, self.epoch, self.pass_index = tokenizer, seed, epoch, pass_index
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
-        tokens = [
-            t[caption_choice(self.seed, self.epoch, str(v), len(t), self.pass_index)]
-            for v, t in zip(batch["video_id"], batch["tokens"], strict=True)
+        captions = [
+            str(c[caption_choice(self.seed, self.epoch, str(v), len(c), self.pass_index)])
+            for v, c in zip(batch["video_id"], batch["captions"], strict=True)
         ]
         return {
-            "tokens": torch.from_numpy(trim_padding(np.stack(tokens)).astype(np.int64)),
+            "tokens": torch.from_numpy(trim_padding(self.tokenizer(captions).numpy()).astype(np.int64)),
             "frames": torch.from_numpy(np.ascontiguousarray(batch["frames"])),
             "frame_mask": torch.from_numpy(batch["frame_mask"]),
         }
 
 
 def epoch_batches(
-    shard: ray.data.DataIterator, batch_size: int, seed: int, epoch: int, pin_memory: bool,
-    passes: int = 1, steps_per_pass: int | None = None, prefetch: int = 2,
+    shard: ray.data.DataIterator, batch_size: int, tokenizer: Callable[[list[str]], Tensor], seed: int, epoch: int,
+    pin_memory: bool, passes: int = 1, steps_per_pass: int | None = None, prefetch: int = 2,
 ) -> Iterator[dict[str, Tensor]]:
-    """One epoch of a worker's shard on the worker's device: `passes` passes (`caption_passes`) of
+    """One epoch of a worker's shard on the worker's device, captions tokenised by `tokenizer` (the model's,
+    `hvd.model.build_tokenizer`): `passes` passes (`caption_passes`) of
     `steps_per_pass` batches each (all of a pass when None), each pass over freshly shuffled files and a
     local shuffle buffer seeded by (seed, epoch, pass).
 
@@ -145,7 +103,7 @@ def epoch_batches(
             prefetch_batches=prefetch,
             local_shuffle_buffer_size=4 * batch_size,
             local_shuffle_seed=zlib.crc32(f"{seed}:{epoch}:{pass_index}".encode()),
-            collate_fn=TrainingCollate(seed, epoch, pass_index),
+            collate_fn=TrainingCollate(tokenizer, seed, epoch, pass_index),
             pin_memory=pin_memory,
         )
         yield from itertools.islice(batches, steps_per_pass)

@@ -210,8 +210,10 @@ def input_stream(worker: Worker, shard: ray.data.DataIterator) -> EpochStream:
     per_worker_batch = cfg.train.batch_size // worker.world
     pin = worker.device.type == "cuda"
 
+    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)  # the stream's own: it runs in the stream's thread
+
     def one_epoch(epoch: int) -> Iterator[dict[str, Tensor]]:
-        return epoch_batches(shard, per_worker_batch, cfg.run.seed, epoch, pin, plan.caption_passes,
+        return epoch_batches(shard, per_worker_batch, tokenizer, cfg.run.seed, epoch, pin, plan.caption_passes,
                              plan.steps_per_epoch // plan.caption_passes)
 
     return EpochStream(one_epoch, worker.epoch, cfg.train.epochs - 1)
@@ -268,14 +270,14 @@ def end_epoch(worker: Worker, val_table: Any, tokenizer: Any) -> None:
     report(metrics, worker.state())
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker: restore, then train and close epochs until the last."""
+def run_worker(loop_config: dict[str, Any], shard: ray.data.DataIterator) -> None:
+    """What every Ray Train worker runs (`hvd.train.entry`): restore, then train and close epochs until the last."""
     faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
     quiet_logs()  # again: importing MLflow in this process reset its level
     plan = WorkerPlan.from_loop_config(loop_config)
     worker = start_worker(plan)
     # reading starts now, so Ray Data's start overlaps the model's wrapping, the monitor and the val split's read
-    stream = input_stream(worker, ray.train.get_dataset_shard("train"))
+    stream = input_stream(worker, shard)
     # DistributedDataParallel when world > 1, unless micro-batched (hvd.train.gradients averages then)
     ddp_model = ray.train.torch.prepare_model(worker.model, parallel_strategy=None if plan.cfg.train.micro_batch_size else "ddp")
     monitor = None

@@ -46,8 +46,9 @@ from hvd.runtime.cluster import ensure_ray
 from hvd.runtime.paths import require_shared_paths
 from hvd.runtime.stopping import stop_on_signals
 from hvd.runtime.worker_setup import verbose
+from hvd.train.entry import train_loop_per_worker
 from hvd.train.inputs import caption_passes, training_dataset
-from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan, train_loop_per_worker
+from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan
 from hvd.train.plots import log_training_curves
 from hvd.train.rendezvous import LoopbackTorchConfig
 
