@@ -2,10 +2,10 @@
 would: `ray job submit`.
 
 Proves what one node cannot: decode tasks spread over nodes or pin to the node type named by
-`data.decode_resources`; training places one worker per node (STRICT_SPREAD) and logs to MLflow over
-HTTP; losing a node mid-training costs a restart from the last checkpoint, in the same MLflow run; the
-README's command, with no overrides, puts every relative path under the nodes' shared HVD_ROOT and trains the
-warm start on the cluster with a quiet log; a failed job fails the blocking `ray job submit`.
+`data.decode_resources`; the README's command, with no path added, puts every relative path under the
+nodes' shared HVD_ROOT, trains the warm start on the cluster with a quiet log, places one training worker
+per node (STRICT_SPREAD), logs to MLflow over HTTP, and survives losing a node mid-training with a restart
+from the last checkpoint, in the same MLflow run; a failed job fails the blocking `ray job submit`.
 """
 
 import json
@@ -214,86 +214,51 @@ def test_decode_resources_pin_decoding_to_the_node_that_offers_them(cluster, man
     assert nodes == {head}  # only the head advertises cpu_node
 
 
-def test_training_spans_both_nodes_and_survives_losing_one(cluster, manifest):
-    storage = cluster.workdir / "storage"
+def test_headline_command_trains_across_both_nodes_survives_losing_one_and_keeps_every_path_under_hvd_root(cluster):
+    """`ray job submit --working-dir . -- python pipelines/train.py`, no path added: the demo's relative paths
+    (the warm start's among them) name one folder under the nodes' HVD_ROOT, not each node's copy of the
+    working directory. The same job places one training worker per node and loses the worker node after its
+    first checkpoint: one Ray Train run on two nodes costs minutes, so one job carries both."""
+    root = Path(cluster.env["HVD_ROOT"])
+    assert not root.is_relative_to(ROOT)
+    client = MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
+    before = {v.version for v in client.search_model_versions("name = 'hvd'")}
+    (worker,) = _node_ids(cluster.query(), "worker-")
+
+    # The command as the README gives it; only sizes are made smaller (the warm start's stills, the benchmark's
+    # clips, the epochs), never a path, as the full demo costs minutes the rest of the suite needs; and the
+    # placement and fault tolerance this test is about.
     cluster.submit(
-        "train", "python", "pipelines/train.py",
-        f"data.manifest={manifest}", f"data.shards={cluster.workdir / 'shards'}",
-        "train.epochs=2", "train.batch_size=8",  # 24 train videos, 2 workers x 4: 3 steps per epoch
+        "headline", "python", "pipelines/train.py", "pretrain.train_stills=128", "pretrain.val_stills=16",
+        "pretrain.epochs=1", "pretrain.batch_size=64", "synthetic.num_train=32", "synthetic.num_val=8",
+        "synthetic.num_test=8",
+        "train.epochs=2", "train.batch_size=8",  # 32 train videos, 2 workers x 4: 4 steps per epoch
         "data.decode_concurrency=4",  # 4 one-CPU tasks at once: more than a node holds
         "train.placement_strategy=STRICT_SPREAD", "train.max_failures=2", "train.checkpoint_every_steps=2",
-        f"train.storage_path={storage}", "run.name=multinode",
-        "model.pretrained=null",  # this run's own checkpoints are the subject, not the warm start's
     )
-    before = cluster.query()
-    (worker,) = _node_ids(before, "worker-")
+    synthetic, shards, storage = root / "data" / "synthetic-demo", root / "data" / "shards-demo", root / "runs" / "ray"
 
-    # Wait for Ray Train to register a checkpoint, then take the worker node's raylet away.
-    deadline, killed_after_step = time.time() + 900, None
+    # Wait for Ray Train to register a checkpoint of the video run (the warm start's run comes first, with
+    # checkpoints of its own), then take the worker node's raylet away.
+    deadline, killed_after_step = time.time() + 1200, None
     while killed_after_step is None:
-        for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        for snapshot in storage.glob("hvd-tiny-demo-*/checkpoint_manager_snapshot.json"):
             try:
                 latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
             except json.JSONDecodeError:  # being written
                 continue
             if latest:
                 killed_after_step = latest["metrics"]["step"]
-        assert cluster.job_status("train") in ("PENDING", "RUNNING"), cluster.wait_job("train")[1][-3000:]
+        assert cluster.job_status("headline") in ("PENDING", "RUNNING"), cluster.wait_job("headline")[1][-3000:]
         assert time.time() < deadline, "no checkpoint was registered"
         time.sleep(1)
     node_process = psutil.Process(cluster.pid("worker"))
     (raylet,) = [child for child in node_process.children() if child.name() == "raylet"]
     raylet.send_signal(signal.SIGKILL)
     node_process.wait(timeout=120)  # `ray start --block` notices and stops the node's other processes
-    assert cluster.job_status("train") in ("PENDING", "RUNNING")  # the run goes on, waiting for a node
+    assert cluster.job_status("headline") in ("PENDING", "RUNNING")  # the run goes on, waiting for a node
     cluster.up()  # brings back the worker node, now with another node id
 
-    status, logs = cluster.wait_job("train")
-    assert status == "SUCCEEDED", logs[-5000:]
-    registered = re.search(r"registered      hvd version (\d+)", logs)
-    assert registered, logs[-3000:]
-    version = registered.group(1)
-
-    # MLflow over HTTP: one run, resumed from the checkpoint that existed when the node died.
-    uri = cluster.env["MLFLOW_TRACKING_URI"]
-    assert f"at {uri}" in logs and uri.startswith("http://127.0.0.1:")
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("hvd").experiment_id],
-                                filter_string="tags.mlflow.runName = 'multinode'")
-    assert run.info.status == "FINISHED"
-    resumed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")]
-    assert len(resumed) == 1 and resumed[0][0] >= killed_after_step > 0
-    loss_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 6  # no step logged twice, none missing at the end
-    assert client.get_model_version("hvd", version).tags["source_run"] == run.info.run_id
-    assert list((cluster.workdir / "mlflow" / "artifacts").rglob("config.yaml"))  # artifacts went through the server
-
-    after = cluster.query("train")
-    (head,) = _node_ids(after, "head-")
-    (restarted,) = [node for node in _node_ids(after, "worker-") if node != worker]
-    job = after["jobs"]["train"]
-    # Decoding spread over nodes. Which ones varies between runs: once the head and the restarted worker
-    # held the job's finished decode tasks, not the killed one.
-    decoded_on = {node for j, node in after["decode"] if j == job}
-    assert len(decoded_on) >= 2 and decoded_on <= {head, worker, restarted}, decoded_on
-    placed = {node for j, node in after["train_workers"] if j == job}
-    assert placed == {head, worker, restarted}  # one worker per node, before and after the loss
-
-
-def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
-    """`ray job submit --working-dir . -- python pipelines/train.py`, no path added: the demo's relative paths
-    (the warm start's among them) name one folder under the nodes' HVD_ROOT, not each node's copy of the
-    working directory."""
-    root = Path(cluster.env["HVD_ROOT"])
-    assert not root.is_relative_to(ROOT)
-    client = MlflowClient(cluster.env["MLFLOW_TRACKING_URI"])
-    before = {v.version for v in client.search_model_versions("name = 'hvd'")}
-
-    # The command as the README gives it; only sizes are made smaller (the warm start's stills, the benchmark's
-    # clips, the epochs), never a path, as the full demo costs minutes the rest of the suite needs.
-    cluster.submit("headline", "python", "pipelines/train.py", "pretrain.train_stills=128", "pretrain.val_stills=16",
-                   "pretrain.epochs=1", "pretrain.batch_size=64", "synthetic.num_train=32", "synthetic.num_val=8",
-                   "synthetic.num_test=8", "train.epochs=1")
     status, logs = cluster.wait_job("headline", timeout=1700)
     assert status == "SUCCEEDED", logs[-5000:]
     # the job trained the warm start on the cluster first, and says so in a quiet log (the driver's summary,
@@ -302,9 +267,8 @@ def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
     lines = [line for line in logs.splitlines() if line.strip()]
     noise = ("Reporting training result", "INFO streaming_executor", "Checkpoint successfully created", "mlflow.system")
     assert not [line for line in lines if any(n in line for n in noise)], "Ray's and MLflow's info logs reached the job log"
-    assert len(lines) < 80, f"{len(lines)} lines for a one-epoch run:\n" + "\n".join(lines)
+    assert len(lines) < 150, f"{len(lines)} lines for a two-epoch run with a restart:\n" + "\n".join(lines)
 
-    synthetic, shards, storage = root / "data" / "synthetic-demo", root / "data" / "shards-demo", root / "runs" / "ray"
     assert (synthetic / "manifest.jsonl").is_file()
     summary = json.loads((shards / "_summary.json").read_text())
     assert summary["written"] > 0 and summary["input"] == summary["written"] + summary["quarantined"]
@@ -319,6 +283,26 @@ def test_headline_command_runs_verbatim_with_every_path_under_hvd_root(cluster):
     assert (params["synthetic.out"], params["data.shards"], params["train.storage_path"]) == tuple(
         map(str, (synthetic, shards, storage))
     )
+
+    # MLflow over HTTP: one run, resumed from the checkpoint that existed when the node died.
+    uri = cluster.env["MLFLOW_TRACKING_URI"]
+    assert f"at {uri}" in logs and uri.startswith("http://127.0.0.1:")
+    resumed = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/resumed_from_step")]
+    assert len(resumed) == 1 and resumed[0][0] >= killed_after_step > 0
+    loss_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] == 8  # no step logged twice, none missing at the end
+    assert list((cluster.workdir / "mlflow" / "artifacts").rglob("config.yaml"))  # artifacts went through the server
+
+    after = cluster.query("headline")
+    (head,) = _node_ids(after, "head-")
+    (restarted,) = [node for node in _node_ids(after, "worker-") if node != worker]
+    job = after["jobs"]["headline"]
+    # Decoding spread over nodes. Which ones varies between runs: once the head and the restarted worker
+    # held the job's finished decode tasks, not the killed one.
+    decoded_on = {node for j, node in after["decode"] if j == job}
+    assert len(decoded_on) >= 2 and decoded_on <= {head, worker, restarted}, decoded_on
+    placed = {node for j, node in after["train_workers"] if j == job}
+    assert placed == {head, worker, restarted}  # one worker per node, before and after the loss
 
 
 def test_a_failed_job_fails_the_submit_command(cluster):
