@@ -5,8 +5,8 @@
     python benchmarks/train_throughput.py --epochs 4 --steps 10 [--stills] [key=value ...]
 
 One process, one run, the same model and batch shape for both:
-1. pipeline: the training input path of `hvd.train.inputs` (Ray Data decodes and tokenises the demo
-   benchmark's train shards on CPU tasks, `iter_torch_batches` collates and prefetches), then
+1. pipeline: the training input path of `hvd.train.inputs` (Ray Data decodes the demo
+   benchmark's train shards on CPU tasks, `iter_torch_batches` tokenises, collates and prefetches), then
    `hvd.train.step.train_step` on the device;
 2. tensors: the same steps on batches made once, already on the device, measured before and after 1.
 Reports steps/s and samples/s of each, the ratio tensors / pipeline (target <= 1.10), the share of pipeline
