@@ -60,10 +60,13 @@ BAD_MODEL = {"evaluate": ["--shards", "y"], "index": ["--shards", "y"], "search"
 @pytest.mark.parametrize("name", ["train", "pretrain", "evaluate", "index", "search", "serve", "study"])
 def test_help_and_a_refused_key_import_neither_torch_nor_mlflow(name):
     """The job's heavy imports wait until the arguments are good (hvd.cli), so these answer in about a second
-    (Ray's core, which the command front needs, imports in under one); so does a model URI of no known form."""
+    (Ray's core, which the command front needs, imports in under one); so does a model URI of no known form,
+    and for training, inputs the model cannot take or cannot find (hvd.train.preflight)."""
     argvs = [["--help"], ["model.hed=1"]]
     if name in BAD_MODEL:
         argvs.append(["--model", "nowhere/at/all", *BAD_MODEL[name]])
+    if name == "train":  # what the model cannot take and a missing weights file: the run's own inputs
+        argvs += [["data.frame_size=224"], ["model.pretrained=/nowhere/weights.pt"]]
     probe = (
         "import sys\n"
         f"from hvd.commands.{name} import main\n"
@@ -78,4 +81,6 @@ def test_help_and_a_refused_key_import_neither_torch_nor_mlflow(name):
     assert done.returncode == 0, done.stderr
     if name in BAD_MODEL:
         assert "error: --model 'nowhere/at/all': not a model URI nor a directory" in done.stderr, done.stderr[-500:]
+    if name == "train":
+        assert "'data.frame_size': 224" in done.stderr and "/nowhere/weights.pt" in done.stderr, done.stderr[-500:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-500:]

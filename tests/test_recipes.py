@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hvd.config import HEADS, load_config
-from hvd.model.factory import check_inputs
+from hvd.model.presets import check_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "configs" / "benchmarks"

@@ -12,13 +12,18 @@ import time
 
 from hvd.cli import fail, parse_args
 from hvd.errors import HvdError
+from hvd.train.preflight import check_inputs
 
 SECTIONS = ("run", "synthetic", "data", "model", "pretrain", "train", "eval", "tracking")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(__doc__, SECTIONS, argv)
-    # the job's imports (torch, Ray, MLflow) only once the arguments are good: see hvd.cli
+    try:
+        check_inputs(cfg)  # what the run reads, in a second
+    except HvdError as err:
+        fail(err)
+    # the job's imports (torch, Ray, MLflow) only once the arguments and inputs are good: see hvd.cli
     from hvd.eval.mechanism import mechanism_line
     from hvd.registry.runs import ui_command
     from hvd.train.fit import fit

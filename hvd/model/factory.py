@@ -9,7 +9,7 @@ from dataclasses import replace
 import open_clip
 from torch import Tensor
 
-from hvd.config import HEADS, WARM_START, ConfigError, DataConfig, ModelConfig, check_section, check_values
+from hvd.config import HEADS, WARM_START, ModelConfig, check_section, check_values
 from hvd.model.backbone import ClipBackbone
 from hvd.model.first_stage import build_first_stage
 from hvd.model.heads import Head
@@ -22,19 +22,6 @@ def head_class(name: str) -> type[Head]:
     """The class `hvd.config.HEADS` names for head `name`, imported now (configs load without torch)."""
     module, _, cls = HEADS[name].builder.partition(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def check_inputs(cfg: ModelConfig, data: DataConfig) -> None:
-    """What this model takes, checked before any work (else a Ray worker finds out minutes later): frames at
-    the preset's image size, and no more frames than a frame transformer has positions for."""
-    preset = preset_config(cfg.preset, cfg.quick_gelu)
-    size, context = int(preset["vision_cfg"]["image_size"]), int(preset["text_cfg"].get("context_length", 77))
-    if data.frame_size != size:
-        raise ConfigError(f"bad value for 'data.frame_size': {data.frame_size} (model.preset={cfg.preset} takes "
-                          f"{size} px frames)")
-    if HEADS[cfg.head].frame_transformer and data.num_frames > context:
-        raise ConfigError(f"bad value for 'data.num_frames': {data.num_frames} (model.head={cfg.head} has a "
-                          f"position for at most {context} frames on model.preset={cfg.preset})")
 
 
 def build_model(cfg: ModelConfig) -> RetrievalModel:

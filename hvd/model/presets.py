@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import open_clip
-
-from hvd.config import CHOICES
+from hvd.config import CHOICES, HEADS, ConfigError, DataConfig, ModelConfig
 
 TINY: dict[str, Any] = {
     "embed_dim": 128,
@@ -34,12 +32,28 @@ TINY_PRESETS = {"tiny": TINY, "tiny-p8": TINY_P8}
 
 
 def preset_config(name: str, quick_gelu: bool) -> dict[str, Any]:
-    """The open_clip `CLIP(**config)` keyword arguments of a preset."""
+    """The open_clip `CLIP(**config)` keyword arguments of a preset (open_clip is imported for its own
+    presets only: the tiny ones are checked without it)."""
     if name in TINY_PRESETS:
         config = copy.deepcopy(TINY_PRESETS[name])
     elif name in OPEN_CLIP_PRESETS:
+        import open_clip
+
         config = open_clip.get_model_config(name)
     else:
         raise ValueError(f"model.preset: unknown preset {name!r} (choose one of {', '.join(PRESETS)})")
     config["quick_gelu"] = quick_gelu
     return config
+
+
+def check_inputs(cfg: ModelConfig, data: DataConfig) -> None:
+    """What this model takes, checked before any work (else a Ray worker finds out minutes later): frames at
+    the preset's image size, and no more frames than a frame transformer has positions for."""
+    preset = preset_config(cfg.preset, cfg.quick_gelu)
+    size, context = int(preset["vision_cfg"]["image_size"]), int(preset["text_cfg"].get("context_length", 77))
+    if data.frame_size != size:
+        raise ConfigError(f"bad value for 'data.frame_size': {data.frame_size} (model.preset={cfg.preset} takes "
+                          f"{size} px frames)")
+    if HEADS[cfg.head].frame_transformer and data.num_frames > context:
+        raise ConfigError(f"bad value for 'data.num_frames': {data.num_frames} (model.head={cfg.head} has a "
+                          f"position for at most {context} frames on model.preset={cfg.preset})")
