@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from hvd.config import Config, ConfigError, describe, load_config, to_yaml
-from hvd.errors import HvdError
+from hvd.errors import HvdError, InputError
 from hvd.registry.model_uri import URI_FORMS, check_model_uri
 from hvd.runtime.logs import show_logs
+from hvd.runtime.paths import resolve_path
 from hvd.runtime.stopping import received_signal, stop_on_signals
 from hvd.runtime.worker_setup import VERBOSE_ENV
 
@@ -71,6 +72,11 @@ def parse_args(
             check_model_uri(args.model)
         except HvdError as err:
             fail(err)
+    for flag, exists in (("manifest", Path.is_file), ("shards", Path.is_dir)):  # inputs the job would find missing
+        value = getattr(args, flag, None)  # after its imports
+        path = None if value is None else resolve_path(str(value))  # where the job looks: under HVD_ROOT
+        if path is not None and "://" not in path and not exists(Path(path)):
+            fail(InputError(f"{flag} not found: {path}"))
     return cfg, args
 
 

@@ -285,6 +285,8 @@ def test_train_refuses_a_broken_manifest_or_missing_weights_before_ray_or_mlflow
         ("pipelines/index.py", ["--model", "nowhere/at/all", "--manifest", "GOOD"], "nowhere/at/all"),
         ("pipelines/search.py", ["--model", "nowhere/at/all", "a red square"], "nowhere/at/all"),
         ("pipelines/serve.py", ["--model", "nowhere/at/all"], "nowhere/at/all"),
+        ("pipelines/evaluate.py", ["--model", "models:/hvd/1", "--manifest", "MISSING"], "manifest not found: "),
+        ("pipelines/index.py", ["--model", "models:/hvd/1", "--shards", "MISSING"], "shards not found: "),
         ("pipelines/manifest.py", ["msrvtt", "--annotations", "MISSING", "--videos", "MISSING", "--out", "OUT/m.jsonl"],
          "not found"),
     ],
