@@ -110,16 +110,18 @@ def _child(cfg: Config, knobs: dict, metrics: dict | None = None) -> SimpleNames
 class _Store:
     """What the study asks of MLflow about a parent run and its finished children, and what it logs there."""
 
-    def __init__(self, study: str, children: list[SimpleNamespace], seeds: tuple[int, ...] | None = None):
+    def __init__(self, study: str, children: list[SimpleNamespace], seeds: tuple[int, ...] | None = None,
+                 heads: tuple[str, ...] | None = None):
         self.study, self.children = study, children
         self.seeds = GRIDS[study].seed if seeds is None else seeds  # what the parent run logged as grid.seed
+        self.heads = GRIDS[study].head if heads is None else heads  # ... and as grid.head
         self.metrics: dict[str, float] = {}
         self.texts: dict[str, str] = {}
         self.images: dict[str, tuple[int, int]] = {}
 
     def get_run(self, run_id: str) -> SimpleNamespace:
         return SimpleNamespace(info=SimpleNamespace(run_name=f"study-{self.study}", experiment_id="1"),
-                               data=SimpleNamespace(params={"grid.seed": str(self.seeds)}))
+                               data=SimpleNamespace(params={"grid.seed": str(self.seeds), "grid.head": str(self.heads)}))
 
     def search_runs(self, experiments: list[str], filter_string: str, max_results: int) -> list[SimpleNamespace]:
         return self.children
@@ -163,6 +165,20 @@ def test_a_grid_run_in_pieces_runs_and_resumes_only_its_pieces_seeds():
     left = missing_trials(_Store("ablation", [_child(trial_config(base, "ablation", knobs), knobs)], seeds=(2,)),
                           base, "ablation", "parent")
     assert left == [t for t in piece.trials if t != knobs]
+
+
+def test_a_grid_piece_can_be_some_of_its_heads_and_resumes_only_those():
+    row = ("hvd-f0.75-p0.25", "hvd-f0.75-p0.5", "hvd-f0.75-p0.75")
+    piece = grid_of("ablation", (1,), row)
+    assert piece.trials == [t for t in GRIDS["ablation"].trials if t["seed"] == 1 and t["head"] in row]
+    assert len(piece.trials) == 3
+    with pytest.raises(ValueError, match=r"--heads hvd,xpool: grid 'scopes' has heads .*, not \['hvd', 'xpool'\]"):
+        grid_of("scopes", None, ("hvd", "xpool"))
+    base = load_config(None, ["model.pretrained=null"])
+    knobs = {"event_fraction": 0.15, "entity_scale": 0.15, "head": row[0], "seed": 1}
+    left = missing_trials(_Store("ablation", [_child(trial_config(base, "ablation", knobs), knobs)], (1,), row),
+                          base, "ablation", "parent")
+    assert left == piece.trials[1:]
 
 
 def _row(ef: float, es: float, head: str, seed: int, r1: float, **mechanism: float) -> dict:
@@ -332,6 +348,6 @@ def test_seeds_flag_takes_a_seed_list_and_is_refused_with_resume(capsys, tmp_pat
     with pytest.raises(SystemExit) as bad:
         study_main(["--grid", "ablation", "--seeds", "1,x"])
     assert bad.value.code == 2 and "'1,x' is not a comma-separated list of seeds" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--seeds and --resume"):  # one line and exit 2 from the command
+    with pytest.raises(ConfigError, match="--seeds/--heads and --resume"):  # one line and exit 2 from the command
         study_main(["--grid", "ablation", "--seeds", "2", "--resume", "abc", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
     assert not (tmp_path / "m.db").exists()  # refused before any store was opened

@@ -141,20 +141,22 @@ def summary_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def grid_of(study: str, seeds: tuple[int, ...] | None = None) -> Grid:
-    """Grid `study`, or only its trials of `seeds`: a long grid run in pieces (one parent run each) where the
-    store does not outlive a working session."""
+def grid_of(study: str, seeds: tuple[int, ...] | None = None, heads: tuple[str, ...] | None = None) -> Grid:
+    """Grid `study`, or only its trials of `seeds` and `heads`: a long grid run in pieces (one parent run each)
+    where the store does not outlive a working session."""
     grid = GRIDS[study]
-    if seeds is None:
-        return grid
-    if unknown := sorted(set(seeds) - set(grid.seed)):
-        raise ConfigError(f"--seeds {','.join(map(str, seeds))}: grid '{study}' has seeds {grid.seed}, not {unknown}")
-    return dataclasses.replace(grid, seed=tuple(s for s in grid.seed if s in seeds))
+    for flag, wanted, have in (("--seeds", seeds, grid.seed), ("--heads", heads, grid.head)):
+        if wanted is not None and (unknown := [w for w in wanted if w not in have]):
+            raise ConfigError(f"{flag} {','.join(map(str, wanted))}: grid '{study}' has {flag[2:]} {have}, "
+                              f"not {unknown}")
+    return dataclasses.replace(grid, seed=tuple(s for s in grid.seed if seeds is None or s in seeds),
+                               head=tuple(h for h in grid.head if heads is None or h in heads))
 
 
 def parent_grid(client: MlflowClient, study: str, parent: str) -> Grid:
-    """The grid parent run `parent` was started with: its seeds are logged as `grid.seed`."""
-    return grid_of(study, ast.literal_eval(client.get_run(parent).data.params["grid.seed"]))
+    """The grid parent run `parent` was started with: its seeds and heads are logged as `grid.seed`, `grid.head`."""
+    params = client.get_run(parent).data.params
+    return grid_of(study, ast.literal_eval(params["grid.seed"]), ast.literal_eval(params["grid.head"]))
 
 
 def start_parent(client: MlflowClient, study: str, grid: Grid) -> str:
@@ -189,11 +191,11 @@ def missing_trials(client: MlflowClient, base: Config, study: str, parent: str) 
     return [t for t in parent_grid(client, study, parent).trials if tuple(t[k] for k in KNOBS) not in finished]
 
 
-def run_study(base: Config, study: str, resume: str | None = None,
-              seeds: tuple[int, ...] | None = None) -> tuple[str, list[Cell]]:
-    """Run grid `study` (only its `seeds`, if given) on `base` under one MLflow parent run, or only the trials
-    that parent run `resume` has not finished; return the parent's id and the summary."""
-    grid = grid_of(study, seeds)  # seeds the grid does not have are refused before any store or Ray starts
+def run_study(base: Config, study: str, resume: str | None = None, seeds: tuple[int, ...] | None = None,
+              heads: tuple[str, ...] | None = None) -> tuple[str, list[Cell]]:
+    """Run grid `study` (only its `seeds` and `heads`, if given) on `base` under one MLflow parent run, or only
+    the trials that parent run `resume` has not finished; return the parent's id and the summary."""
+    grid = grid_of(study, seeds, heads)  # seeds and heads the grid lacks are refused before any store or Ray starts
     uri = tracking_uri(base)
     # Pinned for the trials: Tune runs each in its own working directory, where a relative default would
     # give every child run a store of its own.
