@@ -218,7 +218,13 @@ class PFCMKeys:
 
 @dataclass
 class HVDHeadConfig(PFCMKeys):
-    frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair", rule=_SHARE)
+    frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair (frame_select=share)", rule=_SHARE)
+    frame_select: str = key(
+        "share",
+        "FFSM's rule: the frame_keep share of each video's frames most similar to the caption (share, the paper's) "
+        "or every frame at least as similar as the video's mean frame (above_mean: as many as stand out)",
+        choices=("share", "above_mean"),
+    )
     pfcm_scope: str = key(
         "video",
         "what PFCM clusters: per (caption, video) pair the patches of the frames FFSM kept (pair, the paper's "

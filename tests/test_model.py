@@ -13,7 +13,7 @@ from conftest import MODEL_FRAMES as FRAMES
 from hvd.config import ModelConfig, replace_keys
 from hvd.model import TextFeatures, VideoFeatures, build_model, build_tokenizer
 from hvd.model.clustering import keep_count
-from hvd.model.ffsm import select_frames
+from hvd.model.ffsm import keep_frames, select_frames
 from hvd.model.pfcm import PFCM
 
 
@@ -85,6 +85,21 @@ def test_ffsm_keeps_exactly_the_most_similar_frames():
             assert set(kept[t, v].nonzero().flatten().tolist()) == best  # never a padding frame
     assert torch.equal(select_frames(sentence, frames, keep=1.0, frame_mask=mask), mask.expand(5, -1, -1))
     assert select_frames(sentence, frames, keep=0.01, frame_mask=mask).sum(dim=-1).eq(1).all()
+
+
+def test_ffsm_above_mean_keeps_the_frames_that_stand_out_however_many():
+    brief = torch.tensor([0.1, 0.12, 0.9, 0.85, 0.11, 0.09, 0.1, 0.13, 0.1, 0.12, 0.08, 0.1])  # 2 of 12 show it
+    fills = torch.full((12,), 0.7)  # every frame equally similar: all are kept, none lost to rounding
+    padded = torch.tensor([0.2, 0.8, 0.3, 0.9, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0])  # 4 real frames
+    similarity = torch.stack([brief, fills, padded])
+    mask = torch.stack([torch.ones(12, dtype=torch.bool)] * 2 + [torch.arange(12) < 4])
+    kept = keep_frames(similarity, mask, keep=0.5, rule="above_mean")
+    assert kept[0].nonzero().flatten().tolist() == [2, 3]
+    assert kept[1].all()
+    assert kept[2].nonzero().flatten().tolist() == [1, 3]  # padding never kept, nor counted in the mean
+    assert torch.equal(keep_frames(similarity, mask, 0.5, "share").sum(dim=-1), torch.tensor([6, 6, 2]))
+    with pytest.raises(ValueError, match="rule 'top'.*share"):
+        keep_frames(similarity, mask, 0.5, "top")
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from hvd.config import ModelConfig
+from hvd.config import HVDHeadConfig, ModelConfig
 from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.retrieval import (
     exhaustive,
@@ -24,10 +24,10 @@ CAPTIONS = [f"a {c} {s} {m}" for c in COLOURS for s in SHAPES for m in MOTIONS] 
 
 
 @functools.cache
-def encoded(head: str):
+def encoded(head: str, **hvd_keys: str):
     """A tiny model and 12 captions x 10 videos (random frames); captions 10, 11 describe videos 0, 1."""
     torch.manual_seed(0)
-    cfg = ModelConfig(head=head)
+    cfg = ModelConfig(head=head, hvd=HVDHeadConfig(**hvd_keys))
     model = build_model(cfg).eval()
     tokens = build_tokenizer(cfg, max_words=16)(CAPTIONS)
     with torch.no_grad():
@@ -54,6 +54,17 @@ def test_topk_of_the_whole_gallery_equals_exhaustive(head):
         full.t2v, text_video
     )
     assert set(both.timings_s) == {"stage1_s", "stage2_s"} and set(full.timings_s) == {"exhaustive_s"}
+
+
+@pytest.mark.parametrize("scope", ["video", "pair"])
+def test_hvd_selecting_frames_above_the_mean_reranks_as_it_scores_exhaustively(scope):
+    model, text, video, _ = encoded("hvd", frame_select="above_mean", pfcm_scope=scope)
+    full = exhaustive(model, text, video)
+    both = two_stage(model, text, video, topk=max(len(text), len(video)))
+    torch.testing.assert_close(both.t2v, full.t2v, rtol=0, atol=1e-6)
+    torch.testing.assert_close(both.v2t, full.v2t, rtol=0, atol=1e-6)
+    share = exhaustive(encoded("hvd", pfcm_scope=scope)[0], text, video)  # the same weights, the paper's rule
+    assert not torch.allclose(share.t2v, full.t2v)
 
 
 def test_merge_puts_candidates_first_by_fine_score_then_the_rest_by_coarse_score():

@@ -1,6 +1,6 @@
 """The mechanism study: HVD against the other heads over event brevity x entity size, a Ray Tune grid.
 
-    python pipelines/study.py --grid smoke|pilot|default|heads|hcmi|family|ablation|scopes|keep|full
+    python pipelines/study.py --grid smoke|pilot|default|heads|hcmi|family|ablation|scopes|keep|select|full
                               [--config configs/NAME.yaml] [key=value ...]
     python pipelines/study.py --grid NAME --seeds 1,2 [...]   # only these seeds' trials, a parent run of their own
     python pipelines/study.py --grid NAME --heads A,B [...]   # only these heads' (or variants') trials, likewise
@@ -11,9 +11,9 @@ Each trial trains and tests one (event_fraction, entity_scale, head, seed) end t
 run, from its seed's own warm start; the parent run (experiment study-<grid>) holds the summary tables
 (summary.md: test t2v R@1 and, where logged, the mechanism metrics) and the plot (study.png). `smoke`
 takes minutes, `pilot` about 15 minutes, `default` about 2.5 hours and `family` (every head, 3 cells) about
-3.5 hours on 2 cores; `heads`, `hcmi`, `ablation` (HVD's frame x patch retention), `scopes` (PFCM's scope)
-and `keep` (HVD's frame retention where events are longer) are single-question grids, `full` is sized for a
-cluster. `--resume` runs only the trials a stopped study has not finished, under its parent run, after
+3.5 hours on 2 cores; `heads`, `hcmi`, `ablation` (HVD's frame x patch retention), `scopes` (PFCM's scope),
+`keep` (HVD's frame retention where events are longer) and `select` (FFSM's rule) are single-question grids,
+`full` is sized for a cluster. `--resume` runs only the trials a stopped study has not finished, under its parent run, after
 checking that the config is the one its trials trained with.
 `--seeds` and `--heads` run a long grid in pieces, e.g. one seed per working session where the store does not
 outlive it.
