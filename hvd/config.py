@@ -221,10 +221,13 @@ class HVDHeadConfig(PFCMKeys):
     frame_keep: float = key(0.5, "FFSM: share of frames kept per (text, video) pair (frame_select=share)", rule=_SHARE)
     frame_select: str = key(
         "share",
-        "FFSM's rule: the frame_keep share of each video's frames most similar to the caption (share, the paper's) "
-        "or every frame at least as similar as the video's mean frame (above_mean: as many as stand out)",
-        choices=("share", "above_mean"),
+        "FFSM's rule: the frame_keep share of each video's frames most similar to the caption (share, the paper's), "
+        "every frame at least as similar as the video's mean frame (above_mean), or every frame within frame_margin "
+        "of the most similar one's cosine (near_best): the last two keep as many frames as match the caption",
+        choices=("share", "above_mean", "near_best"),
     )
+    frame_margin: float = key(0.1, "FFSM with frame_select=near_best: cosine margin below the best frame",
+                              rule=_NONNEGATIVE)
     pfcm_scope: str = key(
         "video",
         "what PFCM clusters: per (caption, video) pair the patches of the frames FFSM kept (pair, the paper's "

@@ -87,10 +87,10 @@ def test_ffsm_keeps_exactly_the_most_similar_frames():
     assert select_frames(sentence, frames, keep=0.01, frame_mask=mask).sum(dim=-1).eq(1).all()
 
 
-def test_ffsm_above_mean_keeps_the_frames_that_stand_out_however_many():
+def test_ffsm_adaptive_rules_keep_the_frames_that_stand_out_however_many():
     brief = torch.tensor([0.1, 0.12, 0.9, 0.85, 0.11, 0.09, 0.1, 0.13, 0.1, 0.12, 0.08, 0.1])  # 2 of 12 show it
     fills = torch.full((12,), 0.7)  # every frame equally similar: all are kept, none lost to rounding
-    padded = torch.tensor([0.2, 0.8, 0.3, 0.9, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0])  # 4 real frames
+    padded = torch.tensor([0.2, 0.75, 0.3, 0.9, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0])  # 4 real frames
     similarity = torch.stack([brief, fills, padded])
     mask = torch.stack([torch.ones(12, dtype=torch.bool)] * 2 + [torch.arange(12) < 4])
     kept = keep_frames(similarity, mask, keep=0.5, rule="above_mean")
@@ -98,6 +98,10 @@ def test_ffsm_above_mean_keeps_the_frames_that_stand_out_however_many():
     assert kept[1].all()
     assert kept[2].nonzero().flatten().tolist() == [1, 3]  # padding never kept, nor counted in the mean
     assert torch.equal(keep_frames(similarity, mask, 0.5, "share").sum(dim=-1), torch.tensor([6, 6, 2]))
+    near = keep_frames(similarity, mask, keep=0.5, rule="near_best", margin=0.1)  # within 0.1 of the best cosine
+    assert near[0].nonzero().flatten().tolist() == [2, 3] and near[1].all()
+    assert near[2].nonzero().flatten().tolist() == [3]  # 0.75 is more than 0.1 below 0.9; padding's 5.0 ignored
+    assert keep_frames(similarity, mask, 0.5, "near_best", margin=0.0)[0].nonzero().flatten().tolist() == [2]
     with pytest.raises(ValueError, match="rule 'top'.*share"):
         keep_frames(similarity, mask, 0.5, "top")
 

@@ -57,8 +57,9 @@ def test_topk_of_the_whole_gallery_equals_exhaustive(head):
 
 
 @pytest.mark.parametrize("scope", ["video", "pair"])
-def test_hvd_selecting_frames_above_the_mean_reranks_as_it_scores_exhaustively(scope):
-    model, text, video, _ = encoded("hvd", frame_select="above_mean", pfcm_scope=scope)
+@pytest.mark.parametrize("rule", ["above_mean", "near_best"])
+def test_hvd_adaptive_frame_selection_reranks_as_it_scores_exhaustively(rule, scope):
+    model, text, video, _ = encoded("hvd", frame_select=rule, pfcm_scope=scope)
     full = exhaustive(model, text, video)
     both = two_stage(model, text, video, topk=max(len(text), len(video)))
     torch.testing.assert_close(both.t2v, full.t2v, rtol=0, atol=1e-6)

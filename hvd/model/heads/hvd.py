@@ -41,7 +41,7 @@ class HVDHead(Head):
 
     def __init__(self, dim: int, cfg: HVDHeadConfig):
         super().__init__()
-        self.frame_keep, self.frame_select = cfg.frame_keep, cfg.frame_select
+        self.frame_keep, self.frame_select, self.frame_margin = cfg.frame_keep, cfg.frame_select, cfg.frame_margin
         self.scope = cfg.pfcm_scope
         self.pfcm = PFCM(dim, cfg.pfcm_steps, cfg.pfcm_ratio, cfg.dpc_k)
         # Softmax logits of the query side: words, and patches for the symmetric term.
@@ -95,7 +95,8 @@ class HVDHead(Head):
         return F.normalize(entities.float(), dim=-1), mask
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        kept = select_frames(text.sentence, video.frames, self.frame_keep, video.frame_mask, self.frame_select)
+        kept = select_frames(text.sentence, video.frames, self.frame_keep, video.frame_mask, self.frame_select,
+                             self.frame_margin)
         if self.scope != "pair":
             words_patches = self._words_patches(text, video, kept)
         else:  # every (caption, video) pair: its own entities, then the grouped word-entity score
@@ -111,7 +112,7 @@ class HVDHead(Head):
     def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         """P aligned pairs (two-stage reranking with `pfcm_scope=pair`, through `Head.grouped_similarities`)."""
         kept = keep_frames(torch.einsum("pd,ptd->pt", text.sentence, video.frames), video.frame_mask, self.frame_keep,
-                           self.frame_select)
+                           self.frame_select, self.frame_margin)
         pooled = F.normalize(torch.einsum("pt,ptd->pd", kept.to(video.frames.dtype), video.frames), dim=-1)
         entities, mask = self._pair_entities(kept, video.patches, torch.arange(len(kept), device=kept.device))
         words, word_mask = trim_padding(text.words, text.word_mask)
@@ -123,7 +124,7 @@ class HVDHead(Head):
         if self.scope == "pair":
             return super().grouped_similarities(text, video)
         kept = select_frames_grouped(text.sentence, video.frames, self.frame_keep, video.frame_mask,
-                                     self.frame_select)  # [Q, k, T]
+                                     self.frame_select, self.frame_margin)  # [Q, k, T]
         words, word_mask = trim_padding(text.words, text.word_mask)
         if text.sentence.ndim == 2:  # each caption, its k videos
             pooled = torch.einsum("qkt,qktd->qkd", kept.to(video.frames.dtype), video.frames)
@@ -162,7 +163,8 @@ class HVDHead(Head):
         whatever the scope, so one number is one entity; -1 on padding frames, and with pair scope on the frames
         FFSM dropped).
         """
-        kept = select_frames(sentence[None], frames[None], self.frame_keep, frame_mask[None], self.frame_select)[0, 0]
+        kept = select_frames(sentence[None], frames[None], self.frame_keep, frame_mask[None], self.frame_select,
+                             self.frame_margin)[0, 0]
         if self.scope == "pair":  # the kept frames' patches compressed together; the other frames' are not
             _, _, assignment = self.pfcm(patches[kept][None].flatten(1, 2))
             entities = torch.full(patches.shape[:2], -1, dtype=assignment.dtype, device=patches.device)
@@ -178,7 +180,7 @@ class HVDHead(Head):
     def pair_bytes(self, text: TextFeatures, video: VideoFeatures) -> int:
         words, (entities, dim), frames = text.words.shape[1], video.patches.shape[1:], video.frames.shape[1]
         if self.scope == "pair":  # the kept frames' patch tokens through PFCM: tokens, its layers, its distances
-            kept = self.frame_keep if self.frame_select == "share" else 1.0  # above_mean: at most every frame
+            kept = self.frame_keep if self.frame_select == "share" else 1.0  # the other rules: at most every frame
             tokens = keep_count(frames, kept) * (entities // frames)
             return words_entities_bytes(words, keep_count(tokens, 0.5)) + FLOAT_BYTES * (12 * tokens * dim + 3 * tokens**2)
         return words_entities_bytes(words, entities) + FLOAT_BYTES * (frames + 2 * dim)  # and the kept-frame mean
