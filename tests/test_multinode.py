@@ -264,10 +264,14 @@ def test_headline_command_trains_across_both_nodes_survives_losing_one_and_keeps
     # the job trained the warm start on the cluster first, and says so in a quiet log (the driver's summary,
     # the progress lines; none of Ray's or MLflow's own info lines)
     assert "warm start      " in logs and "models:/clip-tiny-synthetic/" in logs
-    lines = [line for line in logs.splitlines() if line.strip()]
+    # lines as a terminal shows them: a progress bar's carriage-return refreshes are one line
+    lines = [line for line in logs.split("\n") if line.strip()]
     noise = ("Reporting training result", "INFO streaming_executor", "Checkpoint successfully created", "mlflow.system")
     assert not [line for line in lines if any(n in line for n in noise)], "Ray's and MLflow's info logs reached the job log"
-    assert len(lines) < 150, f"{len(lines)} lines for a two-epoch run with a restart:\n" + "\n".join(lines)
+    # about 50 lines of the project's own, plus the node loss's reports, which vary with where it lands: the raylet's
+    # last state dump, and a traceback from the surviving worker when the loss cuts an all-reduce (114 of 163 lines
+    # on a loaded machine); Ray's or MLflow's info lines would add hundreds
+    assert len(lines) < 200, f"{len(lines)} lines for a two-epoch run with a restart:\n" + "\n".join(lines)
 
     assert (synthetic / "manifest.jsonl").is_file()
     summary = json.loads((shards / "_summary.json").read_text())
