@@ -1,7 +1,8 @@
 """Exhaustive vs two-stage text-to-video retrieval: time per query and R@1, on growing galleries, in one run.
 
     python benchmarks/retrieval_speed.py --model models:/hvd@champion [--gallery 1000 10000 100000]
-        [--queries 1000 1000 200] [--clips 10000] [--topk 50] [--repeats 3] [--threads 1] [tracking.uri=...]
+        [--queries 1000 1000 200] [--clips 10000] [--topk 50] [--shortlist 0 300] [--top-frames 3] [--repeats 3]
+        [--threads 1] [tracking.uri=...]
     python benchmarks/retrieval_speed.py --model models:/hvd@champion --gallery 1000000 --queries 1000 \
         [--exhaustive-queries 100] [--ivf-from 100000] [--nprobe 32]
 
@@ -17,8 +18,8 @@ left frames uncovered, and HVD's score of such a row was NaN). Queries: the capt
 
 Exhaustive: every (caption, video) pair through the full HVD score (`RetrievalModel.score`, chunked to
 model.score_budget_mb). Two-stage: stage 1 is one matrix product of sentence and mean-frame embeddings
-plus a top-k; stage 2 rescores each caption's top-k with the same full score; merged so that the top-k
-rank first. Both run on the same features in the same process, alternately `--repeats` times; per-query
+plus a top-k (with `--shortlist` n: the top n re-ranked by their frames, `eval.shortlist`, one row per n); stage 2
+rescores each caption's top-k with the same full score; merged so that the top-k rank first. Both run on the same features in the same process, alternately `--repeats` times; per-query
 time = median total / queries.
 
 Stage 1's quality (exact stage 1, as `pipelines/evaluate.py` logs it under `stage1/`): the share of captions whose
@@ -58,7 +59,7 @@ from hvd.data.synthetic import generate
 from hvd.eval.encode import EncodedSplit, encode_split
 from hvd.eval.job import job_config
 from hvd.eval.metrics import STAGE1_AT, ranks_of_positives, stage1_metrics
-from hvd.eval.retrieval import merge_reranked, rescore_gathered, rescore_videos, top_candidates
+from hvd.eval.retrieval import merge_reranked, rescore_gathered, rescore_videos, stage1_videos, top_candidates
 from hvd.gallery import ann_bytes, ann_kind, build_ann, search_ann
 from hvd.model import RetrievalModel, TextFeatures, VideoFeatures, build_tokenizer
 from hvd.registry.runs import tracking_uri
@@ -149,18 +150,17 @@ def time_exhaustive(
 
 
 def time_two_stage(
-    model: RetrievalModel, text: TextFeatures, video: VideoFeatures, topk: int
+    model: RetrievalModel, text: TextFeatures, video: VideoFeatures, topk: int, shortlist: int, top_frames: int
 ) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """Stage 1's and stage 2's seconds, the merged ranking scores, and stage 1's scores."""
+    """Stage 1's and stage 2's seconds, the merged ranking scores, and stage 1's ranking scores."""
     started = time.perf_counter()
     sentence, pooled = model.global_embeddings(text, video)
-    coarse = sentence @ pooled.T
-    candidates = top_candidates(coarse, topk)
+    ranking, candidates = stage1_videos(model, sentence, video, sentence @ pooled.T, topk, shortlist, top_frames)
     stage1 = time.perf_counter() - started
     started = time.perf_counter()
-    merged = merge_reranked(coarse, candidates, rescore_videos(model, text, video, candidates))
+    merged = merge_reranked(ranking, candidates, rescore_videos(model, text, video, candidates))
     stage2 = time.perf_counter() - started
-    return stage1, stage2, merged, coarse
+    return stage1, stage2, merged, ranking
 
 
 def t2v_ranks(scores: torch.Tensor, text_video: torch.Tensor) -> torch.Tensor:
@@ -175,35 +175,48 @@ def recall(ranks: torch.Tensor, k: int) -> float:
 
 
 def measure_in_memory(
-    model: RetrievalModel, text: TextFeatures, truth: torch.Tensor, video: VideoFeatures, topk: int, repeats: int
-) -> dict[str, float]:
-    """Exhaustive against two-stage (exact stage 1) on every query, alternately `repeats` times, so a load
-    swing on this shared machine hits both; each one's median."""
-    exhaustive_runs, two_stage_runs = [], []
+    model: RetrievalModel,
+    text: TextFeatures,
+    truth: torch.Tensor,
+    video: VideoFeatures,
+    topk: int,
+    repeats: int,
+    shortlists: tuple[int, ...] = (0,),
+    top_frames: int = 3,
+) -> list[dict[str, float]]:
+    """Exhaustive against two-stage (exact stage 1; one row per frame shortlist, 0: none) on every query, all
+    alternately `repeats` times, so a load swing on this shared machine hits each; each one's median."""
+    exhaustive_runs, staged_runs = [], {shortlist: [] for shortlist in shortlists}
     for _ in range(repeats):
         exhaustive_s, scores = time_exhaustive(model, text, video)
-        stage1_s, stage2_s, merged, coarse = time_two_stage(model, text, video, topk)
         exhaustive_runs.append(exhaustive_s)
-        two_stage_runs.append((stage1_s + stage2_s, stage1_s, stage2_s))
+        for shortlist in shortlists:
+            stage1_s, stage2_s, merged, ranking = time_two_stage(model, text, video, topk, shortlist, top_frames)
+            staged_runs[shortlist].append((stage1_s + stage2_s, stage1_s, stage2_s, merged, ranking))
     exhaustive_s = statistics.median(exhaustive_runs)
-    _, stage1_s, stage2_s = sorted(two_stage_runs)[len(two_stage_runs) // 2]
-    exhaustive_ranks, two_stage_ranks = t2v_ranks(scores, truth), t2v_ranks(merged, truth)
-    queries = len(truth)
-    row = {
-        "gallery": len(video),
-        "queries": queries,
-        "exhaustive_ms": exhaustive_s / queries * 1e3,
-        "stage1_ms": stage1_s / queries * 1e3,
-        "stage2_ms": stage2_s / queries * 1e3,
-        "two_stage_ms": (stage1_s + stage2_s) / queries * 1e3,
-        "speedup": exhaustive_s / (stage1_s + stage2_s),
-        "exhaustive_R1": recall(exhaustive_ranks, 1),
-        "two_stage_R1": recall(two_stage_ranks, 1),
-        "exhaustive_recall_at_k": recall(exhaustive_ranks, topk),
-        "two_stage_recall_at_k": recall(two_stage_ranks, topk),  # stage 1's recall: stage 2 reorders
-    }
-    row["R1_difference"] = row["two_stage_R1"] - row["exhaustive_R1"]
-    return row | stage1_metrics(coarse, truth, scores)
+    exhaustive_ranks, queries = t2v_ranks(scores, truth), len(truth)
+    rows = []
+    for shortlist, runs in staged_runs.items():
+        _, stage1_s, stage2_s, merged, ranking = sorted(runs, key=lambda run: run[0])[len(runs) // 2]
+        two_stage_ranks = t2v_ranks(merged, truth)
+        row = {
+            "gallery": len(video),
+            "queries": queries,
+            "shortlist": shortlist if shortlist > topk else 0,
+            "top_frames": top_frames,
+            "exhaustive_ms": exhaustive_s / queries * 1e3,
+            "stage1_ms": stage1_s / queries * 1e3,
+            "stage2_ms": stage2_s / queries * 1e3,
+            "two_stage_ms": (stage1_s + stage2_s) / queries * 1e3,
+            "speedup": exhaustive_s / (stage1_s + stage2_s),
+            "exhaustive_R1": recall(exhaustive_ranks, 1),
+            "two_stage_R1": recall(two_stage_ranks, 1),
+            "exhaustive_recall_at_k": recall(exhaustive_ranks, topk),
+            "two_stage_recall_at_k": recall(two_stage_ranks, topk),  # stage 1's recall: stage 2 reorders
+        }
+        row["R1_difference"] = row["two_stage_R1"] - row["exhaustive_R1"]
+        rows.append(row | stage1_metrics(ranking, truth, scores))
+    return rows
 
 
 def timed(fn: Callable[[], T]) -> tuple[float, T]:
@@ -300,31 +313,36 @@ def measure_at_scale(
 
 def print_in_memory(rows: list[dict[str, float]], topk: int) -> None:
     print(
-        "| gallery | queries | exhaustive ms/query | stage 1 ms/query | stage 2 ms/query | two-stage ms/query "
+        "| gallery | queries | stage 1 | exhaustive ms/query | stage 1 ms/query | stage 2 ms/query | two-stage ms/query "
         f"| speed-up | exhaustive R@1 | two-stage R@1 | difference | exhaustive R@{topk} "
         f"| two-stage R@{topk} |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['gallery']:,} | {r['queries']:,} | {r['exhaustive_ms']:.2f} | {r['stage1_ms']:.3f} | "
+            f"| {r['gallery']:,} | {r['queries']:,} | {stage1_name(r)} | {r['exhaustive_ms']:.2f} | {r['stage1_ms']:.3f} | "
             f"{r['stage2_ms']:.2f} | {r['two_stage_ms']:.2f} | {r['speedup']:.1f}x | {r['exhaustive_R1']:.1f} | "
             f"{r['two_stage_R1']:.1f} | {r['R1_difference']:+.1f} | {r['exhaustive_recall_at_k']:.1f} | "
             f"{r['two_stage_recall_at_k']:.1f} |"
         )
 
 
+def stage1_name(row: dict[str, float]) -> str:
+    shortlist = row.get("shortlist", 0)
+    return f"frames of top {shortlist:,} (best {row['top_frames']})" if shortlist else "mean frame"
+
+
 def print_stage1(rows: list[dict[str, float]]) -> None:
     """Stage 1's quality (exact, the matrix product): at scale on the exhaustively scored queries only."""
     ks = [k for k in STAGE1_AT if f"stage1/gt_R{k}" in rows[0]]
     at = "/".join(str(k) for k in ks)
-    print(f"\n| gallery | queries | stage 1's top {at} hold the ground truth | ... hold the full score's top-1 |")
-    print("|---|---|---|---|")
+    print(f"\n| gallery | queries | stage 1 | its top {at} hold the ground truth | ... hold the full score's top-1 |")
+    print("|---|---|---|---|---|")
     for r in rows:
         queries = r.get("exhaustive_queries", r["queries"])
         truth = " / ".join(f"{r.get(f'stage1/gt_R{k}', float('nan')):.1f}" for k in ks)
         top1 = " / ".join(f"{r.get(f'stage1/full_top1_R{k}', float('nan')):.1f}" for k in ks)
-        print(f"| {r['gallery']:,} | {queries:,} | {truth}% | {top1}% |")
+        print(f"| {r['gallery']:,} | {queries:,} | {stage1_name(r)} | {truth}% | {top1}% |")
 
 
 def print_at_scale(rows: list[dict[str, float]], topk: int) -> None:
@@ -371,6 +389,12 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=10000, help="real clips generated, decoded and encoded")
     parser.add_argument("--topk", type=int, default=50)
     parser.add_argument(
+        "--shortlist", type=int, nargs="+", default=[0],
+        help="in-memory galleries: stage 1 re-ranks its top this many by their frames before stage 2 (eval.shortlist); "
+        "several: one row each, in the same run; 0: the mean frame only",
+    )
+    parser.add_argument("--top-frames", type=int, default=3, help="eval.top_frames for --shortlist")
+    parser.add_argument(
         "--repeats", type=int, default=3, help="timings per mode and size; the median is kept"
     )
     parser.add_argument("--cache", type=Path, default=Path("data/bench-retrieval"))
@@ -414,12 +438,15 @@ def main() -> None:
         gallery = SplicedGallery.of_size(real.video, size)
         text, truth = real.text[:queries], real.text_video[:queries]
         if size <= args.in_memory_up_to:
-            row = measure_in_memory(model, text, truth, gallery.materialize(), args.topk, args.repeats)
-            in_memory.append(row)
+            rows = measure_in_memory(model, text, truth, gallery.materialize(), args.topk, args.repeats,
+                                     tuple(args.shortlist), args.top_frames)
+            in_memory += rows
         else:
             row = measure_at_scale(model, text, truth, gallery, args.topk, index_cfg, args.exhaustive_queries)
             at_scale.append(row)
-        print(json.dumps(row), flush=True)
+            rows = [row]
+        for row in rows:
+            print(json.dumps(row), flush=True)
 
     print(
         f"\nmodel {source.uri} ({source.name} version {source.version}), top-{args.topk}, "
@@ -436,6 +463,8 @@ def main() -> None:
             "model": source.uri,
             "version": source.version,
             "topk": args.topk,
+            "shortlist": args.shortlist,
+            "top_frames": args.top_frames,
             "repeats": args.repeats,
             "threads": args.threads,
             "ivf_from": args.ivf_from,

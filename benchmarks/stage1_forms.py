@@ -19,13 +19,13 @@ from pathlib import Path
 
 import mlflow
 import torch
-import torch.nn.functional as F
 from retrieval_speed import real_features  # benchmarks/retrieval_speed.py
 from torch import Tensor
 
 from hvd.config import load_config
 from hvd.eval.job import job_config
 from hvd.eval.metrics import STAGE1_AT, stage1_metrics
+from hvd.eval.retrieval import mean_of_best_frames
 from hvd.model import RetrievalModel, VideoFeatures
 from hvd.registry.runs import tracking_uri
 from hvd.registry.sources import load_model_source
@@ -35,25 +35,16 @@ TOP_FRAMES = (1, 2, 3, 4, 6)  # 1: the best frame
 
 def frame_forms(sentence: Tensor, frames: Tensor, frame_mask: Tensor) -> dict[str, Tensor]:
     """[Q, V] stage-1 scores from unit caption embeddings [Q, D] and unit frame embeddings [V, T, D]: the best
-    frame's cosine, and the mean cosine of the best m frames (a clip with fewer real frames: the mean of all its
-    real frames). Padding frames never count."""
-    cosines = torch.einsum("qd,vtd->qvt", sentence, frames).masked_fill(~frame_mask[None], float("-inf"))
-    real = frame_mask.sum(dim=-1).clamp(min=1)  # [V]
-    forms = {}
-    for m in TOP_FRAMES:
-        best = cosines.topk(min(m, cosines.shape[-1]), dim=-1).values
-        counted = torch.minimum(real, torch.tensor(m))  # [V]
-        forms["best frame" if m == 1 else f"mean of best {m}"] = best.masked_fill(best.isinf(), 0).sum(dim=-1) / counted
-    return forms
+    frame's cosine, and the mean cosine of the best m frames (`hvd.eval.retrieval.mean_of_best_frames`)."""
+    cosines = torch.einsum("qd,vtd->qvt", sentence, frames)
+    return {"best frame" if m == 1 else f"mean of best {m}": mean_of_best_frames(cosines, frame_mask[None], m)
+            for m in TOP_FRAMES}
 
 
 def stage1_forms(model: RetrievalModel, sentence: Tensor, video: VideoFeatures) -> dict[str, Tensor]:
     """Today's stage 1 (mean frame) and the frame forms, through the model's trained first stage if it has one."""
-    stage = model.first_stage
-    frames = video.frames.float()
-    frames = stage.embed_video(frames) if stage is not None else F.normalize(frames, dim=-1)
-    return {"mean frame (today)": sentence @ model.video_embeddings(video).T} | frame_forms(sentence, frames,
-                                                                                           video.frame_mask)
+    return {"mean frame (today)": sentence @ model.video_embeddings(video).T} | frame_forms(
+        sentence, model.frame_embeddings(video), video.frame_mask)
 
 
 def main() -> None:

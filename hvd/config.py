@@ -428,6 +428,14 @@ class EvalConfig:
         "two_stage: candidates per query that stage 2 rescores with the full model",
         rule=_between(1, 100_000),
     )
+    shortlist: int = key(
+        0,
+        "two_stage: stage 1's best candidates per caption re-ranked by their frames (the mean cosine of each "
+        "video's eval.top_frames frames most like the caption) before stage 2 takes the top-k; 0: off",
+        rule=_between(0, 1_000_000),
+    )
+    top_frames: int = key(3, "eval.shortlist: frames per video whose cosines with the caption are averaged",
+                          rule=_between(1, 1024))
     dsl: bool = key(False, "also report dual-softmax (dsl_) metrics; needs every pair's score (exhaustive)")
     compare: bool = key(False, "two_stage: also run exhaustive and report it beside")
     batch_size: int = key(64, "videos (and captions) encoded per batch", rule=_BATCH)

@@ -31,6 +31,7 @@ from hvd.gallery import (
 from hvd.model import VideoFeatures, build_model, build_tokenizer
 from hvd.registry.flavor import sha256_file
 from hvd.registry.index_links import HASH_PARAM, IndexIntegrityError, log_index, open_index
+from hvd.search.query import search
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "blue", "green", "white") for s in ("circle", "square", "bar")]
 
@@ -124,6 +125,25 @@ def test_two_stage_through_a_flat_index_ranks_as_without_it(gallery, tmp_path):
     assert torch.equal(indexed.rescored, plain.rescored)
     assert torch.equal(indexed.t2v.argsort(dim=1), plain.t2v.argsort(dim=1))
     assert torch.equal(indexed.v2t.argsort(dim=1), plain.v2t.argsort(dim=1))
+
+
+@pytest.mark.parametrize("shortlist", [0, 12])
+def test_search_through_an_index_ranks_as_two_stage_with_or_without_a_frame_shortlist(gallery, tmp_path, shortlist):
+    model, text, video = gallery
+    ids = [f"v{i:02d}" for i in range(30)]
+    index = write_index(tmp_path / "idx", ids, video, model.video_embeddings(video), IndexConfig(), {})
+    tokenizer = build_tokenizer(ModelConfig(), max_words=16)
+    found = search(model, tokenizer, index, CAPTIONS, topk=4, top=4, shortlist=shortlist, top_frames=2)
+    staged = two_stage(model, text, video, topk=4, index=index, shortlist=shortlist, top_frames=2)
+    for q, hits in enumerate(found):
+        expected = staged.t2v[q].argsort(descending=True)[:4]
+        assert [hit.video_id for hit in hits] == [ids[int(i)] for i in expected]
+        torch.testing.assert_close(torch.tensor([hit.score for hit in hits]), staged.t2v[q, expected], rtol=0, atol=1e-5)
+        # stage 1's score of each hit: the frames' when shortlisted (the merged ranking keeps it), else the index's
+        stage1 = staged.coarse[q, expected]
+        torch.testing.assert_close(torch.tensor([hit.stage1_score for hit in hits]), stage1, rtol=0, atol=1e-5)
+    if shortlist:  # the frames chose other candidates than the mean frame for some caption
+        assert not torch.equal(staged.rescored, two_stage(model, text, video, topk=4).rescored)
 
 
 @pytest.fixture

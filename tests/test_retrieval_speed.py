@@ -61,8 +61,15 @@ def test_both_measurement_paths_report_consistent_numbers(real, capsys):
     torch.set_grad_enabled(False)
     try:
         gallery = retrieval_speed.SplicedGallery.of_size(video, 400)
-        small = retrieval_speed.measure_in_memory(model, text, truth, gallery.materialize(), topk=400, repeats=1)
+        small, framed = retrieval_speed.measure_in_memory(model, text, truth, gallery.materialize(), topk=400, repeats=1,
+                                                          shortlists=(0, 400))
         assert small["two_stage_R1"] == small["exhaustive_R1"]  # top-k of everything: the same ranking
+        assert framed["shortlist"] == 0 and framed["exhaustive_ms"] == small["exhaustive_ms"]  # no longer than top-k: off
+        few = retrieval_speed.measure_in_memory(model, text, truth, gallery.materialize(), topk=5, repeats=1,
+                                                shortlists=(0, 50), top_frames=2)
+        assert [row["shortlist"] for row in few] == [0, 50] and few[0]["exhaustive_ms"] == few[1]["exhaustive_ms"]
+        for k in (50, 100):  # the frames re-order the mean frame's top 50 among themselves; below them, as before
+            assert few[0][f"stage1/gt_R{k}"] == few[1][f"stage1/gt_R{k}"]
         # every IVF list probed: the index finds the exact top-k, so both two-stage variants agree
         every_list = IndexConfig(ivf_from=100, nprobe=ivf_lists(400))
         large = retrieval_speed.measure_at_scale(model, text, truth, gallery, 20, every_list, exhaustive_queries=6, chunk=128)
@@ -78,11 +85,12 @@ def test_both_measurement_paths_report_consistent_numbers(real, capsys):
                 shares = [row[f"stage1/{name}_R{k}"] for k in (10, 20, 50, 100)]
                 assert 0 <= shares[0] and shares == sorted(shares) and shares[-1] <= 100
         assert large["stage1/gt_R10"] == few_lists["stage1/gt_R10"]  # exact stage 1: the index does not enter
-        retrieval_speed.print_in_memory([small], 400)
+        retrieval_speed.print_in_memory([small, *few], 400)
         retrieval_speed.print_at_scale([large, few_lists], 20)
         retrieval_speed.print_stage1([small, large])
         tables = capsys.readouterr().out
-        assert "| 400 | 16 |" in tables and "| 400 | 6 |" in tables
+        assert "| 400 | 16 | mean frame |" in tables and "| 400 | 16 | frames of top 50 (best 2) |" in tables
+        assert "| 400 | 6 |" in tables
         assert tables.count("| 400 | 6 | two-stage, index |") == 2 and "IVF80, nprobe 1" in tables
     finally:
         torch.set_grad_enabled(True)

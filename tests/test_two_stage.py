@@ -11,9 +11,12 @@ from hvd.config import HVDHeadConfig, ModelConfig
 from hvd.eval.metrics import query_ranks, retrieval_metrics
 from hvd.eval.retrieval import (
     exhaustive,
+    frame_scores,
+    mean_of_best_frames,
     merge_reranked,
     rescore_texts,
     rescore_videos,
+    stage1_videos,
     top_candidates,
     two_stage,
 )
@@ -101,6 +104,55 @@ def test_meanp_two_stage_matches_exhaustive_at_any_k():
     for topk in (1, 4):
         result = two_stage(model, text, video, topk)
         assert retrieval_metrics(result.t2v, text_video, v2t_sim=result.v2t) == expected
+
+
+def test_mean_of_best_frames_counts_real_frames_only():
+    cosines = torch.tensor([[0.9, 0.2, 0.5, 1.0], [0.3, 0.1, 0.9, 0.9]])
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])  # 1.0 and 0.9s are padding
+    assert torch.allclose(mean_of_best_frames(cosines, mask, 2), torch.tensor([0.7, 0.3]))
+    assert torch.allclose(mean_of_best_frames(cosines, mask, 1), torch.tensor([0.9, 0.3]))
+
+
+def test_a_frame_shortlist_recovers_a_short_event_the_mean_frame_ranks_last():
+    """Video 0 shows the caption's event in one frame of six; videos 1-3 are near it in every frame. The mean frame
+    ranks video 0 last; re-ranking a shortlist of all four by their best frame puts it first, and stage 2 gets it."""
+    model, text, video, _ = encoded("meanp")
+    sentence = model.text_embeddings(text[:1])
+    event, clutter = sentence[0], torch.nn.functional.normalize(torch.randn(sentence.shape[1]), dim=0)
+    near = [torch.nn.functional.normalize(event + w * clutter, dim=0).expand(6, -1) for w in (1.5, 2.0, 2.5)]
+    frames = torch.stack([torch.stack([event] + [-event] * 5), *near])
+    gallery = video[:4]
+    gallery.frames = frames.to(gallery.frames.dtype)
+    coarse = sentence @ model.video_embeddings(gallery).T
+    assert coarse.argmax().item() != 0 and coarse.argmin().item() == 0
+    ranking, candidates = stage1_videos(model, sentence, gallery, coarse, topk=1, shortlist=4, top_frames=1)
+    assert candidates.tolist() == [[0]] and ranking.argmax().item() == 0
+    same, plain = stage1_videos(model, sentence, gallery, coarse, topk=1)  # shortlist off: stage 1 as before
+    assert same is coarse and plain.tolist() == [[1]]
+
+
+@pytest.mark.parametrize("head", ["hvd", "xpool"])
+def test_frame_shortlist_sends_stage2_its_top_k_and_ranks_the_shortlist_above_the_rest(head):
+    model, text, video, _ = encoded(head)
+    topk, shortlist = 2, 5
+    result = two_stage(model, text, video, topk, shortlist=shortlist, top_frames=2)
+    sentence, pooled = model.global_embeddings(text, video)
+    coarse = sentence @ pooled.T
+    listed = top_candidates(coarse, shortlist)
+    framed = frame_scores(model, sentence, video.__getitem__, listed, 2)
+    # the frame scores, one caption and one video at a time
+    cosines = torch.einsum("qd,vtd->qvt", sentence, model.frame_embeddings(video))
+    expected = mean_of_best_frames(cosines, video.frame_mask[None], 2).gather(1, listed)
+    torch.testing.assert_close(framed, expected)
+    chosen = listed.gather(1, framed.topk(topk).indices)
+    assert torch.equal(result.rescored, torch.zeros_like(result.rescored).scatter_(1, chosen, True))
+    order = result.coarse.argsort(dim=1, descending=True)
+    assert torch.equal(order[:, :shortlist].sort(dim=1).values, listed.sort(dim=1).values)
+    assert torch.equal(order[:, shortlist:].sort(dim=1).values,
+                       coarse.scatter(1, listed, float("-inf")).argsort(dim=1, descending=True)[:, :-shortlist]
+                       .sort(dim=1).values)
+    final = result.t2v.argsort(dim=1, descending=True)
+    assert torch.equal(final[:, :topk].sort(dim=1).values, chosen.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("head", ["hvd", "meanp", "xpool", "eercf", "hvp", "hcmi"])

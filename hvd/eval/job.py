@@ -128,7 +128,9 @@ def score(
     `index`: the gallery's index, whose search gives two-stage its candidates."""
     results = {}
     if cfg.eval.mode == "two_stage":
-        results["two_stage"] = two_stage(model, encoded.text, encoded.video, cfg.eval.topk, index)
+        results["two_stage"] = two_stage(
+            model, encoded.text, encoded.video, cfg.eval.topk, index, cfg.eval.shortlist, cfg.eval.top_frames
+        )
     if cfg.eval.mode == "exhaustive" or cfg.eval.compare:
         results["exhaustive"] = exhaustive(
             model, encoded.text.to(model.device), encoded.video.to(model.device)
@@ -326,6 +328,7 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
         },
         "mode": cfg.eval.mode,
         "topk": cfg.eval.topk if cfg.eval.mode == "two_stage" else None,
+        "shortlist": {"videos": cfg.eval.shortlist, "top_frames": cfg.eval.top_frames} if frame_shortlist(cfg) else None,
         "index": None if index is None else {
             "run_id": index.meta["run_id"], "kind": index.kind, "nprobe": index.meta["nprobe"]
         },
@@ -337,6 +340,11 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
     log_eval_results(uri, run.run_id, mlflow_metric_names(metrics, cfg.eval.split), artifacts, source.model_id)
     return EvalOutcome(run.run_id, uri, run_url(uri, run.experiment_id, run.run_id), benchmark, source, metrics,
                        excluded, out, artifacts)
+
+
+def frame_shortlist(cfg: Config) -> bool:
+    """Whether captions' stage 1 re-ranks a shortlist by its frames (`hvd.eval.retrieval.stage1_videos`)."""
+    return cfg.eval.mode == "two_stage" and cfg.eval.shortlist > cfg.eval.topk
 
 
 def stage1_line(metrics: dict[str, float]) -> str:
@@ -355,6 +363,8 @@ def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
     """The printed report: what was evaluated, the timings, the metric table, where everything went."""
     m = outcome.metrics
     mode = cfg.eval.mode + (f" (top-{cfg.eval.topk})" if cfg.eval.mode == "two_stage" else "")
+    if frame_shortlist(cfg):
+        mode += f" of a frame-ranked top-{cfg.eval.shortlist} (best {cfg.eval.top_frames} frames)"
     timings = ", ".join(
         f"{key.removeprefix('time/')} {value:.3f}" for key, value in m.items() if key.startswith("time/")
     )

@@ -1,8 +1,8 @@
 """Score a gallery: exhaustively (every pair through the model) or in two stages (EERCF-style).
 
 Two-stage: stage 1 ranks every candidate by the global embeddings' dot product (one matrix product, or
-a search of the gallery's FAISS index when one is given); stage 2 rescores each query's top-k with the
-full pairwise score. Both give full [queries, candidates]
+a search of the gallery's FAISS index when one is given), optionally re-ranking captions' best few hundred
+videos by their frames (`eval.shortlist`); stage 2 rescores each query's top-k with the full pairwise score. Both give full [queries, candidates]
 ranking matrices, so the metrics code never needs to know which mode produced them.
 """
 
@@ -29,7 +29,7 @@ class Retrieval:
     v2t: Tensor  # [videos, texts]: each video's ranking of the captions
     timings_s: dict[str, float] = field(default_factory=dict)
     rescored: Tensor | None = None  # [texts, videos] bool: the t2v pairs stage 2 scored (None: all of them)
-    coarse: Tensor | None = None  # [texts, videos] stage 1's scores (two-stage only)
+    coarse: Tensor | None = None  # [texts, videos] stage 1's ranking scores (two-stage only)
 
 
 def _sync(device: torch.device) -> None:
@@ -111,6 +111,67 @@ def index_candidates(index: GalleryIndex, sentence: Tensor, coarse: Tensor, topk
     return rows
 
 
+def mean_of_best_frames(cosines: Tensor, frame_mask: Tensor, top_frames: int) -> Tensor:
+    """[...] from a caption's cosines with each frame [..., T]: the mean of the best `top_frames` real frames (a clip
+    with fewer real frames: the mean of all of them). `frame_mask` broadcasts to `cosines`; padding never counts."""
+    best = cosines.masked_fill(~frame_mask, float("-inf")).topk(min(top_frames, cosines.shape[-1]), dim=-1).values
+    counted = frame_mask.sum(dim=-1).clamp(min=1, max=top_frames)
+    return best.masked_fill(best.isinf(), 0).sum(dim=-1) / counted
+
+
+def frame_scores(
+    model: RetrievalModel, sentence: Tensor, gather: Callable[[Tensor], VideoFeatures], candidates: Tensor, top_frames: int
+) -> Tensor:
+    """[Q, n] each caption's `mean_of_best_frames` score of its n candidate videos, from stage 1's caption embeddings
+    [Q, D] and the candidates' frame embeddings. `gather` maps sorted gallery rows to their features (as for
+    `rescore_gathered`); each candidate's frames are embedded once, and gathered per caption in blocks that hold at
+    most GATHER_BYTES."""
+    rows, local = candidates.unique(return_inverse=True)
+    chosen = gather(rows).to(sentence.device)
+    frames, mask = model.frame_embeddings(chosen), chosen.frame_mask
+    block = max(1, GATHER_BYTES // max(1, candidates.shape[1] * frames[0].numel() * frames.element_size()))
+    scores = []
+    for start in range(0, len(candidates), block):
+        picked = local[start : start + block]
+        cosines = torch.einsum("qd,qktd->qkt", sentence[start : start + block].float(), frames[picked])
+        scores.append(mean_of_best_frames(cosines, mask[picked], top_frames))
+    return torch.cat(scores)
+
+
+def frame_shortlist(
+    model: RetrievalModel, sentence: Tensor, gather: Callable[[Tensor], VideoFeatures], listed: Tensor, topk: int,
+    top_frames: int,
+) -> tuple[Tensor, Tensor]:
+    """The frame scores [Q, n] of each caption's shortlist `listed` [Q, n], and the positions [Q, k] (in `listed`)
+    of its best k by them: the candidates stage 2 gets."""
+    framed = frame_scores(model, sentence, gather, listed, top_frames)
+    return framed, top_candidates(framed, topk)
+
+
+def stage1_videos(
+    model: RetrievalModel,
+    sentence: Tensor,
+    video: VideoFeatures,
+    coarse: Tensor,
+    topk: int,
+    shortlist: int = 0,
+    top_frames: int = 3,
+    index: GalleryIndex | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Stage 1 for captions: its ranking scores [Q, V] and each caption's top-k candidates [Q, k] for stage 2.
+
+    The mean-frame embedding (`coarse`, or the index's search) dilutes a short event with the clutter around it,
+    which is what HVD's FFSM keeps out. With `shortlist` > topk, its best `shortlist` videos are re-ranked by the
+    caption's cosines with their frames (`frame_scores`) and stage 2 takes that ranking's top-k; the ranking
+    returned puts the shortlist, in its frame order, above the other videos."""
+    wanted = max(topk, shortlist)
+    listed = top_candidates(coarse, wanted) if index is None else index_candidates(index, sentence, coarse, wanted)
+    if shortlist <= topk:
+        return coarse, listed
+    framed, best = frame_shortlist(model, sentence, video.__getitem__, listed, topk, top_frames)
+    return merge_reranked(coarse, listed, framed), listed.gather(1, best)
+
+
 def rescore_texts(
     model: RetrievalModel, text: TextFeatures, video: VideoFeatures, candidates: Tensor
 ) -> Tensor:
@@ -121,11 +182,18 @@ def rescore_texts(
 
 
 def two_stage(
-    model: RetrievalModel, text: TextFeatures, video: VideoFeatures, topk: int, index: GalleryIndex | None = None
+    model: RetrievalModel,
+    text: TextFeatures,
+    video: VideoFeatures,
+    topk: int,
+    index: GalleryIndex | None = None,
+    shortlist: int = 0,
+    top_frames: int = 3,
 ) -> Retrieval:
     """Both directions: captions rank videos, and videos rank captions, each over its own top-k.
     `index`: the gallery's index (its rows are `video`'s): captions' candidates come from its search, and
-    the stored embeddings rank the rest."""
+    the stored embeddings rank the rest. `shortlist`, `top_frames`: captions' stage 1 re-ranks its best
+    `shortlist` videos by their frames first (`stage1_videos`)."""
     device = model.device
     text, video = text.to(device), video.to(device)
 
@@ -133,16 +201,16 @@ def two_stage(
     sentence = model.text_embeddings(text)
     pooled = model.video_embeddings(video) if index is None else index.embeddings().to(device)
     coarse = sentence @ pooled.T
-    videos_of_text = top_candidates(coarse, topk) if index is None else index_candidates(index, sentence, coarse, topk)
+    ranking, videos_of_text = stage1_videos(model, sentence, video, coarse, topk, shortlist, top_frames, index)
     texts_of_video = top_candidates(coarse.T, topk)
     _sync(device)
     stage1 = time.perf_counter() - started
 
     started = time.perf_counter()
     with one_cpu_thread(device):
-        t2v = merge_reranked(coarse, videos_of_text, rescore_videos(model, text, video, videos_of_text))
+        t2v = merge_reranked(ranking, videos_of_text, rescore_videos(model, text, video, videos_of_text))
         v2t = merge_reranked(coarse.T, texts_of_video, rescore_texts(model, text, video, texts_of_video))
     _sync(device)
     stage2 = time.perf_counter() - started
     rescored = torch.zeros_like(coarse, dtype=torch.bool).scatter_(1, videos_of_text, True)
-    return Retrieval(t2v, v2t, {"stage1_s": stage1, "stage2_s": stage2}, rescored, coarse)
+    return Retrieval(t2v, v2t, {"stage1_s": stage1, "stage2_s": stage2}, rescored, ranking)

@@ -184,6 +184,14 @@ class RetrievalModel(nn.Module):
         embedding = self.head.video_embedding(video)
         return embedding if self.first_stage is None else self.first_stage.embed_video(embedding)
 
+    @torch.no_grad()
+    def frame_embeddings(self, video: VideoFeatures) -> Tensor:
+        """[Nv, T, D]: each frame through the first stage's video map (unit length; padding frames too, see
+        `video.frame_mask`). The map is linear, so the frames' mean is the mean-frame embedding before normalising;
+        a caption's cosines with one video's frames see a short event the mean dilutes."""
+        frames = video.frames.float()
+        return F.normalize(frames, dim=-1) if self.first_stage is None else self.first_stage.embed_video(frames)
+
     def global_embeddings(self, text: TextFeatures, video: VideoFeatures) -> tuple[Tensor, Tensor]:
         """Both sides of the first stage at once."""
         return self.text_embeddings(text), self.video_embeddings(video)

@@ -13,7 +13,7 @@ import torch
 from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.encode import Tokenizer
 from hvd.eval.explain import PairExplanation, can_explain, explain_pairs, video_rows
-from hvd.eval.retrieval import rescore_gathered
+from hvd.eval.retrieval import frame_shortlist, rescore_gathered
 from hvd.gallery import GalleryIndex
 from hvd.model import RetrievalModel
 
@@ -29,22 +29,34 @@ class SearchHit:
 @torch.no_grad()
 def search(
     model: RetrievalModel, tokenizer: Tokenizer, index: GalleryIndex, queries: list[str], topk: int, top: int,
-    nprobe: int | None = None,
+    nprobe: int | None = None, shortlist: int = 0, top_frames: int = 3,
 ) -> list[list[SearchHit]]:
     """For each caption of `queries`, the `top` best of the index's `topk` first-stage candidates by the full
-    score; the captions are encoded and rescored together."""
+    score; the captions are encoded and rescored together. `shortlist` > topk: the index's best `shortlist`,
+    re-ranked by their frames (`hvd.eval.retrieval.stage1_videos`), give the `topk` candidates."""
     text = model.encode_text(tokenizer(queries))
-    coarse, rows = index.search(model.text_embeddings(text), topk, nprobe)
-    if bool((rows >= 0).all()):  # every caption got its k candidates: one rescoring pass for all
+    sentence = model.text_embeddings(text)
+    coarse, rows = index.search(sentence, max(topk, shortlist), nprobe)
+
+    def stage2_candidates(q: slice, rows: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions `q`'s candidates for stage 2 and their stage-1 scores."""
+        if shortlist <= topk:
+            return rows, coarse
+        framed, best = frame_shortlist(model, sentence[q], index.features, rows, topk, top_frames)
+        best = best.cpu()
+        return rows.gather(1, best), framed.cpu().gather(1, best)
+
+    if bool((rows >= 0).all()):  # every caption got its candidates: one rescoring pass for all
+        rows, stage1 = stage2_candidates(slice(None), rows, coarse)
         fine = rescore_gathered(model, text, index.features, rows.to(model.device)).cpu()
-        found = [(rows[q], coarse[q], fine[q]) for q in range(len(queries))]
+        found = [(rows[q], stage1[q], fine[q]) for q in range(len(queries))]
     else:  # an IVF search came back short (-1 rows), each caption differently
         found = []
         for q in range(len(queries)):
             kept = rows[q] >= 0
-            candidates = rows[q][kept]
-            scores = rescore_gathered(model, text[q : q + 1], index.features, candidates[None].to(model.device))[0]
-            found.append((candidates, coarse[q][kept], scores.cpu()))
+            chosen, stage1 = stage2_candidates(slice(q, q + 1), rows[q][kept][None], coarse[q][kept][None])
+            scores = rescore_gathered(model, text[q : q + 1], index.features, chosen.to(model.device))[0]
+            found.append((chosen[0], stage1[0], scores.cpu()))
     return [
         [SearchHit(rank + 1, index.video_ids[int(candidates[i])], float(scores[i]), float(stage1[i]))
          for rank, i in enumerate(scores.argsort(descending=True, stable=True)[:top])]

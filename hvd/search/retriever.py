@@ -44,6 +44,8 @@ class Retriever:
     source: ModelSource
     topk: int  # stage 1's candidates per caption (eval.topk)
     nprobe: int | None  # IVF lists searched (index.nprobe)
+    shortlist: int = 0  # stage 1's candidates re-ranked by their frames first (eval.shortlist)
+    top_frames: int = 3  # eval.top_frames
 
     @classmethod
     def open(cls, model_uri: str, cfg: Config, index: str | None = None) -> Retriever:
@@ -61,8 +63,9 @@ class Retriever:
         files from MLflow's own download)."""
         tokenizer = build_tokenizer(trained.model, trained.data.max_words)
         return cls(model, tokenizer, find_index(cfg, source, tracking_uri(cfg), index), source, cfg.eval.topk,
-                   cfg.index.nprobe)
+                   cfg.index.nprobe, cfg.eval.shortlist, cfg.eval.top_frames)
 
     def search(self, queries: list[str], top: int) -> list[list[SearchHit]]:
         """Each caption's `top` best videos: stage 1's `max(topk, top)` candidates rescored by the full model."""
-        return search(self.model, self.tokenizer, self.index, queries, max(self.topk, top), top, self.nprobe)
+        return search(self.model, self.tokenizer, self.index, queries, max(self.topk, top), top, self.nprobe,
+                      self.shortlist, self.top_frames)
