@@ -80,17 +80,23 @@ def test_both_measurement_paths_report_consistent_numbers(real, capsys):
                                                      exhaustive_queries=6, chunk=128)
         assert few_lists["ann_recall_at_k"] < 100.0
         assert large["top1_agreement"] == large["exact_top1_agreement"]
+        framed = retrieval_speed.measure_at_scale(model, text, truth, gallery, 20, every_list, exhaustive_queries=6, chunk=128,
+                                                  shortlist=40, top_frames=2)
+        assert framed["shortlist"] == 40 and framed["frames_ms"] > 0 and framed["ann_recall_at_k"] == 100.0
+        assert framed["two_stage_R20"] == framed["exact_two_stage_R20"]  # the same 40 found: the same frames choose
+        assert framed["stage1/gt_R50"] == large["stage1/gt_R50"]  # the frames re-order the top 40 among themselves
         for row in (small, large):  # stage 1's quality: a share per k, growing with k
             for name in ("gt", "full_top1"):
                 shares = [row[f"stage1/{name}_R{k}"] for k in (10, 20, 50, 100)]
                 assert 0 <= shares[0] and shares == sorted(shares) and shares[-1] <= 100
         assert large["stage1/gt_R10"] == few_lists["stage1/gt_R10"]  # exact stage 1: the index does not enter
         retrieval_speed.print_in_memory([small, *few], 400)
-        retrieval_speed.print_at_scale([large, few_lists], 20)
+        retrieval_speed.print_at_scale([large, few_lists, framed], 20)
         retrieval_speed.print_stage1([small, large])
         tables = capsys.readouterr().out
         assert "| 400 | 16 | mean frame |" in tables and "| 400 | 16 | frames of top 50 (best 2) |" in tables
         assert "| 400 | 6 |" in tables
         assert tables.count("| 400 | 6 | two-stage, index |") == 2 and "IVF80, nprobe 1" in tables
+        assert "| 400 | 6 | two-stage, index, frames of top 40 (best 2) |" in tables
     finally:
         torch.set_grad_enabled(True)

@@ -125,10 +125,11 @@ def test_a_frame_shortlist_recovers_a_short_event_the_mean_frame_ranks_last():
     gallery.frames = frames.to(gallery.frames.dtype)
     coarse = sentence @ model.video_embeddings(gallery).T
     assert coarse.argmax().item() != 0 and coarse.argmin().item() == 0
-    ranking, candidates = stage1_videos(model, sentence, gallery, coarse, topk=1, shortlist=4, top_frames=1)
-    assert candidates.tolist() == [[0]] and ranking.argmax().item() == 0
-    same, plain = stage1_videos(model, sentence, gallery, coarse, topk=1)  # shortlist off: stage 1 as before
-    assert same is coarse and plain.tolist() == [[1]]
+    stage1 = stage1_videos(model, sentence, gallery, coarse, topk=1, shortlist=4, top_frames=1)
+    assert stage1.candidates.tolist() == [[0]] and stage1.ranking().argmax().item() == 0
+    assert stage1.merged(torch.tensor([[-9.0]])).argsort(descending=True).tolist() == [[0, 1, 2, 3]]
+    plain = stage1_videos(model, sentence, gallery, coarse, topk=1)  # shortlist off: stage 1 as before
+    assert plain.ranking() is coarse and plain.candidates.tolist() == [[1]]
 
 
 @pytest.mark.parametrize("head", ["hvd", "xpool"])
@@ -139,7 +140,7 @@ def test_frame_shortlist_sends_stage2_its_top_k_and_ranks_the_shortlist_above_th
     sentence, pooled = model.global_embeddings(text, video)
     coarse = sentence @ pooled.T
     listed = top_candidates(coarse, shortlist)
-    framed = frame_scores(model, sentence, video.__getitem__, listed, 2)
+    framed = frame_scores(sentence, model.frame_embeddings(video), video.frame_mask, listed, 2)
     # the frame scores, one caption and one video at a time
     cosines = torch.einsum("qd,vtd->qvt", sentence, model.frame_embeddings(video))
     expected = mean_of_best_frames(cosines, video.frame_mask[None], 2).gather(1, listed)
