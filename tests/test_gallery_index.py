@@ -127,6 +127,21 @@ def test_two_stage_through_a_flat_index_ranks_as_without_it(gallery, tmp_path):
     assert torch.equal(indexed.v2t.argsort(dim=1), plain.v2t.argsort(dim=1))
 
 
+def test_frame_shortlist_reads_blocks_of_captions_and_scores_as_in_memory(gallery, monkeypatch):
+    model, text, video = gallery
+    sentence = model.text_embeddings(text)
+    listed = top_candidates(sentence @ model.video_embeddings(video).T, 12)
+    framed, best = retrieval.frame_shortlist(model, sentence, video.__getitem__, listed, 4, 2)
+    expected = retrieval.frame_scores(sentence, model.frame_embeddings(video), video.frame_mask, listed, 2)
+    torch.testing.assert_close(framed, expected, rtol=0, atol=1e-6)
+    assert torch.equal(best, top_candidates(expected, 4))
+    read = []
+    monkeypatch.setattr(retrieval, "GATHER_BYTES", 1)  # one caption's shortlist per block
+    blocked, _ = retrieval.frame_shortlist(model, sentence, lambda rows: read.append(rows) or video[rows], listed, 4, 2)
+    torch.testing.assert_close(blocked, framed, rtol=0, atol=1e-6)
+    assert len(read) == 1 + len(text) and all(len(rows) <= 12 for rows in read)  # a probe, then a caption a block
+
+
 @pytest.mark.parametrize("shortlist", [0, 12])
 def test_search_through_an_index_ranks_as_two_stage_with_or_without_a_frame_shortlist(gallery, tmp_path, shortlist):
     model, text, video = gallery

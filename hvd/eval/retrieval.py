@@ -137,11 +137,18 @@ def frame_shortlist(
     top_frames: int,
 ) -> tuple[Tensor, Tensor]:
     """`frame_scores` [Q, n] of each caption's shortlist `listed` [Q, n] of gallery rows, whose features `gather`
-    reads (sorted rows, as for `rescore_gathered`) and whose frames are embedded here, and the positions [Q, k]
-    (in `listed`) of its best k by them: the candidates stage 2 gets."""
-    rows, local = listed.unique(return_inverse=True)
-    chosen = gather(rows.cpu()).to(sentence.device)
-    framed = frame_scores(sentence, model.frame_embeddings(chosen), chosen.frame_mask, local.to(sentence.device), top_frames)
+    reads (sorted rows, as for `rescore_gathered`, in blocks of captions whose rows take at most GATHER_BYTES) and
+    whose frames are embedded here, and the positions [Q, k] (in `listed`) of its best k by them: the candidates
+    stage 2 gets."""
+    row_bytes = gather(listed[:1, 0].cpu()).row_bytes()
+    block = max(1, GATHER_BYTES // max(1, listed.shape[1] * row_bytes))
+    framed = []
+    for start in range(0, len(listed), block):
+        rows, local = listed[start : start + block].unique(return_inverse=True)
+        chosen = gather(rows.cpu()).to(sentence.device)
+        framed.append(frame_scores(sentence[start : start + block], model.frame_embeddings(chosen), chosen.frame_mask,
+                                   local.to(sentence.device), top_frames))
+    framed = torch.cat(framed)
     return framed, top_candidates(framed, topk)
 
 
