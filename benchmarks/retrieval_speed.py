@@ -61,6 +61,7 @@ from hvd.eval.encode import EncodedSplit, encode_split
 from hvd.eval.job import job_config
 from hvd.eval.metrics import STAGE1_AT, ranks_of_positives, stage1_metrics
 from hvd.eval.retrieval import (
+    FramesOf,
     frame_shortlist,
     merge_reranked,
     rescore_gathered,
@@ -122,17 +123,34 @@ class SplicedGallery:
     def __len__(self) -> int:
         return len(self.real) + len(self.first)
 
-    def rows(self, rows: torch.Tensor) -> VideoFeatures:
-        """The features of gallery rows, in the order given; a real video is one spliced with itself at T."""
-        rows = rows.cpu()
-        real, frames = self.real, self.real.frames.shape[1]
-        if not len(self.first):  # only real videos: as encoded
-            return real[rows]
-        is_real = rows < len(real)
-        spliced = (rows - len(real)).clamp(min=0, max=len(self.first) - 1)
+    def sources(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's first and second real video, and which of its frames come from the first [n, T]; a real
+        video is one spliced with itself at T."""
+        rows, frames = rows.cpu(), self.real.frames.shape[1]
+        is_real = rows < len(self.real)
+        spliced = (rows - len(self.real)).clamp(min=0, max=max(len(self.first) - 1, 0))
+        if not len(self.first):
+            return rows, rows, torch.ones(len(rows), frames, dtype=torch.bool)
         a, b = torch.where(is_real, rows, self.first[spliced]), torch.where(is_real, rows, self.second[spliced])
         s = torch.where(is_real, frames, self.cut[spliced])
-        from_first = torch.arange(frames) < s[:, None]  # [n, T]
+        return a, b, torch.arange(frames) < s[:, None]
+
+    def frames_of(self, real_frames: torch.Tensor) -> FramesOf:
+        """Rows' frame embeddings spliced as their frames are, from the real videos' `real_frames` [n, T, D]: what a
+        frame index of this gallery would store."""
+        def frames_of(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            a, b, from_first = self.sources(rows)
+            mask = torch.where(from_first, self.real.frame_mask[a], self.real.frame_mask[b])
+            return torch.where(from_first[..., None], real_frames[a], real_frames[b]), mask
+
+        return frames_of
+
+    def rows(self, rows: torch.Tensor) -> VideoFeatures:
+        """The features of gallery rows, in the order given."""
+        real = self.real
+        if not len(self.first):  # only real videos: as encoded
+            return real[rows.cpu()]
+        a, b, from_first = self.sources(rows)
         return VideoFeatures(
             frames=torch.where(from_first[..., None], real.frames[a], real.frames[b]),
             frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
@@ -270,7 +288,8 @@ def measure_at_scale(
     """A gallery too large for every pair (and for holding its features): first-stage embeddings and an
     index built once; exact and ANN stage 1 and stage 2 timed on every query; exhaustive scoring only on the
     first `exhaustive_queries` queries, whose R@1 all modes are compared on. `shortlist` > topk: both stage 1s
-    search that many and re-rank them by their frames, read row by row (`eval.shortlist`), timed with the index's."""
+    search that many and re-rank them by their frame embeddings (`eval.shortlist`; a frame index, float16, as
+    `pipelines/index.py` stores it: the real videos' computed once and spliced), timed with the index's search."""
     queries, size = len(truth), len(gallery)
     shortlist = shortlist if shortlist > topk else 0
     embed_s, embeddings = timed(lambda: torch.cat([model.video_embeddings(v) for v in gallery.chunks(chunk)]))
@@ -283,10 +302,11 @@ def measure_at_scale(
     ann_recall = float(ann_recall_at_k(sentence, embeddings, found, exact))
     exact_ranking = sentence[: min(exhaustive_queries, queries)] @ embeddings.T  # stage 1's, for the sampled queries
     frames_s = 0.0
-    if shortlist:
-        frames_s, (_, best) = timed(lambda: frame_shortlist(model, sentence, gallery.rows, found, topk, top_frames))
+    if shortlist:  # a frame index: the real videos' frame embeddings computed once, spliced as their rows are
+        frames_of = gallery.frames_of(model.frame_embeddings(gallery.real).half())
+        frames_s, (_, best) = timed(lambda: frame_shortlist(sentence, frames_of, found, topk, top_frames))
         found = found.gather(1, best)
-        framed, best = frame_shortlist(model, sentence, gallery.rows, exact, topk, top_frames)
+        framed, best = frame_shortlist(sentence, frames_of, exact, topk, top_frames)
         exact_ranking = merge_reranked(exact_ranking, exact[: len(exact_ranking)], framed[: len(exact_ranking)])
         exact = exact.gather(1, best)
     stage2_s, ann_ranked = rerank(model, text, gallery, found)

@@ -138,6 +138,17 @@ class GalleryIndex:
         picked = rows.cpu().numpy()
         return VideoFeatures(**{name: torch.from_numpy(self.arrays[name][picked]) for name in VIDEO_FIELDS})
 
+    @property
+    def has_frames(self) -> bool:
+        """Whether it stores frame embeddings (a frame index for `eval.shortlist`; indexes built before have none)."""
+        return "frame_embedding" in self.arrays
+
+    def frame_embeddings(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The stored frame embeddings [n, T, D] of `rows` and their frame masks [n, T]."""
+        picked = rows.cpu().numpy()
+        return (torch.from_numpy(self.arrays["frame_embedding"][picked]),
+                torch.from_numpy(self.arrays["frame_mask"][picked]))
+
     def search(self, queries: Tensor, k: int, nprobe: int | None = None) -> tuple[Tensor, Tensor]:
         """First-stage scores and rows of each query's `k` best videos (see `search_ann`); an IVF index
         searches `nprobe` lists, by default as many as it was built with."""
@@ -146,10 +157,11 @@ class GalleryIndex:
 
 def write_index(
     folder: Path, video_ids: list[str], video: VideoFeatures, embeddings: Tensor, cfg: IndexConfig,
-    meta: dict[str, Any],
+    meta: dict[str, Any], frame_embeddings: Tensor | None = None,
 ) -> GalleryIndex:
     """Write the index files into `folder` (its run's own, so never found built), published whole
-    (`hvd.data.folders.building`)."""
+    (`hvd.data.folders.building`). `frame_embeddings` [N, T, D] (`RetrievalModel.frame_embeddings`): kept as
+    float16 beside the features, for stage 1's frame shortlist."""
     if not (len(video_ids) == len(video) == len(embeddings)):
         raise ValueError(f"{len(video_ids)} video ids, {len(video)} feature rows, {len(embeddings)} embeddings")
     embedding = embeddings.detach().cpu().float().numpy()
@@ -157,6 +169,8 @@ def write_index(
         ann = build_ann(embedding, cfg)
         faiss.write_index(ann, str(staging / ANN_FILE))
         arrays = {name: np.ascontiguousarray(getattr(video, name).detach().cpu().numpy()) for name in VIDEO_FIELDS}
+        if frame_embeddings is not None:
+            arrays["frame_embedding"] = frame_embeddings.detach().cpu().half().numpy()
         safetensors.numpy.save_file({**arrays, "embedding": embedding}, str(staging / FEATURES_FILE))
         pq.write_table(pa.table({"video_id": video_ids}), staging / IDS_FILE)
         meta = {

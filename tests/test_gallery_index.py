@@ -127,17 +127,42 @@ def test_two_stage_through_a_flat_index_ranks_as_without_it(gallery, tmp_path):
     assert torch.equal(indexed.v2t.argsort(dim=1), plain.v2t.argsort(dim=1))
 
 
+def test_a_frame_index_stores_float16_frame_embeddings_that_the_search_shortlist_reads(gallery, tmp_path):
+    model, text, video = gallery
+    ids = [f"v{i:02d}" for i in range(30)]
+    plain = write_index(tmp_path / "plain", ids, video, model.video_embeddings(video), IndexConfig(), {})
+    framed = write_index(tmp_path / "framed", ids, video, model.video_embeddings(video), IndexConfig(), {},
+                         model.frame_embeddings(video))
+    assert not plain.has_frames and framed.has_frames
+    rows = torch.tensor([3, 17, 29])
+    stored, mask = framed.frame_embeddings(rows)
+    assert stored.dtype == torch.float16 and torch.equal(mask, video.frame_mask[rows])
+    torch.testing.assert_close(stored.float(), model.frame_embeddings(video[rows]), rtol=0, atol=1e-3)
+    tokenizer = build_tokenizer(ModelConfig(), max_words=16)
+    compared = 0
+    for hits_from_stored, hits_from_features in zip(
+        search(model, tokenizer, framed, CAPTIONS, topk=4, top=4, shortlist=12, top_frames=2),
+        search(model, tokenizer, plain, CAPTIONS, topk=4, top=4, shortlist=12, top_frames=2), strict=True,
+    ):  # the same frame scores but for float16 rounding
+        stage1 = {hit.video_id: hit.stage1_score for hit in hits_from_features}
+        for hit in hits_from_stored:
+            assert hit.video_id not in stage1 or abs(hit.stage1_score - stage1[hit.video_id]) < 2e-3
+            compared += hit.video_id in stage1
+    assert compared >= 3 * len(CAPTIONS)  # most hits are the same videos
+
+
 def test_frame_shortlist_reads_blocks_of_captions_and_scores_as_in_memory(gallery, monkeypatch):
     model, text, video = gallery
     sentence = model.text_embeddings(text)
     listed = top_candidates(sentence @ model.video_embeddings(video).T, 12)
-    framed, best = retrieval.frame_shortlist(model, sentence, video.__getitem__, listed, 4, 2)
+    framed, best = retrieval.frame_shortlist(sentence, retrieval.embedded_frames(model, video.__getitem__), listed, 4, 2)
     expected = retrieval.frame_scores(sentence, model.frame_embeddings(video), video.frame_mask, listed, 2)
     torch.testing.assert_close(framed, expected, rtol=0, atol=1e-6)
     assert torch.equal(best, top_candidates(expected, 4))
     read = []
     monkeypatch.setattr(retrieval, "GATHER_BYTES", 1)  # one caption's shortlist per block
-    blocked, _ = retrieval.frame_shortlist(model, sentence, lambda rows: read.append(rows) or video[rows], listed, 4, 2)
+    gather = retrieval.embedded_frames(model, lambda rows: read.append(rows) or video[rows])
+    blocked, _ = retrieval.frame_shortlist(sentence, gather, listed, 4, 2)
     torch.testing.assert_close(blocked, framed, rtol=0, atol=1e-6)
     assert len(read) == 1 + len(text) and all(len(rows) <= 12 for rows in read)  # a probe, then a caption a block
 

@@ -126,27 +126,39 @@ def frame_scores(sentence: Tensor, frames: Tensor, frame_mask: Tensor, candidate
     one CPU core (0.86 against 0.11 ms a caption for 200 candidates of 12 frames x 128 dimensions)."""
     n, length, dim = candidates.shape[1], frames.shape[1], frames.shape[2]
     cosines = torch.stack([  # a [n x T, D] matrix times a vector: a 3-d product broadcasts, 2.5x slower
-        (frames.index_select(0, rows).view(n * length, dim) @ caption).view(n, length)
+        (frames.index_select(0, rows).view(n * length, dim).to(caption.dtype) @ caption).view(n, length)
         for caption, rows in zip(sentence.float(), candidates, strict=True)
     ])
     return mean_of_best_frames(cosines, frame_mask[candidates], top_frames)
 
 
+FramesOf = Callable[[Tensor], tuple[Tensor, Tensor]]  # sorted gallery rows -> their frame embeddings, frame masks
+
+
+def embedded_frames(model: RetrievalModel, gather: Callable[[Tensor], VideoFeatures]) -> FramesOf:
+    """Frame embeddings computed from the rows' stored features (`gather`), for galleries that keep no frame
+    embeddings of their own: the first stage's map over T frames a video, per read."""
+    def frames_of(rows: Tensor) -> tuple[Tensor, Tensor]:
+        chosen = gather(rows)
+        return model.frame_embeddings(chosen), chosen.frame_mask
+
+    return frames_of
+
+
 def frame_shortlist(
-    model: RetrievalModel, sentence: Tensor, gather: Callable[[Tensor], VideoFeatures], listed: Tensor, topk: int,
-    top_frames: int,
+    sentence: Tensor, frames_of: FramesOf, listed: Tensor, topk: int, top_frames: int
 ) -> tuple[Tensor, Tensor]:
-    """`frame_scores` [Q, n] of each caption's shortlist `listed` [Q, n] of gallery rows, whose features `gather`
-    reads (sorted rows, as for `rescore_gathered`, in blocks of captions whose rows take at most GATHER_BYTES) and
-    whose frames are embedded here, and the positions [Q, k] (in `listed`) of its best k by them: the candidates
-    stage 2 gets."""
-    row_bytes = gather(listed[:1, 0].cpu()).row_bytes()
+    """`frame_scores` [Q, n] of each caption's shortlist `listed` [Q, n] of gallery rows, whose frame embeddings
+    `frames_of` reads (a frame index's, or `embedded_frames`), in blocks of captions whose rows take at most
+    GATHER_BYTES, and the positions [Q, k] (in `listed`) of its best k by them: the candidates stage 2 gets."""
+    probe, mask = frames_of(listed[:1, 0].cpu())
+    row_bytes = probe[0].numel() * probe.element_size() + mask[0].numel()
     block = max(1, GATHER_BYTES // max(1, listed.shape[1] * row_bytes))
     framed = []
     for start in range(0, len(listed), block):
         rows, local = listed[start : start + block].unique(return_inverse=True)
-        chosen = gather(rows.cpu()).to(sentence.device)
-        framed.append(frame_scores(sentence[start : start + block], model.frame_embeddings(chosen), chosen.frame_mask,
+        frames, mask = frames_of(rows.cpu())
+        framed.append(frame_scores(sentence[start : start + block], frames.to(sentence.device), mask.to(sentence.device),
                                    local.to(sentence.device), top_frames))
     framed = torch.cat(framed)
     return framed, top_candidates(framed, topk)

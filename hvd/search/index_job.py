@@ -7,6 +7,7 @@ version points at it (`hvd.registry.index_links`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hvd.eval.actors import encode_videos_with_actors
 from hvd.eval.job import JobInputs, open_job, ready_shards
 from hvd.eval.report import log_eval_results, start_eval_run
 from hvd.gallery import GalleryIndex, write_index
-from hvd.model import RetrievalModel, VideoFeatures
+from hvd.model import VideoFeatures
 from hvd.registry.index_links import index_tag, link_index, log_index
 from hvd.registry.runs import closing_run, run_url
 from hvd.runtime.stopping import stop_on_signals
@@ -37,10 +38,10 @@ class IndexOutcome:
     timings_s: dict[str, float]
 
 
-def video_embeddings(model: RetrievalModel, video: VideoFeatures) -> torch.Tensor:
+def in_chunks(embed: Callable[[VideoFeatures], torch.Tensor], device: torch.device, video: VideoFeatures) -> torch.Tensor:
+    """`embed` (a model's video or frame embeddings) over the gallery, EMBEDDING_CHUNK videos at a time."""
     return torch.cat([
-        model.video_embeddings(video[i : i + EMBEDDING_CHUNK].to(model.device)).cpu()
-        for i in range(0, len(video), EMBEDDING_CHUNK)
+        embed(video[i : i + EMBEDDING_CHUNK].to(device)).cpu() for i in range(0, len(video), EMBEDDING_CHUNK)
     ])
 
 
@@ -79,7 +80,8 @@ def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
         "run_id": run_id,
     }
     folder = Path(cfg.index.cache) / run_id
-    index = write_index(folder, video_ids, video, video_embeddings(model, video), cfg.index, meta)
+    index = write_index(folder, video_ids, video, in_chunks(model.video_embeddings, model.device, video), cfg.index,
+                        meta, in_chunks(model.frame_embeddings, model.device, video))
     build_s = time.perf_counter() - started
 
     client = MlflowClient(job.tracking_uri)

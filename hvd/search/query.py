@@ -13,7 +13,7 @@ import torch
 from hvd.data.shards import frame_mask, frames_uint8
 from hvd.eval.encode import Tokenizer
 from hvd.eval.explain import PairExplanation, can_explain, explain_pairs, video_rows
-from hvd.eval.retrieval import frame_shortlist, rescore_gathered
+from hvd.eval.retrieval import embedded_frames, frame_shortlist, rescore_gathered
 from hvd.gallery import GalleryIndex
 from hvd.model import RetrievalModel
 
@@ -42,7 +42,8 @@ def search(
         """Captions `q`'s candidates for stage 2 and their stage-1 scores."""
         if shortlist <= topk:
             return rows, coarse
-        framed, best = frame_shortlist(model, sentence[q], index.features, rows, topk, top_frames)
+        frames_of = index.frame_embeddings if index.has_frames else embedded_frames(model, index.features)
+        framed, best = frame_shortlist(sentence[q], frames_of, rows, topk, top_frames)
         best = best.cpu()
         return rows.gather(1, best), framed.cpu().gather(1, best)
 
