@@ -26,6 +26,7 @@ from hvd.eval.encode import encode_split
 from hvd.eval.explain import PairExplanation
 from hvd.eval.job import job_config, prepared_shards, stage1_line
 from hvd.eval.metrics import CONVENTIONS as METRIC_CONVENTIONS
+from hvd.gallery import GalleryIndex
 from hvd.model import build_model, build_tokenizer
 from hvd.model.clustering import dpc_knn
 from hvd.model.ffsm import select_frames
@@ -379,6 +380,12 @@ def test_index_is_logged_tagged_reused_by_evaluation_and_searched(registered, ca
     assert runs["true"]["index"]["run_id"] == run_id and runs["false"]["index"] is None
     for key in ("t2v/R1", "t2v/R5", "t2v/MnR", "v2t/R1", "v2t/MnR"):
         assert runs["true"]["metrics"][key] == runs["false"]["metrics"][key], key
+    # the index keeps frame embeddings, and evaluation can re-rank a shortlist by the frames before stage 2
+    assert GalleryIndex.open(tmp_path / "downloaded" / run_id).has_frames
+    out = run_pipeline(registered, capsys, "--model", version, "--manifest", str(registered["manifest"]),
+                       "eval.mode=two_stage", "eval.topk=3", "eval.shortlist=6", f"index.cache={tmp_path}/downloaded")
+    assert "of a frame-ranked top-6 (best 3 frames)" in out
+    assert json.loads(report.read_text())["shortlist"] == {"videos": 6, "top_frames": 3}
 
     sheet = tmp_path / "sheet.png"
     out = run_pipeline(registered, capsys, "--model", version, "--top", "3", "--sheet", str(sheet),

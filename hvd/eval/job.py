@@ -328,7 +328,7 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
         },
         "mode": cfg.eval.mode,
         "topk": cfg.eval.topk if cfg.eval.mode == "two_stage" else None,
-        "shortlist": {"videos": cfg.eval.shortlist, "top_frames": cfg.eval.top_frames} if frame_shortlist(cfg) else None,
+        "shortlist": {"videos": cfg.eval.shortlist, "top_frames": cfg.eval.top_frames} if uses_frame_shortlist(cfg) else None,
         "index": None if index is None else {
             "run_id": index.meta["run_id"], "kind": index.kind, "nprobe": index.meta["nprobe"]
         },
@@ -342,7 +342,7 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
                        excluded, out, artifacts)
 
 
-def frame_shortlist(cfg: Config) -> bool:
+def uses_frame_shortlist(cfg: Config) -> bool:
     """Whether captions' stage 1 re-ranks a shortlist by its frames (`hvd.eval.retrieval.stage1_videos`)."""
     return cfg.eval.mode == "two_stage" and cfg.eval.shortlist > cfg.eval.topk
 
@@ -363,7 +363,7 @@ def summary_text(outcome: EvalOutcome, cfg: Config) -> str:
     """The printed report: what was evaluated, the timings, the metric table, where everything went."""
     m = outcome.metrics
     mode = cfg.eval.mode + (f" (top-{cfg.eval.topk})" if cfg.eval.mode == "two_stage" else "")
-    if frame_shortlist(cfg):
+    if uses_frame_shortlist(cfg):
         mode += f" of a frame-ranked top-{cfg.eval.shortlist} (best {cfg.eval.top_frames} frames)"
     timings = ", ".join(
         f"{key.removeprefix('time/')} {value:.3f}" for key, value in m.items() if key.startswith("time/")

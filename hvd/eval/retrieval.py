@@ -2,8 +2,9 @@
 
 Two-stage: stage 1 ranks every candidate by the global embeddings' dot product (one matrix product, or
 a search of the gallery's FAISS index when one is given), optionally re-ranking captions' best few hundred
-videos by their frames (`eval.shortlist`); stage 2 rescores each query's top-k with the full pairwise score. Both give full [queries, candidates]
-ranking matrices, so the metrics code never needs to know which mode produced them.
+videos by their frames (`eval.shortlist`); stage 2 rescores each query's top-k with the full pairwise score.
+Both give full [queries, candidates] ranking matrices, so the metrics code never needs to know which mode
+produced them.
 """
 
 from __future__ import annotations
