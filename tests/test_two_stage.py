@@ -132,6 +132,15 @@ def test_a_frame_shortlist_recovers_a_short_event_the_mean_frame_ranks_last():
     assert plain.ranking() is coarse and plain.candidates.tolist() == [[1]]
 
 
+@pytest.mark.parametrize("head", ["eercf", "hcmi"])
+def test_heads_with_their_own_stage1_embeddings_refuse_a_frame_shortlist(head):
+    model, text, video, _ = encoded(head)
+    assert not model.head.stage1_is_mean_frame
+    with pytest.raises(ValueError, match="eval.shortlist=0"):
+        two_stage(model, text, video, topk=2, shortlist=5)
+    two_stage(model, text, video, topk=2)  # without it, as before
+
+
 @pytest.mark.parametrize("head", ["hvd", "xpool"])
 def test_frame_shortlist_sends_stage2_its_top_k_and_ranks_the_shortlist_above_the_rest(head):
     model, text, video, _ = encoded(head)

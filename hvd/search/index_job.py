@@ -80,8 +80,9 @@ def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
         "run_id": run_id,
     }
     folder = Path(cfg.index.cache) / run_id
+    frames = in_chunks(model.frame_embeddings, model.device, video) if model.head.stage1_is_mean_frame else None
     index = write_index(folder, video_ids, video, in_chunks(model.video_embeddings, model.device, video), cfg.index,
-                        meta, in_chunks(model.frame_embeddings, model.device, video))
+                        meta, frames)
     build_s = time.perf_counter() - started
 
     client = MlflowClient(job.tracking_uri)

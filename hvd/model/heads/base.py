@@ -143,6 +143,8 @@ class Head(nn.Module):
     # The retrieval score's weights where they differ from the loss's (EERCF ranks with its own); None: part_weights
     score_weights: dict[str, float] | None = None
     scores_groups = False  # has `grouped_similarities`
+    # `video_embedding` is the mean frame, so stage 1 can score each frame alike (`eval.shortlist`)
+    stage1_is_mean_frame = True
 
     @classmethod
     def build(cls, backbone: ClipBackbone, cfg: Any) -> Head:

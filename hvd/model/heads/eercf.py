@@ -60,6 +60,7 @@ def pearson_constraint(text: Tensor, video: Tensor) -> Tensor:
 
 class EERCFHead(Head):
     scores_groups = True
+    stage1_is_mean_frame = False  # its own coarse embeddings
     uses_patches = True
     score_weights = EVAL_WEIGHTS
     explain_legend = ("frames: EERCF's text gate (softmax of caption-frame cosine / 0.1); frames gated above a "

@@ -119,6 +119,7 @@ def hierarchical_infonce(similarity: Tensor, scale: Tensor, targets: Tensor | No
 
 class HCMIHead(Head):
     scores_groups = True
+    stage1_is_mean_frame = False  # its own coarse embeddings
     explain_legend = ("frames: caption cosine of the clip each frame was clustered into (HCMI's clip tokens); "
                       "the best clip's frames framed green")
 
