@@ -20,8 +20,9 @@ Exhaustive: every (caption, video) pair through the full HVD score (`RetrievalMo
 model.score_budget_mb). Two-stage: stage 1 is one matrix product of sentence and mean-frame embeddings
 plus a top-k (with `--shortlist` n: the top n re-ranked by their frames, `eval.shortlist`, one row per n); stage 2
 rescores each caption's top-k with the same full score; merged so that the top-k rank first. The gallery's side of
-stage 1 (its mean-frame and frame embeddings) is computed once before the timings, as an index holds it. Both run on the same features in the same process, alternately `--repeats` times; per-query
-time = median total / queries.
+stage 1 (its mean-frame and frame embeddings) is computed once before the timings, as an index holds it. Both
+run on the same features in the same process, alternately `--repeats` times; per-query time = median total /
+queries.
 
 Stage 1's quality (exact stage 1, as `pipelines/evaluate.py` logs it under `stage1/`): the share of captions whose
 ground truth, and whose full-score top-1, is in stage 1's top 10 / 20 / 50 / 100; on every query in memory, on
@@ -127,10 +128,10 @@ class SplicedGallery:
         """Each row's first and second real video, and which of its frames come from the first [n, T]; a real
         video is one spliced with itself at T."""
         rows, frames = rows.cpu(), self.real.frames.shape[1]
-        is_real = rows < len(self.real)
-        spliced = (rows - len(self.real)).clamp(min=0, max=max(len(self.first) - 1, 0))
         if not len(self.first):
             return rows, rows, torch.ones(len(rows), frames, dtype=torch.bool)
+        is_real = rows < len(self.real)
+        spliced = (rows - len(self.real)).clamp(min=0, max=len(self.first) - 1)
         a, b = torch.where(is_real, rows, self.first[spliced]), torch.where(is_real, rows, self.second[spliced])
         s = torch.where(is_real, frames, self.cut[spliced])
         return a, b, torch.arange(frames) < s[:, None]

@@ -243,10 +243,8 @@ def open_job(cfg: Config, model_uri: str, manifest: Path | None, shards: Path | 
     with active_tracking_uri(uri):
         model, trained, source = load_model_source(model_uri)
     cfg = job_config(cfg, trained)
-    if uses_frame_shortlist(cfg) and not model.head.stage1_is_mean_frame:
-        raise ValueError(f"eval.shortlist={cfg.eval.shortlist}: {source.uri} is a model.head={cfg.model.head} model, "
-                         "whose stage-1 video embedding is its own, not the mean frame: its frames cannot be "
-                         "scored alike; set eval.shortlist=0")
+    if uses_frame_shortlist(cfg):  # refused before the gallery is encoded
+        model.require_mean_frame_stage1()
     logger.info(f"model {source.uri}: {source.name} version {source.version}, "
                 f"{cfg.model.preset}/{cfg.model.head}")
 

@@ -184,15 +184,19 @@ class RetrievalModel(nn.Module):
         embedding = self.head.video_embedding(video)
         return embedding if self.first_stage is None else self.first_stage.embed_video(embedding)
 
+    def require_mean_frame_stage1(self) -> None:
+        """Frame embeddings (`eval.shortlist`) mean something only where the stage-1 video embedding is the mean
+        frame; refused for heads with their own (EERCF, HCMI)."""
+        if not self.head.stage1_is_mean_frame:
+            raise ValueError(f"{type(self.head).__name__}: its stage-1 video embedding is its own, not the mean frame, "
+                             "so stage 1 cannot score its frames: set eval.shortlist=0")
+
     @torch.no_grad()
     def frame_embeddings(self, video: VideoFeatures) -> Tensor:
         """[Nv, T, D]: each frame through the first stage's video map (unit length; padding frames too, see
         `video.frame_mask`). The map is linear, so the frames' mean is the mean-frame embedding before normalising;
-        a caption's cosines with one video's frames see a short event the mean dilutes. Only for heads whose stage-1
-        video embedding is the mean frame."""
-        if not self.head.stage1_is_mean_frame:
-            raise ValueError(f"{type(self.head).__name__}: its stage-1 video embedding is its own, not the mean frame, "
-                             "so stage 1 cannot score its frames: set eval.shortlist=0")
+        a caption's cosines with one video's frames see a short event the mean dilutes."""
+        self.require_mean_frame_stage1()
         frames = video.frames.float()
         return F.normalize(frames, dim=-1) if self.first_stage is None else self.first_stage.embed_video(frames)
 

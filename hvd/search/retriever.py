@@ -61,9 +61,8 @@ class Retriever:
     ) -> Retriever:
         """`open` for a model already loaded, with its training config `trained` (the MLflow pyfunc reads its
         files from MLflow's own download)."""
-        if cfg.eval.shortlist > cfg.eval.topk and not model.head.stage1_is_mean_frame:
-            raise ValueError(f"eval.shortlist={cfg.eval.shortlist}: {source.uri} (model.head={trained.model.head}) "
-                             "ranks stage 1 by its own video embedding, not the mean frame; set eval.shortlist=0")
+        if cfg.eval.shortlist > cfg.eval.topk:  # refused before the index is opened
+            model.require_mean_frame_stage1()
         tokenizer = build_tokenizer(trained.model, trained.data.max_words)
         return cls(model, tokenizer, find_index(cfg, source, tracking_uri(cfg), index), source, cfg.eval.topk,
                    cfg.index.nprobe, cfg.eval.shortlist, cfg.eval.top_frames)
