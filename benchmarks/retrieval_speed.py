@@ -20,7 +20,8 @@ Exhaustive: every (caption, video) pair through the full HVD score (`RetrievalMo
 model.score_budget_mb). Two-stage: stage 1 is one matrix product of sentence and mean-frame embeddings
 plus a top-k (with `--shortlist` n: the top n re-ranked by their frames, `eval.shortlist`, one row per n); stage 2
 rescores each caption's top-k with the same full score; merged so that the top-k rank first. The gallery's side of
-stage 1 (its mean-frame and frame embeddings) is computed once before the timings, as an index holds it. Both
+stage 1 (its mean-frame and frame embeddings) and what the head derives from each video alone (HVP-Net's frame and
+entity weights, `Head.video_side`) are computed once before the timings, as an index holds them. Both
 run on the same features in the same process, alternately `--repeats` times; per-query time = median total /
 queries.
 
@@ -105,21 +106,24 @@ class SplicedGallery:
     """The real videos (rows 0 .. n-1, the ground truths), then spliced distractors up to `size`: the first s
     frames of one real video followed by the last T - s of another. A row holds both videos' entities (2E slots),
     each kept on its own side of the cut (the frames it covers there), so every frame a head may keep is still
-    covered by an entity, as in a real video; a real video is its E entities and E empty slots. Rows are built
-    when read, so a million-video gallery costs only the rows a step touches."""
+    covered by an entity, as in a real video; a real video is its E entities and E empty slots. Where the entities
+    are `blocks` segments (HVP-Net's ViT blocks, `Head.vision_layers`), both videos' segments sit side by side
+    block by block. Rows are built when read, so a million-video gallery costs only the rows a step touches."""
 
     real: VideoFeatures
     first: torch.Tensor  # [distractors] the real video each distractor starts as
     second: torch.Tensor  # [distractors] the real video it ends as
     cut: torch.Tensor  # [distractors] frames taken from the first
+    blocks: int = 1  # segments of the entities, one per ViT block a head reads
 
     @classmethod
-    def of_size(cls, real: VideoFeatures, size: int, seed: int = 0) -> SplicedGallery:
+    def of_size(cls, real: VideoFeatures, size: int, seed: int = 0, blocks: int = 1) -> SplicedGallery:
         generator = torch.Generator().manual_seed(seed)
         count, frames = max(size - len(real), 0), real.frames.shape[1]
         first = torch.randint(len(real), (count,), generator=generator)
         second = (first + torch.randint(1, len(real), (count,), generator=generator)) % len(real)  # another video
-        return cls(real[: min(size, len(real))], first, second, torch.randint(1, frames, (count,), generator=generator))
+        cut = torch.randint(1, frames, (count,), generator=generator)
+        return cls(real[: min(size, len(real))], first, second, cut, blocks)
 
     def __len__(self) -> int:
         return len(self.real) + len(self.first)
@@ -155,10 +159,16 @@ class SplicedGallery:
         return VideoFeatures(
             frames=torch.where(from_first[..., None], real.frames[a], real.frames[b]),
             frame_mask=torch.where(from_first, real.frame_mask[a], real.frame_mask[b]),
-            patches=torch.cat([real.patches[a], real.patches[b]], dim=1),
-            patch_frames=torch.cat([real.patch_frames[a] & from_first[:, None], real.patch_frames[b] & ~from_first[:, None]], dim=1),
+            patches=self._side_by_side(real.patches[a], real.patches[b]),
+            patch_frames=self._side_by_side(real.patch_frames[a] & from_first[:, None],
+                                            real.patch_frames[b] & ~from_first[:, None]),
             frame_views=torch.where(from_first[:, None, :, None], real.frame_views[a], real.frame_views[b]),
         )
+
+    def _side_by_side(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """[n, 2E, ...] from two [n, E, ...] entity tensors: each block's segment of the first, then the second's."""
+        pairs = zip(first.chunk(self.blocks, dim=1), second.chunk(self.blocks, dim=1), strict=True)
+        return torch.cat([part for pair in pairs for part in pair], dim=1)
 
     def chunks(self, size: int) -> Iterator[VideoFeatures]:
         for start in range(0, len(self), size):
@@ -214,8 +224,11 @@ def measure_in_memory(
     top_frames: int = 3,
 ) -> list[dict[str, float]]:
     """Exhaustive against two-stage (exact stage 1; one row per frame shortlist, 0: none) on every query, all
-    alternately `repeats` times, so a load swing on this shared machine hits each; each one's median."""
+    alternately `repeats` times, so a load swing on this shared machine hits each; each one's median. What an
+    index holds is computed before the clock, for both: the gallery's side of stage 1 and what the head derives
+    from each video alone (`RetrievalModel.video_side`)."""
     exhaustive_runs, staged_runs = [], {shortlist: [] for shortlist in shortlists}
+    video = model.video_side(video)
     pooled, frames = model.video_embeddings(video), model.frame_embeddings(video)
     for _ in range(repeats):
         exhaustive_s, scores = time_exhaustive(model, text, video)
@@ -483,7 +496,7 @@ def main() -> None:
     index_cfg = IndexConfig(ivf_from=args.ivf_from, nprobe=args.nprobe)
     in_memory, at_scale = [], []
     for size, queries in zip(args.gallery, args.queries, strict=True):
-        gallery = SplicedGallery.of_size(real.video, size)
+        gallery = SplicedGallery.of_size(real.video, size, blocks=max(1, len(model.head.vision_layers)))
         text, truth = real.text[:queries], real.text_video[:queries]
         if size <= args.in_memory_up_to:
             rows = measure_in_memory(model, text, truth, gallery.materialize(), args.topk, args.repeats,

@@ -53,7 +53,6 @@ from hvd.gallery import (
     IDS_FILE,
     META_FILE,
     SAFETENSORS_DTYPES,
-    VIDEO_FIELDS,
     ann_bytes,
     ann_kind,
     build_ann,
@@ -74,9 +73,10 @@ def captions() -> list[str]:
 def write_spliced_index(retriever: Retriever, size: int, folder: Path, cfg: Config) -> None:
     """An index folder of `size` videos spliced from the retriever's gallery (see the module's docstring)."""
     source = retriever.index
-    gallery = SplicedGallery.of_size(source.features(), size)
+    gallery = SplicedGallery.of_size(source.features(), size, blocks=max(1, len(retriever.model.head.vision_layers)))
     sample = gallery.rows(torch.arange(1))
-    fields = {name: (getattr(sample, name).numpy().dtype, getattr(sample, name).shape[1:]) for name in VIDEO_FIELDS}
+    fields = {name: (getattr(sample, name).numpy().dtype, getattr(sample, name).shape[1:])
+              for name in sample.field_names()}
     fields["embedding"] = (np.dtype(np.float32), (source.meta["dim"],))
     header, offset = {}, 0
     for name, (dtype, shape) in fields.items():

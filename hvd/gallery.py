@@ -4,7 +4,8 @@ An index folder holds:
     index.json            what it indexes (model, benchmark, split, dataset fingerprint, frame settings),
                           how (flat or IVF, nprobe) and its sizes
     video_ids.parquet     the gallery's videos, in row order
-    features.safetensors  every `VideoFeatures` field plus `embedding` (the head's `video_embedding`)
+    features.safetensors  every `VideoFeatures` field (and those the head derives, `Head.video_side`) plus
+                          `embedding` (the head's `video_embedding`); for mean-frame heads `frame_embedding` too
     stage1.faiss          a FAISS inner-product index over `embedding`
 
 `features.safetensors` is memory-mapped when opened: stage 2 reads only its candidates' rows, so a
@@ -36,7 +37,6 @@ from hvd.model import VideoFeatures
 
 META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE = "index.json", "video_ids.parquet", "features.safetensors", "stage1.faiss"
 INDEX_FILES = (META_FILE, IDS_FILE, FEATURES_FILE, ANN_FILE)
-VIDEO_FIELDS = VideoFeatures.field_names()
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BOOL": np.bool_, "I64": np.int64, "U8": np.uint8}
 
 
@@ -131,12 +131,15 @@ class GalleryIndex:
         """[N, D] every video's first-stage embedding (read into memory)."""
         return torch.from_numpy(np.array(self.arrays["embedding"]))
 
-    def features(self, rows: Tensor | None = None) -> VideoFeatures:
-        """The stored features of `rows` (gallery row numbers, any order), or of every video."""
+    def features(self, rows: Tensor | None = None, kind: type[VideoFeatures] = VideoFeatures) -> VideoFeatures:
+        """The stored features of `rows` (gallery row numbers, any order), or of every video. `kind`: a head's
+        derived form (`Head.video_side_type`), read where the index stores its fields, else the plain features."""
+        if not all(name in self.arrays for name in kind.field_names()):
+            kind = VideoFeatures
         if rows is None:
-            return VideoFeatures(**{name: torch.from_numpy(np.array(self.arrays[name])) for name in VIDEO_FIELDS})
+            return kind(**{name: torch.from_numpy(np.array(self.arrays[name])) for name in kind.field_names()})
         picked = rows.cpu().numpy()
-        return VideoFeatures(**{name: torch.from_numpy(self.arrays[name][picked]) for name in VIDEO_FIELDS})
+        return kind(**{name: torch.from_numpy(self.arrays[name][picked]) for name in kind.field_names()})
 
     @property
     def has_frames(self) -> bool:
@@ -160,15 +163,16 @@ def write_index(
     meta: dict[str, Any], frame_embeddings: Tensor | None = None,
 ) -> GalleryIndex:
     """Write the index files into `folder` (its run's own, so never found built), published whole
-    (`hvd.data.folders.building`). `frame_embeddings` [N, T, D] (`RetrievalModel.frame_embeddings`): kept as
-    float16 beside the features, for stage 1's frame shortlist."""
+    (`hvd.data.folders.building`). Every field of `video` is kept, a head's derived ones too (`Head.video_side`).
+    `frame_embeddings` [N, T, D] (`RetrievalModel.frame_embeddings`): kept as float16 beside the features, for
+    stage 1's frame shortlist."""
     if not (len(video_ids) == len(video) == len(embeddings)):
         raise ValueError(f"{len(video_ids)} video ids, {len(video)} feature rows, {len(embeddings)} embeddings")
     embedding = embeddings.detach().cpu().float().numpy()
     with building(folder, "index build") as staging:
         ann = build_ann(embedding, cfg)
         faiss.write_index(ann, str(staging / ANN_FILE))
-        arrays = {name: np.ascontiguousarray(getattr(video, name).detach().cpu().numpy()) for name in VIDEO_FIELDS}
+        arrays = {name: np.ascontiguousarray(getattr(video, name).detach().cpu().numpy()) for name in video.field_names()}
         if frame_embeddings is not None:
             arrays["frame_embedding"] = frame_embeddings.detach().cpu().half().numpy()
         safetensors.numpy.save_file({**arrays, "embedding": embedding}, str(staging / FEATURES_FILE))

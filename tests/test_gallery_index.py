@@ -186,6 +186,41 @@ def test_search_through_an_index_ranks_as_two_stage_with_or_without_a_frame_shor
         assert not torch.equal(staged.rescored, two_stage(model, text, video, topk=4).rescored)
 
 
+def test_an_hvp_index_stores_the_derived_video_side_that_search_reads_and_older_indexes_derive(tmp_path):
+    """HVP-Net's frame and entity weights (`Head.video_side`) are stored by the index, read by search (their
+    networks do not run again) and equal to deriving them; an index without them (built before) ranks alike."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(head="hvp")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for parameter in model.head.parameters():  # the weight networks start near uniform: make them matter
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+        text = model.encode_text(build_tokenizer(cfg, max_words=16)(CAPTIONS))
+        video = model.encode_video(torch.randn(20, 6, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    derived, ids = model.video_side(video), [f"v{i:02d}" for i in range(20)]
+    assert isinstance(derived, model.head.video_side_type) and model.video_side(derived) is derived
+    stored = write_index(tmp_path / "stored", ids, derived, model.video_embeddings(video), IndexConfig(), {})
+    older = write_index(tmp_path / "older", ids, video, model.video_embeddings(video), IndexConfig(), {})
+    rows = torch.tensor([7, 2, 7])
+    read = stored.features(rows, kind=model.head.video_side_type)
+    for name in model.head.video_side_type.field_names():
+        assert torch.equal(getattr(read, name), getattr(derived[rows], name)), name
+    assert type(older.features(rows, kind=model.head.video_side_type)) is VideoFeatures
+    tokenizer, calls = build_tokenizer(cfg, max_words=16), []
+    hook = model.head.matcher.patch_weight.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        from_stored = search(model, tokenizer, stored, CAPTIONS, topk=4, top=4)
+    finally:
+        hook.remove()
+    assert not calls  # the entity weights came from the index
+    staged = two_stage(model, text, video, topk=4, index=stored)
+    for q, (hits, old_hits) in enumerate(zip(from_stored, search(model, tokenizer, older, CAPTIONS, topk=4, top=4),
+                                             strict=True)):
+        expected = staged.t2v[q].argsort(descending=True)[:4]
+        assert [hit.video_id for hit in hits] == [ids[int(i)] for i in expected] == [hit.video_id for hit in old_hits]
+        torch.testing.assert_close(torch.tensor([hit.score for hit in hits]), staged.t2v[q, expected], rtol=0, atol=1e-5)
+
+
 @pytest.fixture
 def logged_index(gallery, tmp_path):
     """An index logged as an MLflow run's artifacts, as pipelines/index.py logs it: (cfg, location, the

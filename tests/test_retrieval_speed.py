@@ -56,6 +56,24 @@ def test_spliced_gallery_keeps_the_real_videos_and_splices_two_of_them_per_distr
     assert torch.equal(whole.frames[rows], spliced.frames) and torch.equal(whole.patches[rows], spliced.patches)
 
 
+def test_spliced_rows_keep_each_blocks_entities_in_that_blocks_segment():
+    """HVP-Net's entities are one segment per ViT block: a spliced row puts both videos' segments side by side
+    block by block, so each block reads its own entities of both videos (not the next block's)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(head="hvp")).eval()
+    blocks = len(model.head.vision_layers)
+    with torch.no_grad():
+        video = model.encode_video(torch.randn(6, 4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    gallery = retrieval_speed.SplicedGallery.of_size(video, 20, seed=3, blocks=blocks)
+    spliced, per_block = gallery.rows(torch.tensor([10])), video.patches.shape[1] // blocks
+    a, b = int(gallery.first[4]), int(gallery.second[4])
+    for block, segment in enumerate(spliced.patches[0].split(2 * per_block)):
+        own = slice(block * per_block, (block + 1) * per_block)
+        assert torch.equal(segment[:per_block], video.patches[a, own]) and torch.equal(segment[per_block:], video.patches[b, own])
+    with torch.no_grad():  # and the head scores the row
+        assert model.score(model.encode_text(torch.tensor([[49406, 320, 49407]])), spliced).isfinite().all()
+
+
 def test_both_measurement_paths_report_consistent_numbers(real, capsys):
     model, text, video, truth = real
     torch.set_grad_enabled(False)

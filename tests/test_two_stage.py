@@ -188,11 +188,11 @@ def test_batched_reranking_equals_one_query_at_a_time(head):
 
 
 @functools.cache
-def padded_hcmi():
-    """A tiny HCMI model with random head weights (its learned weightings start uniform), 12 random captions of
+def padded(head: str):
+    """A tiny model with random head weights (its learned weightings start uniform), 12 random captions of
     3-20 tokens and 10 random videos of 1-6 real frames: padding on both sides."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(head="hcmi")).eval()
+    model = build_model(ModelConfig(head=head)).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for parameter in model.head.parameters():
@@ -213,17 +213,18 @@ def candidates_of(queries: int, gallery: int, k: int, seed: int) -> torch.Tensor
     return torch.stack([torch.randperm(gallery, generator=generator)[:k] for _ in range(queries)])
 
 
+@pytest.mark.parametrize("name", ["hcmi", "hvp"])
 @pytest.mark.parametrize(("queries", "k"), [(1, 1), (4, 3), (10, 8)])
-def test_hcmi_grouped_similarities_equal_one_similarities_call_per_query(queries, k):
-    """Each level's [Q, k] scores, captions prepared once for the whole set, against `similarities` of one query
-    with its candidates (the phrases clustered for that query alone), both directions."""
-    model, text, video = padded_hcmi()
+def test_grouped_similarities_equal_one_similarities_call_per_query(name, queries, k):
+    """Each part's [Q, k] scores, captions and videos prepared once for the whole set (HCMI's phrases, HVP-Net's
+    word, frame and entity weights), against `similarities` of one query with its candidates, both directions."""
+    model, text, video = padded(name)
     head = model.head
     with torch.no_grad():
-        prepared = head.text_features(text)
+        text_side, video_side = head.text_features(text), head.video_side(video)
         videos_of_text, texts_of_video = candidates_of(queries, len(video), k, 0), candidates_of(queries, len(text), k, 1)
-        by_caption = head.grouped_similarities(prepared[:queries], video[videos_of_text])
-        by_video = head.grouped_similarities(prepared[texts_of_video], video[:queries])
+        by_caption = head.grouped_similarities(text_side[:queries], video_side[videos_of_text])
+        by_video = head.grouped_similarities(text_side[texts_of_video], video_side[:queries])
         for q in range(queries):
             for name, s in head.similarities(text[q : q + 1], video[videos_of_text[q]]).items():
                 torch.testing.assert_close(by_caption[name][q], s[0], rtol=0, atol=1e-6)
@@ -234,7 +235,7 @@ def test_hcmi_grouped_similarities_equal_one_similarities_call_per_query(queries
 def test_hcmi_text_side_once_per_caption_scores_as_each_pair_alone():
     """Phrases clustered once for all captions are each caption's own, and the reranking harness (which
     prepares the captions once) scores every (caption, candidate) pair as that pair scored alone."""
-    model, text, video = padded_hcmi()
+    model, text, video = padded("hcmi")
     head = model.head
     with torch.no_grad():
         prepared = head.text_features(text)
@@ -256,10 +257,34 @@ def test_hcmi_text_side_once_per_caption_scores_as_each_pair_alone():
                                    rtol=0, atol=1e-6)
 
 
+def test_hvp_reranking_derives_each_video_side_once_per_video():
+    """HVP-Net's frame and entity weights depend on the video alone: reranking runs their networks once per
+    gallery video (not once per caption-candidate pair) and once per caption for the words, and scores as the
+    exhaustive matrix does."""
+    model, text, video = padded("hvp")
+    matcher = model.head.matcher
+    rows = {}
+    hooks = [net.register_forward_hook(lambda module, inputs, output, name=name: rows.__setitem__(
+        name, rows.get(name, 0) + inputs[0].shape[:-1].numel())) for name, net in
+        (("frames", matcher.frame_weight), ("entities", matcher.patch_weight), ("words", matcher.word_weight))]
+    videos_of_text = candidates_of(len(text), len(video), 5, 4)  # 60 pairs over 10 videos
+    try:
+        scores = rescore_videos(model, text, video, videos_of_text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    blocks, frames, entities = len(model.head.vision_layers), video.frames.shape[1], video.patches.shape[1]
+    assert rows["frames"] == len(video) * blocks * frames and rows["entities"] == len(video) * entities
+    assert rows["words"] == len(text) * model.head.text_features(text).words.shape[1]
+    with torch.no_grad():
+        full = model.score(text, video)
+    torch.testing.assert_close(scores, full.gather(1, videos_of_text), rtol=0, atol=1e-6)
+
+
 def test_hcmi_two_stage_ranks_as_when_it_reranked_one_query_at_a_time():
     """The evaluation path: two-stage retrieval with HCMI's grouped reranking gives the rankings that one `score`
     call per query (HCMI's path before it scored groups) gave, both directions."""
-    model, text, video = padded_hcmi()
+    model, text, video = padded("hcmi")
     topk = 4
     result = two_stage(model, text, video, topk)
     coarse = result.coarse

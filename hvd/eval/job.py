@@ -295,7 +295,7 @@ def _run_evaluation(job: JobInputs, run: EvalRun) -> EvalOutcome:
                     f"({index.kind})")
 
     started = time.perf_counter()
-    videos = None if index is None else (index.video_ids, index.features())
+    videos = None if index is None else (index.video_ids, index.features(kind=model.head.video_side_type))
     encoded = encode_with_actors(model, cfg, str(shards), cfg.eval.split, cfg.eval.num_actors, videos)
     encode_s = time.perf_counter() - started
     if torch.cuda.is_available():

@@ -81,9 +81,10 @@ def rescore_videos(
     model: RetrievalModel, text: TextFeatures, video: VideoFeatures, candidates: Tensor
 ) -> Tensor:
     """[texts, k] full-model scores of each caption's candidate videos: every caption in one chunked pass
-    where the head scores groups, else one `score` call per caption (about 1 ms each on a CPU, whatever k)."""
+    where the head scores groups (the head's video side derived first, once per video: `video_side`), else
+    one `score` call per caption (about 1 ms each on a CPU, whatever k)."""
     if model.head.scores_groups:
-        return model.score_groups(text, video, candidates, videos_of_text=True)
+        return model.score_groups(text, model.video_side(video), candidates, videos_of_text=True)
     return torch.stack([model.score(text[q : q + 1], video[candidates[q]])[0] for q in range(len(candidates))])
 
 

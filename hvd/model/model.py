@@ -25,6 +25,7 @@ IMAGE_STD: tuple[float, float, float] = open_clip.OPENAI_DATASET_STD
 # Reranking gathers every candidate's features per chunk; chunks this small stay in cache: on a 2-core VM,
 # 10k videos x 200 captions, top 50 both ways, 16-32 MB chunks took 7.1-9.1 s against 12.3-17.1 s at 64-512 MB.
 RERANK_CHUNK_BYTES = 32 << 20
+VIDEO_SIDE_CHUNK = 1024  # videos per `Head.video_side` call: HVP-Net's weight MLPs hold [videos, tokens, D] at once
 
 
 class RetrievalModel(nn.Module):
@@ -144,7 +145,8 @@ class RetrievalModel(nn.Module):
         """[Q, k] scores of each query with its own candidates (`candidates` [Q, k] indices): each caption with
         videos, or with `videos_of_text` False each video with captions; in chunks of queries within
         `score_budget_mb`. Needs a head that `scores_groups`. The head's caption-side work runs once per caption
-        (`Head.text_features`), not once per candidate."""
+        (`Head.text_features`), not once per candidate; its video-side work likewise where `video` comes
+        derived (`video_side`), else once per (query, candidate) pair."""
         scores = torch.empty(candidates.shape, device=text.device)
         text = self.head.text_features(text.to(self.device))
         queries, fixed = (text, video) if videos_of_text else (video, text)
@@ -156,6 +158,18 @@ class RetrievalModel(nn.Module):
             pair = (own, theirs) if videos_of_text else (theirs, own)
             scores[rows] = self.combine(self.head.grouped_similarities(*pair)).to(scores.device)
         return scores
+
+    @torch.no_grad()
+    def video_side(self, video: VideoFeatures) -> VideoFeatures:
+        """`video` with what the head derives from videos alone (`Head.video_side`), VIDEO_SIDE_CHUNK videos at a
+        time on the model's device, back on `video`'s: for reranking, where one video meets many captions.
+        Unchanged where the head derives nothing or `video` comes derived (a gallery index built for the head)."""
+        if self.head.video_side_type is VideoFeatures or isinstance(video, self.head.video_side_type):
+            return video
+        return self.head.video_side_type.cat([
+            self.head.video_side(video[start : start + VIDEO_SIDE_CHUNK].to(self.device)).to(video.device)
+            for start in range(0, len(video), VIDEO_SIDE_CHUNK)
+        ])
 
     def chunk_sizes(self, text: TextFeatures, video: VideoFeatures) -> tuple[int, int]:
         """Captions and videos per scoring chunk: as square as the budget and the inputs allow."""

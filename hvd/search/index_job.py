@@ -80,6 +80,7 @@ def _build(job: JobInputs, run_id: str, url: str) -> IndexOutcome:
         "run_id": run_id,
     }
     folder = Path(cfg.index.cache) / run_id
+    video = model.video_side(video)  # what the head derives from each video alone, stored so no search redoes it
     frames = in_chunks(model.frame_embeddings, model.device, video) if model.head.stage1_is_mean_frame else None
     index = write_index(folder, video_ids, video, in_chunks(model.video_embeddings, model.device, video), cfg.index,
                         meta, frames)

@@ -4,6 +4,7 @@ full model, best first; and what the user looks at next, each result's frames wi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def search(
     text = model.encode_text(tokenizer(queries))
     sentence = model.text_embeddings(text)
     coarse, rows = index.search(sentence, max(topk, shortlist), nprobe)
+    gather = functools.partial(index.features, kind=model.head.video_side_type)  # as the index job derived them
 
     def stage2_candidates(q: slice, rows: torch.Tensor, coarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions `q`'s candidates for stage 2 and their stage-1 scores."""
@@ -49,14 +51,14 @@ def search(
 
     if bool((rows >= 0).all()):  # every caption got its candidates: one rescoring pass for all
         rows, stage1 = stage2_candidates(slice(None), rows, coarse)
-        fine = rescore_gathered(model, text, index.features, rows.to(model.device)).cpu()
+        fine = rescore_gathered(model, text, gather, rows.to(model.device)).cpu()
         found = [(rows[q], stage1[q], fine[q]) for q in range(len(queries))]
     else:  # an IVF search came back short (-1 rows), each caption differently
         found = []
         for q in range(len(queries)):
             kept = rows[q] >= 0
             chosen, stage1 = stage2_candidates(slice(q, q + 1), rows[q][kept][None], coarse[q][kept][None])
-            scores = rescore_gathered(model, text[q : q + 1], index.features, chosen.to(model.device))[0]
+            scores = rescore_gathered(model, text[q : q + 1], gather, chosen.to(model.device))[0]
             found.append((chosen[0], stage1[0], scores.cpu()))
     return [
         [SearchHit(rank + 1, index.video_ids[int(candidates[i])], float(scores[i]), float(stage1[i]))

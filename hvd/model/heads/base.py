@@ -2,12 +2,12 @@
 
 Training, scoring and evaluation treat heads alike through `Head`: the video features a head keeps per
 video (`video_features`, run once per video at encoding time), what it derives from captions alone
-(`text_features`, run once per caption set before scoring), the named [Nt, Nv] similarity matrices of
-a batch (`similarities`; the loss is an InfoNCE on each, weighted by `part_weights`, or the head's own
-`contrastive_losses`, and the retrieval score their sum weighted by `score_weights`, by default
-`part_weights`), extra loss terms (`regularizers`), the cheap features of a first retrieval stage (the dot
-product of `text_embedding` and `video_embedding`) and how many bytes one (caption, video) pair costs
-while scoring (`pair_bytes`).
+(`text_features`, run once per caption set before scoring) and from videos alone (`video_side`, once per
+video before reranking), the named [Nt, Nv] similarity matrices of a batch (`similarities`; the loss is an
+InfoNCE on each, weighted by `part_weights`, or the head's own `contrastive_losses`, and the retrieval score
+their sum weighted by `score_weights`, by default `part_weights`), extra loss terms (`regularizers`), the
+cheap features of a first retrieval stage (the dot product of `text_embedding` and `video_embedding`) and
+how many bytes one (caption, video) pair costs while scoring (`pair_bytes`).
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ class Head(nn.Module):
     scores_groups = False  # has `grouped_similarities`
     # `video_embedding` is the mean frame, so stage 1 can score each frame alike (`eval.shortlist`)
     stage1_is_mean_frame = True
+    video_side_type: type[VideoFeatures] = VideoFeatures  # what `video_side` returns
 
     @classmethod
     def build(cls, backbone: ClipBackbone, cfg: Any) -> Head:
@@ -171,6 +172,13 @@ class Head(nn.Module):
         At scoring time, not encoding time: the result may depend on the set (padding to its longest caption).
         The head's similarities accept either form, and features already derived come back unchanged."""
         return text
+
+    def video_side(self, video: VideoFeatures) -> VideoFeatures:
+        """The videos with whatever the head derives from them alone (HVP-Net: its frame and entity weights),
+        computed once per video by the reranking paths so that no (caption, candidate) pair repeats it; by
+        default nothing. Like `text_features`, the head's similarities accept either form, and features
+        already derived come back unchanged."""
+        return video
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -19,7 +19,7 @@ weighs with the paired caption's words: not copied).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,47 @@ class WeightMLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+def weighted_cosine(sentence: Tensor, tokens: Tensor, weights: Tensor, grouped: bool) -> Tensor:
+    """The weighted sum of the sentence's cosines with each video's tokens (frames or entities, [..., K, D] with
+    weights [..., K]): [Nt, Nv], or with `grouped` [Q, k] in `Head.grouped_similarities`' layouts. Grouped, one
+    batched matrix-vector product per query: a three-operand einsum was a third of HVP-Net's reranking time."""
+    if not grouped:
+        return torch.einsum("td,vkd,vk->tv", sentence, tokens, weights)
+    if sentence.ndim == 2:  # each caption [Q, D], its videos' tokens [Q, k, K, D]
+        queries, count, length, dim = tokens.shape
+        cosines = (tokens.reshape(queries, count * length, dim) @ sentence[:, :, None]).view(queries, count, length)
+        return (cosines * weights).sum(dim=-1)
+    return ((sentence @ tokens.mT) * weights[:, None]).sum(dim=-1)  # each video's tokens [Q, K, D], its captions [Q, k, D]
+
+
+@dataclasses.dataclass
+class WeightedText(TextFeatures):
+    """Captions (trimmed to their longest) with their word weights' logits, derived once per caption."""
+
+    word_logits: Tensor  # [B, L]
+
+
+@dataclasses.dataclass
+class WeightedVideo(VideoFeatures):
+    """Videos with their frame and entity weights' logits: they depend on the video alone, so reranking derives
+    them once per video rather than once per (caption, candidate) pair."""
+
+    frame_logits: Tensor  # [B, K, T] each block's frame logits, blocks in `vision_layers` order
+    entity_logits: Tensor  # [B, E] every entity's logit, the blocks' entities one after another as in `patches`
+
+
+@dataclasses.dataclass
+class Block:
+    """One ViT block's side of the videos: frames [..., T, D] with their logits [..., T], entities [..., E, D] with
+    their logits [..., E], and which entities are real [..., E]."""
+
+    frames: Tensor
+    frame_logits: Tensor
+    entities: Tensor
+    entity_logits: Tensor
+    real: Tensor
+
+
 class BlockMatcher(nn.Module):
     """The PFCM and the word, patch and frame weights that every ViT block's tokens go through (shared, as
     HVP-Net shares them)."""
@@ -80,32 +121,30 @@ class BlockMatcher(nn.Module):
         slots = self.pfcm.entity_count(patches.shape[1] * patches.shape[2])
         return pad_to(F.normalize(entities.float(), dim=-1), slots), pad_to(patch_frames, slots)
 
-    def similarities(self, text: TextFeatures, frames: Tensor, frame_mask: Tensor, entities: Tensor,
-                     patch_frames: Tensor, paired: bool = False) -> dict[str, Tensor]:
-        """[Nt, Nv] similarities of every caption with every video (frames [Nv, T, D], entities [Nv, E, D]);
-        `paired`: [P] of P aligned pairs, text [P] with video [P]."""
-        sentence = text.sentence
-        weighted_sum = "pd,pkd,pk->p" if paired else "td,vkd,vk->tv"  # k: a frame or an entity
-        frame_weight = masked_softmax(self.frame_weight(frames), frame_mask)  # [Nv, T]
-        sentence_frames = torch.einsum(weighted_sum, sentence, frames, frame_weight)
-        real = patch_frames.any(dim=-1)  # [Nv, E]
-        entity_logits = self.patch_weight(entities)
-        sentence_patches = torch.einsum(weighted_sum, sentence, entities, masked_softmax(entity_logits, real))
-        words, word_mask = trim_padding(text.words, text.word_mask)
-        word_logits = self.word_weight(words)
-        if paired:  # each pair a group of one
-            words_patches = words_entities_grouped(words, word_mask, word_logits, entities[:, None], real[:, None],
-                                                   entity_logits[:, None], self.raw_word_weights)[:, 0]
+    def similarities(self, text: WeightedText, block: Block, frame_mask: Tensor, grouped: bool) -> dict[str, Tensor]:
+        """One block's [Nt, Nv] similarities of every caption with every video, or with `grouped` [Q, k] of each
+        query with its own candidates (`Head.grouped_similarities`' layouts)."""
+        frame_weight = masked_softmax(block.frame_logits, frame_mask)
+        entity_weight = masked_softmax(block.entity_logits, block.real)
+        sentence_frames = weighted_cosine(text.sentence, block.frames, frame_weight, grouped)
+        sentence_patches = weighted_cosine(text.sentence, block.entities, entity_weight, grouped)
+        if not grouped:
+            seen = block.real[None].expand(len(text.sentence), -1, -1)
+            words_patches = words_entities(text.words, text.word_mask, text.word_logits, block.entities, seen,
+                                           block.entity_logits, self.raw_word_weights)
         else:
-            seen = real[None].expand(len(sentence), -1, -1)
-            words_patches = words_entities(words, word_mask, word_logits, entities, seen, entity_logits,
-                                           self.raw_word_weights)
+            seen, entity_logits = block.real, block.entity_logits
+            if text.sentence.ndim == 3:  # each video, its k captions
+                seen = seen[:, None].expand(-1, text.sentence.shape[1], -1)
+            words_patches = words_entities_grouped(text.words, text.word_mask, text.word_logits, block.entities, seen,
+                                                   entity_logits, self.raw_word_weights)
         return {"sentence_frames": sentence_frames, "sentence_patches": sentence_patches, "words_patches": words_patches}
 
 
 class HVPHead(Head):
     uses_patches = True
     scores_groups = True
+    video_side_type = WeightedVideo
     explain_legend = ("frames: the last block's frame weights (from the frames alone), those above uniform framed "
                       "green; under each its patches coloured by the last block's PFCM entity")
 
@@ -136,24 +175,47 @@ class HVPHead(Head):
             frame_views=torch.stack(unit[:-1], dim=1) if len(unit) > 1 else no_frame_views(unit[-1]),
         )
 
-    def _per_block(self, video: VideoFeatures) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(frames, entities, patch_frames) of each block, in `vision_layers` order."""
-        frames = [*video.frame_views.unbind(dim=1), video.frames]
-        per_block = video.patches.shape[1] // len(self.vision_layers)
-        return [(frames[i], video.patches[:, i * per_block : (i + 1) * per_block],
-                 video.patch_frames[:, i * per_block : (i + 1) * per_block]) for i in range(len(self.vision_layers))]
+    def text_features(self, text: TextFeatures) -> WeightedText:
+        """The captions with their word weights' logits, so that reranking weighs each caption's words once."""
+        if isinstance(text, WeightedText):
+            return text
+        words, word_mask = trim_padding(text.words, text.word_mask)
+        return WeightedText(text.sentence, words, word_mask, self.matcher.word_weight(words))
+
+    def video_side(self, video: VideoFeatures) -> WeightedVideo:
+        """The videos with their frame and entity weights' logits (HVP-Net weighs both from the video alone)."""
+        if isinstance(video, WeightedVideo):
+            return video
+        frame_logits = torch.stack([self.matcher.frame_weight(frames) for frames in self._block_frames(video)], dim=-2)
+        fields = {name: getattr(video, name) for name in VideoFeatures.field_names()}
+        return WeightedVideo(**fields, frame_logits=frame_logits, entity_logits=self.matcher.patch_weight(video.patches))
+
+    def _block_frames(self, video: VideoFeatures) -> list[Tensor]:
+        """Each block's frames [..., T, D], in `vision_layers` order."""
+        return [*video.frame_views.unbind(dim=-3), video.frames]
+
+    def _blocks(self, video: WeightedVideo) -> list[Block]:
+        """Each block's side of the videos, in `vision_layers` order."""
+        per_block = video.patches.shape[-2] // len(self.vision_layers)
+        real = video.patch_frames.any(dim=-1)
+        return [
+            Block(frames, video.frame_logits[..., i, :], video.patches[..., i * per_block : (i + 1) * per_block, :],
+                  video.entity_logits[..., i * per_block : (i + 1) * per_block], real[..., i * per_block : (i + 1) * per_block])
+            for i, frames in enumerate(self._block_frames(video))
+        ]
 
     def similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        return self._by_block(video, lambda matcher, *block: matcher.similarities(text, *block))
+        return self._by_block(text, video, grouped=False)
 
-    def pair_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
-        return self._by_block(video, lambda matcher, *block: matcher.similarities(text, *block, paired=True))
+    def grouped_similarities(self, text: TextFeatures, video: VideoFeatures) -> dict[str, Tensor]:
+        return self._by_block(text, video, grouped=True)
 
-    def _by_block(self, video: VideoFeatures, score: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Every block's similarities (`score(matcher, frames, frame_mask, entities, patch_frames)`), named by block."""
+    def _by_block(self, text: TextFeatures, video: VideoFeatures, grouped: bool) -> dict[str, Tensor]:
+        """Every block's similarities, named by block."""
+        text, video = self.text_features(text), self.video_side(video)
         parts = {}
-        for layer, (frames, entities, patch_frames) in zip(self.vision_layers, self._per_block(video), strict=True):
-            for name, similarity in score(self.matcher, frames, video.frame_mask, entities, patch_frames).items():
+        for layer, block in zip(self.vision_layers, self._blocks(video), strict=True):
+            for name, similarity in self.matcher.similarities(text, block, video.frame_mask, grouped).items():
                 parts[f"block{layer}_{name}"] = similarity
         return parts
 
