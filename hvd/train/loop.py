@@ -231,6 +231,8 @@ def train_epoch(worker: Worker, ddp_model: nn.Module, stream: EpochStream) -> No
         waited += wait_s
         if index < done_in_epoch:
             continue
+        if index == done_in_epoch and worker.logger is not None:  # what the epoch's start (or a restart) cost
+            worker.logger.log({"train/epoch_start_wait_s": waited}, worker.step + 1)
         inject_fault(cfg, worker.step, worker.rank, worker.world, Path(plan.fault_marker))
         loss, parts, stepped = train_step(ddp_model, worker.optimizer, worker.scheduler, batch, cfg.train.grad_clip,
                                           cfg.train.micro_batch_size, worker.grad_scaler)
