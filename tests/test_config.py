@@ -346,7 +346,8 @@ def test_every_key_declares_its_help_and_the_tables_are_read_off_the_declaration
     assert all(facts.metadata["help"] for facts in KEYS.values())
     assert CHOICES["model.head"] == ("hvd", "meanp", "xpool", "eercf", "hvp", "hcmi")
     assert "data.manifest" in PATH_KEYS and "train.lr" in RANGES and RESUME_FREE_KEYS == {
-        "run.resume", "data.overwrite", "data.decoder", "train.grad_checkpointing", "train.micro_batch_size"}
+        "run.resume", "data.overwrite", "data.decoder", "data.next_epoch_lead", "train.grad_checkpointing",
+        "train.micro_batch_size"}
     result = _run("pipelines/train.py", "--help")
     assert "share of steps of linear warmup before cosine decay (in [0, 1))" in result.stdout
     assert "one of hvd, meanp, xpool, eercf, hvp, hcmi" in result.stdout

@@ -73,6 +73,8 @@ def test_a_run_that_loses_a_worker_resumes_into_the_same_run_and_registers_a_mod
                 "test/t2v/R1"):
         assert key in run.data.metrics, key
     assert [step for step, _ in _history(client, outcome.run_id, "val/t2v/R1")] == [3, 6]
+    # each epoch's first step's wait for data, and the restart's (epoch 2 read from the split's second copy)
+    assert [step for step, _ in _history(client, outcome.run_id, "train/epoch_start_wait_s")] == [1, 4, 5]
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "training_curves.png"} <= artifacts
 

@@ -12,10 +12,11 @@ from typing import Any
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's entry point on every worker: `hvd.train.loop.run_worker` on the worker's train shard."""
+    """Ray Train's entry point on every worker: `hvd.train.loop.run_worker` on the worker's train shards."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("train")  # every worker calls it at once: a barrier
+    # the train split once per dataset the epochs take turns over; every worker asks at once: a barrier
+    shards = [ray.train.get_dataset_shard(name) for name in loop_config["datasets"]]
     from hvd.train.loop import run_worker
 
-    run_worker(loop_config, shard)
+    run_worker(loop_config, shards)

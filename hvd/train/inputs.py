@@ -27,11 +27,22 @@ from hvd.data.shards import open_shards, read_shards
 from hvd.model.backbone import PAD_TOKEN
 from hvd.train.rows import decode_rows
 
+# Ray Train datasets the epochs take turns over (`EpochStream`): epoch e reads EPOCH_DATASETS[e % 2]
+EPOCH_DATASETS = ("train", "train_next")
 
-def training_dataset(cfg: Config, shards: str | Path) -> ray.data.Dataset:
-    """The train split, its files in a fresh order every pass (reproducible from `run.seed`), decoded by Ray
-    Data tasks of `data.train_decode_cpus` CPUs each, one global batch of rows per task."""
-    return open_shards(shards, "train", shuffle_seed=cfg.run.seed).map_batches(
+
+def training_datasets(cfg: Config, shards: str | Path) -> dict[str, ray.data.Dataset]:
+    """The train split under each name of EPOCH_DATASETS the run reads (both where `data.next_epoch_lead` starts
+    epochs early and there is a next epoch, else the first), each with its own file orders (`training_dataset`)."""
+    turns = 2 if cfg.data.next_epoch_lead and cfg.train.epochs > 1 else 1
+    return {name: training_dataset(cfg, shards, cfg.run.seed + turn) for turn, name in enumerate(EPOCH_DATASETS[:turns])}
+
+
+def training_dataset(cfg: Config, shards: str | Path, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """The train split, its files in a fresh order every pass (reproducible from `shuffle_seed`, by default
+    `run.seed`), decoded by Ray Data tasks of `data.train_decode_cpus` CPUs each, one global batch of rows per task."""
+    seed = cfg.run.seed if shuffle_seed is None else shuffle_seed
+    return open_shards(shards, "train", shuffle_seed=seed).map_batches(
         decode_rows,
         batch_format="pyarrow",
         batch_size=cfg.train.batch_size,
@@ -110,59 +121,94 @@ def epoch_batches(
 
 
 class EpochStream:
-    """A worker's batches for epochs `first`..`last`, read by one background thread that starts each epoch's Ray
-    Data execution as soon as the previous epoch's batches are read: the new pipeline starts its tasks and fills
-    its prefetch while the worker trains the epoch's last steps, validates and checkpoints, so the next epoch's
-    first step does not wait for a cold start (`benchmarks/train_throughput.py --epochs`). Streaming split
-    starts an epoch when every worker asks for it, which every worker's thread does at its own epoch end."""
+    """A worker's batches for epochs `first`..`last`, each epoch read by a background thread of its own into a
+    one-batch queue, so the next epoch's Ray Data execution starts before the loop asks for it: its tasks start
+    and its shuffle buffer fills while the worker trains, validates and checkpoints.
 
-    _END = object()  # closes an epoch's batches in the queue
+    A streaming split serves one epoch at a time (asking it for the next ends the one in progress), so epochs
+    take turns over `sources` splits (`make_epoch` picks epoch e's by e % sources) and an epoch's reading waits
+    until the epoch `sources` before it is read. With one source the next epoch starts when this one is read;
+    with two, `start_next_after` batches into this one (`data.next_epoch_lead` before its end;
+    `benchmarks/epoch_starts.py`). Streaming split starts an epoch when every worker asks for it, which every
+    worker's thread does at the same batch."""
 
-    def __init__(self, make_epoch: Callable[[int], Iterator[dict[str, Tensor]]], first: int, last: int):
-        self._make_epoch, self._first, self._last = make_epoch, first, last
-        # one ready batch: a deeper queue gained nothing measured (benchmarks/train_throughput.py --epochs, depth 4)
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+    _END = object()  # closes an epoch's batches in its queue
+
+    def __init__(self, make_epoch: Callable[[int], Iterator[dict[str, Tensor]]], first: int, last: int,
+                 sources: int = 1, start_next_after: int | None = None):
+        self._make_epoch, self._first, self._last, self._sources = make_epoch, first, last, sources
+        self._start_next_after = start_next_after if sources > 1 else None
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._read, name="epoch-stream", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        # epoch -> (its reader, its batches, set once its iterator is done)
+        self._readers: dict[int, tuple[threading.Thread, queue.Queue, threading.Event]] = {}
+        self._start(first)
 
-    def _put(self, item: tuple[int, object]) -> bool:
+    def _start(self, epoch: int) -> None:
+        with self._lock:
+            if epoch > self._last or epoch in self._readers or self._closed.is_set():
+                return
+            # one ready batch: a deeper queue gained nothing measured (benchmarks/train_throughput.py --epochs, depth 4)
+            reader = threading.Thread(target=self._read, args=(epoch,), name=f"epoch-stream-{epoch}", daemon=True)
+            self._readers[epoch] = (reader, queue.Queue(maxsize=1), threading.Event())
+        reader.start()
+
+    def _put(self, epoch: int, item: object) -> bool:
         while not self._closed.is_set():
             try:
-                self._queue.put(item, timeout=0.5)
+                self._readers[epoch][1].put(item, timeout=0.5)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def _read(self) -> None:
-        epoch = self._first
+    def _read(self, epoch: int) -> None:
+        done = self._readers[epoch][2]
         try:
-            for epoch in range(self._first, self._last + 1):
-                for batch in self._make_epoch(epoch):
-                    if not self._put((epoch, batch)):
-                        return
-                if not self._put((epoch, self._END)):
+            same_source = self._readers.get(epoch - self._sources)
+            while same_source is not None and not same_source[2].wait(timeout=0.5):
+                if self._closed.is_set():
                     return
+            for index, batch in enumerate(self._make_epoch(epoch)):
+                if index == self._start_next_after:
+                    self._start(epoch + 1)
+                if not self._put(epoch, batch):
+                    return
+            done.set()
+            self._start(epoch + 1)
+            self._put(epoch, self._END)
         except BaseException as error:  # noqa: BLE001 - raised again in the training loop's thread
-            self._put((epoch, error))
+            done.set()
+            self._put(epoch, error)
 
     def epoch(self, epoch: int) -> Iterator[dict[str, Tensor]]:
         """The batches of `epoch`; what is left of an earlier epoch (a loop that stopped early) is dropped."""
         if not self._first <= epoch <= self._last:
             raise ValueError(f"epoch {epoch} is outside this stream's epochs {self._first}..{self._last}")
+        for earlier in range(self._first, epoch):
+            self._drop(earlier)
+        self._start(epoch)
+        batches = self._readers[epoch][1]
         while True:
-            tagged, item = self._queue.get()
+            item = batches.get()
             if isinstance(item, BaseException):
                 raise item
-            if tagged < epoch:
-                continue
-            if tagged > epoch:
-                raise RuntimeError(f"epoch {epoch} was asked for after epoch {tagged} had started")
             if item is self._END:
                 return
             yield item
 
+    def _drop(self, epoch: int) -> None:
+        """Let an earlier epoch's reader finish without its batches: drain its queue until its end."""
+        reader = self._readers.get(epoch)
+        if reader is None:
+            return
+        thread, batches, _ = reader
+        while thread.is_alive():
+            try:
+                batches.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
     def close(self) -> None:
-        """Stop reading ahead (a finished or failed run); the thread ends at its next batch."""
+        """Stop reading ahead (a finished or failed run); every reader ends at its next batch."""
         self._closed.set()

@@ -97,6 +97,7 @@ class WorkerPlan:
     steps_per_epoch: int  # caption_passes passes of equal length
     fault_marker: str
     caption_passes: int = 1  # passes over the videos per epoch (hvd.train.inputs.caption_passes)
+    datasets: tuple[str, ...] = ("train",)  # the Ray Train datasets the epochs take turns over (EPOCH_DATASETS)
 
     @property
     def total_steps(self) -> int:
@@ -117,7 +118,7 @@ class WorkerPlan:
 
     @classmethod
     def from_loop_config(cls, values: dict[str, Any]) -> WorkerPlan:
-        return cls(**{**values, "cfg": config_from_yaml(values["cfg"])})
+        return cls(**{**values, "cfg": config_from_yaml(values["cfg"]), "datasets": tuple(values["datasets"])})
 
 
 @dataclass
@@ -204,19 +205,20 @@ def start_worker(plan: WorkerPlan) -> Worker:
     return worker
 
 
-def input_stream(worker: Worker, shard: ray.data.DataIterator) -> EpochStream:
-    """The worker's batches from the epoch in progress to the last, read ahead across epoch ends."""
+def input_stream(worker: Worker, shards: list[ray.data.DataIterator]) -> EpochStream:
+    """The worker's batches from the epoch in progress to the last, read ahead across epoch ends: epochs take
+    turns over `shards`, the next starting `data.next_epoch_lead` batches before the end of the one in progress."""
     plan, cfg = worker.plan, worker.plan.cfg
     per_worker_batch = cfg.train.batch_size // worker.world
     pin = worker.device.type == "cuda"
 
-    tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)  # the stream's own: it runs in the stream's thread
-
     def one_epoch(epoch: int) -> Iterator[dict[str, Tensor]]:
-        return epoch_batches(shard, per_worker_batch, tokenizer, cfg.run.seed, epoch, pin, plan.caption_passes,
-                             plan.steps_per_epoch // plan.caption_passes)
+        tokenizer = build_tokenizer(cfg.model, cfg.data.max_words)  # the epoch's own: it runs in the epoch's thread
+        return epoch_batches(shards[epoch % len(shards)], per_worker_batch, tokenizer, cfg.run.seed, epoch, pin,
+                             plan.caption_passes, plan.steps_per_epoch // plan.caption_passes)
 
-    return EpochStream(one_epoch, worker.epoch, cfg.train.epochs - 1)
+    return EpochStream(one_epoch, worker.epoch, cfg.train.epochs - 1, len(shards),
+                       max(1, plan.steps_per_epoch - cfg.data.next_epoch_lead))
 
 
 def train_epoch(worker: Worker, ddp_model: nn.Module, stream: EpochStream) -> None:
@@ -272,14 +274,14 @@ def end_epoch(worker: Worker, val_table: Any, tokenizer: Any) -> None:
     report(metrics, worker.state())
 
 
-def run_worker(loop_config: dict[str, Any], shard: ray.data.DataIterator) -> None:
+def run_worker(loop_config: dict[str, Any], shards: list[ray.data.DataIterator]) -> None:
     """What every Ray Train worker runs (`hvd.train.entry`): restore, then train and close epochs until the last."""
     faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
     quiet_logs()  # again: importing MLflow in this process reset its level
     plan = WorkerPlan.from_loop_config(loop_config)
     worker = start_worker(plan)
     # reading starts now, so Ray Data's start overlaps the model's wrapping, the monitor and the val split's read
-    stream = input_stream(worker, shard)
+    stream = input_stream(worker, shards)
     # DistributedDataParallel when world > 1, unless micro-batched (hvd.train.gradients averages then)
     ddp_model = ray.train.torch.prepare_model(worker.model, parallel_strategy=None if plan.cfg.train.micro_batch_size else "ddp")
     monitor = None

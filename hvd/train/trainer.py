@@ -47,7 +47,7 @@ from hvd.runtime.paths import require_shared_paths
 from hvd.runtime.stopping import stop_on_signals
 from hvd.runtime.worker_setup import verbose
 from hvd.train.entry import train_loop_per_worker
-from hvd.train.inputs import caption_passes, training_dataset
+from hvd.train.inputs import caption_passes, training_datasets
 from hvd.train.loop import RESUMED_METRIC, SCORE_KEY, WorkerPlan
 from hvd.train.plots import log_training_curves
 from hvd.train.rendezvous import LoopbackTorchConfig
@@ -181,6 +181,7 @@ def _fit(
     ray_run_name = ray_name(cfg.run.name, tracked.run_id)  # one Ray run per MLflow run: resume finds both
     # Ray Train also copies each print of a worker to its logger, so every line would reach the terminal twice.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    datasets = training_datasets(cfg, data.shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=WorkerPlan(
@@ -191,6 +192,7 @@ def _fit(
             val_split=val_split,
             steps_per_epoch=steps,
             caption_passes=passes,
+            datasets=tuple(datasets),
             fault_marker=f"{storage}/{ray_run_name}/.fault_injected",
         ).to_loop_config(),
         scaling_config=ScalingConfig(
@@ -211,7 +213,7 @@ def _fit(
                 num_to_keep=2, checkpoint_score_attribute=SCORE_KEY, checkpoint_score_order="max"
             ),
         ),
-        datasets={"train": training_dataset(cfg, data.shards)},
+        datasets=datasets,
     )
     try:
         result = trainer.fit()
