@@ -92,12 +92,14 @@ def test_ddp_on_two_processes_matches_one(tmp_path):
         split_losses, split_steps = split[kind][head]
         # The first step to 1e-6 (loss) and 1e-5 (gradients); the second comes after an AdamW step, which
         # divides every gradient by its own running scale, so summation-order noise on a near-zero gradient
-        # moves its weight by a full step: ten times looser there. Micro-batches add one caption's gradient
+        # moves its weight by a full step: twenty times looser there (HVP-Net's text tower differed by 1.03e-4 of
+        # its gradient once its word weights were computed once for all three blocks, not once per block: the
+        # same sum in another order; a DDP fault shows at the first step, at full size). Micro-batches add one caption's gradient
         # at a time into each weight's, another summation order: on a gradient that nearly cancels (EERCF's
         # class embedding, 0.06 of the clipped norm) it differed by 4e-5 of it; ten times looser again. One
         # process pins the micro-batched gradient to 1e-5 (tests/test_gradients.py).
         looser = 10 if kind == "micro" else 1
-        for step, tolerance in enumerate((1e-5 * looser, 1e-4 * looser)):
+        for step, tolerance in enumerate((1e-5 * looser, 2e-4 * looser)):
             assert split_losses[step] == pytest.approx(losses[step], rel=tolerance / 10), f"{head} {kind} step {step}"
             gradients, split_gradients = steps[step], split_steps[step]
             assert split_gradients.keys() == gradients.keys()
