@@ -198,7 +198,7 @@ class DataConfig:
         0.5, "CPUs per Ray Data task that decodes and tokenises training batches", rule=_CPUS
     )
     next_epoch_lead: int = key(
-        4,
+        8,
         "batches before an epoch's end at which the next epoch's Ray Data execution starts, so it is ready when "
         "the epoch ends (the epochs take turns over two copies of the train split: a split serves one epoch at a "
         "time); 0: it starts when the epoch is read",
